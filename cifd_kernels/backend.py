@@ -1,0 +1,145 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Backend choice, in one place.
+
+Backends: ``cuda`` (the compiled CUDA kernels in ``cifd_kernels._C``), ``triton``
+(Triton kernels; on the CPU only under ``TRITON_INTERPRET=1``), ``cpu`` (the
+compiled C++ CPU kernels in ``_C``) and ``reference`` (eager PyTorch, always
+there). ``auto`` (the default, or ``$CIFD_BACKEND``) picks, per op and device,
+the fastest backend that implements the op and is available: on a CUDA device
+``cuda`` then ``triton``, on the CPU ``cpu``; the reference when nothing else
+is there. Asking for a specific backend that is unavailable, or that does not
+implement an op yet, raises :class:`BackendUnavailableError` naming the op and
+the reason; ``auto`` never raises for that, it falls back silently (this is
+what "auto" means; ``python -m cifd_kernels info`` shows the choice).
+
+The choice is made on the host from the device type alone: no host syncs.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+_CHOICES = ("auto",) + BACKENDS
+
+# op name -> backends with an implementation. Ops register here when their
+# kernels land; the reference implements every op.
+_IMPLEMENTED: dict[str, set[str]] = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A specific backend was asked for an op it cannot run here."""
+
+
+def register(op: str, *backends: str) -> None:
+    """Declare that ``op`` has an implementation in each of ``backends``."""
+    for b in backends:
+        if b not in BACKENDS:
+            raise ValueError(f"unknown backend {b!r}")
+    _IMPLEMENTED.setdefault(op, {"reference"}).update(backends)
+
+
+def implemented(op: str) -> tuple[str, ...]:
+    return tuple(b for b in BACKENDS if b in _IMPLEMENTED.get(op, {"reference"}))
+
+
+@functools.lru_cache(maxsize=None)
+def _load_C():
+    """(module or None, reason)."""
+    if os.environ.get("CIFD_DISABLE_EXT", "0") == "1":
+        return None, "disabled by CIFD_DISABLE_EXT=1"
+    try:
+        mod = importlib.import_module("cifd_kernels._C")
+    except ImportError as e:  # not built, or built against another torch
+        return None, f"cifd_kernels._C not importable ({e})"
+    return mod, ""
+
+
+def ext():
+    """The compiled extension module, or None."""
+    return _load_C()[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_status():
+    if os.environ.get("CIFD_DISABLE_TRITON", "0") == "1":
+        return False, "disabled by CIFD_DISABLE_TRITON=1"
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # pragma: no cover - broken installs
+        return False, f"import triton failed ({e})"
+    return True, ""
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def status(backend: str, device_type: str = "cpu") -> tuple[bool, str]:
+    """(available, reason if not) of ``backend`` for tensors on ``device_type``."""
+    if backend == "reference":
+        return True, ""
+    if backend == "triton":
+        ok, why = _triton_status()
+        if not ok:
+            return ok, why
+        if device_type == "cpu" and not triton_interpret():
+            return False, "Triton runs on the CPU only under TRITON_INTERPRET=1"
+        if device_type not in ("cpu", "cuda"):
+            return False, f"Triton does not run on {device_type}"
+        return True, ""
+    if backend in ("cpu", "cuda"):
+        mod, why = _load_C()
+        if mod is None:
+            return False, why
+        if backend == "cpu":
+            if device_type != "cpu":
+                return False, f"the C++ CPU kernels take CPU tensors, not {device_type}"
+            return True, ""
+        if not getattr(mod, "WITH_CUDA", False):
+            return False, "cifd_kernels._C was built without CUDA"
+        if device_type != "cuda":
+            return False, f"the CUDA kernels take CUDA tensors, not {device_type}"
+        return True, ""
+    raise ValueError(f"unknown backend {backend!r}; choose one of {_CHOICES}")
+
+
+def default_backend() -> str:
+    b = os.environ.get("CIFD_BACKEND", "auto").strip().lower() or "auto"
+    if b not in _CHOICES:
+        raise ValueError(f"CIFD_BACKEND={b!r} is not one of {_CHOICES}")
+    return b
+
+
+def check_backend_name(backend: Optional[str]) -> str:
+    b = default_backend() if backend is None else backend
+    if not isinstance(b, str) or b.lower() not in _CHOICES:
+        raise ValueError(f"backend must be one of {_CHOICES}, got {backend!r}")
+    return b.lower()
+
+
+def resolve(op: str, backend: Optional[str], device) -> str:
+    """The concrete backend that runs ``op`` for tensors on ``device``."""
+    b = check_backend_name(backend)
+    dtype = torch.device(device).type if device is not None else "cpu"
+    impl = _IMPLEMENTED.get(op, {"reference"})
+    if b == "auto":
+        order = ("cuda", "triton") if dtype == "cuda" else ("cpu",)
+        for cand in order:
+            if cand in impl and status(cand, dtype)[0]:
+                return cand
+        return "reference"
+    if b not in impl:
+        raise BackendUnavailableError(
+            f"{op}: backend {b!r} is not implemented yet (implemented: {', '.join(implemented(op))})")
+    ok, why = status(b, dtype)
+    if not ok:
+        raise BackendUnavailableError(f"{op}: backend {b!r} is unavailable: {why}")
+    return b

@@ -1,0 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Public functional ops. Each is a ``cifd::`` custom op with backend dispatch,
+a fake kernel for torch.compile, and (where differentiable) autograd."""
+from .philox import philox_keep_mask, philox_uniform  # noqa: F401
