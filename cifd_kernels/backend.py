@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import os
 from typing import Optional
 
@@ -69,12 +68,10 @@ def ext():
 def _triton_status():
     if os.environ.get("CIFD_DISABLE_TRITON", "0") == "1":
         return False, "disabled by CIFD_DISABLE_TRITON=1"
-    if importlib.util.find_spec("triton") is None:
-        return False, "triton is not installed"
     try:
         import triton  # noqa: F401
-    except Exception as e:  # pragma: no cover - broken installs
-        return False, f"import triton failed ({e})"
+    except ImportError as e:
+        return False, f"triton is not importable ({e})"
     return True, ""
 
 
@@ -94,6 +91,8 @@ def status(backend: str, device_type: str = "cpu") -> tuple[bool, str]:
             return False, "Triton runs on the CPU only under TRITON_INTERPRET=1"
         if device_type not in ("cpu", "cuda"):
             return False, f"Triton does not run on {device_type}"
+        if device_type == "cuda" and not torch.cuda.is_available():
+            return False, "no CUDA device is visible"
         return True, ""
     if backend in ("cpu", "cuda"):
         mod, why = _load_C()
@@ -107,6 +106,8 @@ def status(backend: str, device_type: str = "cpu") -> tuple[bool, str]:
             return False, "cifd_kernels._C was built without CUDA"
         if device_type != "cuda":
             return False, f"the CUDA kernels take CUDA tensors, not {device_type}"
+        if not torch.cuda.is_available():
+            return False, "built with CUDA, but no CUDA device is visible"
         return True, ""
     raise ValueError(f"unknown backend {backend!r}; choose one of {_CHOICES}")
 
@@ -125,10 +126,27 @@ def check_backend_name(backend: Optional[str]) -> str:
     return b.lower()
 
 
+@torch.compiler.assume_constant_result
+def _resolve(op: str, backend: Optional[str], device_type: str) -> str:
+    # torch.compile calls this at trace time and bakes the answer into the graph.
+    return _resolve_eager(op, backend, device_type)
+
+
 def resolve(op: str, backend: Optional[str], device) -> str:
-    """The concrete backend that runs ``op`` for tensors on ``device``."""
+    """The concrete backend that runs ``op`` for tensors on ``device``.
+
+    Loads ``_C`` (registering the ``cifd_C::`` ops) when it picks cpu or cuda.
+    Under torch.compile the choice is made once, at trace time.
+    """
+    if isinstance(device, torch.device):
+        device_type = device.type
+    else:
+        device_type = torch.device(device).type if device is not None else "cpu"
+    return _resolve(op, backend, device_type)
+
+
+def _resolve_eager(op: str, backend: Optional[str], dtype: str) -> str:
     b = check_backend_name(backend)
-    dtype = torch.device(device).type if device is not None else "cpu"
     impl = _IMPLEMENTED.get(op, {"reference"})
     if b == "auto":
         order = ("cuda", "triton") if dtype == "cuda" else ("cpu",)

@@ -72,10 +72,8 @@ def _(shape, seed, offset, rho, device, backend):
 def _prep(shape, seed, offset, device, op, backend):
     shape = list(_ref._shape(shape))
     _ref.check_seed_offset(seed, offset, _numel(shape))
-    device = torch.device(device) if device is not None else torch.get_default_device()
-    be = _backend.resolve(op, backend, device)
-    if be in ("cpu", "cuda"):
-        _backend.ext()  # loads _C, which registers cifd_C:: ops
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    be = _backend.resolve(op, backend, device)  # choosing cpu/cuda loaded _C (cifd_C:: ops)
     return shape, device, be
 
 
@@ -89,7 +87,7 @@ def philox_uniform(shape: Sequence[int] | int, seed: int, offset: int = 0,
         shape: output shape; element ``i`` in row-major order uses counter ``offset + i``.
         seed: Python int in [0, 2**63); Philox key = (seed low 32 bits, seed high 32 bits).
         offset: Python int in [0, 2**63), the first counter.
-        device: output device (default: torch's default device).
+        device: output device (default: the CPU).
         dtype: output dtype (default float32). Values are computed in float32 and
             cast, so float16/bfloat16 outputs are the rounded float32 values.
         backend: ``auto|cuda|triton|cpu|reference`` (default ``$CIFD_BACKEND`` or auto).

@@ -1,0 +1,35 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Test configuration.
+
+* Without a CUDA device, Triton kernels run under ``TRITON_INTERPRET=1`` (set
+  here before any Triton kernel is defined) on CPU tensors.
+* ``@pytest.mark.gpu`` tests (and the ``device`` fixture's "cuda" value) skip
+  without a GPU; ``CIFD_REQUIRE_GPU=1`` turns those skips into failures.
+"""
+import os
+
+import pytest
+
+from helpers import require_gpu_or_skip
+
+
+def _has_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    if "TRITON_INTERPRET" not in os.environ and not _has_cuda():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def _gpu_marker(request):
+    if request.node.get_closest_marker("gpu") is not None:
+        require_gpu_or_skip()
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    """Each test that takes ``device`` runs on the CPU and, when there is one, a GPU."""
+    return request.param
