@@ -46,6 +46,8 @@ def _extensions():
     if mode == "0":
         _say("CIFD_BUILD_EXT=0: not building cifd_kernels._C (reference and Triton backends only)")
         return [], {}
+    if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"  # before torch looks for nvcc on PATH
     try:
         import torch
         from torch.utils import cpp_extension as cx

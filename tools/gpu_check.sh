@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU check, in one command, for a machine with torch preinstalled and no
+# package registry (the lent one: torch 2.11 cu130, triton 3.6, Python 3.12):
+#   tools/gpu_check.sh OUTDIR
+# builds cifd_kernels._C in place against that torch (no build isolation, no
+# dependency installs), runs the GPU tests with CIFD_REQUIRE_GPU=1, runs the
+# benchmarks, and writes JSON, plots and logs to OUTDIR (< 8 minutes).
+# Optional: wheels in .whl/ (e.g. compressai for the CompressAI provider) are
+# installed to /tmp/site first, without dependencies.
+set -uo pipefail
+OUTDIR=${1:?usage: tools/gpu_check.sh OUTDIR}
+mkdir -p "$OUTDIR"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 CIFD_REQUIRE_GPU=1
+t0=$(date +%s)
+stamp() { echo "=== [$(( $(date +%s) - t0 ))s] $*"; }
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+stamp "device"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUTDIR/device.txt"
+git rev-parse HEAD 2>/dev/null | tee -a "$OUTDIR/device.txt"
+
+stamp "build in place"
+cc=$(python3 -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))")
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-${cc:0:1}.${cc:1}}" MAX_JOBS=${MAX_JOBS:-16}
+CIFD_BUILD_EXT=1 CIFD_WITH_CUDA=1 python3 setup.py -q build_ext --inplace > "$OUTDIR/build.log" 2>&1
+rc_build=$?
+tail -3 "$OUTDIR/build.log"
+python3 -m cifd_kernels info | tee -a "$OUTDIR/device.txt"
+
+stamp "GPU tests"
+python3 -m pytest tests -q -p no:cacheprovider -m gpu -rs 2>&1 | tee "$OUTDIR/pytest_gpu.log" | tail -15
+rc_gpu=${PIPESTATUS[0]}
+stamp "CUDA-side run of the reference tests"
+python3 -m pytest tests/test_philox.py -q -p no:cacheprovider 2>&1 | tail -3
+
+stamp "benchmarks"
+CIFD_BENCH_OUT="$OUTDIR" CIFD_BENCH_FULL=1 python3 -m pytest benchmarks -q -p no:cacheprovider \
+  --benchmark-columns=median,rounds 2>&1 | tee "$OUTDIR/bench.log" | tail -40
+rc_bench=${PIPESTATUS[0]}
+for j in "$OUTDIR"/*.json; do
+  python3 benchmarks/plot.py "$j" --out "$OUTDIR/plots" > /dev/null 2>&1 || echo "plot failed for $j"
+done
+[ -d "$OUTDIR/plots" ] && tar -C "$OUTDIR" -czf "$OUTDIR/plots.tar.gz" plots && rm -rf "$OUTDIR/plots"
+stamp "done: build=$rc_build gpu-tests=$rc_gpu bench=$rc_bench"
+exit $(( rc_build || rc_gpu || rc_bench ))
