@@ -12,7 +12,8 @@ from .backend import BackendUnavailableError  # noqa: F401,E402
 
 def __getattr__(name):
     # cifd_kernels.RDM etc. resolve to cifd_kernels.nn.RDM on first use.
-    from . import nn as _nn
+    import importlib
+    _nn = importlib.import_module(".nn", __name__)
     if name in _nn.__all__:
         return getattr(_nn, name)
     raise AttributeError(f"module 'cifd_kernels' has no attribute {name!r}")

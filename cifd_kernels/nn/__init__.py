@@ -8,6 +8,7 @@ _LAZY = {
     "RDM": ".rdm",
     "RDMBank": ".rdm",
     "CIFDLoss": ".cifd_loss",
+    "CIFDEmbeddingLoss": ".cifd_loss",
 }
 __all__ = list(_LAZY)
 

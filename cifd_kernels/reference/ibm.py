@@ -1,0 +1,78 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Information Bottleneck Module (IBM) on the student embedding: the eager oracle.
+
+CIFD_METHOD.md section 3, training only::
+
+    w_hat  = m * (w + s*u),   u = Philox word 0 of counter offset+i, minus 1/2
+                              m = (uniform(word 1 of the same counter) >= rho)
+    rate_I = -sum_c m_c ln p_c(w_hat_c)      # nats, per sample; p as in section 1
+
+Order of operations, which every backend reproduces bit for bit: in the compute
+dtype (float32, float64 for float64 inputs) ``t = s * u`` first, then
+``w + t``; dropped elements are then *selected* to +0.0 (a select, not a
+multiply, so there is no -0.0 and a NaN/inf in a dropped element does not leak
+through). ``w_hat`` is cast to ``w.dtype`` last; the likelihood is evaluated at
+the compute-dtype value. Gradients reach kept elements only.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .entropy_bottleneck import (_from_channel_rows, _likelihood_rows, _to_channel_rows, check_activation,
+                                 check_params, compute_dtype)
+from .philox import philox_words, uint_to_uniform
+
+
+def check_rho_s(rho, s) -> None:
+    for name, v in (("rho", rho), ("s", s)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name} must be a Python float, got {type(v).__name__}")
+    if not 0.0 <= float(rho) <= 1.0:
+        raise ValueError(f"rho (drop probability) must be in [0, 1], got {rho}")
+    if not float(s) == float(s) or abs(float(s)) == float("inf"):
+        raise ValueError(f"s (noise scale) must be finite, got {s}")
+
+
+def ibm(w: torch.Tensor, matrices: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
+        factors: Sequence[torch.Tensor], rho: float = 0.0, s: float = 1.0, seed: int = 0, offset: int = 0,
+        training: bool = True, bound: float = 1e-9
+        ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Masked noisy bottleneck and its rate.
+
+    Args:
+        w: student embedding [B, C] (or [B, C, *spatial]), floating, any strides.
+        matrices, biases, factors: CompressAI-layout density parameters
+            (:mod:`.entropy_bottleneck`) with C channels, on ``w``'s device.
+        rho: drop probability in [0, 1] (0 = the paper's IBM, no mask).
+        s: noise scale (1 = the paper's).
+        seed, offset: Philox seed and base counter (Python ints in [0, 2**63));
+            element ``i`` (row-major in ``w``'s logical shape) uses counter
+            ``offset + i``: word 0 for its noise, word 1 for its keep flag.
+        training: False removes the IBM (inference): returns ``(w, zeros[B], None)``.
+        bound: likelihood lower bound (CompressAI's LowerBound rule).
+
+    Returns:
+        ``(w_hat, rate, keep)``: ``w_hat`` in ``w.dtype`` and shape (contiguous);
+        ``rate`` [B] in nats in the compute dtype (float32, float64 for float64),
+        ``-sum over kept elements of ln p(w_hat)``; ``keep`` bool of ``w``'s shape
+        (all True for rho = 0), or None when not training.
+    """
+    C = check_params(matrices, biases, factors)
+    check_activation("w", w, C, matrices[0].device)
+    check_rho_s(rho, s)
+    cdt = compute_dtype(w.dtype, matrices[0].dtype)
+    if not training:
+        return w, torch.zeros(w.shape[0], dtype=cdt, device=w.device), None
+    w0, w1, _, _ = philox_words(w.numel(), seed, offset, device=w.device)
+    u = (uint_to_uniform(w0) - 0.5).reshape(w.shape)  # float32, = philox_noise
+    keep = (uint_to_uniform(w1) >= torch.tensor(float(rho), dtype=torch.float32, device=w.device)
+            ).reshape(w.shape)  # = philox_keep_mask
+    su = torch.tensor(float(s), dtype=cdt, device=w.device) * u.to(cdt)  # s*u first, then + w
+    wh = torch.where(keep, w.to(cdt) + su, torch.zeros((), dtype=cdt, device=w.device))
+    p = _from_channel_rows(_likelihood_rows(_to_channel_rows(wh), matrices, biases, factors, bound, cdt),
+                           w.shape)
+    nll = torch.where(keep, -torch.log(p), torch.zeros((), dtype=cdt, device=w.device))
+    rate = nll.flatten(1).sum(1)
+    return wh.to(w.dtype).contiguous(), rate, keep
