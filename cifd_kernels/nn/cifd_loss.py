@@ -1,0 +1,154 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``CIFDLoss`` and ``CIFDEmbeddingLoss``: the stage-2 student losses as modules
+holding their hyperparameters (CIFD_METHOD.md section 4).
+
+KD-dropout is a training-time regulariser: in ``train()`` mode the keep flags are
+drawn with ``p_drop`` (one Philox draw of M flags per call, i.e. per step); in
+``eval()`` mode every target is kept (``p_drop`` = 0), like ``nn.Dropout``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .. import backend as _backend
+from ..reference import cifd_loss as _ref
+from ..reference.philox import draw_seed
+
+_OP = "cifd_loss"
+
+__all__ = ["CIFDLoss", "CIFDEmbeddingLoss"]
+
+
+def _resolve(backend: Optional[str], device) -> str:
+    """Only the reference is wired in: auto falls back to it, a named other backend raises."""
+    be = _backend.resolve(_OP, backend, device)
+    if be != "reference":
+        if _backend.check_backend_name(backend) == "auto":
+            return "reference"
+        raise _backend.BackendUnavailableError(f"{_OP}: the CIFD loss modules have no {be!r} path yet")
+    return be
+
+
+def _lam(lam) -> Optional[tuple[float, ...]]:
+    if lam is None:
+        return None
+    lam = tuple(float(v) for v in lam)
+    if len(lam) == 0:
+        raise ValueError("lam must hold M >= 1 weights (teacher first) or be None")
+    return lam
+
+
+class CIFDLoss(nn.Module):
+    """Stage-2 CIFD student loss (:func:`cifd_kernels.reference.cifd_loss.cifd_loss`).
+
+    Defaults are the paper's CIFAR-100 settings: ``lam_ce = lam_kl = 1``, every
+    ``lam_m = 1``, ``p_drop = 0.25``, ``tau = 2``, ``w_emb = 100``, ``lam_I = 0.005``,
+    MSE distortion (ImageNet: ``dist="smooth_l1"``, ``lam_I = 0.001``).
+
+    Args:
+        lam: M target weights, teacher first (None = all ones, M taken from the inputs).
+        tau: KD temperature; the KL is scaled by ``tau^2``.
+        p_drop: KD-dropout probability per target per step (training mode only).
+        lam_ce, lam_kl, w_emb, lam_I: term weights.
+        dist: ``"mse"`` | ``"smooth_l1"`` (per-sample sum over D).
+        ignore_index: label value left out of CE.
+        backend: ``auto|cuda|triton|cpu|reference``; only the reference exists for
+            ``cifd_loss``: auto falls back to it, a named other backend raises.
+    """
+
+    def __init__(self, lam: Optional[Sequence[float]] = None, tau: float = 2.0, p_drop: float = 0.25,
+                 lam_ce: float = 1.0, lam_kl: float = 1.0, w_emb: float = 100.0, lam_I: float = 0.005,
+                 dist: str = "mse", ignore_index: int = -100, backend: Optional[str] = None):
+        super().__init__()
+        _ref.check_tau(tau)
+        _ref.check_prob(p_drop)
+        _ref.check_dist(dist)
+        self.lam = _lam(lam)
+        self.tau, self.p_drop = float(tau), float(p_drop)
+        self.lam_ce, self.lam_kl = float(lam_ce), float(lam_kl)
+        self.w_emb, self.lam_I = float(w_emb), float(lam_I)
+        self.dist = dist
+        self.ignore_index = int(ignore_index)
+        self.backend = None if backend is None else _backend.check_backend_name(backend)
+
+    def forward(self, student_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
+                student_emb: Optional[torch.Tensor] = None, target_embs: Optional[torch.Tensor] = None,
+                ibm_rate: Optional[torch.Tensor] = None, seed: Optional[int] = None, offset: int = 0):
+        """Args:
+            student_logits: ``[B, K]``;
+            target_logits: ``[M, B, K]`` teacher first, then the N frozen RDMs;
+            labels: ``[B]`` integer (same order as the functional: student, targets, labels);
+            student_emb: ``[B, D]`` post-IBM embedding U, or None;
+            target_embs: ``[M, B, D]`` teacher X first, then the RDMs' Xh_n, or None;
+            ibm_rate: ``[B]`` IBM rate in nats, or None;
+            seed, offset: Philox seed/counter of the keep flags (training mode);
+                seed None draws one. A call consumes M counters.
+
+        Returns ``(loss, terms)`` (see the functional). An empty batch raises ValueError.
+        """
+        _resolve(self.backend, student_logits.device)
+        if self.training and self.p_drop > 0:
+            p_drop = self.p_drop
+            if seed is None:
+                seed = draw_seed()
+        else:
+            p_drop, seed = 0.0, 0 if seed is None else seed
+        return _ref.cifd_loss(student_logits, target_logits, labels, student_emb, target_embs, self.lam,
+                              tau=self.tau, p_drop=p_drop, seed=seed, offset=offset, lam_ce=self.lam_ce,
+                              lam_kl=self.lam_kl, w_emb=self.w_emb, dist=self.dist, ibm_rate=ibm_rate,
+                              lam_I=self.lam_I, ignore_index=self.ignore_index)
+
+    def extra_repr(self) -> str:
+        return (f"lam={self.lam}, tau={self.tau}, p_drop={self.p_drop}, lam_ce={self.lam_ce}, "
+                f"lam_kl={self.lam_kl}, w_emb={self.w_emb}, lam_I={self.lam_I}, dist={self.dist}")
+
+
+class CIFDEmbeddingLoss(nn.Module):
+    """Embedding-only CIFD loss, the paper's CLIP setting
+    (:func:`cifd_kernels.reference.cifd_loss.cifd_embedding_loss`)::
+
+        L = w_emb * sum_m lam_m k_m dist(U, X_m) + lam_I rate_I + lam_cl InfoNCE(U, contrast_emb)
+
+    Defaults: ``w_emb = 1``, ``p_drop = 0`` (the paper's formula has no KD-dropout
+    here), ``lam_cl = 0.005`` (paper), ``lam_I = 0.005`` (the paper gives no CLIP
+    value; CIFAR's), InfoNCE temperature 0.07 (CLIP's initial value), symmetric.
+    """
+
+    def __init__(self, lam: Optional[Sequence[float]] = None, dist: str = "mse", w_emb: float = 1.0,
+                 p_drop: float = 0.0, lam_I: float = 0.005, lam_cl: float = 0.005,
+                 temperature: float = 0.07, backend: Optional[str] = None):
+        super().__init__()
+        _ref.check_prob(p_drop)
+        _ref.check_dist(dist)
+        _ref.check_tau(temperature, "temperature")
+        self.lam = _lam(lam)
+        self.dist = dist
+        self.w_emb, self.p_drop = float(w_emb), float(p_drop)
+        self.lam_I, self.lam_cl = float(lam_I), float(lam_cl)
+        self.temperature = float(temperature)
+        self.backend = None if backend is None else _backend.check_backend_name(backend)
+
+    def forward(self, student_emb: torch.Tensor, target_embs: torch.Tensor,
+                contrast_emb: Optional[torch.Tensor] = None, ibm_rate: Optional[torch.Tensor] = None,
+                seed: Optional[int] = None, offset: int = 0):
+        """student_emb ``[B, D]`` (post-IBM U), target_embs ``[M, B, D]`` (teacher first),
+        contrast_emb ``[B, D]`` the embeddings InfoNCE pairs U with (required when
+        ``lam_cl != 0``), ibm_rate ``[B]`` nats or None. Returns ``(loss, terms)``."""
+        _resolve(self.backend, student_emb.device)
+        if self.training and self.p_drop > 0:
+            p_drop = self.p_drop
+            if seed is None:
+                seed = draw_seed()
+        else:
+            p_drop, seed = 0.0, 0 if seed is None else seed
+        return _ref.cifd_embedding_loss(student_emb, target_embs, contrast_emb, self.lam, dist=self.dist,
+                                        w_emb=self.w_emb, p_drop=p_drop, seed=seed, offset=offset,
+                                        ibm_rate=ibm_rate, lam_I=self.lam_I, lam_cl=self.lam_cl,
+                                        temperature=self.temperature)
+
+    def extra_repr(self) -> str:
+        return (f"lam={self.lam}, dist={self.dist}, w_emb={self.w_emb}, p_drop={self.p_drop}, "
+                f"lam_I={self.lam_I}, lam_cl={self.lam_cl}, temperature={self.temperature}")
