@@ -16,9 +16,9 @@ from torch import nn
 
 from .. import backend as _backend
 from ..reference import entropy_bottleneck as _ref
+from ..ops.entropy_bottleneck import entropy_bottleneck as _eb_op
 from ..reference.philox import draw_seed
 
-_OP = "entropy_bottleneck"
 _LEGACY = (("_matrix", "matrices"), ("_bias", "biases"), ("_factor", "factors"))
 _CODER_BUFFERS = ("_offset", "_quantized_cdf", "_cdf_length")
 
@@ -52,11 +52,10 @@ class FactorizedDensity(nn.Module):
     :func:`cifd_kernels.backend.resolve` at each call.
     """
 
-    _op_name = _OP
 
     def __init__(self, channels: int, filters: Sequence[int] = (3, 3, 3, 3), init_scale: float = 10.0,
                  tail_mass: float = 1e-9, likelihood_bound: float = 1e-9, backend: Optional[str] = None,
-                 entropy_coder_precision: int = 16):
+                 entropy_coder_precision: int = 16, deterministic: bool = False):
         super().__init__()
         p = _ref.init_params(channels, filters, init_scale, tail_mass)
         self.channels = int(channels)
@@ -65,6 +64,7 @@ class FactorizedDensity(nn.Module):
         self.tail_mass = float(tail_mass)
         self.entropy_coder_precision = int(entropy_coder_precision)
         self.backend = None if backend is None else _backend.check_backend_name(backend)
+        self.deterministic = bool(deterministic)  # kernels reduce parameter grads without atomics
         self.matrices = nn.ParameterList([nn.Parameter(t) for t in p["matrices"]])
         self.biases = nn.ParameterList([nn.Parameter(t) for t in p["biases"]])
         self.factors = nn.ParameterList([nn.Parameter(t) for t in p["factors"]])
@@ -83,18 +83,6 @@ class FactorizedDensity(nn.Module):
 
     def _params(self):
         return list(self.matrices), list(self.biases), list(self.factors)
-
-    def _resolve(self, x: torch.Tensor) -> str:
-        """The backend that runs this call. Only the reference is wired into the
-        modules so far: ``auto`` falls back to it even if kernels get registered for
-        the op; a named backend that is not the reference raises."""
-        be = _backend.resolve(self._op_name, self.backend, x.device)
-        if be != "reference":
-            if _backend.check_backend_name(self.backend) == "auto":
-                return "reference"
-            raise _backend.BackendUnavailableError(
-                f"{self._op_name}: the {type(self).__name__} module has no {be!r} path yet")
-        return be
 
     def _check_input(self, name: str, x) -> None:
         _ref.check_activation(name, x, self.channels, self.quantiles.device)
@@ -233,20 +221,22 @@ class EntropyBottleneck(FactorizedDensity):
         if training is None:
             training = self.training
         self._check_input("y", y)
-        self._resolve(y)
         mats, bias, facs = self._params()
         if training:
             if seed is None:
                 seed = draw_seed()
-            return _ref.entropy_bottleneck(y, mats, bias, facs, None, "noise", seed, offset,
-                                           self.likelihood_bound)
-        return _ref.entropy_bottleneck(y, mats, bias, facs, self.medians(), "dequantize",
-                                       bound=self.likelihood_bound)
+            out = _eb_op(y, mats, bias, facs, None, "noise", seed, offset,
+                                          bound=self.likelihood_bound, need_likelihood=True,
+                                          deterministic=self.deterministic, backend=self.backend)
+        else:
+            out = _eb_op(y, mats, bias, facs, self.medians(), "dequantize",
+                                          bound=self.likelihood_bound, need_likelihood=True,
+                                          deterministic=self.deterministic, backend=self.backend)
+        return out.y_hat, out.likelihood
 
     def likelihood(self, y_hat: torch.Tensor) -> torch.Tensor:
         """Bounded likelihoods of already-quantized values ``y_hat`` [B, C, *]."""
         self._check_input("y_hat", y_hat)
-        self._resolve(y_hat)
         return _ref.likelihood(y_hat, *self._params(), bound=self.likelihood_bound)
 
 

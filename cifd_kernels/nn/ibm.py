@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..reference import ibm as _ref_ibm
+from ..ops.entropy_bottleneck import entropy_bottleneck as _eb_op
 from ..reference.philox import draw_seed
 from .entropy_bottleneck import FactorizedDensity
 
@@ -33,13 +34,13 @@ class IBM(FactorizedDensity):
     :func:`cifd_kernels.reference.ibm.ibm` to get it.
     """
 
-    _op_name = "ibm"
 
     def __init__(self, channels: int, rho: float = 0.0, s: float = 1.0, filters: Sequence[int] = (3, 3, 3, 3),
                  init_scale: float = 10.0, tail_mass: float = 1e-9, likelihood_bound: float = 1e-9,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, deterministic: bool = False):
         _ref_ibm.check_rho_s(rho, s)
-        super().__init__(channels, filters, init_scale, tail_mass, likelihood_bound, backend)
+        super().__init__(channels, filters, init_scale, tail_mass, likelihood_bound, backend,
+                         deterministic=deterministic)
         self.rho = float(rho)
         self.s = float(s)
 
@@ -57,13 +58,16 @@ class IBM(FactorizedDensity):
             empty outputs; NaN in w propagates to that sample's w_hat and rate.
         """
         self._check_input("w", w)
-        self._resolve(w)
-        if self.training and seed is None:
+        if not self.training:  # the IBM is removed at inference
+            w_hat, rate, _ = _ref_ibm.ibm(w, *self._params(), rho=self.rho, s=self.s,
+                                          training=False, bound=self.likelihood_bound)
+            return w_hat, rate
+        if seed is None:
             seed = draw_seed()
-        w_hat, rate, _ = _ref_ibm.ibm(w, *self._params(), rho=self.rho, s=self.s,
-                                      seed=0 if seed is None else seed, offset=offset,
-                                      training=self.training, bound=self.likelihood_bound)
-        return w_hat, rate
+        out = _eb_op(w, *self._params(), None, "noise", seed, offset, rho=self.rho,
+                                      s=self.s, bound=self.likelihood_bound,
+                                      deterministic=self.deterministic, backend=self.backend)
+        return out.y_hat, out.rate
 
     def extra_repr(self) -> str:
         return f"rho={self.rho}, s={self.s}, " + super().extra_repr()

@@ -1,4 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
 """Public functional ops. Each is a ``cifd::`` custom op with backend dispatch,
 a fake kernel for torch.compile, and (where differentiable) autograd."""
+from .entropy_bottleneck import EntropyBottleneckOutput, entropy_bottleneck  # noqa: F401
 from .philox import philox_keep_mask, philox_uniform  # noqa: F401

@@ -1,0 +1,214 @@
+# SPDX-License-Identifier: Apache-2.0
+"""cifd::entropy_bottleneck through the public op and the modules, every kernel
+backend against the reference: y_hat exact (same Philox bits), rates, likelihoods
+and all gradients within fp32 tolerance; opcheck; torch.compile; errors."""
+import pytest
+import torch
+
+from cifd_kernels import BackendUnavailableError
+from cifd_kernels.nn import IBM, EntropyBottleneck
+from cifd_kernels.ops import entropy_bottleneck
+from cifd_kernels.reference import entropy_bottleneck as ref
+from helpers import backend_or_skip
+
+KERNELS = ["triton", "cpu", "cuda"]
+
+
+def _skip_unless(be, device):
+    if (be == "cuda") != (device == "cuda") and be != "triton":
+        pytest.skip(f"{be} kernels do not take {device} tensors")
+    backend_or_skip(be, device)
+    from cifd_kernels import backend
+    if be not in backend.implemented("entropy_bottleneck"):
+        pytest.skip(f"{be} entropy_bottleneck kernels not registered in this build")
+
+
+def _params(C, device, seed=0):
+    """Non-trivial density parameters: CompressAI's init perturbed as training would."""
+    g = torch.Generator().manual_seed(seed)
+    p = ref.init_params(C, generator=g)
+    def jit(t, scale):
+        return (t + scale * torch.randn(t.shape, generator=g)).to(device).requires_grad_()
+    mats = [jit(m, 0.5) for m in p["matrices"]]
+    bias = [jit(b, 0.5) for b in p["biases"]]
+    facs = [jit(f, 0.8) for f in p["factors"]]
+    quant = (p["quantiles"] + 0.3 * torch.randn(p["quantiles"].shape, generator=g)).to(device)
+    return mats, bias, facs, ref.medians(quant).detach().requires_grad_()
+
+
+def _run(be, y, mats, bias, facs, med, mode, rho, s, seed, g_yhat, g_rate, g_lik):
+    out = entropy_bottleneck(y, mats, bias, facs, med if mode == "dequantize" else None, mode=mode,
+                             seed=seed, offset=11, rho=rho, s=s, need_likelihood=True, backend=be)
+    loss = (out.y_hat.float() * g_yhat).sum() + (out.rate * g_rate).sum() + (out.likelihood * g_lik).sum()
+    wrt = [y] + mats + bias + facs + ([med] if mode == "dequantize" else [])
+    return out, torch.autograd.grad(loss, wrt)
+
+
+CASES = [("noise", 0.0, 1.0), ("noise", 0.25, 0.5), ("noise", 0.9, 1.0), ("dequantize", 0.0, 1.0),
+         ("none", 0.0, 1.0)]
+
+
+@pytest.mark.parametrize("be", KERNELS)
+@pytest.mark.parametrize("mode,rho,s", CASES)
+@pytest.mark.parametrize("shape", [(7, 3), (2, 5, 3, 4), (1, 1)])
+def test_matches_reference(be, mode, rho, s, shape, device):
+    _skip_unless(be, device)
+    C = shape[1]
+    mats, bias, facs, med = _params(C, device)
+    gen = torch.Generator().manual_seed(1)
+    y = (4 * torch.randn(shape, generator=gen)).to(device).requires_grad_()
+    g_yhat = torch.randn(shape, generator=gen).to(device)
+    g_rate = torch.randn(shape[0], generator=gen).to(device)
+    g_lik = torch.randn(shape, generator=gen).to(device)
+    want, gwant = _run("reference", y, mats, bias, facs, med, mode, rho, s, 5, g_yhat, g_rate, g_lik)
+    got, ggot = _run(be, y, mats, bias, facs, med, mode, rho, s, 5, g_yhat, g_rate, g_lik)
+    assert torch.equal(got.y_hat, want.y_hat)  # same Philox bits, same rounding
+    torch.testing.assert_close(got.rate, want.rate.float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got.likelihood, want.likelihood.float(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(ggot, gwant):
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("be", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_flash_attention_rule(be, dtype, device):
+    """Error vs the fp32 reference at most 2x (+eps) the reference's own error in dtype."""
+    _skip_unless(be, device)
+    mats, bias, facs, _ = _params(6, device)
+    y32 = 3 * torch.randn(9, 6, generator=torch.Generator().manual_seed(2)).to(device)
+    exact = entropy_bottleneck(y32, mats, bias, facs, seed=3, backend="reference")
+    half_ref = entropy_bottleneck(y32.to(dtype), mats, bias, facs, seed=3, backend="reference")
+    half_ker = entropy_bottleneck(y32.to(dtype), mats, bias, facs, seed=3, backend=be)
+    assert half_ker.y_hat.dtype == dtype and half_ker.rate.dtype == torch.float32
+    assert torch.equal(half_ker.y_hat, half_ref.y_hat)
+    err_ref = (half_ref.rate - exact.rate).abs().max().item()
+    err_ker = (half_ker.rate - exact.rate).abs().max().item()
+    assert err_ker <= 2 * err_ref + 1e-4
+
+
+@pytest.mark.parametrize("be", KERNELS)
+def test_extreme_inputs_finite(be, device):
+    _skip_unless(be, device)
+    mats, bias, facs, med = _params(4, device)
+    y = torch.tensor([[1e4, -1e4, 0.0, 3e3], [-2e3, 5e2, 1e-7, -1e4]], device=device, requires_grad=True)
+    for mode in ("noise", "dequantize"):
+        out = entropy_bottleneck(y, mats, bias, facs, med, mode=mode, seed=1, backend=be)
+        gy, *gp = torch.autograd.grad(out.rate.sum() + out.y_hat.sum(), [y] + mats + bias + facs)
+        assert torch.isfinite(out.rate).all() and torch.isfinite(gy).all()
+        assert all(torch.isfinite(g).all() for g in gp)
+        # far in the tails the likelihood sits at the bound: rate = -ln(1e-9) per element
+        assert out.rate.max() <= 4 * -torch.log(torch.tensor(1e-9)).item() + 1e-3
+
+
+@pytest.mark.parametrize("be", KERNELS)
+def test_deterministic_bits(be, device):
+    _skip_unless(be, device)
+    mats, bias, facs, _ = _params(5, device)
+    y = torch.randn(33, 5, device=device, requires_grad=True)
+
+    def grads():
+        out = entropy_bottleneck(y, mats, bias, facs, seed=9, deterministic=True, backend=be)
+        return torch.autograd.grad(out.rate.sum(), [y] + mats + bias + facs)
+    a, b = grads(), grads()
+    assert all(torch.equal(x, z) for x, z in zip(a, b))
+
+
+@pytest.mark.parametrize("be", KERNELS)
+def test_module_equals_reference_module(be, device):
+    _skip_unless(be, device)
+    torch.manual_seed(0)
+    m_ref = EntropyBottleneck(8, backend="reference").to(device)
+    with torch.no_grad():
+        for p in m_ref.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    m_ker = EntropyBottleneck(8, backend=be).to(device)
+    m_ker.load_state_dict(m_ref.state_dict())
+    y = 2 * torch.randn(4, 8, 3, 3, device=device)
+    for train in (True, False):
+        m_ref.train(train), m_ker.train(train)
+        a = m_ref(y, seed=4, offset=2)
+        b = m_ker(y, seed=4, offset=2)
+        assert torch.equal(a[0], b[0])
+        torch.testing.assert_close(b[1], a[1], rtol=1e-5, atol=1e-6)
+        ga = torch.autograd.grad(m_ref.rate(a[1]).sum(), list(m_ref.parameters()), allow_unused=True)
+        gb = torch.autograd.grad(m_ker.rate(b[1]).sum(), list(m_ker.parameters()), allow_unused=True)
+        for x, z in zip(ga, gb):
+            assert (x is None) == (z is None)
+            if x is not None:
+                torch.testing.assert_close(z, x, rtol=2e-4, atol=2e-4)
+    ibm_ref = IBM(8, rho=0.25, s=0.5, backend="reference").to(device)
+    ibm_ker = IBM(8, rho=0.25, s=0.5, backend=be).to(device)
+    ibm_ker.load_state_dict(ibm_ref.state_dict())
+    w = torch.randn(6, 8, device=device)
+    a, b = ibm_ref(w, seed=3), ibm_ker(w, seed=3)
+    assert torch.equal(a[0], b[0])
+    torch.testing.assert_close(b[1], a[1].float(), rtol=1e-5, atol=1e-4)
+
+
+def test_auto_falls_back_for_float64_and_other_filters():
+    mats, bias, facs, _ = _params(3, "cpu")
+    y = torch.randn(4, 3, dtype=torch.float64)
+    m64 = [m.detach().double() for m in mats]
+    b64 = [b.detach().double() for b in bias]
+    f64 = [f.detach().double() for f in facs]
+    out = entropy_bottleneck(y, m64, b64, f64, seed=1)  # auto -> reference
+    assert out.rate.dtype == torch.float64
+    with pytest.raises(BackendUnavailableError, match="float32/float16/bfloat16"):
+        entropy_bottleneck(y, m64, b64, f64, seed=1, backend="triton")
+    p = ref.init_params(3, filters=(3, 3))
+    out = entropy_bottleneck(torch.randn(4, 3), p["matrices"], p["biases"], p["factors"], seed=1)
+    assert out.rate.shape == (4,)
+
+
+def test_bad_arguments():
+    mats, bias, facs, _ = _params(3, "cpu")
+    with pytest.raises(ValueError, match="mode"):
+        entropy_bottleneck(torch.randn(2, 3), mats, bias, facs, mode="round")
+    with pytest.raises(ValueError, match="rho"):
+        entropy_bottleneck(torch.randn(2, 3), mats, bias, facs, rho=1.5)
+    with pytest.raises(TypeError, match="y"):
+        entropy_bottleneck([1.0, 2.0], mats, bias, facs)
+    with pytest.raises(ValueError, match="medians"):
+        entropy_bottleneck(torch.randn(2, 3), mats, bias, facs, mode="dequantize", backend="triton")
+    with pytest.raises(ValueError, match="channels"):
+        entropy_bottleneck(torch.randn(2, 4), mats, bias, facs, backend="triton")
+    with pytest.raises(ValueError, match="seed"):
+        entropy_bottleneck(torch.randn(2, 3), mats, bias, facs, seed=-1, backend="triton")
+
+
+@pytest.mark.parametrize("be", KERNELS)
+def test_opcheck(be, device):
+    _skip_unless(be, device)
+    from cifd_kernels.ops.density_pack import pack_density
+    mats, bias, facs, med = _params(3, device)
+    packed = pack_density(mats, bias, facs).detach().requires_grad_()
+    y = torch.randn(5, 3, device=device, requires_grad=True)
+    for mode, m in (("noise", None), ("dequantize", med.detach().float())):
+        torch.library.opcheck(torch.ops.cifd.entropy_bottleneck.default,
+                              (y, packed, m, mode, 7, 3, 0.25, 0.5, 1e-9, True, False, be))
+
+
+def test_compile_fullgraph_equals_eager():
+    """The op and modules trace into one graph (custom ops are opaque to Dynamo)."""
+    be = "cpu" if "cpu" in __import__("cifd_kernels").backend.implemented("entropy_bottleneck") else "triton"
+    backend_or_skip(be, "cpu")
+    torch.manual_seed(0)
+    m = EntropyBottleneck(6, backend=be)
+    ibm = IBM(6, rho=0.25, backend=be)
+    y = torch.randn(5, 6, requires_grad=True)
+
+    def f(y, seed: int):
+        y_hat, lik = m(y, seed=seed)
+        w_hat, rate = ibm(y_hat, seed=seed + 1)
+        return w_hat, m.rate(lik) + rate
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for seed in (3, 4):
+        a, b = f(y, seed), cf(y, seed)
+        assert torch.equal(a[0], b[0])
+        torch.testing.assert_close(b[1], a[1])
+        ga = torch.autograd.grad(a[1].sum(), [y] + list(m.parameters()), allow_unused=True)
+        gb = torch.autograd.grad(b[1].sum(), [y] + list(m.parameters()), allow_unused=True)
+        for x, z in zip(ga, gb):
+            if x is not None:
+                torch.testing.assert_close(z, x)
