@@ -34,13 +34,13 @@ tail -3 "$OUTDIR/build.log"
 python3 -m cifd_kernels info | tee -a "$OUTDIR/device.txt"
 
 stamp "GPU tests"
-python3 -m pytest tests -q -p no:cacheprovider -m gpu -rs 2>&1 | tee "$OUTDIR/pytest_gpu.log" | tail -15
+# GPU_TESTS / GPU_BENCH narrow the selection when device time is short, e.g.
+#   GPU_TESTS="tests/test_philox.py -m gpu" GPU_BENCH="benchmarks -k 65536"
+python3 -m pytest ${GPU_TESTS:-tests -m gpu} -q -p no:cacheprovider -rs 2>&1 | tee "$OUTDIR/pytest_gpu.log" | tail -15
 rc_gpu=${PIPESTATUS[0]}
-stamp "CUDA-side run of the reference tests"
-python3 -m pytest tests/test_philox.py -q -p no:cacheprovider 2>&1 | tail -3
 
 stamp "benchmarks"
-CIFD_BENCH_OUT="$OUTDIR" CIFD_BENCH_FULL=1 python3 -m pytest benchmarks -q -p no:cacheprovider \
+CIFD_BENCH_OUT="$OUTDIR" CIFD_BENCH_FULL=1 python3 -m pytest ${GPU_BENCH:-benchmarks} -q -p no:cacheprovider \
   --benchmark-columns=median,rounds 2>&1 | tee "$OUTDIR/bench.log" | tail -40
 rc_bench=${PIPESTATUS[0]}
 for j in "$OUTDIR"/*.json; do

@@ -23,13 +23,9 @@ __all__ = ["CIFDLoss", "CIFDEmbeddingLoss"]
 
 
 def _resolve(backend: Optional[str], device) -> str:
-    """Only the reference is wired in: auto falls back to it, a named other backend raises."""
-    be = _backend.resolve(_OP, backend, device)
-    if be != "reference":
-        if _backend.check_backend_name(backend) == "auto":
-            return "reference"
-        raise _backend.BackendUnavailableError(f"{_OP}: the CIFD loss modules have no {be!r} path yet")
-    return be
+    """Only the reference implements this op so far: ``resolve`` sends auto there and
+    raises for any other named backend."""
+    return _backend.resolve(_OP, backend, device)
 
 
 def _lam(lam) -> Optional[tuple[float, ...]]:

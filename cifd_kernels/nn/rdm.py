@@ -78,13 +78,9 @@ class _StackedLinear(nn.Module):
 
 
 def _resolve(backend: Optional[str], device) -> str:
-    """Only the reference is wired in: auto falls back to it, a named other backend raises."""
-    be = _backend.resolve(_OP, backend, device)
-    if be != "reference":
-        if _backend.check_backend_name(backend) == "auto":
-            return "reference"
-        raise _backend.BackendUnavailableError(f"{_OP}: the RDM modules have no {be!r} path yet")
-    return be
+    """Only the reference implements this op so far: ``resolve`` sends auto there and
+    raises for any other named backend."""
+    return _backend.resolve(_OP, backend, device)
 
 
 def _check_hparams(act: str, dist: str, tau: float) -> None:
