@@ -65,9 +65,9 @@ def main(argv=None) -> int:
         print(info_text())
         return 0
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m cifd_kernels {info | <training command>} ...\n"
+        print("usage: python -m cifd_kernels {info | <training command>} ...  (also: cifd ...)\n"
               "  info                  versions, backends and build facts\n"
-              "  <training command>    see `python -m cifd_kernels train --help`")
+              "  <training command>    train-teacher, distill, train-rdms, cache-teacher, eval, demo")
         if not argv:
             return 2
     try:

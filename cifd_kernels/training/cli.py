@@ -1,0 +1,213 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``cifd`` command line: train teachers and students, evaluate, cache.
+
+    cifd train-teacher [-c CONFIG] [KEY=VALUE ...]      # default config: fmnist_teacher
+    cifd distill --method {scratch,kd,takd,cifd} [-c CONFIG] [KEY=VALUE ...]
+    cifd train-rdms [-c CONFIG] [KEY=VALUE ...]          # not wired yet
+    cifd cache-teacher [-c CONFIG] [--splits train,val,test] [KEY=VALUE ...]
+    cifd eval MODEL_OR_RUN_DIR [--split test] [KEY=VALUE ...]
+    cifd demo [KEY=VALUE ...]       # teacher, then students by scratch and KD
+
+CONFIG is a YAML file or a packaged config name (fmnist_teacher,
+fmnist_student, cifar100_teacher, cifar100_student). KEY=VALUE overrides use
+dotted keys: ``train.epochs=3 data.dir=/data/fmnist run.threads=2``.
+``--data-dir``, ``--out-dir``, ``--threads``, ``--device`` and
+``--no-progress`` are shorthands for data.dir, run.out_dir, run.threads,
+run.device and run.progress=false. Runs go to ``<run.out_dir>/<run.name>/``
+(teacher/, scratch_<arch>/, kd_<arch>/); ``--resume`` continues a run from its
+last checkpoint, ``--overwrite`` starts it again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .config import ConfigError, load_config
+
+DEFAULT_CONFIGS = {"train-teacher": "fmnist_teacher", "distill": "fmnist_student",
+                   "train-rdms": "fmnist_student", "cache-teacher": "fmnist_student",
+                   "demo": None}
+
+
+def _common(p: argparse.ArgumentParser, *, config: bool = True, run: bool = True) -> None:
+    if config:
+        p.add_argument("-c", "--config", default=None,
+                       help="YAML file or packaged config name (default: %(default)s)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted config overrides, e.g. train.epochs=3 data.dir=/x")
+    p.add_argument("--data-dir", help="dataset directory (data.dir)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (run.threads)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (run.device)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    if run:
+        p.add_argument("--out-dir", help="root of run directories (run.out_dir)")
+        p.add_argument("--resume", action="store_true",
+                       help="continue from the run's last checkpoint")
+        p.add_argument("--overwrite", action="store_true",
+                       help="start the run again, replacing an existing checkpoint")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cifd", description="CIFD knowledge distillation recipes",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train-teacher", help="train the teacher (cross-entropy)")
+    _common(p)
+    p = sub.add_parser("distill", help="train a student: scratch, kd, takd or cifd")
+    p.add_argument("--method", required=True, choices=("scratch", "kd", "takd", "cifd"))
+    p.add_argument("--teacher", help="teacher model.pt or run directory (teacher.checkpoint)")
+    _common(p)
+    p = sub.add_parser("train-rdms", help="stage 1: train the RDM bank (not wired yet)")
+    p.add_argument("--teacher", help="teacher model.pt or run directory (teacher.checkpoint)")
+    _common(p)
+    p = sub.add_parser("cache-teacher", help="compute (or verify) the cached teacher "
+                                             "embeddings and logits")
+    p.add_argument("--teacher", help="teacher model.pt or run directory (teacher.checkpoint)")
+    p.add_argument("--splits", default="train,val,test", help="comma-separated splits")
+    p.add_argument("--refresh", action="store_true", help="recompute even if valid")
+    _common(p, run=False)
+    p.add_argument("--out-dir", help="root of run directories (run.out_dir)")
+    p = sub.add_parser("eval", help="accuracy of a saved model on a split")
+    p.add_argument("model", help="a model.pt, or a run directory holding one")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    _common(p, config=False, run=False)
+    p = sub.add_parser("demo", help="Fashion-MNIST: teacher, then students (scratch, KD)")
+    _common(p, config=False)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    out = list(args.overrides)
+    if getattr(args, "data_dir", None):
+        out.append(f"data.dir={args.data_dir}")
+    if getattr(args, "out_dir", None):
+        out.append(f"run.out_dir={args.out_dir}")
+    if getattr(args, "threads", None) is not None:
+        out.append(f"run.threads={args.threads}")
+    if getattr(args, "device", None):
+        out.append(f"run.device={args.device}")
+    if getattr(args, "no_progress", False):
+        out.append("run.progress=false")
+    if getattr(args, "teacher", None):
+        out.append(f"teacher.checkpoint={args.teacher}")
+    return out
+
+
+def _cmd_train_teacher(args) -> int:
+    from .teacher import train_teacher
+    cfg = load_config(args.config or DEFAULT_CONFIGS["train-teacher"], _overrides(args))
+    train_teacher(cfg, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+def _cmd_distill(args) -> int:
+    from .distill import distill
+    cfg = load_config(args.config or DEFAULT_CONFIGS["distill"], _overrides(args))
+    distill(cfg, args.method, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+def _cmd_train_rdms(args) -> int:
+    from .distill import NotWiredError
+    load_config(args.config or DEFAULT_CONFIGS["train-rdms"], _overrides(args))  # validate
+    raise NotWiredError("train-rdms is not wired yet: it needs cifd_kernels.RDMBank; the "
+                        "teacher-output cache it will train on works now "
+                        "(`cifd cache-teacher`)")
+
+
+def _cmd_cache_teacher(args) -> int:
+    from .engine import select_device, set_threads
+    from .teacher import default_teacher_checkpoint, load_data, load_model_file, teacher_outputs
+    cfg = load_config(args.config or DEFAULT_CONFIGS["cache-teacher"], _overrides(args))
+    set_threads(cfg.run.threads)
+    device = select_device(cfg.run.device)
+    model, meta = load_model_file(default_teacher_checkpoint(cfg), device)
+    ds = load_data(cfg)
+    cache_dir = Path(meta["path"]).parent / "cache"
+    for split in [s.strip() for s in args.splits.split(",") if s.strip()]:
+        out = teacher_outputs(model, meta["arch"], ds, split, cache_dir,
+                              batch_size=cfg.data.eval_batch_size, device=device,
+                              refresh=args.refresh)
+        acc = (out.logits.argmax(1) == out.labels).float().mean().item()
+        print(f"{split}: embeddings {tuple(out.embeddings.shape)} logits "
+              f"{tuple(out.logits.shape)} acc {acc:.4f} "
+              f"({'valid cache' if out.from_cache else 'computed'}) -> "
+              f"{cache_dir / f'teacher_outputs_{split}.pt'}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .config import from_dict, apply_overrides
+    from .engine import evaluate, select_device, set_threads
+    from .teacher import load_data, load_model_file, make_iterator, prepare_model
+    model, meta = load_model_file(args.model, "cpu")
+    # The model file's own config says how its data were split and normalised.
+    cfg = apply_overrides(from_dict(meta["config"]), _overrides(args))
+    set_threads(cfg.run.threads)
+    device = select_device(args.device or "auto")  # not the training machine's
+    model = prepare_model(cfg, model, device)
+    ds = load_data(cfg)
+    res = evaluate(model, make_iterator(cfg, ds, args.split, device, train=False),
+                   progress=cfg.run.progress)
+    print(json.dumps({"model": meta["path"], "arch": meta["arch"], "split": args.split,
+                      "acc": res["acc"], "loss": res["loss"], "n": res["n"]}))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .distill import distill
+    from .teacher import run_root, train_teacher
+    overrides = _overrides(args)
+    tcfg = load_config("fmnist_teacher", overrides)
+    scfg = load_config("fmnist_student", overrides)
+    results = {"teacher": train_teacher(tcfg, resume=True, overwrite=args.overwrite)}
+    for method in ("scratch", "kd"):
+        if not results["teacher"]["complete"]:
+            break
+        results[method] = distill(scfg, method, resume=True, overwrite=args.overwrite)
+    if not all(r["complete"] for r in results.values()):
+        print("demo: stopped early (run.stop_after); run `cifd demo` again to continue")
+        return 0
+    results["cifd"] = {"status": "not wired yet (needs cifd_kernels RDMBank, IBM, CIFDLoss)"}
+    path = run_root(tcfg) / "demo_summary.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print("\nmodel          arch    val acc   test acc   train s")
+    for name in ("teacher", "scratch", "kd"):
+        r = results[name]
+        print(f"{name:<14} {r['arch']:<7} {r['val_acc']:.4f}    {r['test_acc']:.4f}     "
+              f"{r.get('total_train_time_s', 0):.0f}")
+    print(f"cifd           -       not wired yet\nsummary: {path}")
+    return 0
+
+
+COMMANDS = {"train-teacher": _cmd_train_teacher, "distill": _cmd_distill,
+            "train-rdms": _cmd_train_rdms, "cache-teacher": _cmd_cache_teacher,
+            "eval": _cmd_eval, "demo": _cmd_demo}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``cifd`` and ``python -m cifd_kernels <command>``.
+    Returns the exit status (0 ok, 2 for a usage, config, data or checkpoint
+    error, which is printed without a traceback unless CIFD_TRACEBACK=1)."""
+    from .data import DatasetNotFoundError
+    from .distill import NotWiredError
+    from .engine import CheckpointMismatchError
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, DatasetNotFoundError, CheckpointMismatchError, NotWiredError,
+            FileExistsError, FileNotFoundError) as e:
+        if os.environ.get("CIFD_TRACEBACK") == "1":
+            raise
+        print(f"cifd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Configuration: YAML files into dataclasses, dotted command-line overrides.
+
+One schema (:class:`Config`) serves every command; a command reads the
+sections it needs. ``model`` is the network a command trains (the teacher for
+``train-teacher``, the student for ``distill``); ``teacher`` names the frozen
+teacher that ``distill`` and ``train-rdms`` read. Example::
+
+    cfg = load_config("fmnist_teacher", ["train.epochs=3", "data.dir=/x"])
+
+Unknown keys and values of the wrong type raise :class:`ConfigError` naming the
+dotted key. :func:`config_hash` fingerprints the sections that determine a
+run's result (not paths, devices or progress bars); checkpoints store it, and
+resuming from a checkpoint with another hash is refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value is invalid."""
+
+
+def _choice(*choices: str, default: str) -> Any:
+    return field(default=default, metadata={"choices": choices})
+
+
+@dataclass
+class DataConfig:
+    name: str = _choice("fashion_mnist", "cifar100", "imagefolder", default="fashion_mnist")
+    dir: str = ""                 # "" = the dataset's default directory
+    val_size: int = 5000          # carved from the training set for model selection
+    split_seed: int = 0
+    augment: bool = True          # random crop (zero padding) + horizontal flip
+    crop_padding: int = 2
+    hflip: bool = True
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    num_workers: int = 4          # imagefolder only
+    image_size: int = 224         # imagefolder only
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "cnn10"           # see models.ARCHS
+    embed_dim: int = 0            # torchvision nets: projection width; 0 = native
+
+
+@dataclass
+class TeacherConfig:
+    arch: str = "cnn10"
+    embed_dim: int = 0
+    checkpoint: str = ""          # "" = <out_dir>/<name>/teacher/model.pt
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    optimizer: str = _choice("sgd", "adamw", default="sgd")
+    lr: float = 0.1               # peak learning rate
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = _choice("cosine", "step", "constant", default="cosine")
+    warmup_epochs: float = 0.0    # linear warm-up, fractions allowed
+    milestones: list[int] = field(default_factory=list)  # step schedule, in epochs
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    seed: int = 0
+    channels_last: bool = True
+
+
+@dataclass
+class KDConfig:
+    """Hinton KD: ``lam_ce * CE + lam_kl * tau^2 * KL(p_T || p_S)``."""
+    tau: float = 2.0
+    lam_ce: float = 1.0
+    lam_kl: float = 1.0
+
+
+@dataclass
+class RDMConfig:
+    """Stage 1 (CIFD section 2); consumed by ``train-rdms`` once RDMs land."""
+    rates: list[float] = field(default_factory=lambda: [1.0, 0.8, 0.6])  # R per RDM
+    hidden: int = 0               # H; 0 = D
+    latent: int = 0               # L; 0 = H
+    distortion: str = _choice("mse", "smooth_l1", default="mse")
+    lam_ce: float = 1.0
+    lam_kl: float = 1.0
+    epochs: int = 30
+    lr: float = 1e-3
+    batch_size: int = 256
+
+
+@dataclass
+class CIFDConfig:
+    """Stage 2 (CIFD sections 3-4); consumed by ``distill --method cifd``."""
+    p_drop: float = 0.25
+    w_emb: float = 100.0
+    lam_rdm: float = 1.0
+    lam_I: float = 0.005
+    ibm_rho: float = 0.0
+    ibm_s: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    name: str = "fmnist"
+    out_dir: str = "runs"
+    device: str = "auto"          # auto | cpu | cuda | cuda:N
+    threads: int = 0              # torch intra-op threads; 0 = torch's default
+    progress: bool = True         # tqdm bars (also off when stderr is not a tty)
+    stop_after: int = 0           # stop after this many epochs in this invocation
+                                  # (time-limited jobs; continue with --resume); 0 = no
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    rdm: RDMConfig = field(default_factory=RDMConfig)
+    cifd: CIFDConfig = field(default_factory=CIFDConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# Keys that do not change a run's result: left out of config_hash.
+UNHASHED = frozenset({"data.dir", "data.eval_batch_size", "data.num_workers",
+                      "teacher.checkpoint", "run.name", "run.out_dir", "run.device",
+                      "run.threads", "run.progress", "run.stop_after"})
+
+
+# ------------------------------------------------------------------ coercion
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """``value`` (from YAML or a command-line string) as type ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (list, Sequence):
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                value = yaml.safe_load(text)
+            else:
+                value = [v for v in text.split(",") if v.strip()] if text else []
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item)}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("false", "no", "off", "0"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key}: expected a bool (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an int, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an int, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")  # a schema bug
+
+
+def _fields(obj) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unknown(prefix: str, name: str, known: Iterable[str]) -> ConfigError:
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown config key {prefix + name!r}{hint}; known keys: "
+                       f"{', '.join(prefix + k for k in known)}")
+
+
+def _set(obj, prefix: str, parts: list[str], value: Any) -> None:
+    """Set ``parts`` (a dotted key split, below ``prefix``) on dataclass ``obj``."""
+    name, rest = parts[0], parts[1:]
+    fields = _fields(obj)
+    if name not in fields:
+        raise _unknown(prefix, name, fields)
+    key = prefix + name
+    current = getattr(obj, name)
+    if dataclasses.is_dataclass(current):
+        if rest:
+            _set(current, key + ".", rest, value)
+            return
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: is a section; set its keys ({key}.<key>=...)")
+        for k, v in value.items():
+            _set(current, key + ".", [str(k)], v)
+        return
+    if rest:
+        raise ConfigError(f"unknown config key {key + '.' + '.'.join(rest)!r}: {key!r} "
+                          f"is a value, not a section")
+    v = _coerce(key, _hints(type(obj))[name], value)
+    choices = fields[name].metadata.get("choices")
+    if choices and v not in choices:
+        raise ConfigError(f"{key}: {v!r} is not one of {', '.join(choices)}")
+    setattr(obj, name, v)
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    """Set dotted ``key`` (``"train.epochs"``) to ``value``, coerced and checked."""
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"bad config key {key!r}")
+    _set(cfg, "", key.split("."), value)
+
+
+def merge_dict(cfg: Config, d: dict, prefix: str = "") -> Config:
+    """Apply a nested mapping (a parsed YAML file) onto ``cfg``."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(d).__name__}")
+    for k, v in d.items():
+        set_key(cfg, f"{prefix}{k}", v)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """``"train.epochs=3"`` -> ``("train.epochs", "3")``."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value "
+                          f"(e.g. train.epochs=3)")
+    key, value = text.split("=", 1)
+    return key.strip(), value
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    for text in overrides:
+        key, value = parse_override(text)
+        set_key(cfg, key, value)
+    return cfg
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A path to a YAML file, or the name of a packaged config (``fmnist_teacher``)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"):
+        if cand.is_file():
+            return cand
+    packaged = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {name_or_path!r} not found: not a file, nor one of the "
+                      f"packaged configs ({', '.join(packaged)})")
+
+
+def load_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file (if any), then ``overrides`` in order."""
+    cfg = Config()
+    if name_or_path:
+        path = resolve_config_path(name_or_path)
+        with open(path) as f:
+            try:
+                d = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        try:
+            merge_dict(cfg, d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    return apply_overrides(cfg, overrides)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> Config:
+    return merge_dict(Config(), d)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def hashed_items(cfg: Config, sections: Sequence[str]) -> dict[str, Any]:
+    """The (dotted key -> value) pairs of ``sections`` that config_hash covers."""
+    d = to_dict(cfg)
+    out = {}
+    for s in sections:
+        if s not in d:
+            raise ConfigError(f"unknown config section {s!r}")
+        for k, v in flatten(d[s], f"{s}.").items():
+            if k not in UNHASHED:
+                out[k] = v
+    return out
+
+
+def config_hash(cfg: Config, sections: Sequence[str], extra: dict | None = None) -> str:
+    """sha256 (16 hex chars) of the result-determining keys of ``sections``,
+    plus ``extra`` (e.g. the method, the teacher's weights hash)."""
+    payload = {"config": hashed_items(cfg, sections), "extra": extra or {}}
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def diff_items(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two hashed_items() dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if a.get(k, "<absent>") != b.get(k, "<absent>"):
+            out.append(f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}")
+    return out

@@ -1,0 +1,553 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Datasets for the distillation recipes, held as tensors in memory.
+
+Fashion-MNIST (standard IDX files) and CIFAR-100 (the ``cifar-100-python``
+pickle archive, unpacked) are small enough to live in memory as ``uint8``
+``[N, C, H, W]`` tensors; augmentation (random crop with zero padding +
+horizontal flip) runs on whole batches of tensors, which on a CPU is far faster
+than per-image PIL transforms in worker processes. ImageFolder trees (ImageNet)
+are decoded lazily per image through a ``torch.utils.data.DataLoader``.
+
+Splits. ``train`` is the training set minus a validation split carved from it
+with a fixed seed (``data.val_size`` images, ``data.split_seed``): select
+models on ``val``, report ``test``, never tune on ``test``.
+
+Batch order and augmentation draw from :class:`torch.Generator` objects owned by
+the iterator, whose state goes into checkpoints, so that a resumed run sees the
+very batches an uninterrupted one would. Sharding over ``rank``/``world_size``
+follows ``torch.utils.data.DistributedSampler`` (pad by wrapping around to a
+multiple of ``world_size``, rank ``r`` takes every ``world_size``-th index
+starting at ``r``), so the same code serves DDP.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+CIFAR100_DIR = "/usr/share/datasets/cifar-100-python"
+
+# Per-channel statistics of the training images in [0, 1].
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are not where the configuration says."""
+
+
+# --------------------------------------------------------------------------- IDX
+# IDX (LeCun's MNIST format): two zero bytes, a type code, the number of
+# dimensions, that many big-endian uint32 sizes, then the data, big-endian.
+_IDX_TYPES = {
+    0x08: (torch.uint8, 1), 0x09: (torch.int8, 1), 0x0B: (torch.int16, 2),
+    0x0C: (torch.int32, 4), 0x0D: (torch.float32, 4), 0x0E: (torch.float64, 8),
+}
+
+
+def parse_idx(buf: bytes, name: str = "<bytes>") -> torch.Tensor:
+    """Decode the bytes of an IDX file into a tensor of its type and shape."""
+    if len(buf) < 4 or buf[0] != 0 or buf[1] != 0 or buf[2] not in _IDX_TYPES:
+        raise ValueError(f"{name}: not an IDX file (bad magic {buf[:4].hex()})")
+    dtype, size = _IDX_TYPES[buf[2]]
+    ndim = buf[3]
+    header = 4 + 4 * ndim
+    if len(buf) < header:
+        raise ValueError(f"{name}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", buf[4:header])
+    count = 1
+    for s in shape:
+        count *= s
+    if len(buf) - header != count * size:
+        raise ValueError(f"{name}: IDX header says {shape} ({count * size} bytes of "
+                         f"data) but the file holds {len(buf) - header}")
+    raw = torch.frombuffer(bytearray(buf[header:]), dtype=torch.uint8)
+    if size > 1:  # big-endian on disk: reverse each element's bytes
+        raw = raw.view(-1, size).flip(1).reshape(-1)
+    return raw.view(dtype).reshape(shape).clone()
+
+
+def read_idx(path: str | os.PathLike) -> torch.Tensor:
+    """Read an IDX file, gzip-compressed when its name ends in ``.gz``."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        return parse_idx(f.read(), str(path))
+
+
+def write_idx(t: torch.Tensor, path: str | os.PathLike) -> None:
+    """Write ``t`` as an IDX file (gzip-compressed when ``path`` ends in .gz)."""
+    codes = {dt: code for code, (dt, _) in _IDX_TYPES.items()}
+    if t.dtype not in codes:
+        raise ValueError(f"IDX cannot hold {t.dtype}")
+    size = _IDX_TYPES[codes[t.dtype]][1]
+    raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    if size > 1:
+        raw = raw.view(-1, size).flip(1).reshape(-1)
+    blob = (bytes([0, 0, codes[t.dtype], t.dim()]) + struct.pack(f">{t.dim()}I", *t.shape)
+            + raw.numpy().tobytes())
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as f:
+        f.write(blob)
+
+
+def _find_idx(data_dir: Path, stem: str) -> Optional[Path]:
+    # Accept the canonical "-idx3-ubyte" names and the ".idx3-ubyte" variant,
+    # raw or gzipped.
+    for name in (stem, stem.replace("-idx", ".idx")):
+        for suffix in ("", ".gz"):
+            p = data_dir / (name + suffix)
+            if p.is_file():
+                return p
+    return None
+
+
+# ------------------------------------------------------------------ containers
+@dataclass
+class Split:
+    """Images and labels of one split, in memory.
+
+    ``images``: uint8 [N, C, H, W]; ``labels``: int64 [N]; ``source_index``:
+    int64 [N], each image's position in the file it came from (stable across
+    runs, used to key caches).
+    """
+    images: torch.Tensor
+    labels: torch.Tensor
+    source_index: torch.Tensor
+    _fingerprint: Optional[str] = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def subset(self, positions: torch.Tensor) -> "Split":
+        return Split(self.images[positions], self.labels[positions],
+                     self.source_index[positions])
+
+    def fingerprint(self) -> str:
+        """sha256 of the images, labels and source indices (hex, 16 chars)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for t in (self.images, self.labels, self.source_index):
+                h.update(str((tuple(t.shape), t.dtype)).encode())
+                h.update(t.contiguous().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+
+@dataclass
+class Dataset:
+    """A dataset's train/val/test splits and what a model needs to know of it."""
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...] = ()
+
+    @property
+    def in_channels(self) -> int:
+        return self.train.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.train.images.shape[-1]
+
+    def split(self, name: str) -> Split:
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {name!r}: expected train, val or test")
+        return getattr(self, name)
+
+
+def train_val_split(full: Split, val_size: int, seed: int) -> tuple[Split, Split]:
+    """Carve ``val_size`` images out of ``full`` with a fixed-seed permutation.
+
+    Both parts keep the file order, so the result depends only on
+    (len(full), val_size, seed).
+    """
+    n = len(full)
+    if not 0 <= val_size < n:
+        raise ValueError(f"data.val_size={val_size} must be in [0, {n})")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    val_pos = perm[:val_size].sort().values
+    train_pos = perm[val_size:].sort().values
+    return full.subset(train_pos), full.subset(val_pos)
+
+
+# ---------------------------------------------------------------- loaders
+_FMNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def load_fashion_mnist(data_dir: str | os.PathLike | None = None, *,
+                       val_size: int = 5000, split_seed: int = 0) -> Dataset:
+    """Fashion-MNIST from its four IDX files (raw or ``.gz``) in ``data_dir``.
+
+    ``data_dir`` defaults to ``/usr/share/datasets/fashion-mnist`` (the
+    ``dataset-fashion-mnist`` package). Images: 28x28x1 uint8, 10 classes.
+    """
+    data_dir = Path(data_dir or FASHION_MNIST_DIR)
+    found, missing = {}, []
+    for split, stems in _FMNIST_FILES.items():
+        for stem in stems:
+            p = _find_idx(data_dir, stem) if data_dir.is_dir() else None
+            if p is None:
+                missing.append(stem + "[.gz]")
+            found[stem] = p
+    if missing:
+        raise DatasetNotFoundError(
+            f"Fashion-MNIST not found in {data_dir}: missing {', '.join(missing)}. "
+            f"Install it with `apt-get install dataset-fashion-mnist` (files go to "
+            f"{FASHION_MNIST_DIR}), or point --data-dir (data.dir=DIR) at a directory "
+            f"holding the four IDX files (train-images-idx3-ubyte, "
+            f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, "
+            f"raw or .gz).")
+    splits = {}
+    for split, (img_stem, lbl_stem) in _FMNIST_FILES.items():
+        images = read_idx(found[img_stem])
+        labels = read_idx(found[lbl_stem])
+        if images.dim() != 3 or images.dtype != torch.uint8:
+            raise ValueError(f"{found[img_stem]}: expected uint8 [N, H, W] images, "
+                             f"got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != images.shape[:1]:
+            raise ValueError(f"{found[lbl_stem]}: {labels.shape[0]} labels for "
+                             f"{images.shape[0]} images")
+        splits[split] = Split(images.unsqueeze(1).contiguous(), labels.long(),
+                              torch.arange(images.shape[0]))
+    train, val = train_val_split(splits["train"], val_size, split_seed)
+    return Dataset("fashion_mnist", train, val, splits["test"], 10,
+                   FASHION_MNIST_MEAN, FASHION_MNIST_STD, FASHION_MNIST_CLASSES)
+
+
+def write_synthetic_fashion_mnist(data_dir: str | os.PathLike, n_train: int = 600,
+                                  n_test: int = 200, *, seed: int = 0,
+                                  gz: bool = True) -> Path:
+    """Write a tiny Fashion-MNIST look-alike (the four IDX files) to ``data_dir``.
+
+    Random dark 28x28 images with a bright 8x4 patch whose position encodes the
+    label (10 classes), so a small CNN learns it in an epoch or two. For tests
+    and smoke runs without the real dataset; returns ``data_dir``.
+    """
+    d = Path(data_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        y = torch.randint(0, 10, (n,), generator=g)
+        x = (torch.rand(n, 28, 28, generator=g) * 60).to(torch.uint8)
+        for i, label in enumerate(y.tolist()):
+            r, c = (label // 5) * 10 + 4, (label % 5) * 5 + 1
+            x[i, r:r + 8, c:c + 4] = 250
+        sfx = ".gz" if gz else ""
+        write_idx(x, d / f"{prefix}-images-idx3-ubyte{sfx}")
+        write_idx(y.to(torch.uint8), d / f"{prefix}-labels-idx1-ubyte{sfx}")
+    return d
+
+
+def load_cifar100(data_dir: str | os.PathLike | None = None, *,
+                  val_size: int = 5000, split_seed: int = 0) -> Dataset:
+    """CIFAR-100 from the unpacked ``cifar-100-python`` directory.
+
+    Expects the pickles ``train`` and ``test`` (dicts with ``b"data"``: uint8
+    [N, 3072], channel-major 32x32x3, and ``b"fine_labels"``) and optionally
+    ``meta`` (``b"fine_label_names"``). 100 fine classes.
+    """
+    data_dir = Path(data_dir or CIFAR100_DIR)
+    missing = [n for n in ("train", "test") if not (data_dir / n).is_file()]
+    if missing:
+        raise DatasetNotFoundError(
+            f"CIFAR-100 not found in {data_dir}: missing {', '.join(missing)}. "
+            f"Download cifar-100-python.tar.gz from "
+            f"https://www.cs.toronto.edu/~kriz/cifar.html, unpack it, and point "
+            f"--data-dir (data.dir=DIR) at the cifar-100-python directory.")
+
+    def load(name):
+        with open(data_dir / name, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        import numpy as np  # the pickles hold numpy arrays
+        data = torch.from_numpy(np.ascontiguousarray(d[b"data"], dtype=np.uint8))
+        labels = torch.as_tensor(list(d[b"fine_labels"]), dtype=torch.long)
+        images = data.reshape(-1, 3, 32, 32).contiguous()
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"{data_dir / name}: {labels.shape[0]} labels for "
+                             f"{images.shape[0]} images")
+        return Split(images, labels, torch.arange(labels.shape[0]))
+
+    classes: tuple[str, ...] = ()
+    if (data_dir / "meta").is_file():
+        with open(data_dir / "meta", "rb") as f:
+            meta = pickle.load(f, encoding="bytes")
+        classes = tuple(n.decode() for n in meta.get(b"fine_label_names", ()))
+    full, test = load("train"), load("test")
+    train, val = train_val_split(full, val_size, split_seed)
+    return Dataset("cifar100", train, val, test, 100, CIFAR100_MEAN, CIFAR100_STD,
+                   classes)
+
+
+# ------------------------------------------------------------ augmentation
+def normalize(images: torch.Tensor, mean: Sequence[float],
+              std: Sequence[float]) -> torch.Tensor:
+    """uint8 [B, C, H, W] -> float32 ``(x / 255 - mean) / std``."""
+    c = images.shape[1]
+    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, c, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, c, 1, 1)
+    return images.float().div_(255.0).sub_(m).div_(s)
+
+
+def random_crop_flip(images: torch.Tensor, padding: int, flip: bool,
+                     generator: torch.Generator) -> torch.Tensor:
+    """Batched random crop (zero padding ``padding``) and horizontal flip.
+
+    ``images``: [B, C, H, W], any dtype, on the generator's device. Each image
+    gets its own offsets in [0, 2*padding] and a flip with probability 1/2,
+    drawn from ``generator`` (offsets first, then flips) — the same per-image
+    distribution as torchvision's RandomCrop(padding) + RandomHorizontalFlip.
+    """
+    b, c, h, w = images.shape
+    dev = images.device
+    if padding > 0:
+        off = torch.randint(0, 2 * padding + 1, (b, 2), generator=generator,
+                            device=generator.device).to(dev)
+        padded = F.pad(images, (padding, padding, padding, padding))
+    else:
+        off = torch.zeros(b, 2, dtype=torch.long, device=dev)
+        padded = images
+    rows = off[:, 0:1] + torch.arange(h, device=dev)               # [B, H]
+    cols = off[:, 1:2] + torch.arange(w, device=dev)               # [B, W]
+    if flip:
+        flips = (torch.rand(b, generator=generator, device=generator.device) < 0.5).to(dev)
+        cols = torch.where(flips[:, None], cols.flip(1), cols)
+    if padding == 0 and not flip:
+        return images
+    bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
+    ci = torch.arange(c, device=dev).view(1, c, 1, 1)
+    return padded[bi, ci, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+
+
+# ----------------------------------------------------------------- iteration
+class Batch(NamedTuple):
+    """``x``: float32 [B, C, H, W] normalised; ``y``: int64 [B]; ``pos``: int64
+    [B], each sample's position in its :class:`Split` (to look up caches)."""
+    x: torch.Tensor
+    y: torch.Tensor
+    pos: torch.Tensor
+
+
+def shard_indices(order: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """DistributedSampler's sharding: wrap-pad to a multiple of ``world_size``,
+    then rank ``r`` takes ``order[r::world_size]``."""
+    if world_size == 1:
+        return order
+    n = order.numel()
+    total = -(-n // world_size) * world_size
+    if total > n:
+        reps = -(-(total - n) // n)
+        order = torch.cat([order] + [order] * reps)[:total]
+    return order[rank:total:world_size]
+
+
+class BatchIterator:
+    """Batches of a :class:`Split` in memory, optionally shuffled and augmented.
+
+    One ``iter()`` is one epoch (of this rank's shard). The shuffle order comes
+    from a generator seeded with ``seed`` (the same on every rank, as
+    DistributedSampler requires); augmentation from a second generator seeded
+    with ``seed`` and ``rank`` (ranks see different crops). ``channels_last``
+    lays ``x`` out NHWC (faster convolutions on CPUs). ``state_dict()``
+    holds both generators' states: saved after an epoch and loaded into a fresh
+    iterator, the next epoch is the one an uninterrupted run would have seen.
+    """
+
+    def __init__(self, split: Split, batch_size: int, *, mean: Sequence[float],
+                 std: Sequence[float], shuffle: bool = False, augment: bool = False,
+                 crop_padding: int = 0, hflip: bool = False, drop_last: bool = False,
+                 seed: int = 0, rank: int = 0, world_size: int = 1,
+                 device: torch.device | str = "cpu", channels_last: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.split, self.batch_size = split, batch_size
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.shuffle, self.augment = shuffle, augment
+        self.crop_padding, self.hflip = crop_padding, hflip
+        self.drop_last = drop_last
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.order_gen = torch.Generator().manual_seed(seed)
+        self.aug_gen = torch.Generator().manual_seed(seed * 1000003 + 7919 * (rank + 1))
+
+    def _num_local(self) -> int:
+        n = len(self.split)
+        return -(-n // self.world_size) if self.world_size > 1 else n
+
+    def __len__(self) -> int:
+        n = self._num_local()
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        n = len(self.split)
+        order = torch.randperm(n, generator=self.order_gen) if self.shuffle \
+            else torch.arange(n)
+        order = shard_indices(order, self.rank, self.world_size)
+        for i in range(len(self)):
+            pos = order[i * self.batch_size:(i + 1) * self.batch_size]
+            images = self.split.images[pos]
+            if self.augment:
+                images = random_crop_flip(images, self.crop_padding, self.hflip,
+                                          self.aug_gen)
+            non_blocking = self.device.type == "cuda"
+            x = normalize(images.to(self.device, non_blocking=non_blocking),
+                          self.mean, self.std).contiguous(memory_format=self.memory_format)
+            yield Batch(x, self.split.labels[pos].to(self.device, non_blocking=non_blocking),
+                        pos)
+
+    def state_dict(self) -> dict:
+        return {"order_gen": self.order_gen.get_state(),
+                "aug_gen": self.aug_gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order_gen.set_state(state["order_gen"])
+        self.aug_gen.set_state(state["aug_gen"])
+
+
+# --------------------------------------------------------------- ImageFolder
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif",
+                    ".tiff", ".JPEG")
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """``root/<class>/<image>`` trees (ImageNet's layout), decoded per item.
+
+    Classes are the sorted subdirectory names. ``train=True`` applies
+    RandomResizedCrop(image_size) + horizontal flip, else Resize(image_size *
+    8 / 7) + CenterCrop(image_size); both end normalised float32 [3, S, S].
+    Augmentation draws from torch's global RNG, which DataLoader seeds per
+    worker from its ``generator``.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, train: bool, image_size: int = 224,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        from torchvision.transforms import v2
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DatasetNotFoundError(
+                f"ImageFolder root {self.root} is not a directory: point --data-dir "
+                f"(data.dir=DIR) at a directory with train/ and val/ subdirectories "
+                f"of per-class image folders")
+        self.classes = tuple(sorted(d.name for d in self.root.iterdir() if d.is_dir()))
+        if not self.classes:
+            raise DatasetNotFoundError(f"ImageFolder root {self.root} has no class "
+                                       f"subdirectories")
+        self.samples: list[tuple[str, int]] = []
+        for label, cls in enumerate(self.classes):
+            for dirpath, _, files in sorted(os.walk(self.root / cls)):
+                for f in sorted(files):
+                    if f.endswith(IMAGE_EXTENSIONS) or f.lower().endswith(IMAGE_EXTENSIONS):
+                        self.samples.append((os.path.join(dirpath, f), label))
+        if not self.samples:
+            raise DatasetNotFoundError(f"ImageFolder root {self.root} holds no images")
+        if train:
+            geo = [v2.RandomResizedCrop(image_size, antialias=True),
+                   v2.RandomHorizontalFlip()]
+        else:
+            geo = [v2.Resize(int(round(image_size * 8 / 7)), antialias=True),
+                   v2.CenterCrop(image_size)]
+        self.transform = v2.Compose([v2.ToImage()] + geo + [v2.ToDtype(torch.float32, scale=True),
+                                           v2.Normalize(list(mean), list(std))])
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image  # torchvision.io's decoders are deprecated
+        path, label = self.samples[i]
+        with Image.open(path) as img:
+            return self.transform(img.convert("RGB")), label
+
+    def fingerprint(self) -> str:
+        """sha256 over (relative path, size, label) of every sample: cheap, and
+        changes when files are added, removed or rewritten with a new size."""
+        h = hashlib.sha256()
+        for path, label in self.samples:
+            h.update(f"{os.path.relpath(path, self.root)}\0{os.path.getsize(path)}\0"
+                     f"{label}\n".encode())
+        return h.hexdigest()[:16]
+
+
+class ShardedSampler(torch.utils.data.Sampler[int]):
+    """Indices of one epoch for a DataLoader: shuffled by an owned generator and
+    sharded like DistributedSampler; ``state_dict()`` for exact resume."""
+
+    def __init__(self, n: int, *, shuffle: bool, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        self.n, self.shuffle, self.rank, self.world_size = n, shuffle, rank, world_size
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-self.n // self.world_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.gen) if self.shuffle \
+            else torch.arange(self.n)
+        return iter(shard_indices(order, self.rank, self.world_size).tolist())
+
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+
+
+def load_imagefolder_loader(root: str | os.PathLike, *, train: bool, batch_size: int,
+                            image_size: int = 224, num_workers: int = 4, seed: int = 0,
+                            rank: int = 0, world_size: int = 1
+                            ) -> torch.utils.data.DataLoader:
+    """A DataLoader over ``root`` (one split's ImageFolder tree) with a
+    :class:`ShardedSampler`; batches are ``(x [B,3,S,S] float32, y [B])``."""
+    ds = ImageFolderDataset(root, train=train, image_size=image_size)
+    sampler = ShardedSampler(len(ds), shuffle=train, seed=seed, rank=rank,
+                             world_size=world_size)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+        drop_last=train, pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed + 1),
+        persistent_workers=num_workers > 0)
+
+
+# ------------------------------------------------------------------- entry
+DATASETS = ("fashion_mnist", "cifar100", "imagefolder")
+
+
+def load_dataset(name: str, data_dir: str | None = None, *, val_size: int = 5000,
+                 split_seed: int = 0) -> Dataset:
+    """The in-memory datasets by name (``fashion_mnist``, ``cifar100``).
+    ImageFolder trees go through :func:`load_imagefolder_loader` instead."""
+    if name == "fashion_mnist":
+        return load_fashion_mnist(data_dir, val_size=val_size, split_seed=split_seed)
+    if name == "cifar100":
+        return load_cifar100(data_dir, val_size=val_size, split_seed=split_seed)
+    if name == "imagefolder":
+        raise NotImplementedError(
+            "data.name=imagefolder is not wired into the training commands yet: "
+            "ImageFolderDataset/load_imagefolder_loader exist, the train loop "
+            "consumes in-memory datasets only this version")
+    raise ValueError(f"unknown dataset {name!r}: expected one of {DATASETS}")

@@ -1,0 +1,119 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The ``cifd`` commands end to end on a tiny synthetic Fashion-MNIST."""
+import json
+
+import pytest
+import torch
+
+from cifd_kernels.training import data, engine
+from cifd_kernels.training.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def fake_dir(tmp_path_factory):
+    return data.write_synthetic_fashion_mnist(tmp_path_factory.mktemp("fmnist"), 200, 60)
+
+
+def common(fake_dir, out):
+    return ["--data-dir", str(fake_dir), "--out-dir", str(out), "--threads", "1",
+            "--no-progress", "data.val_size=40", "data.batch_size=32", "train.epochs=2",
+            "train.lr=0.05"]
+
+
+@pytest.fixture(scope="module")
+def teacher_run(fake_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    assert main(["train-teacher", *common(fake_dir, out), "model.arch=cnn4"]) == 0
+    return out
+
+
+def test_train_teacher_end_to_end(teacher_run):
+    run = teacher_run / "fmnist" / "teacher"
+    for f in ("config.yaml", "checkpoint.pt", "model.pt", "metrics.jsonl", "summary.json"):
+        assert (run / f).is_file(), f
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["arch"] == "cnn4" and 0.0 <= summary["test_acc"] <= 1.0
+    recs = engine.read_metrics(run / "metrics.jsonl")
+    assert [r["epoch"] for r in recs] == [1, 2, 2] and recs[-1]["event"] == "test"
+    assert "epoch_time_s" in recs[0] and "val_acc" in recs[0]
+    assert "model:\n  arch: cnn4" in (run / "config.yaml").read_text()
+
+
+def test_eval_and_resume_of_a_finished_run(teacher_run, fake_dir, capsys):
+    run = teacher_run / "fmnist" / "teacher"
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data-dir", str(fake_dir), "--split", "val",
+                 "--no-progress"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = json.loads((run / "summary.json").read_text())
+    assert res["split"] == "val" and res["n"] == 40 and res["acc"] == summary["val_acc"]
+    # A finished run resumed: nothing to train, same model.
+    assert main(["train-teacher", *common(fake_dir, teacher_run), "model.arch=cnn4",
+                 "--resume"]) == 0
+    assert json.loads((run / "summary.json").read_text())["weights_hash"] == \
+        summary["weights_hash"]
+
+
+def test_distill_scratch_and_kd(teacher_run, fake_dir, capsys):
+    args = [*common(fake_dir, teacher_run), "teacher.arch=cnn4", "train.epochs=1"]
+    assert main(["distill", "--method", "scratch", *args]) == 0
+    # Augmented inputs: the teacher runs on each batch.
+    assert main(["distill", "--method", "kd", *args, "data.augment=true"]) == 0
+    assert "(cached logits)" not in capsys.readouterr().out
+    root = teacher_run / "fmnist"
+    for method in ("scratch", "kd"):
+        s = json.loads((root / f"{method}_cnn2" / "summary.json").read_text())
+        assert s["method"] == method and s["arch"] == "cnn2"
+    # Unaugmented KD (the student config's default) reads the cached logits.
+    assert main(["distill", "--method", "kd", *args, "--overwrite"]) == 0
+    assert "(cached logits)" in capsys.readouterr().out
+    assert (root / "teacher" / "cache" / "teacher_outputs_train.pt").is_file()
+
+
+def test_cache_teacher_command(teacher_run, fake_dir, capsys):
+    args = ["--data-dir", str(fake_dir), "--out-dir", str(teacher_run), "--threads", "1",
+            "data.val_size=40", "--splits", "val,test"]
+    assert main(["cache-teacher", *args]) == 0
+    assert main(["cache-teacher", *args]) == 0
+    out = capsys.readouterr().out
+    assert out.count("computed") == 2 and out.count("valid cache") == 2
+    assert "embeddings (40, 64)" in out
+
+
+def test_not_wired_yet(teacher_run, fake_dir, capsys):
+    assert main(["distill", "--method", "cifd", *common(fake_dir, teacher_run)]) == 2
+    assert "not wired yet" in capsys.readouterr().err
+    assert main(["train-rdms", *common(fake_dir, teacher_run)]) == 2
+    assert "not wired yet" in capsys.readouterr().err
+
+
+def test_errors_are_reported_not_raised(tmp_path, fake_dir, capsys):
+    assert main(["train-teacher", "--data-dir", str(tmp_path / "nothing"),
+                 "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "apt-get install dataset-fashion-mnist" in err and "Traceback" not in err
+    assert main(["train-teacher", "train.epoch=1"]) == 2
+    assert "did you mean 'train.epochs'" in capsys.readouterr().err
+    assert main(["distill", "--method", "kd", *common(fake_dir, tmp_path)]) == 2
+    assert "model file" in capsys.readouterr().err  # no teacher trained there
+    with pytest.raises(SystemExit):
+        main(["distill", "--method", "dgkd"])
+
+
+def test_demo(fake_dir, tmp_path, capsys):
+    args = [*common(fake_dir, tmp_path), "train.epochs=1"]
+    assert main(["demo", *args]) == 0
+    out = capsys.readouterr().out
+    assert "not wired yet" in out
+    summary = json.loads((tmp_path / "fmnist" / "demo_summary.json").read_text())
+    assert summary["teacher"]["arch"] == "cnn10" and summary["kd"]["arch"] == "cnn2"
+    assert set(summary) == {"teacher", "scratch", "kd", "cifd"}
+    assert main(["demo", *args]) == 0  # again: every run is already complete
+    assert "epoch 1/1:" not in capsys.readouterr().out

@@ -1,0 +1,166 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Checkpoints, exact resume, the metrics log, the teacher-output cache, KD loss."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cifd_kernels.training import config as C
+from cifd_kernels.training import data, engine, teacher
+from cifd_kernels.training.distill import kd_loss
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def fake_dir(tmp_path_factory):
+    return data.write_synthetic_fashion_mnist(tmp_path_factory.mktemp("fmnist"), 160, 40)
+
+
+def tiny_cfg(fake_dir, out, *extra):
+    return C.load_config("fmnist_teacher", [
+        f"data.dir={fake_dir}", f"run.out_dir={out}", "data.val_size=32",
+        "data.batch_size=32", "data.eval_batch_size=64", "model.arch=cnn4",
+        "train.epochs=2", "run.threads=1", "run.progress=false", *extra])
+
+
+def state_of(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ------------------------------------------------------------- atomic save
+def test_atomic_save_never_leaves_a_torn_file(tmp_path, monkeypatch):
+    p = tmp_path / "ck.pt"
+    engine.atomic_save({"v": torch.arange(3)}, p)
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        engine.atomic_save({"v": torch.arange(5)}, p)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(p)["v"], torch.arange(3))  # old file intact
+    assert [q.name for q in tmp_path.iterdir()] == ["ck.pt"]  # no temp left
+
+
+def test_weights_hash_tracks_values():
+    m = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    h = engine.weights_hash(m)
+    assert engine.weights_hash(m.state_dict()) == h
+    with torch.no_grad():
+        m[0].weight[0, 0] += 1e-6
+    assert engine.weights_hash(m) != h
+
+
+def test_lr_schedule():
+    s = engine.LRSchedule("cosine", total=10, warmup=2)
+    assert [s(0), s(1)] == [0.5, 1.0] and s(2) == 1.0 and math.isclose(s(6), 0.5)
+    assert s(10) == 0.0
+    st = engine.LRSchedule("step", total=10, milestones=[3, 6], gamma=0.1)
+    assert [st(2), st(3), st(6)] == [1.0, 0.1, pytest.approx(0.01)]
+
+
+# ------------------------------------------------------------ exact resume
+def test_resume_gives_the_same_weights(fake_dir, tmp_path):
+    a = teacher.train_teacher(tiny_cfg(fake_dir, tmp_path / "a"))
+    cfg_b = tiny_cfg(fake_dir, tmp_path / "b", "run.stop_after=1")
+    part = teacher.train_teacher(cfg_b)
+    assert part["complete"] is False and part["epochs_done"] == 1
+    ck_b = Path(part["checkpoint_path"])
+    assert state_of(ck_b)["epoch"] == 1
+    b = teacher.train_teacher(tiny_cfg(fake_dir, tmp_path / "b"), resume=True)
+
+    ca, cb = state_of(a["checkpoint_path"]), state_of(ck_b)
+    assert ca["epoch"] == cb["epoch"] == 2
+    for k, v in ca["modules"].items():
+        assert torch.equal(v, cb["modules"][k]), k
+    assert torch.equal(ca["data"]["order_gen"], cb["data"]["order_gen"])
+    assert a["weights_hash"] == b["weights_hash"] and a["test_acc"] == b["test_acc"]
+    recs = engine.read_metrics(Path(b["metrics_path"]))
+    assert [r["epoch"] for r in recs if "val_acc" in r and "event" not in r] == [1, 2]
+    assert sum(r.get("event") == "test" for r in recs) == 1
+    ra = [r for r in engine.read_metrics(Path(a["metrics_path"])) if "train_loss" in r]
+    rb = [r for r in recs if "train_loss" in r]
+    assert [r["train_loss"] for r in ra] == [r["train_loss"] for r in rb]
+
+
+def test_resume_refuses_another_config(fake_dir, tmp_path):
+    teacher.train_teacher(tiny_cfg(fake_dir, tmp_path, "run.stop_after=1"))
+    with pytest.raises(FileExistsError, match="--resume"):
+        teacher.train_teacher(tiny_cfg(fake_dir, tmp_path))
+    with pytest.raises(engine.CheckpointMismatchError, match=r"train.lr: 0.1 -> 0.05"):
+        teacher.train_teacher(tiny_cfg(fake_dir, tmp_path, "train.lr=0.05"), resume=True)
+    # Unhashed keys (threads, progress, data location) do not block resuming.
+    out = teacher.train_teacher(tiny_cfg(fake_dir, tmp_path, "run.threads=2"), resume=True)
+    assert out["complete"]
+
+
+def test_metrics_log_drops_records_past_the_checkpoint(tmp_path):
+    log = engine.MetricsLog(tmp_path / "m.jsonl")
+    for e in (1, 2, 3):
+        log.log(epoch=e, val_acc=0.1 * e)
+    engine.MetricsLog(tmp_path / "m.jsonl", keep_through=2)
+    assert [r["epoch"] for r in engine.read_metrics(tmp_path / "m.jsonl")] == [1, 2]
+
+
+# ------------------------------------------------------------- output cache
+def test_teacher_output_cache(fake_dir, tmp_path):
+    torch.manual_seed(0)
+    ds = data.load_fashion_mnist(fake_dir, val_size=32)
+    model = teacher.build_model("cnn4", 10).eval()
+    cache = tmp_path / "cache"
+    first = teacher.teacher_outputs(model, "cnn4", ds, "val", cache, batch_size=10)
+    assert not first.from_cache and first.embeddings.shape == (32, model.embed_dim)
+    assert first.logits.shape == (32, 10) and torch.equal(first.labels, ds.val.labels)
+    with torch.no_grad():
+        x = data.normalize(ds.val.images, ds.mean, ds.std)
+        torch.testing.assert_close(first.embeddings, model.features(x))
+        torch.testing.assert_close(first.logits, model(x))
+
+    again = teacher.teacher_outputs(model, "cnn4", ds, "val", cache)
+    assert again.from_cache and torch.equal(again.logits, first.logits)
+
+    with torch.no_grad():  # other weights
+        model.head.bias += 1.0
+    changed = teacher.teacher_outputs(model, "cnn4", ds, "val", cache)
+    assert not changed.from_cache and not torch.equal(changed.logits, first.logits)
+    assert teacher.teacher_outputs(model, "cnn4", ds, "val", cache).from_cache
+
+    other_split = data.load_fashion_mnist(fake_dir, val_size=32, split_seed=1)  # other data
+    assert not teacher.teacher_outputs(model, "cnn4", other_split, "val", cache).from_cache
+
+    ds.mean = (0.3,)  # other transform
+    assert not teacher.teacher_outputs(model, "cnn4", ds, "val", cache).from_cache
+    assert teacher.teacher_outputs(model, "cnn4", ds, "val", cache).from_cache
+    assert not teacher.teacher_outputs(model, "cnn4", ds, "val", cache,
+                                       refresh=True).from_cache
+    (cache / "teacher_outputs_val.pt").write_bytes(b"garbage")  # unreadable: recompute
+    assert not teacher.teacher_outputs(model, "cnn4", ds, "val", cache).from_cache
+
+
+# ---------------------------------------------------------------- KD loss
+def test_kd_loss_formula():
+    torch.manual_seed(0)
+    s, t = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5)
+    y = torch.randint(0, 5, (6,))
+    tau = 3.0
+    p_t = F.softmax(t.double() / tau, 1)
+    kl = (p_t * (p_t.log() - F.log_softmax(s.float().double() / tau, 1))).sum(1).mean()
+    want = 0.5 * F.cross_entropy(s, y) + 2.0 * tau ** 2 * kl
+    got = kd_loss(s, t, y, tau=tau, lam_ce=0.5, lam_kl=2.0)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    # Matches torch's KL with the teacher as target, and vanishes for equal logits.
+    ref = F.kl_div(F.log_softmax(s.float() / tau, 1), F.log_softmax(t / tau, 1),
+                   reduction="batchmean", log_target=True) * tau ** 2
+    torch.testing.assert_close(kd_loss(s, t, y, tau=tau, lam_ce=0.0), ref)
+    assert kd_loss(t, t, y, tau=tau, lam_ce=0.0).abs().item() < 1e-6
