@@ -34,13 +34,14 @@ tail -3 "$OUTDIR/build.log"
 python3 -m cifd_kernels info | tee -a "$OUTDIR/device.txt"
 
 stamp "GPU tests"
-# GPU_TESTS / GPU_BENCH narrow the selection when device time is short, e.g.
-#   GPU_TESTS="tests/test_philox.py -m gpu" GPU_BENCH="benchmarks -k 65536"
-python3 -m pytest ${GPU_TESTS:-tests -m gpu} -q -p no:cacheprovider -rs 2>&1 | tee "$OUTDIR/pytest_gpu.log" | tail -15
+# GPU_TESTS / GPU_TESTS_K / GPU_BENCH / GPU_BENCH_K narrow the selection when device
+# time is short, e.g. GPU_TESTS="tests/test_philox.py" GPU_BENCH_K="full and 65536x320"
+python3 -m pytest ${GPU_TESTS:-tests} -m gpu ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} -q -p no:cacheprovider -rs 2>&1 \
+  | tee "$OUTDIR/pytest_gpu.log" | tail -15
 rc_gpu=${PIPESTATUS[0]}
 
 stamp "benchmarks"
-CIFD_BENCH_OUT="$OUTDIR" CIFD_BENCH_FULL=1 python3 -m pytest ${GPU_BENCH:-benchmarks} -q -p no:cacheprovider \
+CIFD_BENCH_OUT="$OUTDIR" CIFD_BENCH_FULL=1 python3 -m pytest ${GPU_BENCH:-benchmarks} ${GPU_BENCH_K:+-k "$GPU_BENCH_K"} -q -p no:cacheprovider \
   --benchmark-columns=median,rounds 2>&1 | tee "$OUTDIR/bench.log" | tail -40
 rc_bench=${PIPESTATUS[0]}
 for j in "$OUTDIR"/*.json; do
