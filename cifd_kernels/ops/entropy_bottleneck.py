@@ -56,9 +56,10 @@ def _fwd_op(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tenso
         if lik is None:
             lik = y.new_empty((0,), dtype=torch.float32)
         return y_hat, rate, lik
-    med = medians if medians is not None else packed.new_empty((0,))
+    med = medians.contiguous() if medians is not None else packed.new_empty((0,))
     return torch.ops.cifd_C.entropy_bottleneck_fwd(
-        y, packed, med, _pack.MODES[mode], seed, offset, rho, s, bound, need_likelihood)
+        y.contiguous(), packed.contiguous(), med, _pack.MODES[mode], seed, offset, rho, s, bound,
+        need_likelihood)
 
 
 @_fwd_op.register_fake
@@ -79,12 +80,14 @@ def _bwd_op(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tenso
             bound, True)
         row = gmed if gmed is not None else gp.new_zeros(gp.shape[1])
         return grad_y, torch.cat([gp, row[None]], 0)
-    empty = y.new_empty((0,))
+    # The raw kernels take contiguous tensors (autograd may hand over expanded
+    # gradients); an empty tensor stands for "no gradient".
+    none = packed.new_empty((0,))
     return torch.ops.cifd_C.entropy_bottleneck_bwd(
-        y, packed, medians if medians is not None else packed.new_empty((0,)),
-        grad_y_hat if grad_y_hat is not None else empty,
-        grad_rate if grad_rate is not None else packed.new_empty((0,)),
-        grad_likelihood if grad_likelihood is not None else packed.new_empty((0,)),
+        y.contiguous(), packed.contiguous(), medians.contiguous() if medians is not None else none,
+        grad_y_hat.to(y.dtype).contiguous() if grad_y_hat is not None else y.new_empty((0,)),
+        grad_rate.float().contiguous() if grad_rate is not None else none,
+        grad_likelihood.float().contiguous() if grad_likelihood is not None else none,
         _pack.MODES[mode], seed, offset, rho, s, bound, deterministic)
 
 
@@ -175,7 +178,7 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
     if mode == "dequantize":
         if medians is None or tuple(medians.shape) != (C,):
             raise ValueError(f'mode="dequantize" needs medians of shape [{C}]')
-        med = medians.float()
+        med = medians.float().contiguous()
     else:
         med = None
     _ref_check_seed(seed, offset, y.numel())
@@ -201,4 +204,4 @@ def _reference(y, matrices, biases, factors, medians, mode, seed, offset, rho, s
     return EntropyBottleneckOutput(y_hat, _ref.rate_nats(lik), lik if need_lik else None)
 
 
-_backend.register(OP, "triton")  # cpu, cuda: registered when their raw ops land
+_backend.register(OP, "triton", "cpu", "cuda")

@@ -25,3 +25,65 @@ int philox_keep_mask(uint8_t* out, int64_t n, uint64_t seed, uint64_t offset, fl
 
 }  // namespace cuda
 }  // namespace cifd
+
+// ---------------------------------------------------------------- entropy bottleneck
+// Fused factorized entropy model (CIFD_METHOD.md sections 1, 3; math in
+// cifd/density.h). y is viewed as [N, C, S] (S = prod(spatial), 1 for [N, C]);
+// element i = (n*C + c)*S + s uses Philox counter offset + i.
+namespace cifd {
+
+// Element type of y, y_hat, grad_y_hat and grad_y (storage: float, or uint16_t bits).
+enum class EbDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct EbProblem {
+  int64_t N = 0, C = 0, S = 1;
+  int mode = 0;  // 0 noise, 1 dequantize, 2 none
+  EbDtype dtype = EbDtype::kFloat32;
+  uint64_t seed = 0, offset = 0;
+  float rho = 0.0f;    // drop probability (noise mode)
+  float s = 1.0f;      // noise scale (noise mode)
+  float bound = 1e-9f; // likelihood lower bound
+};
+
+namespace cpu {
+
+// Forward. packed [58, C] (density_pack.py), medians [C] (read in mode 1 only);
+// writes y_hat [N*C*S] (dtype), rate [N] (float32 nats over kept elements) and,
+// if likelihood is not null, likelihood [N*C*S] float32. Deterministic: the
+// same bits whatever num_threads.
+void entropy_bottleneck_fwd(const EbProblem& pr, const void* y, const float* packed,
+                            const float* medians, void* y_hat, float* rate, float* likelihood,
+                            int num_threads);
+
+// Backward. grad_y_hat (dtype, may be null = 0), grad_rate [N] (may be null),
+// grad_likelihood [N*C*S] float32 (may be null). Writes grad_y (dtype) and
+// grad_packed [59, C] float32 (row 58: medians, mode 1; zero otherwise). The CPU
+// result never depends on num_threads (fixed work split, fixed-order sums), so
+// `deterministic` changes nothing here.
+void entropy_bottleneck_bwd(const EbProblem& pr, const void* y, const float* packed,
+                            const float* medians, const void* grad_y_hat, const float* grad_rate,
+                            const float* grad_likelihood, void* grad_y, float* grad_packed,
+                            bool deterministic, int num_threads);
+
+}  // namespace cpu
+
+namespace cuda {
+
+// Float32 workspace elements the launchers below need (0 = none; pass any pointer).
+int64_t entropy_bottleneck_fwd_workspace(const EbProblem& pr, int num_sms);
+int64_t entropy_bottleneck_bwd_workspace(const EbProblem& pr, bool deterministic, int num_sms);
+
+// Same contracts as the CPU kernels; device pointers, enqueued on `stream`;
+// return a cudaError_t as int. The forward is always deterministic (per-block
+// partial rates summed in a fixed order); the backward uses float atomics on
+// per-block partial sums unless deterministic.
+int entropy_bottleneck_fwd(const EbProblem& pr, const void* y, const float* packed,
+                           const float* medians, void* y_hat, float* rate, float* likelihood,
+                           float* workspace, int num_sms, void* stream);
+int entropy_bottleneck_bwd(const EbProblem& pr, const void* y, const float* packed,
+                           const float* medians, const void* grad_y_hat, const float* grad_rate,
+                           const float* grad_likelihood, void* grad_y, float* grad_packed,
+                           bool deterministic, float* workspace, int num_sms, void* stream);
+
+}  // namespace cuda
+}  // namespace cifd
