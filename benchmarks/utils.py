@@ -153,7 +153,10 @@ def _dist_version(name: str) -> Optional[str]:
 
 @functools.lru_cache(maxsize=None)
 def git_commit() -> str:
-    """HEAD of the repository, ``-dirty`` when tracked files differ from it."""
+    """HEAD of the repository, ``-dirty`` when tracked files differ from it;
+    ``$CIFD_COMMIT`` when set (copies of the tree without .git, e.g. a GPU machine)."""
+    if os.environ.get("CIFD_COMMIT"):
+        return os.environ["CIFD_COMMIT"]
     try:
         def git(*args):
             return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True,

@@ -23,7 +23,9 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 stamp "device"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUTDIR/device.txt"
-git rev-parse HEAD 2>/dev/null | tee -a "$OUTDIR/device.txt"
+# the device gets a copy of the tree without .git: pass CIFD_COMMIT=<sha> in
+export CIFD_COMMIT=${CIFD_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+echo "commit $CIFD_COMMIT" | tee -a "$OUTDIR/device.txt"
 
 stamp "build in place"
 cc=$(python3 -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))")
@@ -41,7 +43,8 @@ python3 -m pytest ${GPU_TESTS:-tests} -m gpu ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} -
 rc_gpu=${PIPESTATUS[0]}
 
 stamp "benchmarks"
-CIFD_BENCH_OUT="$OUTDIR" CIFD_BENCH_FULL=1 python3 -m pytest ${GPU_BENCH:-benchmarks} ${GPU_BENCH_K:+-k "$GPU_BENCH_K"} -q -p no:cacheprovider \
+# GPU_BENCH_TIMEOUT (s): interrupt (SIGINT) so pytest still writes the results JSON.
+CIFD_BENCH_OUT="$OUTDIR" CIFD_BENCH_FULL=1 timeout -s INT ${GPU_BENCH_TIMEOUT:-0} python3 -m pytest ${GPU_BENCH:-benchmarks} ${GPU_BENCH_K:+-k "$GPU_BENCH_K"} -q -p no:cacheprovider \
   --benchmark-columns=median,rounds 2>&1 | tee "$OUTDIR/bench.log" | tail -40
 rc_bench=${PIPESTATUS[0]}
 for j in "$OUTDIR"/*.json; do
