@@ -12,27 +12,22 @@ from cifd_kernels.backend import BackendUnavailableError
 from cifd_kernels.nn.cifd_loss import CIFDEmbeddingLoss, CIFDLoss
 from cifd_kernels.reference import cifd_loss as ref
 from cifd_kernels.reference.philox import philox_keep_mask
+from helpers import one_thread, seeded_randn  # noqa: F401  (one_thread: fixture)
 
 B, K, D, M = 5, 7, 6, 4
 F64 = torch.float64
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add contention (gradcheck makes thousands of calls).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def _g(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def _randn(*shape, seed=0, scale=1.0, dtype=F64, grad=False):
-    t = (scale * torch.randn(shape, generator=_g(seed), dtype=F64)).to(dtype)
-    return t.requires_grad_(grad)
+_randn = seeded_randn
 
 
 def _labels(batch=B, k=K, seed=0):

@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from helpers import perturbed_compressai_eb
+
 from cifd_kernels.backend import BackendUnavailableError
 from cifd_kernels.nn.entropy_bottleneck import EntropyBottleneck
 from cifd_kernels.reference import entropy_bottleneck as ref
@@ -18,20 +20,7 @@ TOL64 = dict(rtol=1e-6, atol=1e-12)  # CompressAI's unstable form vs ours, both 
 
 
 def _perturbed(C=5, seed=0, dtype=torch.float64, **kw):
-    """A CompressAI EntropyBottleneck whose parameters are far from the init."""
-    torch.manual_seed(seed)
-    ceb = CEB(C, **kw)
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for p in ceb.matrices:
-            p.add_(0.4 * torch.randn(p.shape, generator=g))
-        for p in ceb.biases:
-            p.add_(0.5 * torch.randn(p.shape, generator=g))
-        for p in ceb.factors:
-            p.copy_(torch.randn(p.shape, generator=g))
-        q = ceb.quantiles + torch.randn(ceb.quantiles.shape, generator=g)
-        ceb.quantiles.copy_(torch.sort(q, dim=-1).values)
-    return ceb.to(dtype)
+    return perturbed_compressai_eb(C, seed, dtype, **kw)
 
 
 def _leaf_params(ceb):

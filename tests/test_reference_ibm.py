@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from helpers import perturbed_compressai_eb
+
 from cifd_kernels.backend import BackendUnavailableError
 from cifd_kernels.nn.ibm import IBM
 from cifd_kernels.reference import entropy_bottleneck as ref_eb
@@ -16,17 +18,7 @@ TOL64 = dict(rtol=1e-6, atol=1e-12)
 
 
 def _perturbed(C, seed=0, dtype=torch.float64):
-    torch.manual_seed(seed)
-    ceb = CEB(C)
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for p in ceb.matrices:
-            p.add_(0.4 * torch.randn(p.shape, generator=g))
-        for p in ceb.biases:
-            p.add_(0.5 * torch.randn(p.shape, generator=g))
-        for p in ceb.factors:
-            p.copy_(torch.randn(p.shape, generator=g))
-    return ceb.to(dtype)
+    return perturbed_compressai_eb(C, seed, dtype, quantiles=False)
 
 
 def _leaf(ts):

@@ -11,26 +11,22 @@ from cifd_kernels.reference import entropy_bottleneck as eb_ref
 from cifd_kernels.reference import rdm as ref
 from cifd_kernels.reference.cifd_loss import distortion, kl_tau
 from cifd_kernels.reference.philox import philox_noise
+from helpers import one_thread, seeded_randn  # noqa: F401  (one_thread: fixture)
 
 F64 = torch.float64
 N, B, D, H, L, K = 3, 4, 5, 6, 3, 7
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add contention (gradcheck makes thousands of calls).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def _g(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def _randn(*shape, seed=0, scale=1.0, dtype=F64, grad=False):
-    return (scale * torch.randn(shape, generator=_g(seed), dtype=F64)).to(dtype).requires_grad_(grad)
+_randn = seeded_randn
 
 
 def _labels(batch=B, k=K, seed=0):
