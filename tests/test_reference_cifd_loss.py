@@ -420,11 +420,10 @@ def test_cifd_loss_module_backends_that_run(backend):
     assert torch.isfinite(loss)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
-def test_cifd_loss_module_unavailable_backend_raises(backend):
+def test_cifd_loss_module_unavailable_backend_raises():
     inp = _inputs(grad=False, dtype=torch.float32)
-    with pytest.raises(BackendUnavailableError, match="cifd_loss"):
-        CIFDLoss(backend=backend)(inp["student_logits"], inp["target_logits"], inp["labels"], seed=1)
+    with pytest.raises(BackendUnavailableError, match="cifd_loss"):  # no CUDA kernel yet, CPU tensors
+        CIFDLoss(backend="cuda")(inp["student_logits"], inp["target_logits"], inp["labels"], seed=1)
 
 
 def test_cifd_loss_module_bad_hparams():

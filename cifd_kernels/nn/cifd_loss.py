@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .. import backend as _backend
+from ..ops import cifd_loss as _ops
 from ..reference import cifd_loss as _ref
 from ..reference.philox import draw_seed
 
@@ -23,8 +24,8 @@ __all__ = ["CIFDLoss", "CIFDEmbeddingLoss"]
 
 
 def _resolve(backend: Optional[str], device) -> str:
-    """Only the reference implements this op so far: ``resolve`` sends auto there and
-    raises for any other named backend."""
+    """The backend that runs ``cifd_loss`` here (the fused kernels register with
+    :mod:`cifd_kernels.ops.cifd_loss`; ``cifd_embedding_loss`` has only the reference)."""
     return _backend.resolve(_OP, backend, device)
 
 
@@ -51,8 +52,9 @@ class CIFDLoss(nn.Module):
         lam_ce, lam_kl, w_emb, lam_I: term weights.
         dist: ``"mse"`` | ``"smooth_l1"`` (per-sample sum over D).
         ignore_index: label value left out of CE.
-        backend: ``auto|cuda|triton|cpu|reference``; only the reference exists for
-            ``cifd_loss``: auto falls back to it, a named other backend raises.
+        backend: ``auto|cuda|triton|cpu|reference``: the fused kernels of
+            :func:`cifd_kernels.ops.cifd_loss.cifd_loss` where they apply (auto falls
+            back to the reference for float64 or targets requiring grad), else the reference.
     """
 
     def __init__(self, lam: Optional[Sequence[float]] = None, tau: float = 2.0, p_drop: float = 0.25,
@@ -85,17 +87,16 @@ class CIFDLoss(nn.Module):
 
         Returns ``(loss, terms)`` (see the functional). An empty batch raises ValueError.
         """
-        _resolve(self.backend, student_logits.device)
         if self.training and self.p_drop > 0:
             p_drop = self.p_drop
             if seed is None:
                 seed = draw_seed()
         else:
             p_drop, seed = 0.0, 0 if seed is None else seed
-        return _ref.cifd_loss(student_logits, target_logits, labels, student_emb, target_embs, self.lam,
+        return _ops.cifd_loss(student_logits, target_logits, labels, student_emb, target_embs, self.lam,
                               tau=self.tau, p_drop=p_drop, seed=seed, offset=offset, lam_ce=self.lam_ce,
                               lam_kl=self.lam_kl, w_emb=self.w_emb, dist=self.dist, ibm_rate=ibm_rate,
-                              lam_I=self.lam_I, ignore_index=self.ignore_index)
+                              lam_I=self.lam_I, ignore_index=self.ignore_index, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"lam={self.lam}, tau={self.tau}, p_drop={self.p_drop}, lam_ce={self.lam_ce}, "

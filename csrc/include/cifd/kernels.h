@@ -87,3 +87,40 @@ int entropy_bottleneck_bwd(const EbProblem& pr, const void* y, const float* pack
 
 }  // namespace cuda
 }  // namespace cifd
+
+// ---------------------------------------------------------------- cifd loss
+// Fused stage-2 CIFD loss (CIFD_METHOD.md section 4; math in cifd/losses.h): per
+// sample, CE, the M tau^2-scaled KLs and the M embedding distortions, and the
+// gradients of the batch-mean loss with respect to the student's logits and
+// embedding, in one pass. Targets are frozen (no gradient); a target whose keep
+// flag is 0 is never read.
+namespace cifd {
+
+struct CifdLossProblem {
+  int64_t B = 0, K = 0, D = 0, M = 0;  // D = 0: no embeddings
+  EbDtype logits_dtype = EbDtype::kFloat32;  // student and target logits, grad_logits
+  EbDtype emb_dtype = EbDtype::kFloat32;     // student and target embeddings, grad_emb
+  float tau = 1.0f;
+  float lam_ce = 1.0f;  // CE weight (divided by nvalid inside)
+  float c_kl = 0.0f;    // lam_kl * tau / B: the KL gradient's scale
+  float c_emb = 0.0f;   // w_emb / B: the distortion gradient's scale
+  int dist = 0;         // 0 mse, 1 smooth_l1
+  int64_t ignore_index = -100;
+};
+
+namespace cpu {
+
+// logits [B, K], targets [M, B, K], labels [B] int64 (not range-checked: the
+// caller's), emb [B, D] and target_embs [M, B, D] (null when D = 0), lam [M]
+// float32, keep [M] bytes, nvalid: 1 float32 (#non-ignored labels, >= 1).
+// Writes ce [B], kl [M, B], emb_terms [M, B] (float32; 0 for dropped targets),
+// grad_logits [B, K] and grad_emb [B, D] (the inputs' dtypes). Rows are split
+// across threads; every row's result is independent of num_threads.
+void cifd_loss_fwd(const CifdLossProblem& pr, const void* logits, const void* targets,
+                   const int64_t* labels, const void* emb, const void* target_embs,
+                   const float* lam, const uint8_t* keep, const float* nvalid, float* ce,
+                   float* kl, float* emb_terms, void* grad_logits, void* grad_emb,
+                   int num_threads);
+
+}  // namespace cpu
+}  // namespace cifd

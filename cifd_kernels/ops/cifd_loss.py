@@ -1,0 +1,209 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``cifd::cifd_loss``: the fused stage-2 CIFD student loss (CIFD_METHOD.md section 4).
+
+The kernels make one pass over the student's logits [B, K] and embedding [B, D]
+(two sweeps over K per row) and return the loss together with its gradients
+with respect to ``student_logits`` and ``student_emb`` (Liger-Kernel style);
+those gradients are the op's saved state, and backward only multiplies them by
+``grad_output`` (the loss is a scalar). Memory: one [B, K] and one [B, D]
+gradient held from forward to backward, nothing else.
+
+The targets (teacher and RDM logits and embeddings) and ``lam`` are frozen: the
+kernels give them no gradient. ``auto`` sends a call in which any of them
+requires grad to the reference (which differentiates them); a named kernel
+backend raises. The IBM rate term ([B]) is plain torch and differentiable.
+
+Backends: ``triton`` (GPU, or CPU under ``TRITON_INTERPRET=1``) and ``cpu``
+(C++, when ``cifd_kernels._C`` has it); ``reference`` anywhere. The kernels take
+float32/float16/bfloat16; float64 goes to the reference under ``auto``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .. import backend as _backend
+from ..reference import cifd_loss as _ref
+from ..reference.philox import check_seed_offset
+
+OP = "cifd_loss"
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DIST_CODES = {"mse": 0, "smooth_l1": 1}
+
+
+def _triton():
+    from .._triton import cifd_loss as m
+    return m
+
+
+def _has_cpu_kernel() -> bool:
+    mod = _backend.ext()
+    return mod is not None and hasattr(torch.ops.cifd_C, "cifd_loss_fwd")
+
+
+# ----------------------------------------------------------------------------- custom op
+@torch.library.custom_op("cifd::cifd_loss", mutates_args=())
+def _fwd_op(student_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
+            student_emb: Optional[torch.Tensor], target_embs: Optional[torch.Tensor],
+            lam: torch.Tensor, keep: torch.Tensor, tau: float, lam_ce: float, lam_kl: float,
+            w_emb: float, dist: str, ignore_index: int, backend: str
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (loss (lam_I term excluded), ce, kl [M], emb [M], grad_logits, grad_emb)."""
+    B = student_logits.shape[0]
+    nvalid = (labels != ignore_index).sum().clamp_min(1).to(torch.float32)
+    if backend == "triton":
+        ce_b, kl_mb, emb_mb, gz, gu = _triton().cifd_loss_fwd(
+            student_logits, target_logits, labels, student_emb, target_embs, lam, keep, nvalid,
+            tau, lam_ce, lam_kl, w_emb, dist, ignore_index)
+    else:
+        none = student_logits.new_empty((0,))
+        # The raw kernel takes the targets in the student's dtypes (a no-op in training).
+        ce_b, kl_mb, emb_mb, gz, gu = torch.ops.cifd_C.cifd_loss_fwd(
+            student_logits.contiguous(), target_logits.to(student_logits.dtype).contiguous(),
+            labels.long().contiguous(),
+            student_emb.contiguous() if student_emb is not None else none,
+            target_embs.to(student_emb.dtype).contiguous() if target_embs is not None else none,
+            lam.float().contiguous(), keep.to(torch.uint8).contiguous(), nvalid,
+            tau, lam_ce, lam_kl, w_emb, _DIST_CODES[dist], ignore_index)
+    ce = ce_b.sum() / nvalid
+    kl = kl_mb.sum(1) / B
+    emb = emb_mb.sum(1) / B
+    loss = lam_ce * ce + lam_kl * (lam * kl).sum() + w_emb * (lam * emb).sum()
+    return loss, ce, kl, emb, gz, gu
+
+
+@_fwd_op.register_fake
+def _(student_logits, target_logits, labels, student_emb, target_embs, lam, keep, tau, lam_ce, lam_kl,
+      w_emb, dist, ignore_index, backend):
+    M = target_logits.shape[0]
+    f32 = dict(dtype=torch.float32, device=student_logits.device)
+    gu = torch.empty_like(student_emb) if student_emb is not None else student_logits.new_empty((0,))
+    return (torch.empty((), **f32), torch.empty((), **f32), torch.empty((M,), **f32),
+            torch.empty((M,), **f32), torch.empty_like(student_logits), gu)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.has_emb = inputs[3] is not None
+    ctx.save_for_backward(output[4], output[5])
+
+
+def _backward(ctx, g_loss, g_ce, g_kl, g_emb, g_gz, g_gu):
+    # Only the loss is differentiable (the public functional detaches the terms).
+    gz, gu = ctx.saved_tensors
+    grad_z = gz * g_loss.to(gz.dtype)
+    grad_u = gu * g_loss.to(gu.dtype) if ctx.has_emb else None
+    return (grad_z, None, None, grad_u) + (None,) * 10
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public functional
+def _kernel_ok(*tensors) -> bool:
+    return all(t is None or t.dtype in _KERNEL_DTYPES for t in tensors)
+
+
+def _frozen(lam, *targets) -> bool:
+    if isinstance(lam, torch.Tensor) and lam.requires_grad:
+        return False
+    return not any(t is not None and t.requires_grad for t in targets)
+
+
+def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
+              student_emb: Optional[torch.Tensor] = None, target_embs: Optional[torch.Tensor] = None,
+              lam: Union[Sequence[float], torch.Tensor, None] = None, *, tau: float = 2.0,
+              p_drop: float = 0.25, seed: int = 0, offset: int = 0, lam_ce: float = 1.0,
+              lam_kl: float = 1.0, w_emb: float = 100.0, dist: str = "mse",
+              ibm_rate: Optional[torch.Tensor] = None, lam_I: float = 0.005,
+              ignore_index: int = -100, backend: Optional[str] = None):
+    """Fused stage-2 CIFD student loss, batch mean (same math, arguments and return as
+    :func:`cifd_kernels.reference.cifd_loss.cifd_loss`)::
+
+        L = lam_ce * CE(y, V_S) + lam_kl * sum_m lam_m k_m tau^2 KL(p(V_m) || p(V_S))
+          + w_emb * sum_m lam_m k_m dist(U, X_m) + lam_I * rate_I
+
+    Args:
+        student_logits: ``[B, K]`` float32/float16/bfloat16 (kernels), student first.
+        target_logits: ``[M, B, K]`` teacher first, then the RDMs. Frozen: no gradient.
+        labels: ``[B]`` integer; ``ignore_index`` rows leave CE (mean over the others).
+            Not range-checked by the kernels (no host sync): out-of-range labels give
+            a wrong CE, not an error, on the kernel backends.
+        student_emb: ``[B, D]`` post-IBM student embedding U, or None (with target_embs).
+        target_embs: ``[M, B, D]`` teacher X first, then the RDMs' Xh_n. Frozen.
+        lam: ``[M]`` weights (lam_0 = 1 in the paper); None = ones. Frozen on the kernels.
+        tau: temperature > 0; the KL is scaled by ``tau^2`` (Hinton's convention).
+        p_drop, seed, offset: KD-dropout; keep flags exactly
+            :func:`~cifd_kernels.reference.cifd_loss.kd_keep_flags` (Philox word 1 of
+            counters offset .. offset+M-1). Dropped targets are never read.
+        lam_ce, lam_kl, w_emb, lam_I: term weights. dist: ``"mse"`` | ``"smooth_l1"``
+            (sum over D). ibm_rate: ``[B]`` nats or None (plain torch, differentiable).
+        backend: ``auto|cuda|triton|cpu|reference`` (default ``$CIFD_BACKEND``/auto).
+
+    Returns:
+        ``(loss, terms)``: ``loss`` 0-dim float32 (float64 on the reference for float64
+        inputs); ``terms`` ``ce``, ``kl`` [M], ``emb`` [M], ``keep`` [M] bool, ``rate``,
+        ``loss``. On the kernel backends the terms other than ``loss`` and ``rate`` are
+        detached (values only): differentiate ``loss``.
+    """
+    _ref.check_tensor("student_logits", student_logits, ndim=2)
+    be = _backend.resolve(OP, backend, student_logits.device)
+    named = backend is not None and _backend.check_backend_name(backend) != "auto"
+    if be != "reference":
+        why = None
+        if not _kernel_ok(student_logits, target_logits, student_emb, target_embs):
+            why = "float32/float16/bfloat16 inputs"
+        elif not _frozen(lam, target_logits, target_embs):
+            why = "frozen targets and lam (none requiring grad)"
+        if why is not None:
+            if named:
+                raise _backend.BackendUnavailableError(f"{OP}: backend {be!r} needs {why}")
+            be = "reference"
+    kwargs = dict(tau=tau, p_drop=p_drop, seed=seed, offset=offset, lam_ce=lam_ce, lam_kl=lam_kl,
+                  w_emb=w_emb, dist=dist, ibm_rate=ibm_rate, lam_I=lam_I, ignore_index=ignore_index)
+    if be == "reference":
+        return _ref.cifd_loss(student_logits, target_logits, labels, student_emb, target_embs, lam,
+                              **kwargs)
+
+    # The reference's checks, on metadata only.
+    _ref.check_tensor("target_logits", target_logits, ndim=3)
+    _ref.check_tensor("labels", labels, ndim=1, integer=True)
+    _ref.check_tau(tau)
+    _ref.check_prob(p_drop)
+    _ref.check_dist(dist)
+    ref = student_logits
+    _ref.check_same_device("student_logits", ref, target_logits=target_logits, labels=labels)
+    batch, k = student_logits.shape
+    m = target_logits.shape[0]
+    _ref.check_dim("target_logits", target_logits.shape[1], batch, "the batch size B")
+    _ref.check_dim("target_logits", target_logits.shape[2], k, "the class count K")
+    _ref.check_dim("labels", labels.shape[0], batch, "the batch size B")
+    if m == 0:
+        raise ValueError("target_logits has M = 0 targets; the teacher comes first")
+    if (student_emb is None) != (target_embs is None):
+        raise ValueError("student_emb and target_embs go together: pass both or neither")
+    if student_emb is not None:
+        _ref._check_embeddings(student_emb, target_embs, m, batch, "student_logits", ref)
+    _ref._check_rate(ibm_rate, batch, "student_logits", ref)
+    _ref.check_nonempty("student_logits", batch)
+    check_seed_offset(seed, offset, m)
+
+    lam_t = _ref._check_lam(lam, m, ref.device, torch.float32).detach()
+    keep = _ref.kd_keep_flags(m, seed, offset, p_drop, device=ref.device)
+    loss, ce, kl, emb, _, _ = _fwd_op(student_logits, target_logits.detach(), labels,
+                                      student_emb, target_embs.detach() if target_embs is not None else None,
+                                      lam_t, keep, float(tau), float(lam_ce), float(lam_kl), float(w_emb),
+                                      dist, int(ignore_index), be)
+    if ibm_rate is not None:
+        rate = ibm_rate.float().mean()
+        loss = loss + lam_I * rate
+    else:
+        rate = torch.zeros((), dtype=torch.float32, device=ref.device)
+    terms = {"ce": ce.detach(), "kl": kl.detach(), "emb": emb.detach(), "keep": keep, "rate": rate,
+             "loss": loss}
+    return loss, terms
+
+
+_backend.register(OP, "triton")
+if _has_cpu_kernel():
+    _backend.register(OP, "cpu")

@@ -1,0 +1,126 @@
+// SPDX-License-Identifier: Apache-2.0
+// cifd_C::cifd_loss_fwd: checks, then the raw CPU kernel (csrc/cpu/cifd_loss.cpp).
+//
+//   cifd_loss_fwd(logits, targets, labels, emb, target_embs, lam, keep, nvalid, tau,
+//                 lam_ce, lam_kl, w_emb, dist, ignore_index)
+//                 -> (ce, kl, emb_terms, grad_logits, grad_emb)
+//
+// logits [B, K] and targets [M, B, K] contiguous, one dtype (float32/float16/
+// bfloat16); labels [B] int64; emb [B, D] and target_embs [M, B, D] contiguous, one
+// dtype, or both empty (no embedding term); lam [M] float32; keep [M] uint8;
+// nvalid 0-dim float32 (#non-ignored labels clamped to >= 1); dist 0 mse,
+// 1 smooth_l1. Returns ce [B], kl [M, B], emb_terms [M, B] float32 per-sample
+// terms (tau^2 KL; 0 for dropped targets) and the gradients of the batch-mean loss
+// lam_ce sum(ce)/nvalid + lam_kl sum_m lam_m mean_b kl + w_emb sum_m lam_m mean_b emb
+// w.r.t. logits [B, K] and emb [B, D] (empty without embeddings), in their dtypes.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "checks.h"
+#include "cifd/kernels.h"
+
+namespace {
+
+cifd::EbDtype loss_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return cifd::EbDtype::kFloat32;
+    case at::kHalf: return cifd::EbDtype::kFloat16;
+    case at::kBFloat16: return cifd::EbDtype::kBFloat16;
+    default:
+      TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type(),
+                  " (float64 goes to the reference backend)");
+  }
+}
+
+void check_cpu_contig(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
+    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& labels,
+    const at::Tensor& emb, const at::Tensor& target_embs, const at::Tensor& lam,
+    const at::Tensor& keep, const at::Tensor& nvalid, double tau, double lam_ce, double lam_kl,
+    double w_emb, int64_t dist, int64_t ignore_index) {
+  TORCH_CHECK(logits.dim() == 2, "logits must be [B, K], got ", logits.sizes());
+  const int64_t B = logits.size(0), K = logits.size(1);
+  TORCH_CHECK(targets.dim() == 3 && targets.size(1) == B && targets.size(2) == K,
+              "targets must be [M, ", B, ", ", K, "], got ", targets.sizes());
+  const int64_t M = targets.size(0);
+  TORCH_CHECK(M >= 1, "targets must hold M >= 1 targets (teacher first)");
+  TORCH_CHECK(targets.scalar_type() == logits.scalar_type(), "targets must have logits' dtype ",
+              logits.scalar_type(), ", got ", targets.scalar_type());
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == B,
+              "labels must be int64 [", B, "], got ", labels.scalar_type(), " ", labels.sizes());
+  TORCH_CHECK(lam.scalar_type() == at::kFloat && lam.dim() == 1 && lam.size(0) == M,
+              "lam must be float32 [", M, "], got ", lam.scalar_type(), " ", lam.sizes());
+  TORCH_CHECK(keep.scalar_type() == at::kByte && keep.dim() == 1 && keep.size(0) == M,
+              "keep must be uint8 [", M, "], got ", keep.scalar_type(), " ", keep.sizes());
+  TORCH_CHECK(nvalid.scalar_type() == at::kFloat && nvalid.numel() == 1,
+              "nvalid must be one float32, got ", nvalid.scalar_type(), " ", nvalid.sizes());
+  TORCH_CHECK(tau > 0 && std::isfinite(tau), "tau must be finite and > 0, got ", tau);
+  TORCH_CHECK(dist == 0 || dist == 1, "dist must be 0 (mse) or 1 (smooth_l1), got ", dist);
+  for (auto [t, name] : {std::pair{&logits, "logits"}, {&targets, "targets"}, {&labels, "labels"},
+                         {&lam, "lam"}, {&keep, "keep"}, {&nvalid, "nvalid"}})
+    check_cpu_contig(*t, name);
+  const bool has_emb = emb.dim() == 2;  // "no embeddings" travels as a 1-D empty tensor
+  int64_t D = 0;
+  if (has_emb) {
+    TORCH_CHECK(emb.dim() == 2 && emb.size(0) == B, "emb must be [", B, ", D], got ", emb.sizes());
+    D = emb.size(1);
+    TORCH_CHECK(target_embs.dim() == 3 && target_embs.size(0) == M && target_embs.size(1) == B &&
+                    target_embs.size(2) == D,
+                "target_embs must be [", M, ", ", B, ", ", D, "], got ", target_embs.sizes());
+    TORCH_CHECK(target_embs.scalar_type() == emb.scalar_type(), "target_embs must have emb's dtype ",
+                emb.scalar_type(), ", got ", target_embs.scalar_type());
+    check_cpu_contig(emb, "emb");
+    check_cpu_contig(target_embs, "target_embs");
+  }
+  cifd::CifdLossProblem pr;
+  pr.B = B;
+  pr.K = K;
+  pr.D = D;
+  pr.M = M;
+  pr.logits_dtype = loss_dtype(logits, "logits");
+  pr.emb_dtype = has_emb ? loss_dtype(emb, "emb") : cifd::EbDtype::kFloat32;
+  pr.tau = static_cast<float>(tau);
+  pr.lam_ce = static_cast<float>(lam_ce);
+  pr.c_kl = B > 0 ? static_cast<float>(lam_kl * tau / static_cast<double>(B)) : 0.0f;
+  pr.c_emb = B > 0 ? static_cast<float>(w_emb / static_cast<double>(B)) : 0.0f;
+  pr.dist = static_cast<int>(dist);
+  pr.ignore_index = ignore_index;
+
+  const auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor ce = at::empty({B}, f32);
+  at::Tensor kl = at::empty({M, B}, f32);
+  at::Tensor emb_terms = has_emb ? at::empty({M, B}, f32) : at::zeros({M, B}, f32);
+  at::Tensor grad_logits = at::empty_like(logits);
+  at::Tensor grad_emb = has_emb ? at::empty_like(emb) : at::empty({0}, logits.options());
+  cifd::cpu::cifd_loss_fwd(pr, logits.data_ptr(), targets.data_ptr(), labels.data_ptr<int64_t>(),
+                           has_emb ? emb.data_ptr() : nullptr,
+                           has_emb ? target_embs.data_ptr() : nullptr, lam.data_ptr<float>(),
+                           keep.data_ptr<uint8_t>(), nvalid.data_ptr<float>(), ce.data_ptr<float>(),
+                           kl.data_ptr<float>(), emb_terms.data_ptr<float>(),
+                           grad_logits.data_ptr(), has_emb ? grad_emb.data_ptr() : nullptr,
+                           at::get_num_threads());
+  return {ce, kl, emb_terms, grad_logits, grad_emb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(cifd_C, m) {
+  m.def(
+      "cifd_loss_fwd(Tensor logits, Tensor targets, Tensor labels, Tensor emb, Tensor target_embs, "
+      "Tensor lam, Tensor keep, Tensor nvalid, float tau, float lam_ce, float lam_kl, float w_emb, "
+      "int dist, int ignore_index) -> (Tensor ce, Tensor kl, Tensor emb_terms, Tensor grad_logits, "
+      "Tensor grad_emb)");
+}
+
+TORCH_LIBRARY_IMPL(cifd_C, CPU, m) { m.impl("cifd_loss_fwd", &fwd_cpu); }

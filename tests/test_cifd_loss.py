@@ -1,0 +1,233 @@
+# SPDX-License-Identifier: Apache-2.0
+"""cifd::cifd_loss (the fused stage-2 loss) against the reference: loss, terms and the
+gradients to the student's logits and embedding; keep flags exact (same Philox bits);
+ignore_index rows; fp16/bf16 by the flash-attention rule; opcheck; torch.compile; the
+CIFDLoss module; fallbacks and errors."""
+import pytest
+import torch
+
+from cifd_kernels import BackendUnavailableError
+from cifd_kernels import backend as _backend
+from cifd_kernels.nn.cifd_loss import CIFDLoss
+from cifd_kernels.ops.cifd_loss import cifd_loss
+from cifd_kernels.reference import cifd_loss as ref
+from helpers import backend_or_skip
+
+KERNELS = ["triton", "cpu", "cuda"]
+IGNORE = -100
+
+
+def _skip_unless(be, device):
+    if (be == "cuda") != (device == "cuda") and be != "triton":
+        pytest.skip(f"{be} kernels do not take {device} tensors")
+    if be not in _backend.implemented("cifd_loss"):
+        pytest.skip(f"{be} cifd_loss kernels not registered in this build")
+    backend_or_skip(be, device)
+
+
+def _inputs(M, B, K, D, device, dtype=torch.float32, seed=0, ignore=True, emb=True):
+    g = torch.Generator().manual_seed(seed)
+    z = 3 * torch.randn(B, K, generator=g)
+    t = z[None] + 2 * torch.randn(M, B, K, generator=g)  # targets near the student, as in training
+    y = torch.randint(0, K, (B,), generator=g)
+    if ignore and B >= 3:
+        y[1] = IGNORE
+    out = dict(student_logits=z.to(device, dtype).requires_grad_(), target_logits=t.to(device, dtype),
+               labels=y.to(device), student_emb=None, target_embs=None)
+    if emb:
+        u = torch.randn(B, D, generator=g)
+        x = u[None] + 0.8 * torch.randn(M, B, D, generator=g)  # |u - x| on both sides of 1
+        out["student_emb"] = u.to(device, dtype).requires_grad_()
+        out["target_embs"] = x.to(device, dtype)
+    lam = [1.0] + [0.3 + 0.2 * i for i in range(M - 1)]
+    return out, lam
+
+
+def _run(be, inp, lam, g_out, **kw):
+    loss, terms = cifd_loss(**inp, lam=lam, backend=be, **kw)
+    wrt = [inp["student_logits"]] + ([inp["student_emb"]] if inp["student_emb"] is not None else [])
+    grads = torch.autograd.grad(loss * g_out, wrt)
+    return loss, terms, grads
+
+
+def _compare(be, inp, lam, device, **kw):
+    g_out = torch.randn((), generator=torch.Generator().manual_seed(9)).to(device)
+    want = _run("reference", inp, lam, g_out, **kw)
+    got = _run(be, inp, lam, g_out, **kw)
+    assert torch.equal(got[1]["keep"], want[1]["keep"])  # same Philox bits
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for k in ("ce", "kl", "emb", "rate"):
+        torch.testing.assert_close(got[1][k], want[1][k], rtol=1e-5, atol=1e-5)
+    for a, b in zip(got[2], want[2]):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# Every (M, B, dist, p_drop) at K = 7; a spread of them at K = 1000 (the interpreter is slow).
+CASES = [(M, B, 7, dist, p) for M in (1, 4) for B in (1, 3, 33) for dist in ref.DISTORTIONS
+         for p in (0.0, 0.5)]
+CASES += [(4, 33, 1000, "mse", 0.5), (1, 1, 1000, "smooth_l1", 0.0), (4, 3, 1000, "smooth_l1", 0.5),
+          (1, 33, 1000, "mse", 0.0)]
+
+
+@pytest.mark.parametrize("be", KERNELS)
+@pytest.mark.parametrize("M,B,K,dist,p_drop", CASES)
+def test_matches_reference(be, M, B, K, dist, p_drop, device):
+    _skip_unless(be, device)
+    inp, lam = _inputs(M, B, K, 100, device, seed=M * 1000 + B + K)
+    _compare(be, inp, lam, device, tau=2.0, p_drop=p_drop, seed=M + B, offset=5, dist=dist,
+             lam_ce=0.7, lam_kl=1.3, w_emb=100.0)
+
+
+@pytest.mark.parametrize("be", KERNELS)
+def test_without_embeddings_with_rate_and_tau_one(be, device):
+    _skip_unless(be, device)
+    inp, lam = _inputs(3, 5, 11, 0, device, emb=False)
+    rate = torch.rand(5, device=device, requires_grad=True)
+    kw = dict(tau=1.0, p_drop=0.0, ibm_rate=rate, lam_I=0.01)
+    g_out = torch.tensor(0.37, device=device)
+    want = _run("reference", inp, lam, g_out, **kw)
+    got = _run(be, inp, lam, g_out, **kw)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[1]["emb"], torch.zeros(3, device=device))
+    torch.testing.assert_close(got[2][0], want[2][0], rtol=1e-4, atol=1e-6)
+    ga = torch.autograd.grad(cifd_loss(**inp, lam=lam, backend=be, **kw)[0], rate)[0]
+    torch.testing.assert_close(ga, torch.full_like(rate, 0.01 / 5))
+
+
+@pytest.mark.parametrize("be", KERNELS)
+def test_all_labels_ignored_and_lam_tensor(be, device):
+    _skip_unless(be, device)
+    inp, _ = _inputs(2, 4, 9, 6, device)
+    inp["labels"] = torch.full((4,), IGNORE, device=device)
+    lam = torch.tensor([1.0, 0.25], device=device)
+    _compare(be, inp, lam, device, p_drop=0.0)
+
+
+@pytest.mark.parametrize("be", KERNELS)
+def test_dropped_targets_are_never_read(be, device):
+    """NaN/inf in a dropped target reach neither the loss nor a gradient (reference rule)."""
+    _skip_unless(be, device)
+    M, seed, p = 4, 3, 0.5
+    keep = ref.kd_keep_flags(M, seed, 0, p)
+    assert not keep.all() and keep.any()
+    inp, lam = _inputs(M, 6, 13, 8, device)
+    with torch.no_grad():
+        for name in ("target_logits", "target_embs"):
+            inp[name][~keep.to(device)] = float("nan")
+            inp[name][~keep.to(device), :, 0] = float("inf")
+    _compare(be, inp, lam, device, p_drop=p, seed=seed)
+    loss, _ = cifd_loss(**inp, lam=lam, p_drop=p, seed=seed, backend=be)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("be", KERNELS)
+def test_noncontiguous_inputs(be, device):
+    _skip_unless(be, device)
+    inp, lam = _inputs(3, 7, 17, 10, device)
+    z = inp["student_logits"].detach().t().contiguous().t().requires_grad_()  # column-major
+    assert not z.is_contiguous()
+    inp["student_logits"] = z
+    inp["target_logits"] = inp["target_logits"].transpose(0, 1).contiguous().transpose(0, 1)
+    inp["student_emb"] = inp["student_emb"].detach()[:, ::1].t().contiguous().t().requires_grad_()
+    _compare(be, inp, lam, device, p_drop=0.25, seed=11, dist="smooth_l1")
+
+
+@pytest.mark.parametrize("be", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_flash_attention_rule(be, dtype, device):
+    """Error vs the fp32 reference at most 2x (+eps) the eager reference's own error in dtype."""
+    _skip_unless(be, device)
+    inp32, lam = _inputs(4, 9, 300, 50, device, seed=4)
+    inp_h = {k: (v.detach().to(dtype).requires_grad_(v.requires_grad)
+                 if v is not None and v.is_floating_point() else v) for k, v in inp32.items()}
+    kw = dict(p_drop=0.25, seed=2, dist="smooth_l1")
+    g_out = torch.tensor(1.7, device=device)
+    exact = _run("reference", inp32, lam, g_out, **kw)
+    half_ref = _run("reference", inp_h, lam, g_out, **kw)
+    half_ker = _run(be, inp_h, lam, g_out, **kw)
+    assert half_ker[0].dtype == torch.float32
+    for a, b in zip(half_ker[2], half_ref[2]):
+        assert a.dtype == b.dtype == dtype
+
+    def err(x, y):
+        return (x.float() - y.float()).abs().max().item()
+    assert err(half_ker[0], exact[0]) <= 2 * err(half_ref[0], exact[0]) + 1e-4 * exact[0].abs().item()
+    for k in ("ce", "kl", "emb"):
+        assert err(half_ker[1][k], exact[1][k]) <= 2 * err(half_ref[1][k], exact[1][k]) + 1e-5
+    for a, b, c in zip(half_ker[2], half_ref[2], exact[2]):
+        assert err(a, c) <= 2 * err(b, c) + 1e-6
+
+
+@pytest.mark.parametrize("be", KERNELS)
+def test_opcheck(be, device):
+    _skip_unless(be, device)
+    inp, lam = _inputs(2, 5, 12, 7, device)
+    lam_t = torch.tensor(lam, device=device)
+    keep = torch.tensor([True, False], device=device)
+    for emb, dist in ((True, "smooth_l1"), (False, "mse")):
+        u = inp["student_emb"] if emb else None
+        x = inp["target_embs"] if emb else None
+        torch.library.opcheck(torch.ops.cifd.cifd_loss.default,
+                              (inp["student_logits"], inp["target_logits"], inp["labels"], u, x,
+                               lam_t, keep, 2.0, 1.0, 1.0, 100.0, dist, IGNORE, be))
+
+
+@pytest.mark.parametrize("be", KERNELS)
+def test_module_equals_reference_module(be, device):
+    _skip_unless(be, device)
+    inp, lam = _inputs(3, 8, 20, 16, device)
+    args = tuple(inp[k] for k in ("student_logits", "target_logits", "labels", "student_emb", "target_embs"))
+    rate = torch.rand(8, device=device)
+    for train in (True, False):
+        m_ref = CIFDLoss(lam=lam, p_drop=0.5, dist="smooth_l1", backend="reference").train(train)
+        m_ker = CIFDLoss(lam=lam, p_drop=0.5, dist="smooth_l1", backend=be).train(train)
+        a, ta = m_ref(*args, ibm_rate=rate, seed=6, offset=2)
+        b, tb = m_ker(*args, ibm_rate=rate, seed=6, offset=2)
+        assert torch.equal(ta["keep"], tb["keep"])
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        ga = torch.autograd.grad(a, [args[0], args[3]])
+        gb = torch.autograd.grad(b, [args[0], args[3]])
+        for x, y in zip(gb, ga):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_fullgraph_equals_eager():
+    be = "cpu" if "cpu" in _backend.implemented("cifd_loss") else "triton"
+    backend_or_skip(be, "cpu")
+    inp, lam = _inputs(2, 4, 10, 6, "cpu")
+
+    def f(z, t, y, u, x, seed: int):
+        return cifd_loss(z, t, y, u, x, lam, p_drop=0.5, seed=seed, backend=be)[0]
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    args = tuple(inp[k] for k in ("student_logits", "target_logits", "labels", "student_emb", "target_embs"))
+    for seed in (3, 4):
+        a, b = f(*args, seed), cf(*args, seed)
+        torch.testing.assert_close(b, a)
+        ga = torch.autograd.grad(a, [args[0], args[3]])
+        gb = torch.autograd.grad(b, [args[0], args[3]])
+        for x, y in zip(gb, ga):
+            torch.testing.assert_close(x, y)
+
+
+def test_fallbacks_and_errors():
+    """auto: float64 and targets requiring grad go to the reference; a named kernel raises."""
+    be = "triton" if _backend.status("triton", "cpu")[0] else None
+    inp, lam = _inputs(2, 3, 5, 4, "cpu", dtype=torch.float64)
+    loss, _ = cifd_loss(**inp, lam=lam, backend="auto")
+    assert loss.dtype == torch.float64  # the reference ran
+    if be is None:
+        pytest.skip("no kernel backend on the CPU here")
+    with pytest.raises(BackendUnavailableError, match="float32"):
+        cifd_loss(**inp, lam=lam, backend=be)
+    inp, lam = _inputs(2, 3, 5, 4, "cpu")
+    inp["target_logits"].requires_grad_()
+    with pytest.raises(BackendUnavailableError, match="frozen"):
+        cifd_loss(**inp, lam=lam, backend=be)
+    inp["target_logits"] = inp["target_logits"].detach()
+    with pytest.raises(ValueError, match="pass both or neither"):
+        cifd_loss(**{**inp, "target_embs": None}, lam=lam, backend=be)
+    with pytest.raises(ValueError, match="empty batch"):
+        cifd_loss(torch.zeros(0, 5), torch.zeros(2, 0, 5), torch.zeros(0, dtype=torch.long), lam=lam,
+                  backend=be)
