@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """The ``cifd`` commands end to end on a tiny synthetic Fashion-MNIST."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,13 +88,6 @@ def test_cache_teacher_command(teacher_run, fake_dir, capsys):
     assert "embeddings (40, 64)" in out
 
 
-def test_not_wired_yet(teacher_run, fake_dir, capsys):
-    assert main(["distill", "--method", "cifd", *common(fake_dir, teacher_run)]) == 2
-    assert "not wired yet" in capsys.readouterr().err
-    assert main(["train-rdms", *common(fake_dir, teacher_run)]) == 2
-    assert "not wired yet" in capsys.readouterr().err
-
-
 def test_errors_are_reported_not_raised(tmp_path, fake_dir, capsys):
     assert main(["train-teacher", "--data-dir", str(tmp_path / "nothing"),
                  "--out-dir", str(tmp_path)]) == 2
@@ -108,12 +102,35 @@ def test_errors_are_reported_not_raised(tmp_path, fake_dir, capsys):
 
 
 def test_demo(fake_dir, tmp_path, capsys):
-    args = [*common(fake_dir, tmp_path), "train.epochs=1"]
+    args = [*common(fake_dir, tmp_path), "train.epochs=1", "demo.teacher_epochs=1",
+            "rdm.epochs=1", "data.train_size=0", "takd.tas=[cnn4]", "demo.seeds=[0,1]",
+            "teacher.arch=cnn4"]
     assert main(["demo", *args]) == 0
     out = capsys.readouterr().out
-    assert "not wired yet" in out
-    summary = json.loads((tmp_path / "fmnist" / "demo_summary.json").read_text())
-    assert summary["teacher"]["arch"] == "cnn10" and summary["kd"]["arch"] == "cnn2"
-    assert set(summary) == {"teacher", "scratch", "kd", "cifd"}
+    table = out[out.index("method   arch"):]
+    for row in ("teacher", "scratch", "KD", "CIFD", "TAKD", "RDMs (frozen, test)"):
+        assert row in table, row
+    root = tmp_path / "fmnist_demo" / "demo"
+    res = json.loads((root / "results.json").read_text())
+    assert set(res["methods"]) == {"scratch", "kd", "cifd", "takd"}
+    kd, cifd = res["methods"]["kd"], res["methods"]["cifd"]
+    assert kd["seeds"] == [0, 1] and kd["flops_rel_kd"] == 1.0
+    assert cifd["train_flops"] > kd["train_flops"] and cifd["wall_s"] > 0
+    assert 0 <= cifd["test_acc"] <= 1 and cifd["test_acc_std"] >= 0
+    assert res["teacher"]["arch"] == "cnn4" and len(res["rdms"]["rdms"]) == 3
+    for p in res["plots"].values():
+        assert Path(p).stat().st_size > 1000
+    assert res["table"] in out
     assert main(["demo", *args]) == 0  # again: every run is already complete
     assert "epoch 1/1:" not in capsys.readouterr().out
+
+
+def test_demo_skips_takd_over_budget(fake_dir, tmp_path, capsys):
+    args = [*common(fake_dir, tmp_path), "train.epochs=1", "demo.teacher_epochs=1",
+            "data.train_size=0", "teacher.arch=cnn4", "demo.methods=[kd,takd]",
+            "demo.budget_s=0"]
+    assert main(["demo", *args]) == 0
+    out = capsys.readouterr().out
+    assert "skipping TAKD" in out and "TAKD     skipped" in out
+    res = json.loads((tmp_path / "fmnist_demo" / "demo" / "results.json").read_text())
+    assert "skipped" in res["methods"]["takd"] and res["rdms"] is None

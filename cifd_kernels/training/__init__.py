@@ -8,13 +8,18 @@
   ``features(x) -> [B, D]`` and ``head``.
 - :mod:`.config`: YAML + dotted overrides into dataclasses; config hashes.
 - :mod:`.engine`: the epoch loop, atomic checkpoints, exact resume, metrics log.
-- :mod:`.teacher`, :mod:`.distill`: the recipes (teacher; scratch and KD
-  students) and the teacher-output cache that stage 1 trains on.
+- :mod:`.teacher`, :mod:`.distill`: the recipes (teacher; scratch, KD and
+  TAKD students) and the teacher-output cache that stage 1 trains on.
+- :mod:`.rdms`: CIFD stage 1, the RDM bank (``train-rdms``), its evaluation
+  and rate-distortion plot.
+- :mod:`.cifd`: CIFD stage 2, the student with IBM and decoder.
+- :mod:`.demo`: the whole study with a comparison table and plots.
 - :mod:`.cli`: ``cifd`` / ``python -m cifd_kernels`` commands, ``main(argv)``.
 
 Submodules import lazily: ``import cifd_kernels.training`` costs nothing.
 """
-__all__ = ["cli", "config", "data", "distill", "engine", "models", "teacher"]
+__all__ = ["cifd", "cli", "config", "data", "demo", "distill", "engine", "models", "rdms",
+           "teacher"]
 
 
 def __getattr__(name):

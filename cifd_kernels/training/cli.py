@@ -3,18 +3,19 @@
 
     cifd train-teacher [-c CONFIG] [KEY=VALUE ...]      # default config: fmnist_teacher
     cifd distill --method {scratch,kd,takd,cifd} [-c CONFIG] [KEY=VALUE ...]
-    cifd train-rdms [-c CONFIG] [KEY=VALUE ...]          # not wired yet
+    cifd train-rdms [-c CONFIG] [KEY=VALUE ...]          # stage 1 of CIFD: the RDM bank
     cifd cache-teacher [-c CONFIG] [--splits train,val,test] [KEY=VALUE ...]
     cifd eval MODEL_OR_RUN_DIR [--split test] [KEY=VALUE ...]
-    cifd demo [KEY=VALUE ...]       # teacher, then students by scratch and KD
+    cifd demo [-c CONFIG] [KEY=VALUE ...]  # teacher, RDMs, scratch/KD/CIFD/TAKD, table
 
 CONFIG is a YAML file or a packaged config name (fmnist_teacher,
-fmnist_student, cifar100_teacher, cifar100_student). KEY=VALUE overrides use
+fmnist_student, fmnist_demo, fmnist_full, cifar100_teacher, cifar100_student). KEY=VALUE overrides use
 dotted keys: ``train.epochs=3 data.dir=/data/fmnist run.threads=2``.
 ``--data-dir``, ``--out-dir``, ``--threads``, ``--device`` and
 ``--no-progress`` are shorthands for data.dir, run.out_dir, run.threads,
 run.device and run.progress=false. Runs go to ``<run.out_dir>/<run.name>/``
-(teacher/, scratch_<arch>/, kd_<arch>/); ``--resume`` continues a run from its
+(teacher/, rdms/, scratch_<arch>/, kd_<arch>/, cifd_<arch>/, takd_ta<i>_<arch>/,
+takd_<arch>/, demo/; students of train.seed != 0 end in _s<seed>); ``--resume`` continues a run from its
 last checkpoint, ``--overwrite`` starts it again.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .config import ConfigError, load_config
 
 DEFAULT_CONFIGS = {"train-teacher": "fmnist_teacher", "distill": "fmnist_student",
                    "train-rdms": "fmnist_student", "cache-teacher": "fmnist_student",
-                   "demo": None}
+                   "demo": "fmnist_demo"}
 
 
 def _common(p: argparse.ArgumentParser, *, config: bool = True, run: bool = True) -> None:
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=("scratch", "kd", "takd", "cifd"))
     p.add_argument("--teacher", help="teacher model.pt or run directory (teacher.checkpoint)")
     _common(p)
-    p = sub.add_parser("train-rdms", help="stage 1: train the RDM bank (not wired yet)")
+    p = sub.add_parser("train-rdms", help="stage 1 of CIFD: train the RDM bank on the "
+                                          "cached teacher outputs")
     p.add_argument("--teacher", help="teacher model.pt or run directory (teacher.checkpoint)")
     _common(p)
     p = sub.add_parser("cache-teacher", help="compute (or verify) the cached teacher "
@@ -77,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a model.pt, or a run directory holding one")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     _common(p, config=False, run=False)
-    p = sub.add_parser("demo", help="Fashion-MNIST: teacher, then students (scratch, KD)")
-    _common(p, config=False)
+    p = sub.add_parser("demo", help="Fashion-MNIST: teacher, RDMs, students by every method, "
+                                    "comparison table and plots")
+    _common(p)
     return parser
 
 
@@ -114,11 +117,10 @@ def _cmd_distill(args) -> int:
 
 
 def _cmd_train_rdms(args) -> int:
-    from .distill import NotWiredError
-    load_config(args.config or DEFAULT_CONFIGS["train-rdms"], _overrides(args))  # validate
-    raise NotWiredError("train-rdms is not wired yet: it needs cifd_kernels.RDMBank; the "
-                        "teacher-output cache it will train on works now "
-                        "(`cifd cache-teacher`)")
+    from .rdms import train_rdms
+    cfg = load_config(args.config or DEFAULT_CONFIGS["train-rdms"], _overrides(args))
+    train_rdms(cfg, resume=args.resume, overwrite=args.overwrite)
+    return 0
 
 
 def _cmd_cache_teacher(args) -> int:
@@ -161,28 +163,10 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .distill import distill
-    from .teacher import run_root, train_teacher
+    from .demo import run_demo
     overrides = _overrides(args)
-    tcfg = load_config("fmnist_teacher", overrides)
-    scfg = load_config("fmnist_student", overrides)
-    results = {"teacher": train_teacher(tcfg, resume=True, overwrite=args.overwrite)}
-    for method in ("scratch", "kd"):
-        if not results["teacher"]["complete"]:
-            break
-        results[method] = distill(scfg, method, resume=True, overwrite=args.overwrite)
-    if not all(r["complete"] for r in results.values()):
-        print("demo: stopped early (run.stop_after); run `cifd demo` again to continue")
-        return 0
-    results["cifd"] = {"status": "not wired yet (needs cifd_kernels RDMBank, IBM, CIFDLoss)"}
-    path = run_root(tcfg) / "demo_summary.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    print("\nmodel          arch    val acc   test acc   train s")
-    for name in ("teacher", "scratch", "kd"):
-        r = results[name]
-        print(f"{name:<14} {r['arch']:<7} {r['val_acc']:.4f}    {r['test_acc']:.4f}     "
-              f"{r.get('total_train_time_s', 0):.0f}")
-    print(f"cifd           -       not wired yet\nsummary: {path}")
+    cfg = load_config(args.config or DEFAULT_CONFIGS["demo"], overrides)
+    run_demo(cfg, overrides, overwrite=args.overwrite)
     return 0
 
 

@@ -42,6 +42,7 @@ class DataConfig:
     name: str = _choice("fashion_mnist", "cifar100", "imagefolder", default="fashion_mnist")
     dir: str = ""                 # "" = the dataset's default directory
     val_size: int = 5000          # carved from the training set for model selection
+    train_size: int = 0           # > 0: train on a fixed subset of this many (demo budgets)
     split_seed: int = 0
     augment: bool = True          # random crop (zero padding) + horizontal flip
     crop_padding: int = 2
@@ -92,27 +93,54 @@ class KDConfig:
 
 @dataclass
 class RDMConfig:
-    """Stage 1 (CIFD section 2); consumed by ``train-rdms`` once RDMs land."""
+    """Stage 1 (CIFD section 2): ``train-rdms`` trains ``len(rates)`` RDMs at once
+    (one :class:`cifd_kernels.RDMBank`) on the cached teacher outputs."""
     rates: list[float] = field(default_factory=lambda: [1.0, 0.8, 0.6])  # R per RDM
     hidden: int = 0               # H; 0 = D
     latent: int = 0               # L; 0 = H
     distortion: str = _choice("mse", "smooth_l1", default="mse")
     lam_ce: float = 1.0
     lam_kl: float = 1.0
+    tau: float = 2.0              # stage-1 KL temperature (the paper gives none)
     epochs: int = 30
-    lr: float = 1e-3
+    lr: float = 1e-3              # Adam, cosine to 0 over the epochs
+    aux_lr: float = 1e-3          # Adam on the entropy model's quantiles (aux loss)
     batch_size: int = 256
+    seed: int = 0
 
 
 @dataclass
 class CIFDConfig:
-    """Stage 2 (CIFD sections 3-4); consumed by ``distill --method cifd``."""
+    """Stage 2 (CIFD sections 3-4): ``distill --method cifd``. KD-side weights
+    (tau, lam_ce, lam_kl) come from the ``kd`` section; the distortion from
+    ``rdm.distortion``."""
     p_drop: float = 0.25
     w_emb: float = 100.0
-    lam_rdm: float = 1.0
+    emb_normalize: bool = False   # divide w_emb by E||X||^2 (the teacher's mean squared
+                                  # embedding norm on train): scale-free embedding terms
+    lam_rdm: float = 1.0          # lam_n of every RDM target (the teacher's is 1)
     lam_I: float = 0.005
-    ibm_rho: float = 0.0
-    ibm_s: float = 1.0
+    ibm_rho: float = 0.0          # IBM mask drop probability (0 = the paper's IBM)
+    ibm_s: float = 1.0            # IBM noise scale
+    decoder_layers: int = 1       # U = Linear(D_s, D) (1) or Linear-ReLU-Linear (2)
+    bank: str = ""                # "" = <out_dir>/<name>/rdms/bank.pt
+
+
+@dataclass
+class TAKDConfig:
+    """``distill --method takd``: KD down a chain of teacher assistants."""
+    tas: list[str] = field(default_factory=lambda: ["cnn8", "cnn6", "cnn4"])
+    ta_epochs: int = 0            # 0 = train.epochs
+
+
+@dataclass
+class DemoConfig:
+    """``cifd demo``: teacher, RDMs, then students by each method and seed."""
+    teacher_config: str = "fmnist_teacher"
+    teacher_epochs: int = 0       # 0 = the teacher config's train.epochs
+    methods: list[str] = field(default_factory=lambda: ["scratch", "kd", "cifd", "takd"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    budget_s: float = 600.0       # TAKD is skipped when its estimate would overrun this
 
 
 @dataclass
@@ -135,12 +163,14 @@ class Config:
     kd: KDConfig = field(default_factory=KDConfig)
     rdm: RDMConfig = field(default_factory=RDMConfig)
     cifd: CIFDConfig = field(default_factory=CIFDConfig)
+    takd: TAKDConfig = field(default_factory=TAKDConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
 # Keys that do not change a run's result: left out of config_hash.
 UNHASHED = frozenset({"data.dir", "data.eval_batch_size", "data.num_workers",
-                      "teacher.checkpoint", "run.name", "run.out_dir", "run.device",
+                      "teacher.checkpoint", "cifd.bank", "run.name", "run.out_dir", "run.device",
                       "run.threads", "run.progress", "run.stop_after"})
 
 

@@ -1,22 +1,32 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Student training: from scratch, by KD, and (later) TAKD and CIFD.
+"""Student training: from scratch, by KD, by TAKD and by CIFD.
 
 ``scratch``: cross-entropy only (the baseline every method is held against).
 ``kd``: Hinton KD against the frozen teacher, :func:`kd_loss`.
-``takd``/``cifd``: need the TA chain / the RDM bank, IBM and
-``cifd_kernels.CIFDLoss``, which are not wired into the recipes yet; asking
-for them raises :class:`NotWiredError`.
+``takd``: KD down the teacher-assistant chain ``takd.tas`` (default cnn8 ->
+cnn6 -> cnn4): each TA by KD from the previous network (the teacher first),
+then the student by KD from the last TA (:func:`distill_takd`).
+``cifd``: the student with IBM and decoder against the teacher and the frozen
+RDM bank (:mod:`.cifd`; train the bank first with ``train-rdms``).
+
+Every summary carries ``train_flops`` (FLOPs of one measured training step,
+forward + backward, times the number of steps, plus one-off passes such as
+the teacher over the train split for the cache) and ``total_train_time_s``
+(training passes only); TAKD and CIFD also carry ``method_train_flops`` /
+``method_train_time_s`` summed over their stages (TAs; RDMs).
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .config import Config, config_hash, hashed_items, to_dict
-from .engine import (RunIdentity, build_optimizer, build_scheduler, fit, seed_everything,
-                     select_device, set_threads)
+from .engine import (RunIdentity, build_optimizer, build_scheduler, fit, measure_step_flops,
+                     seed_everything, select_device, set_threads)
 from .teacher import (default_teacher_checkpoint, finish_run, load_data, load_model_file,
                       make_iterator, model_meta, new_model, prepare_model, run_root,
                       teacher_outputs)
@@ -36,9 +46,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch
     ``student_logits``, ``teacher_logits``: [B, K] (fp32 math inside);
     ``y``: int64 [B]. The tau^2 factor keeps the KL gradient's scale independent
     of tau (Hinton's convention, the project's choice for CIFD too). This is the
-    recipe's own small loss for the KD baseline; CIFD's student loss (which
-    adds RDM targets, embedding distortion, KD-dropout and the IBM rate) will
-    come from ``cifd_kernels.CIFDLoss``.
+    recipe's own small loss for the KD and TAKD baselines; CIFD's student loss
+    (RDM targets, embedding distortion, KD-dropout, IBM rate) is
+    ``cifd_kernels.CIFDLoss``.
     """
     s = student_logits.float()
     log_p_s = F.log_softmax(s / tau, dim=1)
@@ -47,19 +57,86 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch
     return lam_ce * F.cross_entropy(s, y) + lam_kl * tau * tau * kl
 
 
-def student_run_dir(cfg: Config, method: str) -> Path:
-    return run_root(cfg) / f"{method}_{cfg.model.arch}"
+def student_run_dir(cfg: Config, method: str, arch: Optional[str] = None) -> Path:
+    """``<out_dir>/<name>/<method>_<arch>``, with ``_s<seed>`` for train.seed != 0."""
+    sfx = f"_s{cfg.train.seed}" if cfg.train.seed else ""
+    return run_root(cfg) / f"{method}_{arch or cfg.model.arch}{sfx}"
 
 
 def distill(cfg: Config, method: str, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Train the student ``cfg.model.arch`` by ``method``; returns the run summary."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
-    if method in ("takd", "cifd"):
-        needs = ("the TA chain (train each TA, then KD down the chain)" if method == "takd"
-                 else "the RDM bank (train-rdms), the IBM and cifd_kernels.CIFDLoss")
-        raise NotWiredError(f"distill --method {method} is not wired yet: it needs {needs}; "
-                            f"--method scratch and --method kd work now")
+    if method == "cifd":
+        from .cifd import distill_cifd
+        return distill_cifd(cfg, resume=resume, overwrite=overwrite)
+    if method == "takd":
+        return distill_takd(cfg, resume=resume, overwrite=overwrite)
+    return train_student(cfg, method, resume=resume, overwrite=overwrite)
+
+
+def ta_config(cfg: Config, arch: str, teacher_path: str | Path) -> Config:
+    """The KD run of teacher assistant ``arch`` taught by ``teacher_path``."""
+    c = copy.deepcopy(cfg)
+    c.model.arch, c.model.embed_dim = arch, 0
+    c.teacher.checkpoint = str(teacher_path)
+    if cfg.takd.ta_epochs:
+        c.train.epochs = cfg.takd.ta_epochs
+    return c
+
+
+def distill_takd(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """TAKD: each TA of ``takd.tas`` by KD from the previous network (the
+    teacher first), then the student by KD from the last TA. Run directories
+    ``takd_ta<i>_<arch>`` and ``takd_<student arch>``; the student's summary
+    gains ``stages`` (the TAs') and the method totals."""
+    prev = default_teacher_checkpoint(cfg)
+    stages = []
+    for i, arch in enumerate(cfg.takd.tas):
+        c = ta_config(cfg, arch, prev)
+        s = train_student(c, "kd", resume=resume, overwrite=overwrite, label=f"takd:ta{i + 1}",
+                          run_dir=student_run_dir(c, f"takd_ta{i + 1}", arch))
+        if not s["complete"]:
+            return s
+        stages.append(s)
+        prev = s["model_path"]
+    c = copy.deepcopy(cfg)
+    c.teacher.checkpoint = str(prev)
+    s = train_student(c, "kd", resume=resume, overwrite=overwrite, label="takd",
+                      run_dir=student_run_dir(cfg, "takd"), method_name="takd")
+    if not s["complete"]:
+        return s
+    s["stages"] = [{k: st[k] for k in ("arch", "val_acc", "test_acc", "total_train_time_s",
+                                       "train_flops", "model_path")} for st in stages]
+    s["method_train_time_s"] = s["total_train_time_s"] + sum(
+        st["total_train_time_s"] for st in stages)
+    s["method_train_flops"] = s["train_flops"] + sum(st["train_flops"] for st in stages)
+    from .engine import atomic_write_text
+    import json
+    atomic_write_text(json.dumps(s, indent=2) + "\n", Path(s["model_path"]).parent / "summary.json")
+    return s
+
+
+@torch.no_grad()
+def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one eval-mode forward of ``model`` on ``x``."""
+    from torch.utils.flop_counter import FlopCounterMode
+    was = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as fc:
+        model(x)
+    model.train(was)
+    return int(fc.get_total_flops())
+
+
+def train_student(cfg: Config, method: str, *, resume: bool = False, overwrite: bool = False,
+                  run_dir: Optional[Path] = None, label: Optional[str] = None,
+                  method_name: Optional[str] = None) -> dict:
+    """A student (``scratch``: CE; ``kd``: KD from ``teacher.checkpoint``) in
+    ``run_dir`` (default :func:`student_run_dir`)."""
+    if method not in ("scratch", "kd"):
+        raise ValueError(f"train_student: method must be scratch or kd, got {method!r}")
+    label = label or method
     set_threads(cfg.run.threads)
     device = select_device(cfg.run.device)
     ds = load_data(cfg)
@@ -109,8 +186,8 @@ def distill(cfg: Config, method: str, *, resume: bool = False, overwrite: bool =
         return kd_loss(logits, t_logits, batch.y, tau=kd.tau, lam_ce=kd.lam_ce,
                        lam_kl=kd.lam_kl), logits
 
-    run_dir = student_run_dir(cfg, method)
-    print(f"distill --method {method}: {cfg.model.arch} on {ds.name}, {cfg.train.epochs} epochs"
+    run_dir = Path(run_dir) if run_dir is not None else student_run_dir(cfg, method)
+    print(f"distill --method {label}: {cfg.model.arch} on {ds.name}, {cfg.train.epochs} epochs"
           + (f", teacher {default_teacher_checkpoint(cfg)}"
              f"{' (cached logits)' if cached_logits is not None else ''}" if teacher else "")
           + f" -> {run_dir}", flush=True)
@@ -120,10 +197,19 @@ def distill(cfg: Config, method: str, *, resume: bool = False, overwrite: bool =
                   model_meta=model_meta(cfg.model.arch, ds, cfg.model.embed_dim, "student"),
                   resume=resume, overwrite=overwrite, progress=cfg.run.progress,
                   stop_after=cfg.run.stop_after,
-                  log_prefix=f"[{method}] ")
+                  log_prefix=f"[{label}] ")
     if not summary["complete"]:
         return summary
-    summary = finish_run(run_dir, cfg, ds, summary, device, extra={"method": method})
-    print(f"[{method}] {cfg.model.arch}: best val acc {summary['val_acc']:.4f} (epoch "
+    first = next(iter(make_iterator(cfg, ds, "train", device, train=True,
+                                    seed=cfg.train.seed + 1)))
+    flops = measure_step_flops(model, lambda b: step(b)[0], first)
+    steps = cfg.train.epochs * len(train_iter)
+    one_off = 0
+    if cached_logits is not None:  # the teacher over the train split, once
+        one_off = forward_flops(teacher, first.x) * len(ds.train) // first.x.shape[0]
+    summary = finish_run(run_dir, cfg, ds, summary, device, extra={
+        "method": method_name or method, "flops_per_step": flops, "steps": steps,
+        "one_off_flops": one_off, "train_flops": flops * steps + one_off})
+    print(f"[{label}] {cfg.model.arch}: best val acc {summary['val_acc']:.4f} (epoch "
           f"{summary['best_epoch']}), test acc {summary['test_acc']:.4f}", flush=True)
     return summary

@@ -346,3 +346,52 @@ def fit(*, run_dir: str | os.PathLike, modules: nn.Module, model: nn.Module, ste
             "best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
             "model_path": str(best_path), "checkpoint_path": str(ckpt_path),
             "metrics_path": str(log.path)}
+
+
+# ------------------------------------------------------------ per-step seeds
+SEED_MASK = (1 << 62) - 1
+
+
+def derive_seed(run_seed: int, step: int, stream: int = 0) -> int:
+    """The Philox seed of optimizer step ``step`` (0-based, global over epochs)
+    of a run seeded ``run_seed``: ``blake2b(run_seed, step, stream) & (2**62 - 1)``.
+
+    A pure function of its arguments (no RNG state), so a resumed run draws the
+    noise and masks an uninterrupted one would; ``stream`` separates unrelated
+    consumers of the same step (e.g. stage-1 RDM noise vs stage-2 IBM noise).
+    Stable across processes, Python versions and machines (unlike ``hash()`` of
+    strings)."""
+    import struct
+    blob = struct.pack("<qqq", int(run_seed), int(step), int(stream))
+    return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little") & SEED_MASK
+
+
+# ------------------------------------------------------------------ FLOPs
+def measure_step_flops(modules: nn.Module, step_fn: Callable[[Any], torch.Tensor],
+                       batch: Any) -> int:
+    """FLOPs (torch.utils.flop_counter: matmuls and convolutions, forward +
+    backward) of one training step ``step_fn(batch) -> loss`` with
+    ``loss.backward()``; optimizer updates (elementwise) are not counted.
+
+    Side-effect free: the modules' state (BatchNorm statistics), gradients
+    and torch's RNG are restored afterwards, so measuring does not perturb
+    an exactly resumable run."""
+    from torch.utils.flop_counter import FlopCounterMode
+    import copy
+    state = copy.deepcopy(modules.state_dict())
+    grads = {n: (None if p.grad is None else p.grad.clone())
+             for n, p in modules.named_parameters()}
+    rng = torch.get_rng_state()
+    was_training = modules.training
+    modules.train()
+    try:
+        with FlopCounterMode(display=False) as fc:
+            loss = step_fn(batch)
+            loss.backward()
+        return int(fc.get_total_flops())
+    finally:
+        modules.load_state_dict(state)
+        for n, p in modules.named_parameters():
+            p.grad = grads[n]
+        torch.set_rng_state(rng)
+        modules.train(was_training)

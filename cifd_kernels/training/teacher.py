@@ -42,8 +42,16 @@ def default_teacher_checkpoint(cfg: Config) -> Path:
 
 
 def load_data(cfg: Config) -> data_mod.Dataset:
-    return data_mod.load_dataset(cfg.data.name, cfg.data.dir or None,
-                                 val_size=cfg.data.val_size, split_seed=cfg.data.split_seed)
+    """The configured dataset; ``data.train_size`` > 0 keeps a fixed subset
+    (seed ``data.split_seed``, file order kept) of that many training images."""
+    ds = data_mod.load_dataset(cfg.data.name, cfg.data.dir or None,
+                               val_size=cfg.data.val_size, split_seed=cfg.data.split_seed)
+    n = cfg.data.train_size
+    if 0 < n < len(ds.train):
+        g = torch.Generator().manual_seed(cfg.data.split_seed + 1)
+        keep = torch.randperm(len(ds.train), generator=g)[:n].sort().values
+        ds.train = ds.train.subset(keep)
+    return ds
 
 
 def make_iterator(cfg: Config, ds: data_mod.Dataset, split: str, device: torch.device, *,
