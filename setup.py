@@ -102,12 +102,13 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 build_dir = _build_dir()
+os.makedirs(build_dir, exist_ok=True)  # egg-info goes there too, not into the checkout
 
 setup(
     packages=find_packages(include=["cifd_kernels", "cifd_kernels.*"]),
     package_data={"cifd_kernels": ["training/configs/*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    options={"build": {"build_base": build_dir}},
+    options={"build": {"build_base": build_dir}, "egg_info": {"egg_base": build_dir}},
     zip_safe=False,
 )
