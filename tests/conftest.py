@@ -33,3 +33,12 @@ def _gpu_marker(request):
 def device(request):
     """Each test that takes ``device`` runs on the CPU and, when there is one, a GPU."""
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """Commands under test may call torch.set_num_threads (the CLI's --threads): put it back."""
+    import torch
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

@@ -4,17 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from cifd_kernels.training import data, engine
 from cifd_kernels.training.cli import main
-
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

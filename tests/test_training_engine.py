@@ -12,13 +12,6 @@ from cifd_kernels.training import data, engine, teacher
 from cifd_kernels.training.distill import kd_loss
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def fake_dir(tmp_path_factory):
     return data.write_synthetic_fashion_mnist(tmp_path_factory.mktemp("fmnist"), 160, 40)
