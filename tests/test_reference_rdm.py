@@ -330,9 +330,8 @@ def test_backends_that_run(backend):
     assert torch.isfinite(out.loss)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
-def test_unavailable_backend_raises(backend):
-    bank = RDMBank(2, D, H, L, K, backend=backend)
+def test_unavailable_backend_raises():
+    bank = RDMBank(2, D, H, L, K, backend="cuda")
     with pytest.raises(BackendUnavailableError, match="rdm_bank"):
         bank(_randn(B, D, dtype=torch.float32), seed=0)
 

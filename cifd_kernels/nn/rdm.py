@@ -34,10 +34,10 @@ from torch import nn
 from .. import backend as _backend
 from ..reference import rdm as _ref
 from ..reference.cifd_loss import check_dist, check_tau
+from ..ops import rdm_bank as _ops
 from ..reference.philox import draw_seed
 from .entropy_bottleneck import EntropyBottleneck
 
-_OP = "rdm_bank"
 _CODER_BUFFERS = ("_offset", "_quantized_cdf", "_cdf_length")
 
 __all__ = ["RDM", "RDMBank", "RDMOutput"]
@@ -75,12 +75,6 @@ class _StackedLinear(nn.Module):
     def extra_repr(self) -> str:
         n, o, i = self.weight.shape
         return f"n={n}, in_features={i}, out_features={o}"
-
-
-def _resolve(backend: Optional[str], device) -> str:
-    """Only the reference implements this op so far: ``resolve`` sends auto there and
-    raises for any other named backend."""
-    return _backend.resolve(_OP, backend, device)
 
 
 def _check_hparams(act: str, dist: str, tau: float) -> None:
@@ -121,25 +115,27 @@ class _RDMCommon(nn.Module):
         raise NotImplementedError
 
     def _forward_bank(self, x, teacher_logits, labels, seed, offset) -> RDMOutput:
-        _resolve(self.backend, x.device)
         eb = self.entropy_bottleneck
         mats, biases, facs = list(eb.matrices), list(eb.biases), list(eb.factors)
+        kw = dict(act=self.act, likelihood_bound=eb.likelihood_bound, backend=self.backend)
         if self.training:
             if seed is None:
                 seed = draw_seed()
-            out = _ref.rdm_bank_forward(x, self._stacked(), mats, biases, facs, act=self.act,
-                                        mode="noise", seed=seed, offset=offset,
-                                        likelihood_bound=eb.likelihood_bound)
+            out = _ops.rdm_bank_forward(x, self._stacked(), mats, biases, facs, mode="noise", seed=seed,
+                                        offset=offset, **kw)
         else:
             with torch.no_grad():
-                out = _ref.rdm_bank_forward(x, self._stacked(), mats, biases, facs, eb.medians(),
-                                            act=self.act, mode="dequantize",
-                                            likelihood_bound=eb.likelihood_bound)
+                out = _ops.rdm_bank_forward(x, self._stacked(), mats, biases, facs, eb.medians(),
+                                            mode="dequantize", **kw)
+        # The fused loss takes R as Python numbers; the reference reads the device
+        # buffer (a list would be a host-to-device copy per step).
+        kernel = _backend.resolve(_ops.OP, self.backend, x.device) != "reference"
+        R = self.R if kernel else self.R_tensor
         with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
-            loss, terms = _ref.rdm_bank_loss(x, out.x_hat, out.logits, out.rate, self.R_tensor, labels,
+            loss, terms = _ops.rdm_bank_loss(x, out.x_hat, out.logits, out.rate, R, labels,
                                              teacher_logits, dist=self.dist, lam_ce=self.lam_ce,
                                              lam_kl=self.lam_kl, tau=self.tau,
-                                             ignore_index=self.ignore_index)
+                                             ignore_index=self.ignore_index, backend=self.backend)
         return RDMOutput(out.x_hat, out.logits, out.rate, out.likelihoods, loss, terms)
 
     def aux_loss(self) -> torch.Tensor:
@@ -187,8 +183,9 @@ class RDMBank(_RDMCommon):
             The paper gives no stage-1 tau; the default 2.0 is its stage-2 value.
         filters, init_scale, tail_mass, likelihood_bound: the entropy model's.
         ignore_index: label value left out of CE.
-        backend: ``auto|cuda|triton|cpu|reference``; only the reference exists for
-            ``rdm_bank``: auto falls back to it, a named other backend raises.
+        backend: ``auto|cuda|triton|cpu|reference`` (default ``$CIFD_BACKEND``/auto):
+            the fused bank (:mod:`cifd_kernels.ops.rdm_bank`) on the kernel backends,
+            the eager reference otherwise.
     """
 
     def __init__(self, n: int, D: int, H: int, L: int, K: int,

@@ -1,0 +1,353 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The fused RDM bank (CIFD_METHOD.md section 2): N RDMs on one teacher embedding,
+encode -> noisy channel -> decode -> head, and their stage-1 losses.
+
+Same math, arguments, noise counters and outputs as
+:func:`cifd_kernels.reference.rdm.rdm_bank_forward` / ``rdm_bank_loss``; the
+reference runs N chains of small ops, this path runs the bank as::
+
+    h1   = act(X W1cat^T + b1cat)          one GEMM [B, D] x [D, N*H] (shared input)
+    z    = h1 W2^T + b2                    one batched GEMM over the N blocks
+    zh, rate, p = entropy_bottleneck(z)    the fused rate kernel (noise, density, log)
+    xh   = act(zh W3^T + b3) W4^T + b4     batched GEMMs
+    V    = xh W5^T + b5                    batched GEMM
+    loss = sum_n R_n dist + rate + CE + tau^2 KL   the fused loss kernel (cifd::cifd_loss)
+
+Backends (``cifd::`` ops underneath):
+
+* ``cpu``: ATen GEMMs (bias fused into ``addmm``/``baddbmm``), the C++ entropy and
+  loss kernels;
+* ``cuda``: cuBLAS GEMMs through ATen, the CUDA entropy kernel and the fastest loss
+  kernel registered for CUDA tensors;
+* ``triton``: Triton batched GEMMs with bias + activation fused in the epilogue
+  (``cifd::rdm_linear``), the Triton entropy and loss kernels.
+
+The bank's entropy model is one density over N*L channels and the noise of RDM n,
+sample b, latent l is Philox counter ``offset + n*B*L + b*L + l``: the rate kernel
+runs once per RDM on the contiguous ``[B, L]`` block of the ``[N, B, L]`` latent,
+with the channel slice ``n*L .. n*L + L - 1`` of the packed density and offset
+``offset + n*B*L``, which is exactly that counter layout.
+
+The loss kernel makes one pass over each RDM's logits and reconstruction and
+writes their gradients in the same pass (Liger-Kernel style; N launches, one per
+RDM, each with that RDM's ``R_n`` as the distortion weight). The teacher's
+embedding and logits are frozen there (no gradient); ``auto`` sends a call where
+they require grad to the reference, a named backend raises.
+
+Kernel paths take float32/float16/bfloat16 parameters (all one dtype; ``x`` is
+cast to it) and the entropy model's fast path ``filters=(3, 3, 3, 3)``; GEMMs and
+outputs are in the parameters' dtype, the entropy and loss math in fp32 (the
+reference upcasts everything to fp32). ``R`` must be Python numbers on the kernel
+paths (a tensor ``R`` goes to the reference under ``auto``: reading it would be a
+host sync).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from .. import backend as _backend
+from ..reference import cifd_loss as _ref_loss
+from ..reference import entropy_bottleneck as _ref_eb
+from ..reference import rdm as _ref
+from ..reference.philox import check_seed_offset
+from . import density_pack as _pack
+from .entropy_bottleneck import OP as _EB_OP
+from .entropy_bottleneck import _fwd_op as _eb_fwd_op
+from .cifd_loss import cifd_loss as _cifd_loss
+
+OP = "rdm_bank"
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+__all__ = ["rdm_bank_forward", "rdm_bank_loss", "rdm_linear"]
+
+
+def _triton():
+    from .._triton import rdm_bank as m
+    return m
+
+
+# ----------------------------------------------------------------------------- cifd::rdm_linear
+_ACT_CODES = {"none": 0, "relu": 1, "gelu": 2}
+
+
+@torch.library.custom_op("cifd::rdm_linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, act: str, backend: str
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched ``act(x W^T + b)``: x [B, I] (shared by all N blocks) or [N, B, I],
+    weight [N, O, I], bias [N, O] -> (y [N, B, O], pre-activation [N, B, O] for gelu,
+    else an empty tensor)."""
+    if backend == "triton":
+        return _triton().rdm_linear_fwd(x, weight, bias, _ACT_CODES[act])
+    pre = torch.baddbmm(bias.unsqueeze(1), x.expand(weight.shape[0], *x.shape[-2:]),
+                        weight.transpose(1, 2))
+    return _act(pre, act), (pre if act == "gelu" else pre.new_empty((0,)))
+
+
+@_linear_op.register_fake
+def _(x, weight, bias, act, backend):
+    y = x.new_empty((weight.shape[0], x.shape[-2], weight.shape[1]))
+    return y, (torch.empty_like(y) if act == "gelu" else x.new_empty((0,)))
+
+
+def _setup_linear(ctx, inputs, output):
+    x, weight, bias, act, backend = inputs
+    y, pre = output
+    ctx.act = act
+    ctx.shared = x.dim() == 2
+    # relu's derivative reads the output, gelu's the pre-activation, "none" neither.
+    ctx.save_for_backward(x, weight, y if act == "relu" else pre)
+
+
+def _linear_backward(ctx, g_y, g_pre):
+    x, weight, saved = ctx.saved_tensors
+    g = g_y
+    if ctx.act == "relu":
+        g = g_y * (saved > 0).to(g_y.dtype)
+    elif ctx.act == "gelu":
+        g = torch.ops.aten.gelu_backward(g_y, saved)
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.bmm(g, weight)  # [N, B, I]
+        if ctx.shared:
+            grad_x = grad_x.sum(0)
+    if ctx.needs_input_grad[1]:
+        xx = x.expand(weight.shape[0], *x.shape[-2:])
+        grad_w = torch.bmm(g.transpose(1, 2), xx)
+    if ctx.needs_input_grad[2]:
+        grad_b = g.sum(1)
+    return grad_x, grad_w, grad_b, None, None
+
+
+_linear_op.register_autograd(_linear_backward, setup_context=_setup_linear)
+
+
+def _act(h: torch.Tensor, act: str) -> torch.Tensor:
+    if act == "relu":
+        return torch.relu(h)
+    if act == "gelu":
+        return F.gelu(h)
+    return h
+
+
+def rdm_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, act: str = "none",
+               backend: Optional[str] = None) -> torch.Tensor:
+    """N independent ``act(x W_n^T + b_n)`` in one batched GEMM: ``x`` [B, I] (one
+    input shared by the N blocks, the bank's first layer) or [N, B, I], ``weight``
+    [N, O, I], ``bias`` [N, O] -> [N, B, O] in ``x``'s dtype. ``act``: ``none``,
+    ``relu``, ``gelu`` (erf form). On ``triton`` bias and activation are fused into the
+    GEMM's epilogue; elsewhere ATen GEMMs (``baddbmm``, bias fused) then the activation."""
+    if act not in _ACT_CODES:
+        raise ValueError(f"act must be one of {tuple(_ACT_CODES)}, got {act!r}")
+    for name, t, nd in (("x", x, None), ("weight", weight, 3), ("bias", bias, 2)):
+        _ref_loss.check_tensor(name, t, ndim=nd)
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must be [B, I] or [N, B, I], got shape {tuple(x.shape)}")
+    n, o, i = weight.shape
+    _ref_loss.check_dim("x", x.shape[-1], i, "the weight's input width")
+    if x.dim() == 3:
+        _ref_loss.check_dim("x", x.shape[0], n, "the block count N")
+    _ref_loss.check_dim("bias", bias.shape[0], n, "the block count N")
+    _ref_loss.check_dim("bias", bias.shape[1], o, "the weight's output width")
+    _ref_loss.check_same_device("x", x, weight=weight, bias=bias)
+    if not (x.dtype == weight.dtype == bias.dtype):
+        raise ValueError(f"x, weight and bias must share a dtype, got {x.dtype}, {weight.dtype}, "
+                         f"{bias.dtype}")
+    be = _backend.resolve("rdm_linear", backend, x.device)
+    if be == "reference" or x.dtype not in _KERNEL_DTYPES:
+        pre = torch.baddbmm(bias.unsqueeze(1), x.expand(n, *x.shape[-2:]), weight.transpose(1, 2))
+        return _act(pre, act)
+    return _linear_op(x, weight, bias, act, be)[0]
+
+
+# ----------------------------------------------------------------------------- the bank forward
+def _param_dtype(params: Mapping[str, torch.Tensor]) -> Optional[torch.dtype]:
+    dts = {params[p].dtype for p in _ref.PARAM_NAMES}
+    return dts.pop() if len(dts) == 1 else None
+
+
+def _kernel_why(x, params, matrices) -> Optional[str]:
+    dt = _param_dtype(params)
+    if dt not in _KERNEL_DTYPES:
+        return "float32/float16/bfloat16 parameters of one dtype"
+    if x.dtype not in _KERNEL_DTYPES:
+        return "a float32/float16/bfloat16 x"
+    if not _pack.supports(matrices) or any(m.dtype == torch.float64 for m in matrices):
+        return "an entropy model with filters=(3, 3, 3, 3) and no float64 parameters"
+    return None
+
+
+def _named(backend: Optional[str]) -> bool:
+    return backend is not None and _backend.check_backend_name(backend) != "auto"
+
+
+def _pick(backend: Optional[str], device, why: Optional[str]) -> str:
+    be = _backend.resolve(OP, backend, device)
+    if be != "reference" and why is not None:
+        if _named(backend):
+            raise _backend.BackendUnavailableError(f"{OP}: backend {be!r} needs {why}")
+        be = "reference"
+    return be
+
+
+def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matrices, biases, factors,
+                     medians: Optional[torch.Tensor] = None, *, act: str = "relu",
+                     mode: str = "noise", seed: int = 0, offset: int = 0,
+                     likelihood_bound: float = 1e-9, need_likelihood: bool = True,
+                     backend: Optional[str] = None) -> _ref.RDMBankOutput:
+    """Run N RDMs on the same teacher embedding (fused; see the module docstring).
+
+    Arguments and outputs as :func:`cifd_kernels.reference.rdm.rdm_bank_forward`, plus
+    ``need_likelihood`` (False: ``likelihoods`` is None, saving an [N, B, L] write) and
+    ``backend`` (``auto|cuda|triton|cpu|reference``). Kernel paths return outputs in the
+    parameters' dtype (``rate`` and ``likelihoods`` float32)."""
+    if act not in _ref.ACTIVATIONS:
+        raise ValueError(f"act must be one of {_ref.ACTIVATIONS}, got {act!r}")
+    if mode not in _ref.MODES:
+        raise ValueError(f"mode must be one of {_ref.MODES}, got {mode!r}")
+    _ref_loss.check_tensor("x", x, ndim=2)
+    n, d, h, l, k = _ref.bank_sizes(params)
+    _ref_eb.check_params(matrices, biases, factors)
+    be = _pick(backend, x.device, _kernel_why(x, params, matrices))
+    if be == "reference":
+        out = _ref.rdm_bank_forward(x, params, matrices, biases, factors, medians, act=act, mode=mode,
+                                    seed=seed, offset=offset, likelihood_bound=likelihood_bound)
+        return out if need_likelihood else out._replace(likelihoods=None)
+
+    _ref_loss.check_same_device("x", x, **{"params['enc1.weight']": params["enc1.weight"],
+                                           "matrices[0]": matrices[0]})
+    _ref_loss.check_dim("x", x.shape[1], d, "the embedding dim D")
+    _ref_loss.check_dim("matrices[0]", matrices[0].shape[0], n * l, "the channel count N*L")
+    batch = x.shape[0]
+    if mode == "dequantize":
+        if medians is None:
+            raise ValueError("mode='dequantize' needs medians [N * L]")
+        _ref_loss.check_tensor("medians", medians, ndim=1)
+        _ref_loss.check_dim("medians", medians.shape[0], n * l, "the channel count N*L")
+        med = medians.float()
+    else:
+        med = None
+    check_seed_offset(seed, offset, n * batch * l)
+    lin_be = "triton" if be == "triton" else "reference"  # reference: ATen GEMMs (cuBLAS on GPU)
+    p = params
+    xx = x.to(_param_dtype(params))
+
+    # Encoder. The first layer's N blocks share x: one GEMM [B, D] x [D, N*H].
+    if lin_be == "triton":
+        h1 = rdm_linear(xx, p["enc1.weight"], p["enc1.bias"], act, backend="triton")  # [N, B, H]
+    else:
+        h1 = torch.addmm(p["enc1.bias"].reshape(n * h), xx, p["enc1.weight"].reshape(n * h, d).t())
+        h1 = _act(h1, act).view(batch, n, h).transpose(0, 1)  # [N, B, H] (strided view)
+    z = rdm_linear(h1, p["enc2.weight"], p["enc2.bias"], "none", backend=lin_be)  # [N, B, L]
+
+    # Channel: one fused rate-kernel call per RDM on its [B, L] block (counter layout above).
+    packed = _pack.pack_density(matrices, biases, factors)  # [58, N*L]
+    z_hats, rates, liks = [], [], []
+    for i in range(n):
+        cols = slice(i * l, (i + 1) * l)
+        y_hat, rate, lik = _eb_fwd_op(
+            z[i], packed[:, cols].contiguous(), med[cols] if med is not None else None, mode, seed,
+            offset + i * batch * l, 0.0, 1.0, float(likelihood_bound), bool(need_likelihood), True, be)
+        z_hats.append(y_hat)
+        rates.append(rate)
+        liks.append(lik)
+    z_hat = torch.stack(z_hats)
+    rate = torch.stack(rates)
+
+    # Decoder and head.
+    h3 = rdm_linear(z_hat, p["dec1.weight"], p["dec1.bias"], act, backend=lin_be)
+    x_hat = rdm_linear(h3, p["dec2.weight"], p["dec2.bias"], "none", backend=lin_be)
+    logits = rdm_linear(x_hat, p["head.weight"], p["head.bias"], "none", backend=lin_be)
+    return _ref.RDMBankOutput(z, z_hat, x_hat, logits, torch.stack(liks) if need_likelihood else None,
+                              rate)
+
+
+# ----------------------------------------------------------------------------- the stage-1 loss
+def rdm_bank_loss(x: torch.Tensor, x_hat: torch.Tensor, logits: torch.Tensor, rate: torch.Tensor,
+                  R: Union[Sequence[float], torch.Tensor], labels: Optional[torch.Tensor] = None,
+                  teacher_logits: Optional[torch.Tensor] = None, *, dist: str = "mse",
+                  lam_ce: float = 1.0, lam_kl: float = 1.0, tau: float = 1.0,
+                  ignore_index: int = -100, backend: Optional[str] = None):
+    """Stage-1 loss of every RDM, fused: arguments and return as
+    :func:`cifd_kernels.reference.rdm.rdm_bank_loss`, plus ``backend``.
+
+    Per RDM n, one pass of the fused loss kernel over ``logits[n]`` and ``x_hat[n]``
+    computes ``R_n dist + lam_ce CE + lam_kl tau^2 KL`` and its gradients; the rate mean
+    is plain torch. On the kernel paths the terms other than ``loss`` and ``rate`` are
+    detached (values only)."""
+    _ref_loss.check_tensor("x_hat", x_hat, ndim=3)
+    _ref_loss.check_tensor("logits", logits, ndim=3)
+    why = None
+    if isinstance(R, torch.Tensor):
+        why = "R as Python numbers (a tensor R would need a host read)"
+    elif x.requires_grad or (teacher_logits is not None and teacher_logits.requires_grad):
+        why = "a frozen x and teacher_logits (none requiring grad)"
+    elif x_hat.dtype not in _KERNEL_DTYPES or logits.dtype not in _KERNEL_DTYPES:
+        why = "float32/float16/bfloat16 x_hat and logits"
+    be = _pick(backend, x_hat.device, why)
+    kw = dict(dist=dist, lam_ce=lam_ce, lam_kl=lam_kl, tau=tau, ignore_index=ignore_index)
+    if be == "reference":
+        return _ref.rdm_bank_loss(x, x_hat, logits, rate, R, labels, teacher_logits, **kw)
+
+    # The reference's checks, on metadata only.
+    _ref_loss.check_dist(dist)
+    _ref_loss.check_tau(tau)
+    _ref_loss.check_tensor("x", x, ndim=2)
+    _ref_loss.check_tensor("rate", rate, ndim=2)
+    n, batch, d = x_hat.shape
+    k = logits.shape[2]
+    _ref_loss.check_same_device("x", x, x_hat=x_hat, logits=logits, rate=rate, labels=labels,
+                                teacher_logits=teacher_logits)
+    _ref_loss.check_dim("x", x.shape[0], batch, "the batch size B")
+    _ref_loss.check_dim("x", x.shape[1], d, "the embedding dim D")
+    _ref_loss.check_dim("logits", logits.shape[0], n, "the RDM count N")
+    _ref_loss.check_dim("logits", logits.shape[1], batch, "the batch size B")
+    _ref_loss.check_dim("rate", rate.shape[0], n, "the RDM count N")
+    _ref_loss.check_dim("rate", rate.shape[1], batch, "the batch size B")
+    if labels is not None:
+        _ref_loss.check_tensor("labels", labels, ndim=1, integer=True)
+        _ref_loss.check_dim("labels", labels.shape[0], batch, "the batch size B")
+    if teacher_logits is not None:
+        _ref_loss.check_tensor("teacher_logits", teacher_logits, ndim=2)
+        _ref_loss.check_dim("teacher_logits", teacher_logits.shape[0], batch, "the batch size B")
+        _ref_loss.check_dim("teacher_logits", teacher_logits.shape[1], k, "the class count K")
+    _ref_loss.check_nonempty("x", batch)
+    if isinstance(R, (int, float)) and not isinstance(R, bool):
+        R = [R]
+    R = [float(r) for r in R]
+    if len(R) != n:
+        raise ValueError(f"len(R) = {len(R)} but the bank has N = {n} RDMs")
+
+    loss_be = be if be in _backend.implemented("cifd_loss") else None  # None: auto
+    # Left-out terms: CE with every label ignored is 0, KL with lam_kl = 0 is 0.
+    lab = labels if labels is not None else torch.full((batch,), ignore_index, dtype=torch.long,
+                                                       device=x.device)
+    target = x.to(x_hat.dtype)[None]
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    per, ce_n, kl_n, dist_n = [], [], [], []
+    for i in range(n):
+        t_logits = teacher_logits[None] if teacher_logits is not None else logits[i].detach()[None]
+        loss_i, t = _cifd_loss(logits[i], t_logits.to(logits.dtype), lab, x_hat[i], target, None, tau=tau,
+                               p_drop=0.0, lam_ce=lam_ce if labels is not None else 0.0,
+                               lam_kl=lam_kl if teacher_logits is not None else 0.0, w_emb=R[i], dist=dist,
+                               ignore_index=ignore_index, backend=loss_be)
+        per.append(loss_i)
+        ce_n.append(t["ce"] if labels is not None else zero)
+        kl_n.append(t["kl"][0] if teacher_logits is not None else zero)
+        dist_n.append(t["emb"][0])
+    rate_n = rate.float().mean(-1)
+    loss_n = torch.stack(per) + rate_n
+    terms = {"dist": torch.stack(dist_n), "rate": rate_n, "ce": torch.stack(ce_n),
+             "kl": torch.stack(kl_n), "loss": loss_n}
+    return loss_n.sum(), terms
+
+
+def _register() -> None:
+    _backend.register("rdm_linear", "triton")
+    kernels = set(_backend.implemented(_EB_OP)) - {"reference"}
+    _backend.register(OP, *sorted(kernels))
+
+
+_register()

@@ -1,0 +1,385 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The fused RDM bank (cifd_kernels.ops.rdm_bank, the RDMBank module on the kernel
+backends) against the eager reference: outputs, losses, terms and the gradients to
+every parameter and input; N in {1, 3, 5}; odd widths; B in {1, 3, 1025}; relu/gelu;
+mse/smooth_l1; the three channel modes; labels or teacher left out; half parameters
+by the flash-attention rule; the batched linear op (cifd::rdm_linear) with opcheck;
+torch.compile equal to eager on CPU; a bank from N RDMs equals them one by one on
+the fused path; determinism; fallbacks and errors."""
+import pytest
+import torch
+
+from cifd_kernels import BackendUnavailableError
+from cifd_kernels import backend as _backend
+from cifd_kernels.nn.rdm import RDM, RDMBank
+from cifd_kernels.ops import rdm_bank as ob
+from cifd_kernels.reference import entropy_bottleneck as eb_ref
+from cifd_kernels.reference import rdm as ref
+from helpers import backend_or_skip
+
+KERNELS = ["cpu", "triton", "cuda"]
+
+
+def _skip_unless(be, device):
+    if (be == "cuda") != (device == "cuda") and be != "triton":
+        pytest.skip(f"{be} kernels do not take {device} tensors")
+    if (be == "cpu") != (device == "cpu") and be != "triton":
+        pytest.skip(f"{be} kernels do not take {device} tensors")
+    backend_or_skip(be, device)
+
+
+def _g(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _problem(n, b, d, h, l, k, device, seed=0, dtype=torch.float32):
+    """Bank parameters (leaf tensors), a perturbed entropy model over n*l channels,
+    x, teacher logits and labels."""
+    p = ref.init_params(n, d, h, l, k, generator=_g(seed))
+    e = eb_ref.init_params(n * l, (3, 3, 3, 3), generator=_g(seed + 1))
+    g = _g(seed + 2)
+    lists = [[(t + 0.3 * torch.randn(t.shape, generator=g)) for t in e[key]]
+             for key in ("matrices", "biases", "factors")]
+    med = 0.3 * torch.randn(n * l, generator=g)
+    x = 2.0 * torch.randn(b, d, generator=g)
+    t = 3.0 * torch.randn(b, k, generator=g)
+    y = torch.randint(0, k, (b,), generator=g)
+    leaf = lambda v: v.to(device, dtype).requires_grad_()  # noqa: E731
+    return ({key: leaf(v) for key, v in p.items()}, [[leaf(v) for v in ts] for ts in lists],
+            med.to(device), x.to(device, dtype), t.to(device, dtype), y.to(device))
+
+
+def _run(be, prob, *, act="relu", mode="noise", dist="mse", R=(1.0, 0.5, 2.0, 0.1, 3.0), labels=True,
+         teacher=True, seed=3, offset=5, x=None):
+    p, (mats, biases, facs), med, x0, t, y = prob
+    x = x0 if x is None else x
+    n = p["enc1.weight"].shape[0]
+    leaves = list(p.values()) + mats + biases + facs
+    for v in leaves:
+        v.grad = None
+    kw = dict(act=act, mode=mode, seed=seed, offset=offset)
+    if be == "reference":
+        out = ref.rdm_bank_forward(x, p, mats, biases, facs, med, **kw)
+        loss, terms = ref.rdm_bank_loss(x, out.x_hat, out.logits, out.rate, list(R[:n]),
+                                        y if labels else None, t if teacher else None, dist=dist, tau=2.0,
+                                        lam_kl=0.7)
+    else:
+        out = ob.rdm_bank_forward(x, p, mats, biases, facs, med, backend=be, **kw)
+        loss, terms = ob.rdm_bank_loss(x, out.x_hat, out.logits, out.rate, list(R[:n]),
+                                       y if labels else None, t if teacher else None, dist=dist, tau=2.0,
+                                       lam_kl=0.7, backend=be)
+    if mode != "dequantize" or loss.requires_grad:
+        # Random weights on every output (never a bare .sum()).
+        outs = [out.x_hat, out.logits, out.rate, loss]
+        outs = [o for o in outs if o.requires_grad]
+        gs = [torch.randn(o.shape, generator=_g(50 + i)).to(o.device, o.dtype) for i, o in enumerate(outs)]
+        torch.autograd.backward(outs, gs)
+    grads = [v.grad.clone() if v.grad is not None else None for v in leaves]
+    return out, loss, terms, grads
+
+
+def _compare(be, prob, rtol=1e-4, atol=1e-5, **kw):
+    want = _run("reference", prob, **kw)
+    got = _run(be, prob, **kw)
+    for name, a, b in zip(ref.RDMBankOutput._fields, got[0], want[0]):
+        if name == "z_hat":  # the channel output: noise bits identical, so exact up to z's rounding
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+        else:
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=name)
+    torch.testing.assert_close(got[1], want[1], rtol=rtol, atol=atol)
+    for key in want[2]:
+        torch.testing.assert_close(got[2][key], want[2][key], rtol=rtol, atol=atol, msg=key)
+    for i, (a, b) in enumerate(zip(got[3], want[3])):
+        assert (a is None) == (b is None), i
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=f"grad {i}")
+    return got
+
+
+@pytest.mark.parametrize("be", KERNELS)
+@pytest.mark.parametrize("act,dist", [("relu", "mse"), ("gelu", "smooth_l1")])
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_matches_reference(be, act, dist, n, device):
+    _skip_unless(be, device)
+    _compare(be, _problem(n, 3, 10, 12, 4, 7, device, seed=n), act=act, dist=dist)
+
+
+@pytest.mark.parametrize("be", KERNELS)
+def test_paper_odd_widths(be, device):
+    """D = 100, H = 306, L = 17, K = 1000 (odd sizes everywhere), B = 3."""
+    _skip_unless(be, device)
+    _compare(be, _problem(3, 3, 100, 306, 17, 1000, device, seed=7), act="gelu", rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("be", KERNELS)
+@pytest.mark.parametrize("b", [1, 1025])
+def test_batch_sizes(be, b, device):
+    _skip_unless(be, device)
+    if be == "triton" and device == "cpu" and b > 65:
+        b = 65  # the interpreter is slow; 65 still spans two GEMM row tiles (1025 runs on GPUs)
+    _compare(be, _problem(2, b, 9, 10, 3, 7, device, seed=b), rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("be", KERNELS)
+@pytest.mark.parametrize("mode", ["dequantize", "none"])
+def test_channel_modes(be, mode, device):
+    _skip_unless(be, device)
+    _compare(be, _problem(3, 4, 8, 9, 5, 7, device, seed=11), mode=mode, act="gelu")
+
+
+@pytest.mark.parametrize("be", KERNELS)
+@pytest.mark.parametrize("labels,teacher", [(False, True), (True, False), (False, False)])
+def test_terms_left_out(be, labels, teacher, device):
+    _skip_unless(be, device)
+    got = _compare(be, _problem(3, 4, 8, 9, 5, 7, device, seed=12), labels=labels, teacher=teacher)
+    if not labels:
+        assert torch.all(got[2]["ce"] == 0)
+    if not teacher:
+        assert torch.all(got[2]["kl"] == 0)
+
+
+@pytest.mark.parametrize("be", KERNELS)
+def test_noncontiguous_x_and_gradient_to_nothing_frozen(be, device):
+    """A strided x gives the same results; the bank's parameters all get gradients."""
+    _skip_unless(be, device)
+    prob = _problem(3, 5, 8, 9, 4, 7, device, seed=13)
+    x = prob[3]
+    strided = torch.stack([x, -x], -1)[..., 0]
+    assert not strided.is_contiguous()
+    got = _compare(be, prob, x=strided)
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in got[3])
+
+
+@pytest.mark.parametrize("be", KERNELS)
+def test_deterministic(be, device):
+    _skip_unless(be, device)
+    prob = _problem(3, 9 if device == "cpu" else 1025, 8, 9, 4, 7, device, seed=14)
+    a = _run(be, prob, act="gelu")
+    b = _run(be, prob, act="gelu")
+    for u, v in zip(a[0], b[0]):
+        assert torch.equal(u, v)
+    assert torch.equal(a[1], b[1])
+    for u, v in zip(a[3], b[3]):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("be", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_parameters_flash_attention_rule(be, dtype, device):
+    """Half parameters and x: the kernel path runs the GEMMs in dtype (outputs in dtype).
+    Its error against the fp32 reference is at most 2x (+eps) that of the same eager
+    bank run in dtype (ATen GEMMs and activations in dtype, the rate and loss math of
+    the reference in fp32 on dtype-rounded inputs)."""
+    _skip_unless(be, device)
+    prob32 = _problem(3, 6, 16, 24, 5, 11, device, seed=15)
+    p, lists, med, x, t, y = prob32
+    to_h = lambda v: v.detach().to(dtype).requires_grad_()  # noqa: E731
+    prob_h = ({k: to_h(v) for k, v in p.items()}, [[to_h(v) for v in ts] for ts in lists], med,
+              x.to(dtype), t.to(dtype), y)
+    exact = _run("reference", prob32, act="gelu")
+    half_eager = _run_half_eager(prob_h, act="gelu")
+    got = _run(be, prob_h, act="gelu")
+    assert got[0].x_hat.dtype == dtype and got[1].dtype == torch.float32
+
+    def err(a, b):
+        return (a.float() - b.float()).abs().max().item()
+    for name in ("x_hat", "logits", "rate"):
+        i = ref.RDMBankOutput._fields.index(name)
+        scale = exact[0][i].abs().max().item()
+        assert err(got[0][i], exact[0][i]) <= 2 * err(half_eager[0][i], exact[0][i]) + 1e-3 * scale, name
+    assert err(got[1], exact[1]) <= 2 * err(half_eager[1], exact[1]) + 1e-3 * exact[1].abs().item()
+    for j, (a, b, c) in enumerate(zip(got[3], half_eager[3], exact[3])):
+        assert err(a, c) <= 2 * err(b, c) + 1e-3 * c.abs().max().item(), j
+
+
+def _run_half_eager(prob, act):
+    """The bank in eager torch with GEMMs and activations in the parameters' dtype (the
+    flash-attention rule's "reference in low precision"); rate and loss as the reference."""
+    p, (mats, biases, facs), med, x, t, y = prob
+    n = p["enc1.weight"].shape[0]
+    leaves = list(p.values()) + mats + biases + facs
+    for v in leaves:
+        v.grad = None
+    lin = lambda h, w, b, a="none": ob.rdm_linear(h, p[w], p[b], a, backend="reference")  # noqa: E731
+    z = lin(lin(x, "enc1.weight", "enc1.bias", act), "enc2.weight", "enc2.bias")
+    z_hat = ref.quantize_latent(z.float(), "noise", 3, 5).to(z.dtype)
+    lik = ref.latent_likelihood(z_hat.float(), [m.float() for m in mats], [b_.float() for b_ in biases],
+                                [f.float() for f in facs])
+    rate = eb_ref.rate_nats(lik.reshape(-1, lik.shape[-1])).reshape(n, -1)
+    x_hat = lin(lin(z_hat, "dec1.weight", "dec1.bias", act), "dec2.weight", "dec2.bias")
+    logits = lin(x_hat, "head.weight", "head.bias")
+    loss, terms = ref.rdm_bank_loss(x, x_hat, logits, rate, [1.0, 0.5, 2.0], y, t, tau=2.0, lam_kl=0.7)
+    out = ref.RDMBankOutput(z, z_hat, x_hat, logits, lik, rate)
+    outs = [out.x_hat, out.logits, out.rate, loss]
+    gs = [torch.randn(o.shape, generator=_g(50 + i)).to(o.device, o.dtype) for i, o in enumerate(outs)]
+    torch.autograd.backward(outs, gs)
+    return out, loss, terms, [v.grad.clone() for v in leaves]
+
+
+# --------------------------------------------------------------------------- cifd::rdm_linear
+@pytest.mark.parametrize("act", ["none", "relu", "gelu"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_rdm_linear_triton_matches_aten(act, shared, device):
+    backend_or_skip("triton", device)
+    g = _g(20)
+    n, b, i, o = 3, 37, 45, 70  # none a multiple of the tiles
+    x = torch.randn((b, i) if shared else (n, b, i), generator=g).to(device).requires_grad_()
+    w = torch.randn(n, o, i, generator=g).to(device).requires_grad_()
+    c = torch.randn(n, o, generator=g).to(device).requires_grad_()
+    gy = torch.randn(n, b, o, generator=g).to(device)
+    outs = []
+    for be in ("reference", "triton"):
+        y = ob.rdm_linear(x, w, c, act, backend=be)
+        grads = torch.autograd.grad(y, (x, w, c), gy)
+        outs.append((y,) + grads)
+    for a, r in zip(outs[1], outs[0]):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_rdm_linear_opcheck(act, device):
+    backend_or_skip("triton", device)
+    g = _g(21)
+    x = torch.randn(3, 5, 6, generator=g).to(device).requires_grad_()
+    w = torch.randn(3, 4, 6, generator=g).to(device).requires_grad_()
+    c = torch.randn(3, 4, generator=g).to(device).requires_grad_()
+    torch.library.opcheck(torch.ops.cifd.rdm_linear.default, (x, w, c, act, "triton"))
+    torch.library.opcheck(torch.ops.cifd.rdm_linear.default, (x[0].detach(), w, c, act, "triton"))
+
+
+def test_rdm_linear_errors():
+    w, c = torch.zeros(2, 3, 4), torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="act must be one of"):
+        ob.rdm_linear(torch.zeros(5, 4), w, c, "tanh")
+    with pytest.raises(ValueError, match="x: the weight's input width"):
+        ob.rdm_linear(torch.zeros(5, 3), w, c)
+    with pytest.raises(ValueError, match="x: the block count N"):
+        ob.rdm_linear(torch.zeros(3, 5, 4), w, c)
+    with pytest.raises(ValueError, match="share a dtype"):
+        ob.rdm_linear(torch.zeros(5, 4, dtype=torch.float64), w, c)
+
+
+# --------------------------------------------------------------------------- modules
+def _rdm_list(device, n=3):
+    torch.manual_seed(0)
+    rdms = [RDM(8, 9, 4, 7, R=r, act="gelu", dist="smooth_l1", lam_kl=0.5, tau=2.0)
+            for r in (1.0, 0.8, 0.6, 0.4, 0.2)[:n]]
+    g = _g(3)
+    with torch.no_grad():
+        for r in rdms:
+            for prm in r.entropy_bottleneck.parameters():
+                prm.add_(0.3 * torch.randn(prm.shape, generator=g))
+    return [r.to(device) for r in rdms]
+
+
+@pytest.mark.parametrize("be", KERNELS)
+def test_bank_from_rdms_equals_rdms_one_by_one(be, device):
+    """The fused bank with offset o equals RDM n run alone with offset o + n*B*L."""
+    _skip_unless(be, device)
+    rdms = _rdm_list(device)
+    for r in rdms:
+        r.backend = be
+    bank = RDMBank.from_rdms(rdms)
+    batch = 6
+    x = torch.randn(batch, 8, generator=_g(4)).to(device)
+    t = torch.randn(batch, 7, generator=_g(5)).to(device)
+    y = torch.randint(0, 7, (batch,), generator=_g(6)).to(device)
+    out = bank(x, t, y, seed=9, offset=40)
+    out.loss.backward()
+    for i, r in enumerate(rdms):
+        o = r(x, t, y, seed=9, offset=40 + i * batch * 4)
+        o.loss.backward()
+        torch.testing.assert_close(out.x_hat[i], o.x_hat)
+        torch.testing.assert_close(out.logits[i], o.logits)
+        torch.testing.assert_close(out.terms["loss"][i], o.terms["loss"])
+        torch.testing.assert_close(bank.enc1.weight.grad[i], r.enc1.weight.grad)
+        torch.testing.assert_close(bank.head.bias.grad[i], r.head.bias.grad)
+        L = 4
+        torch.testing.assert_close(bank.entropy_bottleneck.matrices[2].grad[i * L:(i + 1) * L],
+                                   r.entropy_bottleneck.matrices[2].grad)
+
+
+@pytest.mark.parametrize("be", KERNELS)
+def test_module_eval_mode(be, device):
+    """Frozen bank (eval): rounded latent, no graph, same as the reference module."""
+    _skip_unless(be, device)
+    bank = RDMBank.from_rdms(_rdm_list(device)).eval()
+    x = torch.randn(5, 8, generator=_g(7)).to(device)
+    t = torch.randn(5, 7, generator=_g(8)).to(device)
+    got = bank(x, t)
+    bank.backend = "reference"
+    want = bank(x, t)
+    assert not got.x_hat.requires_grad and not got.loss.requires_grad
+    torch.testing.assert_close(got.x_hat, want.x_hat)
+    torch.testing.assert_close(got.logits, want.logits)
+    torch.testing.assert_close(got.loss, want.loss)
+
+
+def test_compile_fullgraph_equals_eager_on_cpu():
+    """torch.compile(fullgraph=True) of the bank on the C++ path equals eager (outputs
+    and gradients); aot_eager, as for the other ops (see test_entropy_bottleneck)."""
+    backend_or_skip("cpu", "cpu")
+    rdms = _rdm_list("cpu")
+    bank = RDMBank.from_rdms(rdms)
+    bank.backend = "cpu"
+    x = torch.randn(6, 8, generator=_g(9))
+    t = torch.randn(6, 7, generator=_g(10))
+    y = torch.randint(0, 7, (6,), generator=_g(11))
+
+    def step(m):
+        m.zero_grad()
+        out = m(x, t, y, seed=2, offset=0)
+        out.loss.backward()
+        return out.loss.detach(), out.x_hat.detach(), [p.grad for p in m.parameters()]
+
+    want = step(bank)
+    compiled = torch.compile(bank, fullgraph=True, backend="aot_eager")
+    got = step(compiled)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+    assert sum(g is not None for g in want[2]) == len(want[2]) - 1  # all but the quantiles
+    for a, b in zip(got[2], want[2]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------- fallbacks and errors
+def test_auto_falls_back_and_named_backend_raises():
+    prob = _problem(2, 3, 6, 7, 3, 5, "cpu", seed=16, dtype=torch.float64)
+    p, (mats, biases, facs), med, x, t, y = prob
+    out = ob.rdm_bank_forward(x, p, mats, biases, facs)  # auto: float64 -> the reference
+    assert out.x_hat.dtype == torch.float64
+    if "cpu" in _backend.implemented("rdm_bank") and _backend.status("cpu", "cpu")[0]:
+        with pytest.raises(BackendUnavailableError, match="rdm_bank: backend 'cpu' needs float32"):
+            ob.rdm_bank_forward(x, p, mats, biases, facs, backend="cpu")
+        xf = x.float().requires_grad_()
+        o = out._replace(x_hat=out.x_hat.float(), logits=out.logits.float())
+        with pytest.raises(BackendUnavailableError, match="frozen x"):
+            ob.rdm_bank_loss(xf, o.x_hat, o.logits, o.rate, [1.0, 2.0], backend="cpu")
+        with pytest.raises(BackendUnavailableError, match="R as Python numbers"):
+            ob.rdm_bank_loss(x.float(), o.x_hat, o.logits, o.rate, torch.ones(2), backend="cpu")
+    with pytest.raises(BackendUnavailableError, match="rdm_bank"):
+        ob.rdm_bank_forward(x, p, mats, biases, facs, backend="cuda")
+
+
+def test_kernel_path_errors():
+    backend_or_skip("cpu", "cpu")
+    p, (mats, biases, facs), med, x, t, y = _problem(2, 3, 6, 7, 3, 5, "cpu", seed=17)
+    with pytest.raises(ValueError, match="needs medians"):
+        ob.rdm_bank_forward(x, p, mats, biases, facs, mode="dequantize", backend="cpu")
+    with pytest.raises(ValueError, match="x: the embedding dim D"):
+        ob.rdm_bank_forward(x[:, :2], p, mats, biases, facs, backend="cpu")
+    with pytest.raises(ValueError, match="channel count N\\*L"):
+        ob.rdm_bank_forward(x, p, [m[:2] for m in mats], [b_[:2] for b_ in biases], [f[:2] for f in facs],
+                            backend="cpu")
+    with pytest.raises(ValueError, match="seed must be"):
+        ob.rdm_bank_forward(x, p, mats, biases, facs, seed=-1, backend="cpu")
+    out = ob.rdm_bank_forward(x, p, mats, biases, facs, backend="cpu")
+    with pytest.raises(ValueError, match="len\\(R\\) = 1"):
+        ob.rdm_bank_loss(x, out.x_hat, out.logits, out.rate, [1.0], backend="cpu")
+    with pytest.raises(ValueError, match="labels: the batch size B"):
+        ob.rdm_bank_loss(x, out.x_hat, out.logits, out.rate, [1.0, 2.0], y[:2], backend="cpu")
+    with pytest.raises(ValueError, match="empty batch"):
+        ob.rdm_bank_loss(x[:0], out.x_hat[:, :0], out.logits[:, :0], out.rate[:, :0], [1.0, 2.0],
+                         backend="cpu")
