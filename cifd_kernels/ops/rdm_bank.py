@@ -245,10 +245,11 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
     # Channel: one fused rate-kernel call per RDM on its [B, L] block (counter layout above).
     packed = _pack.pack_density(matrices, biases, factors)  # [58, N*L]
     z_hats, rates, liks = [], [], []
+    zs = z.unbind(0)  # unbind's backward stacks the blocks' gradients (no zero-filled [N, B, L] each)
     for i in range(n):
         cols = slice(i * l, (i + 1) * l)
         y_hat, rate, lik = _eb_fwd_op(
-            z[i], packed[:, cols].contiguous(), med[cols] if med is not None else None, mode, seed,
+            zs[i], packed[:, cols].contiguous(), med[cols] if med is not None else None, mode, seed,
             offset + i * batch * l, 0.0, 1.0, float(likelihood_bound), bool(need_likelihood), True, be)
         z_hats.append(y_hat)
         rates.append(rate)
@@ -327,9 +328,10 @@ def rdm_bank_loss(x: torch.Tensor, x_hat: torch.Tensor, logits: torch.Tensor, ra
     target = x.to(x_hat.dtype)[None]
     zero = torch.zeros((), dtype=torch.float32, device=x.device)
     per, ce_n, kl_n, dist_n = [], [], [], []
+    xhs, lgs = x_hat.unbind(0), logits.unbind(0)
     for i in range(n):
-        t_logits = teacher_logits[None] if teacher_logits is not None else logits[i].detach()[None]
-        loss_i, t = _cifd_loss(logits[i], t_logits.to(logits.dtype), lab, x_hat[i], target, None, tau=tau,
+        t_logits = teacher_logits[None] if teacher_logits is not None else lgs[i].detach()[None]
+        loss_i, t = _cifd_loss(lgs[i], t_logits.to(logits.dtype), lab, xhs[i], target, None, tau=tau,
                                p_drop=0.0, lam_ce=lam_ce if labels is not None else 0.0,
                                lam_kl=lam_kl if teacher_logits is not None else 0.0, w_emb=R[i], dist=dist,
                                ignore_index=ignore_index, backend=loss_be)
