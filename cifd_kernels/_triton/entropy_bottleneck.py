@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton  # launches visible to torch.compile inside triton_op
 
 from ..ops.density_pack import (FAST_FILTERS, MEDIAN_ROW as _MEDIAN_ROW, MODES as _MODES,  # noqa: F401
                                 NUM_GRAD, NUM_PACKED, pack_density, supports, unpack_density_grad)
@@ -554,7 +555,7 @@ def entropy_bottleneck_fwd(y: torch.Tensor, packed: torch.Tensor, medians: Optio
                                dtype=torch.float32, device=y.device)
     else:
         rate_buf = torch.zeros(N, dtype=torch.float32, device=y.device)
-    _entropy_bottleneck_fwd_kernel[grid](
+    wrap_triton(_entropy_bottleneck_fwd_kernel)[grid](
         y3, y_hat, lik if lik is not None else y_hat, rate_buf, packed, med,
         N, C, S, seed, offset, float(rho), float(s), float(bound),
         MODE=_MODES[mode], SPATIAL=spatial, STORE_LIK=need_likelihood, DETERMINISTIC=deterministic,
@@ -630,7 +631,7 @@ def entropy_bottleneck_bwd(y: torch.Tensor, packed: torch.Tensor, medians: Optio
         gbuf = torch.empty((nparts, NUM_GRAD, C), dtype=torch.float32, device=dev)
     else:
         gbuf = torch.zeros((NUM_GRAD, C), dtype=torch.float32, device=dev)
-    _entropy_bottleneck_bwd_kernel[grid](
+    wrap_triton(_entropy_bottleneck_bwd_kernel)[grid](
         y3, gyh, grate, glik, grad_y, gbuf, packed, med,
         N, C, S, seed, offset, float(rho), float(s), float(bound), rpp, iters,
         MODE=_MODES[mode], SPATIAL=spatial, HAS_GRATE=grad_rate is not None,

@@ -116,6 +116,64 @@ def _backward(ctx, g_y_hat, g_rate, g_lik):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ----------------------------------------------------------------------------- Triton, visible to torch.compile
+# The same kernels as the "triton" branch of cifd::entropy_bottleneck, registered
+# through torch.library.triton_op: torch.compile traces into the launcher and sees
+# the kernels (wrap_triton) instead of an opaque call. The public functional and the
+# modules use these for backend="triton". (Under TRITON_INTERPRET=1 they run eagerly;
+# inside torch.compile they need a GPU: fake tensors have no data to interpret.)
+@torch.library.triton_op("cifd::entropy_bottleneck_triton", mutates_args=())
+def _fwd_triton(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor], mode: str,
+                seed: int, offset: int, rho: float, s: float, bound: float, need_likelihood: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y_hat, rate, lik = _triton().entropy_bottleneck_fwd(
+        y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, True)
+    if lik is None:
+        lik = y.new_empty((0,), dtype=torch.float32)
+    return y_hat, rate, lik
+
+
+@torch.library.triton_op("cifd::entropy_bottleneck_triton_backward", mutates_args=())
+def _bwd_triton(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor],
+                grad_y_hat: Optional[torch.Tensor], grad_rate: Optional[torch.Tensor],
+                grad_likelihood: Optional[torch.Tensor], mode: str, seed: int, offset: int, rho: float,
+                s: float, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_y, gp, gmed = _triton().entropy_bottleneck_bwd(
+        y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset, rho, s, bound,
+        True)
+    row = gmed if gmed is not None else gp.new_zeros(gp.shape[1])
+    return grad_y, torch.cat([gp, row[None]], 0)
+
+
+def _setup_triton(ctx, inputs, output):
+    y, packed, medians, mode, seed, offset, rho, s, bound, need_lik = inputs
+    ctx.save_for_backward(y, packed, medians)
+    ctx.args = (mode, seed, offset, rho, s, bound)
+    ctx.need_lik = need_lik
+
+
+def _backward_triton(ctx, g_y_hat, g_rate, g_lik):
+    y, packed, medians = ctx.saved_tensors
+    grad_y, gp = _bwd_triton(y, packed, medians, g_y_hat, g_rate, g_lik if ctx.need_lik else None,
+                             *ctx.args)
+    g_med = gp[_pack.MEDIAN_ROW] if medians is not None else None
+    return (grad_y, gp[:_pack.NUM_PACKED], g_med) + (None,) * 7
+
+
+_fwd_triton.register_autograd(_backward_triton, setup_context=_setup_triton)
+
+
+def run_fused(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor], mode: str, seed: int,
+              offset: int, rho: float, s: float, bound: float, need_likelihood: bool, deterministic: bool,
+              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused op on a resolved kernel backend: ``(y_hat, rate, likelihood or empty)``.
+    Checked arguments only (the public functional and the RDM bank call this)."""
+    if backend == "triton":
+        return _fwd_triton(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood)
+    return _fwd_op(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, deterministic,
+                   backend)
+
+
 # ----------------------------------------------------------------------------- public functional
 def _kernel_ok(y, matrices) -> bool:
     return y.dtype in _KERNEL_DTYPES and _pack.supports(matrices) and all(
@@ -183,8 +241,8 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
         med = None
     _ref_check_seed(seed, offset, y.numel())
     packed = _pack.pack_density(matrices, biases, factors)
-    y_hat, rate, lik = _fwd_op(y.contiguous(), packed, med, mode, seed, offset, float(rho), float(s),
-                               float(bound), bool(need_likelihood), bool(deterministic), be)
+    y_hat, rate, lik = run_fused(y.contiguous(), packed, med, mode, seed, offset, float(rho), float(s),
+                                 float(bound), bool(need_likelihood), bool(deterministic), be)
     return EntropyBottleneckOutput(y_hat, rate, lik if need_likelihood else None)
 
 

@@ -55,7 +55,7 @@ from ..reference import rdm as _ref
 from ..reference.philox import check_seed_offset
 from . import density_pack as _pack
 from .entropy_bottleneck import OP as _EB_OP
-from .entropy_bottleneck import _fwd_op as _eb_fwd_op
+from .entropy_bottleneck import run_fused as _eb_run_fused
 from .cifd_loss import cifd_loss as _cifd_loss
 
 OP = "rdm_bank"
@@ -248,7 +248,7 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
     zs = z.unbind(0)  # unbind's backward stacks the blocks' gradients (no zero-filled [N, B, L] each)
     for i in range(n):
         cols = slice(i * l, (i + 1) * l)
-        y_hat, rate, lik = _eb_fwd_op(
+        y_hat, rate, lik = _eb_run_fused(
             zs[i], packed[:, cols].contiguous(), med[cols] if med is not None else None, mode, seed,
             offset + i * batch * l, 0.0, 1.0, float(likelihood_bound), bool(need_likelihood), True, be)
         z_hats.append(y_hat)
