@@ -38,6 +38,14 @@ def _lam(lam) -> Optional[tuple[float, ...]]:
     return lam
 
 
+def _dropout_args(module: nn.Module, seed: Optional[int]) -> tuple[float, int]:
+    """KD-dropout for this call: ``(p_drop, seed)``; a seed is drawn only when dropout
+    is on (training mode, ``p_drop > 0``) and none was given; off, p_drop is 0."""
+    if module.training and module.p_drop > 0:
+        return module.p_drop, draw_seed() if seed is None else seed
+    return 0.0, 0 if seed is None else seed
+
+
 class CIFDLoss(nn.Module):
     """Stage-2 CIFD student loss (:func:`cifd_kernels.reference.cifd_loss.cifd_loss`).
 
@@ -87,12 +95,7 @@ class CIFDLoss(nn.Module):
 
         Returns ``(loss, terms)`` (see the functional). An empty batch raises ValueError.
         """
-        if self.training and self.p_drop > 0:
-            p_drop = self.p_drop
-            if seed is None:
-                seed = draw_seed()
-        else:
-            p_drop, seed = 0.0, 0 if seed is None else seed
+        p_drop, seed = _dropout_args(self, seed)
         return _ops.cifd_loss(student_logits, target_logits, labels, student_emb, target_embs, self.lam,
                               tau=self.tau, p_drop=p_drop, seed=seed, offset=offset, lam_ce=self.lam_ce,
                               lam_kl=self.lam_kl, w_emb=self.w_emb, dist=self.dist, ibm_rate=ibm_rate,
@@ -135,12 +138,7 @@ class CIFDEmbeddingLoss(nn.Module):
         contrast_emb ``[B, D]`` the embeddings InfoNCE pairs U with (required when
         ``lam_cl != 0``), ibm_rate ``[B]`` nats or None. Returns ``(loss, terms)``."""
         _resolve(self.backend, student_emb.device)
-        if self.training and self.p_drop > 0:
-            p_drop = self.p_drop
-            if seed is None:
-                seed = draw_seed()
-        else:
-            p_drop, seed = 0.0, 0 if seed is None else seed
+        p_drop, seed = _dropout_args(self, seed)
         return _ref.cifd_embedding_loss(student_emb, target_embs, contrast_emb, self.lam, dist=self.dist,
                                         w_emb=self.w_emb, p_drop=p_drop, seed=seed, offset=offset,
                                         ibm_rate=ibm_rate, lam_I=self.lam_I, lam_cl=self.lam_cl,
