@@ -18,13 +18,14 @@ with it), ``triton`` (GPU, or CPU under ``TRITON_INTERPRET=1``) and ``cpu`` (C++
 when ``_C`` has it); ``reference`` anywhere. The kernels take
 float32/float16/bfloat16; float64 goes to the reference under ``auto``.
 
-``auto`` on a GPU picks ``cuda``, then ``triton`` (the project-wide order of
-:mod:`cifd_kernels.backend`, kept for this op): the CUDA kernel is bitwise
-reproducible run to run (one block per row, fixed-order block sums, no atomics),
-needs neither Triton nor a JIT compile on first use, and makes the same two
-sweeps over each row as the Triton kernel. Both are
-memory-bound at CIFD's sizes; the GPU benchmark (benchmarks/bench_cifd_loss.py)
-is where a faster Triton would show, and ``backend="triton"`` stays available.
+``auto`` on a GPU picks ``cuda``, then ``triton``: the project-wide order of
+:mod:`cifd_kernels.backend`, kept for this op because the CUDA kernel needs
+neither Triton nor a JIT compile on first use (Triton specialises per K and
+dtype), reads each row as often as the Triton kernel does (two sweeps; the op is
+memory-bound at CIFD's sizes, so neither should win on traffic), and is bitwise
+reproducible run to run (one block per row, fixed-order block sums, no atomics).
+The GPU benchmark (benchmarks/bench_cifd_loss.py, providers ``cuda`` and
+``triton``) is where a faster Triton would show; ``backend="triton"`` stays available.
 """
 from __future__ import annotations
 
