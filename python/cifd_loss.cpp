@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-// cifd_C::cifd_loss_fwd: checks, then the raw CPU kernel (csrc/cpu/cifd_loss.cpp).
+// cifd_C::cifd_loss_fwd: checks, then the raw CPU or CUDA kernel
+// (csrc/cpu/cifd_loss.cpp, csrc/cuda/cifd_loss.cu).
 //
 //   cifd_loss_fwd(logits, targets, labels, emb, target_embs, lam, keep, nvalid, tau,
 //                 lam_ce, lam_kl, w_emb, dist, ignore_index)
@@ -9,8 +10,10 @@
 // bfloat16); labels [B] int64; emb [B, D] and target_embs [M, B, D] contiguous, one
 // dtype, or both empty (no embedding term); lam [M] float32; keep [M] uint8;
 // nvalid 0-dim float32 (#non-ignored labels clamped to >= 1); dist 0 mse,
-// 1 smooth_l1. Returns ce [B], kl [M, B], emb_terms [M, B] float32 per-sample
-// terms (tau^2 KL; 0 for dropped targets) and the gradients of the batch-mean loss
+// 1 smooth_l1. All on one device: the CPU, or one CUDA device (there at most
+// cifd::cuda::kCifdLossMaxTargets targets). Returns ce [B], kl [M, B], emb_terms
+// [M, B] float32 per-sample terms (tau^2 KL; 0 for dropped targets; emb_terms 0
+// without embeddings or with D = 0) and the gradients of the batch-mean loss
 // lam_ce sum(ce)/nvalid + lam_kl sum_m lam_m mean_b kl + w_emb sum_m lam_m mean_b emb
 // w.r.t. logits [B, K] and emb [B, D] (empty without embeddings), in their dtypes.
 #include <ATen/Parallel.h>
@@ -26,6 +29,12 @@
 #include "checks.h"
 #include "cifd/kernels.h"
 
+#ifdef CIFD_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
 namespace {
 
 cifd::EbDtype loss_dtype(const at::Tensor& t, const char* name) {
@@ -39,16 +48,23 @@ cifd::EbDtype loss_dtype(const at::Tensor& t, const char* name) {
   }
 }
 
-void check_cpu_contig(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+// Every tensor argument on `device` (logits' device) and contiguous.
+void check_on(const at::Tensor& t, const char* name, const at::Device& device) {
+  TORCH_CHECK(t.device() == device, name, " must be on ", device, " (logits' device), got ",
+              t.device());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
-    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& labels,
-    const at::Tensor& emb, const at::Tensor& target_embs, const at::Tensor& lam,
-    const at::Tensor& keep, const at::Tensor& nvalid, double tau, double lam_ce, double lam_kl,
-    double w_emb, int64_t dist, int64_t ignore_index) {
+struct Checked {
+  cifd::CifdLossProblem pr;
+  bool has_emb;
+};
+
+// Shapes, dtypes, devices and scalars, shared by the CPU and CUDA implementations.
+Checked check_args(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& labels,
+                   const at::Tensor& emb, const at::Tensor& target_embs, const at::Tensor& lam,
+                   const at::Tensor& keep, const at::Tensor& nvalid, double tau, double lam_ce,
+                   double lam_kl, double w_emb, int64_t dist, int64_t ignore_index) {
   TORCH_CHECK(logits.dim() == 2, "logits must be [B, K], got ", logits.sizes());
   const int64_t B = logits.size(0), K = logits.size(1);
   TORCH_CHECK(targets.dim() == 3 && targets.size(1) == B && targets.size(2) == K,
@@ -67,9 +83,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
               "nvalid must be one float32, got ", nvalid.scalar_type(), " ", nvalid.sizes());
   TORCH_CHECK(tau > 0 && std::isfinite(tau), "tau must be finite and > 0, got ", tau);
   TORCH_CHECK(dist == 0 || dist == 1, "dist must be 0 (mse) or 1 (smooth_l1), got ", dist);
+  const at::Device dev = logits.device();
   for (auto [t, name] : {std::pair{&logits, "logits"}, {&targets, "targets"}, {&labels, "labels"},
                          {&lam, "lam"}, {&keep, "keep"}, {&nvalid, "nvalid"}})
-    check_cpu_contig(*t, name);
+    check_on(*t, name, dev);
   const bool has_emb = emb.dim() == 2;  // "no embeddings" travels as a 1-D empty tensor
   int64_t D = 0;
   if (has_emb) {
@@ -80,8 +97,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
                 "target_embs must be [", M, ", ", B, ", ", D, "], got ", target_embs.sizes());
     TORCH_CHECK(target_embs.scalar_type() == emb.scalar_type(), "target_embs must have emb's dtype ",
                 emb.scalar_type(), ", got ", target_embs.scalar_type());
-    check_cpu_contig(emb, "emb");
-    check_cpu_contig(target_embs, "target_embs");
+    check_on(emb, "emb", dev);
+    check_on(target_embs, "target_embs", dev);
   }
   cifd::CifdLossProblem pr;
   pr.B = B;
@@ -96,22 +113,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
   pr.c_emb = B > 0 ? static_cast<float>(w_emb / static_cast<double>(B)) : 0.0f;
   pr.dist = static_cast<int>(dist);
   pr.ignore_index = ignore_index;
+  return {pr, has_emb};
+}
 
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// ce [B], kl [M, B], emb_terms [M, B] (zeros when there is no embedding term to
+// write: no embeddings, or D = 0), grad_logits, grad_emb (empty without embeddings).
+Outputs alloc_outputs(const Checked& c, const at::Tensor& logits, const at::Tensor& emb) {
+  const int64_t B = c.pr.B, M = c.pr.M;
   const auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor ce = at::empty({B}, f32);
-  at::Tensor kl = at::empty({M, B}, f32);
-  at::Tensor emb_terms = has_emb ? at::empty({M, B}, f32) : at::zeros({M, B}, f32);
-  at::Tensor grad_logits = at::empty_like(logits);
-  at::Tensor grad_emb = has_emb ? at::empty_like(emb) : at::empty({0}, logits.options());
-  cifd::cpu::cifd_loss_fwd(pr, logits.data_ptr(), targets.data_ptr(), labels.data_ptr<int64_t>(),
-                           has_emb ? emb.data_ptr() : nullptr,
-                           has_emb ? target_embs.data_ptr() : nullptr, lam.data_ptr<float>(),
-                           keep.data_ptr<uint8_t>(), nvalid.data_ptr<float>(), ce.data_ptr<float>(),
-                           kl.data_ptr<float>(), emb_terms.data_ptr<float>(),
-                           grad_logits.data_ptr(), has_emb ? grad_emb.data_ptr() : nullptr,
+  return {at::empty({B}, f32), at::empty({M, B}, f32),
+          c.pr.D > 0 ? at::empty({M, B}, f32) : at::zeros({M, B}, f32), at::empty_like(logits),
+          c.has_emb ? at::empty_like(emb) : at::empty({0}, logits.options())};
+}
+
+Outputs fwd_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& labels,
+                const at::Tensor& emb, const at::Tensor& target_embs, const at::Tensor& lam,
+                const at::Tensor& keep, const at::Tensor& nvalid, double tau, double lam_ce,
+                double lam_kl, double w_emb, int64_t dist, int64_t ignore_index) {
+  TORCH_CHECK(logits.device().is_cpu(), "logits must be a CPU tensor, got ", logits.device());
+  const Checked c = check_args(logits, targets, labels, emb, target_embs, lam, keep, nvalid, tau,
+                               lam_ce, lam_kl, w_emb, dist, ignore_index);
+  auto [ce, kl, emb_terms, grad_logits, grad_emb] = alloc_outputs(c, logits, emb);
+  const bool e = c.pr.D > 0;
+  cifd::cpu::cifd_loss_fwd(c.pr, logits.data_ptr(), targets.data_ptr(), labels.data_ptr<int64_t>(),
+                           e ? emb.data_ptr() : nullptr, e ? target_embs.data_ptr() : nullptr,
+                           lam.data_ptr<float>(), keep.data_ptr<uint8_t>(), nvalid.data_ptr<float>(),
+                           ce.data_ptr<float>(), kl.data_ptr<float>(), emb_terms.data_ptr<float>(),
+                           grad_logits.data_ptr(), e ? grad_emb.data_ptr() : nullptr,
                            at::get_num_threads());
   return {ce, kl, emb_terms, grad_logits, grad_emb};
 }
+
+#ifdef CIFD_WITH_CUDA
+Outputs fwd_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& labels,
+                 const at::Tensor& emb, const at::Tensor& target_embs, const at::Tensor& lam,
+                 const at::Tensor& keep, const at::Tensor& nvalid, double tau, double lam_ce,
+                 double lam_kl, double w_emb, int64_t dist, int64_t ignore_index) {
+  TORCH_CHECK(logits.device().is_cuda(), "logits must be a CUDA tensor, got ", logits.device());
+  const Checked c = check_args(logits, targets, labels, emb, target_embs, lam, keep, nvalid, tau,
+                               lam_ce, lam_kl, w_emb, dist, ignore_index);
+  TORCH_CHECK(c.pr.M <= cifd::cuda::kCifdLossMaxTargets, "targets: the CUDA kernel takes M <= ",
+              cifd::cuda::kCifdLossMaxTargets, " targets, got ", c.pr.M);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  auto [ce, kl, emb_terms, grad_logits, grad_emb] = alloc_outputs(c, logits, emb);
+  const bool e = c.pr.D > 0;
+  const int err = cifd::cuda::cifd_loss_fwd(
+      c.pr, logits.data_ptr(), targets.data_ptr(), labels.data_ptr<int64_t>(),
+      e ? emb.data_ptr() : nullptr, e ? target_embs.data_ptr() : nullptr, lam.data_ptr<float>(),
+      keep.data_ptr<uint8_t>(), nvalid.data_ptr<float>(), ce.data_ptr<float>(),
+      kl.data_ptr<float>(), emb_terms.data_ptr<float>(), grad_logits.data_ptr(),
+      e ? grad_emb.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_CHECK(static_cast<cudaError_t>(err));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {ce, kl, emb_terms, grad_logits, grad_emb};
+}
+#endif
 
 }  // namespace
 
@@ -124,3 +182,7 @@ TORCH_LIBRARY_FRAGMENT(cifd_C, m) {
 }
 
 TORCH_LIBRARY_IMPL(cifd_C, CPU, m) { m.impl("cifd_loss_fwd", &fwd_cpu); }
+
+#ifdef CIFD_WITH_CUDA
+TORCH_LIBRARY_IMPL(cifd_C, CUDA, m) { m.impl("cifd_loss_fwd", &fwd_cuda); }
+#endif

@@ -2,7 +2,9 @@
 """cifd::cifd_loss (the fused stage-2 loss) against the reference: loss, terms and the
 gradients to the student's logits and embedding; keep flags exact (same Philox bits);
 ignore_index rows; fp16/bf16 by the flash-attention rule; opcheck; torch.compile; the
-CIFDLoss module; fallbacks and errors."""
+CIFDLoss module; fallbacks and errors. The ``gpu`` tests at the end hold the CUDA
+kernel to the issue's grid (M in {1, 4}, K in {7, 1000, 32001}, B in {1, 3, 1025},
+odd D), to M past its register group of 8 targets, and to run-twice bit equality."""
 import pytest
 import torch
 
@@ -138,7 +140,11 @@ def test_noncontiguous_inputs(be, device):
 def test_half_inputs_flash_attention_rule(be, dtype, device):
     """Error vs the fp32 reference at most 2x (+eps) the eager reference's own error in dtype."""
     _skip_unless(be, device)
-    inp32, lam = _inputs(4, 9, 300, 50, device, seed=4)
+    _check_half(be, dtype, device, 4, 9, 300, 50)
+
+
+def _check_half(be, dtype, device, M, B, K, D):
+    inp32, lam = _inputs(M, B, K, D, device, seed=4)
     inp_h = {k: (v.detach().to(dtype).requires_grad_(v.requires_grad)
                  if v is not None and v.is_floating_point() else v) for k, v in inp32.items()}
     kw = dict(p_drop=0.25, seed=2, dist="smooth_l1")
@@ -231,3 +237,126 @@ def test_fallbacks_and_errors():
     with pytest.raises(ValueError, match="empty batch"):
         cifd_loss(torch.zeros(0, 5), torch.zeros(2, 0, 5), torch.zeros(0, dtype=torch.long), lam=lam,
                   backend=be)
+
+
+@pytest.mark.parametrize("be", KERNELS)
+def test_zero_width_embedding(be, device):
+    """D = 0: every distortion is an empty sum (0), the embedding gradient is [B, 0]."""
+    _skip_unless(be, device)
+    inp, lam = _inputs(2, 4, 9, 0, device)
+    _compare(be, inp, lam, device, p_drop=0.0)
+
+
+# ----------------------------------------------------------------------------- CUDA kernel
+def _mixed_seed(M, p_drop, offset):
+    """The first seed whose keep flags drop some targets and keep others (M > 1)."""
+    for seed in range(100):
+        keep = ref.kd_keep_flags(M, seed, offset, p_drop)
+        if M == 1 or (keep.any() and not keep.all()):
+            return seed
+    raise AssertionError("no mixed keep flags in 100 seeds")
+
+
+# The issue's grid; dist alternates (both are covered at every K by test_matches_reference).
+CUDA_GRID = [(M, B, K, ref.DISTORTIONS[i % 2]) for i, (M, B, K) in enumerate(
+    (M, B, K) for M in (1, 4) for B in (1, 3, 1025) for K in (7, 1000, 32001))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,B,K,dist", CUDA_GRID)
+def test_cuda_grid_matches_reference(M, B, K, dist):
+    _skip_unless("cuda", "cuda")
+    p = 0.5 if M > 1 else 0.0
+    seed = _mixed_seed(M, p, 3)
+    inp, lam = _inputs(M, B, K, 37, "cuda", seed=M + B + K)
+    _compare("cuda", inp, lam, "cuda", tau=2.0, p_drop=p, seed=seed, offset=3, dist=dist,
+             lam_ce=0.7, lam_kl=1.3, w_emb=100.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [9, 17])
+@pytest.mark.parametrize("K,D", [(7, 3), (1000, 101)])
+def test_cuda_many_targets(M, K, D):
+    """M past the kernel's register group of 8 (extra sweeps for lse, KL and distortions),
+    with dropped targets in every group holding NaN/inf that must never be read."""
+    _skip_unless("cuda", "cuda")
+    p = 0.4
+    seed = _mixed_seed(M, p, 0)
+    keep = ref.kd_keep_flags(M, seed, 0, p)
+    inp, lam = _inputs(M, 5, K, D, "cuda", seed=M)
+    with torch.no_grad():
+        for name in ("target_logits", "target_embs"):
+            inp[name][~keep.cuda()] = float("nan")
+    _compare("cuda", inp, lam, "cuda", p_drop=p, seed=seed, dist="smooth_l1")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,B,K,D", [(4, 3, 32001, 37), (1, 1025, 7, 37), (4, 1025, 1000, 101)])
+def test_cuda_half_types(dtype, M, B, K, D):
+    _skip_unless("cuda", "cuda")
+    _check_half("cuda", dtype, "cuda", M, B, K, D)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K", [7, 1000, 32001])
+def test_cuda_deterministic_bits(K):
+    """Run twice: the same bits. A row's terms depend on that row only (not on the batch)."""
+    _skip_unless("cuda", "cuda")
+    M, B, D = 4, 1025, 37
+    inp, lam = _inputs(M, B, K, D, "cuda", seed=K)
+    z, t, y = inp["student_logits"].detach(), inp["target_logits"], inp["labels"]
+    u, x = inp["student_emb"].detach(), inp["target_embs"]
+    lam_t = torch.tensor(lam, device="cuda")
+    keep = torch.tensor([1, 0, 1, 1], dtype=torch.uint8, device="cuda")
+
+    def raw(z, t, y, u, x):
+        nvalid = (y != IGNORE).sum().clamp_min(1).float()
+        return torch.ops.cifd_C.cifd_loss_fwd(z, t, y, u, x, lam_t, keep, nvalid, 2.0, 1.0, 1.0,
+                                              100.0, 1, IGNORE)
+    a, b = raw(z, t, y, u, x), raw(z, t, y, u, x)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+    rows = torch.tensor([0, 1, 700, B - 1], device="cuda")
+    sub = raw(z[rows].contiguous(), t[:, rows].contiguous(), y[rows], u[rows].contiguous(),
+              x[:, rows].contiguous())
+    assert torch.equal(sub[0], a[0][rows])  # ce
+    assert torch.equal(sub[1], a[1][:, rows])  # kl
+    assert torch.equal(sub[2], a[2][:, rows])  # distortions
+    loss_a, _ = cifd_loss(**inp, lam=lam, p_drop=0.5, seed=1, backend="cuda")
+    loss_b, _ = cifd_loss(**inp, lam=lam, p_drop=0.5, seed=1, backend="cuda")
+    assert torch.equal(loss_a, loss_b)
+
+
+@pytest.mark.gpu
+def test_cuda_is_auto_on_gpu():
+    _skip_unless("cuda", "cuda")
+    assert _backend.resolve("cifd_loss", "auto", torch.device("cuda")) == "cuda"
+    inp, lam = _inputs(3, 6, 50, 9, "cuda")
+    a, _ = cifd_loss(**inp, lam=lam, p_drop=0.5, seed=2, backend="auto")
+    b, _ = cifd_loss(**inp, lam=lam, p_drop=0.5, seed=2, backend="cuda")
+    assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_cuda_limits_and_argument_errors():
+    _skip_unless("cuda", "cuda")
+    M = 1025  # past cifd::cuda::kCifdLossMaxTargets
+    inp, _ = _inputs(M, 1, 3, 2, "cuda", ignore=False)
+    lam = [1.0] * M
+    with pytest.raises(BackendUnavailableError, match="at most 1024 targets"):
+        cifd_loss(**inp, lam=lam, p_drop=0.0, backend="cuda")
+    loss, _ = cifd_loss(**inp, lam=lam, p_drop=0.0, backend="auto")  # the reference takes it
+    assert torch.isfinite(loss)
+    inp, lam = _inputs(2, 3, 5, 4, "cuda")
+    z, t, y = inp["student_logits"].detach(), inp["target_logits"], inp["labels"]
+    lam_t = torch.tensor(lam, device="cuda")
+    keep = torch.ones(2, dtype=torch.uint8, device="cuda")
+    nvalid = torch.ones((), device="cuda")
+    none = z.new_empty((0,))
+    with pytest.raises(RuntimeError, match="labels must be on cuda"):
+        torch.ops.cifd_C.cifd_loss_fwd(z, t, y.cpu(), none, none, lam_t, keep, nvalid, 2.0, 1.0,
+                                       1.0, 1.0, 0, IGNORE)
+    with pytest.raises(RuntimeError, match="targets must be contiguous"):
+        torch.ops.cifd_C.cifd_loss_fwd(z, t.transpose(0, 1).contiguous().transpose(0, 1), y, none,
+                                       none, lam_t, keep, nvalid, 2.0, 1.0, 1.0, 1.0, 0, IGNORE)

@@ -13,9 +13,19 @@ kernels give them no gradient. ``auto`` sends a call in which any of them
 requires grad to the reference (which differentiates them); a named kernel
 backend raises. The IBM rate term ([B]) is plain torch and differentiable.
 
-Backends: ``triton`` (GPU, or CPU under ``TRITON_INTERPRET=1``) and ``cpu``
-(C++, when ``cifd_kernels._C`` has it); ``reference`` anywhere. The kernels take
+Backends: ``cuda`` (csrc/cuda/cifd_loss.cu, when ``cifd_kernels._C`` was built
+with it), ``triton`` (GPU, or CPU under ``TRITON_INTERPRET=1``) and ``cpu`` (C++,
+when ``_C`` has it); ``reference`` anywhere. The kernels take
 float32/float16/bfloat16; float64 goes to the reference under ``auto``.
+
+``auto`` on a GPU picks ``cuda``, then ``triton``: the project-wide order of
+:mod:`cifd_kernels.backend`, kept for this op because the CUDA kernel needs
+neither Triton nor a JIT compile on first use (Triton specialises per K and
+dtype), reads each row as often as the Triton kernel does (two sweeps; the op is
+memory-bound at CIFD's sizes, so neither should win on traffic), and is bitwise
+reproducible run to run (one block per row, fixed-order block sums, no atomics).
+The GPU benchmark (benchmarks/bench_cifd_loss.py, providers ``cuda`` and
+``triton``) is where a faster Triton would show; ``backend="triton"`` stays available.
 """
 from __future__ import annotations
 
@@ -42,6 +52,15 @@ def _has_cpu_kernel() -> bool:
     return mod is not None and hasattr(torch.ops.cifd_C, "cifd_loss_fwd")
 
 
+def _has_cuda_kernel() -> bool:
+    # A _C built with CUDA but before csrc/cuda/cifd_loss.cu has the op without a CUDA kernel.
+    return (_has_cpu_kernel() and getattr(_backend.ext(), "WITH_CUDA", False)
+            and torch._C._dispatch_has_kernel_for_dispatch_key("cifd_C::cifd_loss_fwd", "CUDA"))
+
+
+_CUDA_MAX_TARGETS = 1024  # cifd::cuda::kCifdLossMaxTargets (csrc/include/cifd/kernels.h)
+
+
 # ----------------------------------------------------------------------------- custom op
 @torch.library.custom_op("cifd::cifd_loss", mutates_args=())
 def _fwd_op(student_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
@@ -56,7 +75,7 @@ def _fwd_op(student_logits: torch.Tensor, target_logits: torch.Tensor, labels: t
         ce_b, kl_mb, emb_mb, gz, gu = _triton().cifd_loss_fwd(
             student_logits, target_logits, labels, student_emb, target_embs, lam, keep, nvalid,
             tau, lam_ce, lam_kl, w_emb, dist, ignore_index)
-    else:
+    else:  # "cpu" or "cuda": cifd_C::cifd_loss_fwd dispatches on the tensors' device
         none = student_logits.new_empty((0,))
         # The raw kernel takes the targets in the student's dtypes (a no-op in training).
         ce_b, kl_mb, emb_mb, gz, gu = torch.ops.cifd_C.cifd_loss_fwd(
@@ -155,6 +174,8 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
             why = "float32/float16/bfloat16 inputs"
         elif not _frozen(lam, target_logits, target_embs):
             why = "frozen targets and lam (none requiring grad)"
+        elif be == "cuda" and target_logits.dim() == 3 and target_logits.shape[0] > _CUDA_MAX_TARGETS:
+            why = f"at most {_CUDA_MAX_TARGETS} targets"
         if why is not None:
             if named:
                 raise _backend.BackendUnavailableError(f"{OP}: backend {be!r} needs {why}")
@@ -207,3 +228,5 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
 _backend.register(OP, "triton")
 if _has_cpu_kernel():
     _backend.register(OP, "cpu")
+if _has_cuda_kernel():
+    _backend.register(OP, "cuda")

@@ -86,14 +86,14 @@ CIFD_HDI void row(const Ctx& c, int64_t b, const Scratch& sc) {
   float* zs = sc.zs;
   float* acc = sc.acc;
   const int64_t label = c.labels[b];
-  const bool row_ok = label != pr.ignore_index;
-  const bool in_range = row_ok && label >= 0 && label < K;  // not range-checked upstream (no sync)
+  const bool row_ok = losses::label_counts(label, pr.ignore_index);
+  const bool in_range = losses::label_in_range(label, K, pr.ignore_index);
   to_float<EL>(static_cast<const TL*>(c.logits) + b * K, z, K);
 #pragma omp simd
   for (int64_t j = 0; j < K; ++j) zs[j] = z[j];
   const float lse_1 = scaled_lse(z, K, 1.0f);
   const float lse_s = scaled_lse(zs, K, c.inv_tau);
-  c.ce[b] = row_ok ? lse_1 - (in_range ? z[label] : 0.0f) : 0.0f;
+  c.ce[b] = losses::ce_value(lse_1, in_range ? z[label] : 0.0f, row_ok, in_range);
 
   // zs becomes log p_S; acc collects sum_m w_m p_m
 #pragma omp simd
@@ -115,7 +115,7 @@ CIFD_HDI void row(const Ctx& c, int64_t b, const Scratch& sc) {
     for (int64_t j = 0; j < K; ++j) {
       const float lp = tm[j] - lse_t;
       const float p = exp_f(lp);
-      s += p * (lp - zs[j]);
+      s += losses::kl_term(p, lp, zs[j]);
       acc[j] += wm * p;
     }
     c.kl[m * B + b] = c.tau2 * s;
@@ -123,7 +123,8 @@ CIFD_HDI void row(const Ctx& c, int64_t b, const Scratch& sc) {
   const float c_ce = row_ok ? c.c_ce_all : 0.0f;
   const float c_kl = pr.c_kl, w_sum = c.w_sum;
 #pragma omp simd
-  for (int64_t j = 0; j < K; ++j) z[j] = c_ce * exp_f(z[j] - lse_1) + c_kl * (w_sum * exp_f(zs[j]) - acc[j]);
+  for (int64_t j = 0; j < K; ++j)
+    z[j] = losses::logit_grad(exp_f(z[j] - lse_1), exp_f(zs[j]), acc[j], c_ce, c_kl, w_sum);
   if (in_range) z[label] -= c_ce;
   from_float<EL>(z, static_cast<TL*>(c.grad_logits) + b * K, K);
 
@@ -195,7 +196,7 @@ void run(const CifdLossProblem& pr, const void* logits, const void* targets,
   std::vector<float> w(M);
   float w_sum = 0.0f;
   for (int64_t m = 0; m < M; ++m) {
-    w[m] = keep[m] ? lam[m] : 0.0f;
+    w[m] = losses::target_weight(keep[m] != 0, lam[m]);
     w_sum += w[m];
   }
   const Ctx c{&pr, logits, targets, emb, target_embs, labels, keep, w.data(), w_sum,

@@ -123,4 +123,21 @@ void cifd_loss_fwd(const CifdLossProblem& pr, const void* logits, const void* ta
                    int num_threads);
 
 }  // namespace cpu
+
+namespace cuda {
+
+// Largest M the CUDA kernel takes (its per-target scalars sit in shared memory).
+constexpr int64_t kCifdLossMaxTargets = 1024;
+
+// The CPU kernel's contract on device pointers, enqueued on `stream` (a
+// cudaStream_t); returns a cudaError_t as int (cudaErrorInvalidValue for M outside
+// [1, kCifdLossMaxTargets]). One block per row: no workspace, no atomics, and a
+// row's results depend only on that row's inputs and on (K, D), so they are
+// bitwise reproducible.
+int cifd_loss_fwd(const CifdLossProblem& pr, const void* logits, const void* targets,
+                  const int64_t* labels, const void* emb, const void* target_embs,
+                  const float* lam, const uint8_t* keep, const float* nvalid, float* ce,
+                  float* kl, float* emb_terms, void* grad_logits, void* grad_emb, void* stream);
+
+}  // namespace cuda
 }  // namespace cifd
