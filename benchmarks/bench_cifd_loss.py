@@ -7,6 +7,8 @@ Providers:
   calling the reference's per-sample functions (``kl_tau``, ``distortion``,
   ``cross_entropy``) and summing their batch means (the baseline);
 * ``reference``: :func:`cifd_kernels.reference.cifd_loss.cifd_loss` (batched over M);
+* ``compiled``: ``torch.compile`` of the eager sum, its keep flags drawn outside the
+  graph (Inductor does not finish compiling the reference's in-graph Philox arithmetic);
 * ``cpu`` / ``cuda`` / ``triton``: :func:`cifd_kernels.ops.cifd_loss.cifd_loss` with
   that backend (one fused pass that also writes the gradients); skipped where the
   op has no such kernels or they cannot run here (Triton: CUDA GPUs only).
@@ -19,6 +21,7 @@ training forward, ``full`` forward + backward with a random ``grad_output``.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 
 import pytest
@@ -30,7 +33,7 @@ from cifd_kernels.reference import cifd_loss as ref
 OP = "cifd_loss"
 SEED = 0x5EED
 SHAPES = ((4, 1024, 1000, 512),)  # (M, B, K, D)
-PROVIDERS = ("eager", "reference", "cpu", "cuda", "triton")
+PROVIDERS = ("eager", "reference", "compiled", "cpu", "cuda", "triton")
 MODES = ("fwd", "full")
 DTYPES = (torch.float32,)
 HP = dict(tau=2.0, p_drop=0.25, seed=SEED, offset=0, lam_ce=1.0, lam_kl=1.0, w_emb=100.0, dist="mse",
@@ -47,12 +50,21 @@ except ModuleNotFoundError as e:
 def _eager(z, t, y, u, x, lam, rate):
     """Sum of per-target losses, one target at a time, from the reference's per-sample functions."""
     keep = ref.kd_keep_flags(t.shape[0], HP["seed"], HP["offset"], HP["p_drop"], device=z.device)
+    return _eager_with_keep(z, t, y, u, x, lam, rate, keep)
+
+
+def _eager_with_keep(z, t, y, u, x, lam, rate, keep):
     loss = HP["lam_ce"] * ref.cross_entropy(z, y, HP["ignore_index"]).mean()
     for m in range(t.shape[0]):
         per_target = (HP["lam_kl"] * ref.kl_tau(t[m], z, HP["tau"]).mean()
                       + HP["w_emb"] * ref.distortion(u, x[m], HP["dist"]).mean())
         loss = loss + torch.where(keep[m], lam[m] * per_target, 0.0)
     return loss + HP["lam_I"] * rate.mean()
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled():
+    return torch.compile(_eager_with_keep)
 
 
 def _bytes(mode: str, M: int, B: int, K: int, D: int, elt: int) -> int:
@@ -76,6 +88,11 @@ def _setup(provider: str, shape, dtype, device):
     if provider == "eager":
         lam_t = torch.tensor(lam, device=device)
         return (lambda: _eager(z, t, y, u, x, lam_t, rate)), [z, u]
+    if provider == "compiled":
+        lam_t = torch.tensor(lam, device=device)
+        keep = ref.kd_keep_flags(M, HP["seed"], HP["offset"], HP["p_drop"], device=device)
+        fn = _compiled()
+        return (lambda: fn(z, t, y, u, x, lam_t, rate, keep)), [z, u]
     if provider == "reference":
         return (lambda: ref.cifd_loss(z, t, y, u, x, lam, ibm_rate=rate, **HP)[0]), [z, u]
     return (lambda: ops.cifd_loss(z, t, y, u, x, lam, ibm_rate=rate, backend=provider, **HP)[0]), [z, u]
@@ -87,9 +104,10 @@ def _setup(provider: str, shape, dtype, device):
 @pytest.mark.parametrize("mode", MODES)
 def test_cifd_loss(bench, mode, shape, provider, dtype):
     if provider not in ("eager", "reference"):
-        bench.require(provider, OP)
+        bench.require(provider, OP if provider != "compiled" else None)
     forward, leaves = _setup(provider, shape, dtype, bench.device)
-    fn = mode_fn(mode, forward, leaves)
+    fn = mode_fn(mode, forward, leaves, retain_graph=provider != "compiled")
     elt = torch.empty((), dtype=dtype).element_size()
     bench.run(fn, op=OP, provider=provider, shape=shape, mode=mode, dtype=dtype,
-              bytes_moved=_bytes(mode, *shape, elt), baseline="eager")
+              bytes_moved=_bytes(mode, *shape, elt), baseline="eager",
+              warmup=1 if provider == "compiled" else None)

@@ -360,3 +360,56 @@ def test_cuda_limits_and_argument_errors():
     with pytest.raises(RuntimeError, match="targets must be contiguous"):
         torch.ops.cifd_C.cifd_loss_fwd(z, t.transpose(0, 1).contiguous().transpose(0, 1), y, none,
                                        none, lam_t, keep, nvalid, 2.0, 1.0, 1.0, 1.0, 0, IGNORE)
+
+
+# --------------------------------------------------------------------------- embedding-only (CLIP setting)
+@pytest.mark.parametrize("be", KERNELS)
+@pytest.mark.parametrize("dist,p_drop,lam_cl", [("mse", 0.0, 0.005), ("smooth_l1", 0.4, 0.0)])
+def test_embedding_loss_matches_reference(be, dist, p_drop, lam_cl, device):
+    """The fused embedding terms (same kernel, logit part off) + plain-torch InfoNCE and rate
+    equal the reference: loss, terms, keep flags and the gradient to U and to the contrast."""
+    from cifd_kernels.ops.cifd_loss import cifd_embedding_loss
+    _skip_unless(be, device)
+    g = torch.Generator().manual_seed(31)
+    B, D, M = 7, 19, 4
+    u = torch.randn(B, D, generator=g).to(device).requires_grad_()
+    x = (u.detach()[None] + 0.8 * torch.randn(M, B, D, generator=g).to(device))
+    c = torch.randn(B, D, generator=g).to(device).requires_grad_()
+    rate = torch.rand(B, generator=g).to(device).requires_grad_()
+    lam = [1.0, 0.5, 0.25, 2.0]
+    kw = dict(dist=dist, w_emb=3.0, p_drop=p_drop, seed=5, offset=2, ibm_rate=rate, lam_I=0.01,
+              lam_cl=lam_cl)
+    out = {}
+    for name in ("reference", be):
+        loss, terms = cifd_embedding_loss(u, x, c, lam, backend=name, **kw)
+        wrt = [u, rate] + ([c] if lam_cl else [])
+        out[name] = loss, terms, torch.autograd.grad(loss * 1.3, wrt)
+    want, got = out["reference"], out[be]
+    assert torch.equal(got[1]["keep"], want[1]["keep"])
+    if p_drop:
+        assert not bool(want[1]["keep"].all())  # the seed drops at least one target
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for k in ("emb", "rate", "nce"):
+        torch.testing.assert_close(got[1][k], want[1][k], rtol=1e-5, atol=1e-5)
+    for a, b in zip(got[2], want[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_loss_module_uses_kernels_and_errors():
+    from cifd_kernels.nn.cifd_loss import CIFDEmbeddingLoss
+    from cifd_kernels.ops.cifd_loss import cifd_embedding_loss
+    u = torch.randn(5, 6, requires_grad=True)
+    x = torch.randn(2, 5, 6)
+    m = CIFDEmbeddingLoss(lam=[1.0, 0.5], lam_cl=0.0, backend="reference")
+    want = m(u, x)[0]
+    for be in ("cpu", "triton"):
+        if be not in _backend.implemented("cifd_loss") or not _backend.status(be, "cpu")[0]:
+            continue
+        m.backend = be
+        torch.testing.assert_close(m(u, x)[0], want)
+    with pytest.raises(ValueError, match="contrast_emb is required"):
+        cifd_embedding_loss(u, x, None, lam_cl=0.1, backend="auto")
+    with pytest.raises(ValueError, match="M = 0 targets"):
+        cifd_embedding_loss(u, x[:0], None, lam_cl=0.0, backend="auto")
+    with pytest.raises(BackendUnavailableError, match="frozen targets"):
+        cifd_embedding_loss(u, x.requires_grad_(), None, lam_cl=0.0, backend="triton")

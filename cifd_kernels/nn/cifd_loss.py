@@ -18,15 +18,7 @@ from ..ops import cifd_loss as _ops
 from ..reference import cifd_loss as _ref
 from ..reference.philox import draw_seed
 
-_OP = "cifd_loss"
-
 __all__ = ["CIFDLoss", "CIFDEmbeddingLoss"]
-
-
-def _resolve(backend: Optional[str], device) -> str:
-    """The backend that runs ``cifd_loss`` here (the fused kernels register with
-    :mod:`cifd_kernels.ops.cifd_loss`; ``cifd_embedding_loss`` has only the reference)."""
-    return _backend.resolve(_OP, backend, device)
 
 
 def _lam(lam) -> Optional[tuple[float, ...]]:
@@ -137,12 +129,11 @@ class CIFDEmbeddingLoss(nn.Module):
         """student_emb ``[B, D]`` (post-IBM U), target_embs ``[M, B, D]`` (teacher first),
         contrast_emb ``[B, D]`` the embeddings InfoNCE pairs U with (required when
         ``lam_cl != 0``), ibm_rate ``[B]`` nats or None. Returns ``(loss, terms)``."""
-        _resolve(self.backend, student_emb.device)
         p_drop, seed = _dropout_args(self, seed)
-        return _ref.cifd_embedding_loss(student_emb, target_embs, contrast_emb, self.lam, dist=self.dist,
+        return _ops.cifd_embedding_loss(student_emb, target_embs, contrast_emb, self.lam, dist=self.dist,
                                         w_emb=self.w_emb, p_drop=p_drop, seed=seed, offset=offset,
                                         ibm_rate=ibm_rate, lam_I=self.lam_I, lam_cl=self.lam_cl,
-                                        temperature=self.temperature)
+                                        temperature=self.temperature, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"lam={self.lam}, dist={self.dist}, w_emb={self.w_emb}, p_drop={self.p_drop}, "

@@ -210,7 +210,7 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
     check_seed_offset(seed, offset, m)
 
     lam_t = _ref._check_lam(lam, m, ref.device, torch.float32).detach()
-    keep = _ref.kd_keep_flags(m, seed, offset, p_drop, device=ref.device)
+    keep = _keep_flags(m, seed, offset, p_drop, ref.device)
     loss, ce, kl, emb, _, _ = _fwd_op(student_logits, target_logits.detach(), labels,
                                       student_emb, target_embs.detach() if target_embs is not None else None,
                                       lam_t, keep, float(tau), float(lam_ce), float(lam_kl), float(w_emb),
@@ -222,6 +222,92 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
         rate = torch.zeros((), dtype=torch.float32, device=ref.device)
     terms = {"ce": ce.detach(), "kl": kl.detach(), "emb": emb.detach(), "keep": keep, "rate": rate,
              "loss": loss}
+    return loss, terms
+
+
+def _keep_flags(m: int, seed: int, offset: int, p_drop: float, device) -> torch.Tensor:
+    """The reference's :func:`~cifd_kernels.reference.cifd_loss.kd_keep_flags`, drawn by the
+    ``cifd::philox_keep_mask`` op (same bits, one kernel instead of ~40 small int64 ops);
+    with ``p_drop = 0`` every flag is 1 (U >= 0 always), so nothing is drawn."""
+    if p_drop == 0.0:
+        return torch.ones(m, dtype=torch.bool, device=device)
+    from .philox import philox_keep_mask
+    return philox_keep_mask((m,), seed, offset, p_drop, device=device)
+
+
+def _pick(backend: Optional[str], device, why_of) -> str:
+    be = _backend.resolve(OP, backend, device)
+    if be != "reference":
+        why = why_of(be)
+        if why is not None:
+            if backend is not None and _backend.check_backend_name(backend) != "auto":
+                raise _backend.BackendUnavailableError(f"{OP}: backend {be!r} needs {why}")
+            be = "reference"
+    return be
+
+
+def cifd_embedding_loss(student_emb: torch.Tensor, target_embs: torch.Tensor,
+                        contrast_emb: Optional[torch.Tensor] = None,
+                        lam: Union[Sequence[float], torch.Tensor, None] = None, *, dist: str = "mse",
+                        w_emb: float = 1.0, p_drop: float = 0.0, seed: int = 0, offset: int = 0,
+                        ibm_rate: Optional[torch.Tensor] = None, lam_I: float = 0.005,
+                        lam_cl: float = 0.005, temperature: float = 0.07, backend: Optional[str] = None):
+    """Embedding-only CIFD loss (the paper's CLIP setting), same math, arguments and return
+    as :func:`cifd_kernels.reference.cifd_loss.cifd_embedding_loss`, plus ``backend``::
+
+        L = w_emb * sum_m lam_m k_m dist(U, X_m) + lam_I * rate_I + lam_cl * InfoNCE(U, contrast_emb)
+
+    The embedding terms run through the same fused kernel as :func:`cifd_loss` (one pass
+    over U writing its gradient; the logit part is switched off: a width-1 dummy row,
+    every label ignored, ``lam_ce = lam_kl = 0``). InfoNCE (a [B, B] similarity GEMM on
+    L2-normalised embeddings) and the rate are plain torch and differentiable. On the
+    kernel paths ``emb`` is detached (values only)."""
+    _ref.check_tensor("student_emb", student_emb, ndim=2)
+
+    def why_of(be):
+        if not _kernel_ok(student_emb, target_embs):
+            return "float32/float16/bfloat16 inputs"
+        if not _frozen(lam, target_embs):
+            return "frozen targets and lam (none requiring grad)"
+        if be == "cuda" and target_embs.dim() == 3 and target_embs.shape[0] > _CUDA_MAX_TARGETS:
+            return f"at most {_CUDA_MAX_TARGETS} targets"
+        return None
+
+    be = _pick(backend, student_emb.device, why_of)
+    kw = dict(dist=dist, w_emb=w_emb, p_drop=p_drop, seed=seed, offset=offset, ibm_rate=ibm_rate,
+              lam_I=lam_I, lam_cl=lam_cl, temperature=temperature)
+    if be == "reference":
+        return _ref.cifd_embedding_loss(student_emb, target_embs, contrast_emb, lam, **kw)
+    # The reference's checks, on metadata only (InfoNCE's below, in the reference function).
+    _ref.check_tensor("target_embs", target_embs, ndim=3)
+    _ref.check_prob(p_drop)
+    _ref.check_dist(dist)
+    batch, m = student_emb.shape[0], target_embs.shape[0]
+    if m == 0:
+        raise ValueError("target_embs has M = 0 targets; the teacher comes first")
+    ref = student_emb
+    _ref._check_rate(ibm_rate, batch, "student_emb", ref)
+    if lam_cl != 0 and contrast_emb is None:
+        raise ValueError("contrast_emb is required when lam_cl != 0 (the embeddings "
+                         "InfoNCE pairs student_emb with)")
+    _ref._check_embeddings(student_emb, target_embs, m, batch, "student_emb", ref)
+    _ref.check_nonempty("student_emb", batch)
+    check_seed_offset(seed, offset, m)
+
+    lam_t = _ref._check_lam(lam, m, ref.device, torch.float32).detach()
+    keep = _keep_flags(m, seed, offset, p_drop, ref.device)
+    ignore = -100
+    z = ref.new_zeros((batch, 1))
+    labels = torch.full((batch,), ignore, dtype=torch.long, device=ref.device)
+    loss, _, _, emb, _, _ = _fwd_op(z, ref.new_zeros((m, batch, 1)), labels, student_emb, target_embs.detach(),
+                                    lam_t, keep, 1.0, 0.0, 0.0, float(w_emb), dist, ignore, be)
+    rate = ibm_rate.float().mean() if ibm_rate is not None else torch.zeros((), device=ref.device)
+    if lam_cl != 0:
+        nce = _ref.info_nce(student_emb, contrast_emb, temperature).float().mean()
+    else:
+        nce = torch.zeros((), device=ref.device)
+    loss = loss + lam_I * rate + lam_cl * nce
+    terms = {"emb": emb.detach(), "keep": keep, "rate": rate, "nce": nce, "loss": loss}
     return loss, terms
 
 
