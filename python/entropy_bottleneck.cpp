@@ -8,15 +8,17 @@
 //                          mode, seed, offset, rho, s, bound, deterministic)
 //                          -> (grad_y, grad_packed)
 //
-// y [N, C, *spatial] contiguous float32/float16/bfloat16; packed [58, C] float32
-// (cifd_kernels/ops/density_pack.py); medians [C] float32 in mode 1 (dequantize),
-// ignored otherwise (pass an empty tensor); mode 0 noise, 1 dequantize, 2 none.
-// y_hat: y's dtype and shape; rate [N] float32 nats over kept elements;
-// likelihood float32 in y's shape, or an empty tensor unless need_likelihood.
-// Backward: grad_y_hat (y's dtype and shape), grad_rate ([N] float32) and
-// grad_likelihood (float32, y's shape) may each be an empty tensor (= zero); all
-// contiguous. grad_y: y's dtype and shape; grad_packed [59, C] float32 (row 58:
-// medians, dequantize mode; zero otherwise).
+// y [N, C, *spatial] contiguous float32/float16/bfloat16, or float64 on the CPU;
+// packed [58, C] (cifd_kernels/ops/density_pack.py) in the compute dtype
+// (float64 for float64 y, else float32); medians [C] in the compute dtype in mode
+// 1 (dequantize), ignored otherwise (pass an empty tensor); mode 0 noise, 1
+// dequantize, 2 none. y_hat: y's dtype and shape; rate [N] nats over kept
+// elements and likelihood (y's shape, or an empty tensor unless need_likelihood)
+// in the compute dtype. Backward: grad_y_hat (y's dtype and shape), grad_rate
+// ([N]) and grad_likelihood (y's shape), both in the compute dtype, may each be
+// an empty tensor (= zero); all contiguous. grad_y: y's dtype and shape;
+// grad_packed [59, C] in the compute dtype (row 58: medians, dequantize mode;
+// zero otherwise).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -44,27 +46,42 @@ using cifd_bind::check_u63;
 constexpr int64_t kNumPacked = 58;
 constexpr int64_t kNumGrad = 59;
 
+// y's storage type for the kernels; float64 (CPU only) is handled by the
+// float64 entry points and reported as kFloat32 here (EbProblem.dtype is not read).
 cifd::EbDtype eb_dtype(const at::Tensor& y) {
   switch (y.scalar_type()) {
     case at::kFloat: return cifd::EbDtype::kFloat32;
     case at::kHalf: return cifd::EbDtype::kFloat16;
     case at::kBFloat16: return cifd::EbDtype::kBFloat16;
+    case at::kDouble:
+      TORCH_CHECK(y.device().is_cpu(),
+                  "y must be float32, float16 or bfloat16 on CUDA, got Double (float64 runs on "
+                  "the CPU kernel or the reference backend)");
+      return cifd::EbDtype::kFloat32;
     default:
-      TORCH_CHECK(false, "y must be float32, float16 or bfloat16, got ", y.scalar_type(),
-                  " (float64 is not supported by the fused kernels; the reference backend handles it)");
+      TORCH_CHECK(false, "y must be float32, float16 or bfloat16 (or float64 on the CPU), got ",
+                  y.scalar_type());
   }
 }
 
-// Checks shared by forward and backward; returns the problem description.
-cifd::EbProblem check_common(const at::Tensor& y, const at::Tensor& packed,
-                             const at::Tensor& medians, int64_t mode, int64_t seed,
-                             int64_t offset, double rho, double s, double bound) {
+// Everything forward and backward share, checked once: the problem and the
+// compute dtype (float64 for float64 y, else float32).
+struct Prepared {
+  cifd::EbProblem pr;
+  at::ScalarType cdt;
+  bool f64() const { return cdt == at::kDouble; }
+};
+
+Prepared prepare(const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
+                 int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound) {
   const cifd::EbDtype dt = eb_dtype(y);
+  const at::ScalarType cdt = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(y.dim() >= 2, "y must be [N, C, *spatial] with at least 2 dims, got ", y.sizes());
   TORCH_CHECK(y.is_contiguous(), "y must be contiguous");
   const int64_t N = y.size(0), C = y.size(1);
-  TORCH_CHECK(packed.scalar_type() == at::kFloat, "packed must be float32, got ",
-              packed.scalar_type());
+  const char* cdt_name = cdt == at::kDouble ? "float64" : "float32";
+  TORCH_CHECK(packed.scalar_type() == cdt, "packed must be ", cdt_name, " (the compute dtype of ",
+              y.scalar_type(), " y), got ", packed.scalar_type());
   TORCH_CHECK(packed.dim() == 2 && packed.size(0) == kNumPacked && packed.size(1) == C,
               "packed must be [", kNumPacked, ", ", C, "] (pack_density), got ", packed.sizes());
   TORCH_CHECK(packed.is_contiguous(), "packed must be contiguous");
@@ -73,7 +90,7 @@ cifd::EbProblem check_common(const at::Tensor& y, const at::Tensor& packed,
   TORCH_CHECK(mode >= 0 && mode <= 2, "mode must be 0 (noise), 1 (dequantize) or 2 (none), got ",
               mode);
   if (mode == 1) {
-    TORCH_CHECK(medians.scalar_type() == at::kFloat, "medians must be float32, got ",
+    TORCH_CHECK(medians.scalar_type() == cdt, "medians must be ", cdt_name, ", got ",
                 medians.scalar_type());
     TORCH_CHECK(medians.dim() == 1 && medians.size(0) == C, "medians must be [", C, "], got ",
                 medians.sizes());
@@ -87,7 +104,8 @@ cifd::EbProblem check_common(const at::Tensor& y, const at::Tensor& packed,
   TORCH_CHECK(rho >= 0.0 && rho <= 1.0, "rho must be in [0, 1], got ", rho);
   TORCH_CHECK(std::isfinite(s), "s must be finite, got ", s);
   TORCH_CHECK(!std::isnan(bound), "bound must not be NaN");
-  cifd::EbProblem pr;
+  Prepared out;
+  cifd::EbProblem& pr = out.pr;
   pr.N = N;
   pr.C = C;
   pr.S = (N > 0 && C > 0) ? y.numel() / (N * C) : 1;
@@ -98,7 +116,8 @@ cifd::EbProblem check_common(const at::Tensor& y, const at::Tensor& packed,
   pr.rho = static_cast<float>(rho);
   pr.s = static_cast<float>(s);
   pr.bound = static_cast<float>(bound);
-  return pr;
+  out.cdt = cdt;
+  return out;
 }
 
 // An optional gradient input: empty = absent (nullptr), else checked.
@@ -114,35 +133,60 @@ const void* opt_grad(const at::Tensor& g, const char* name, const at::Tensor& li
   return g.data_ptr();
 }
 
-struct BwdArgs {
-  const void* gyh;
-  const float* grate;
-  const float* glik;
+const void* medians_ptr(const at::Tensor& medians, int64_t mode) {
+  return mode == 1 ? medians.data_ptr() : nullptr;
+}
+
+// Forward: checks, outputs allocated.
+struct Fwd {
+  Prepared p;
+  at::Tensor y_hat, rate, lik;
+  const void* med;
+  void* lik_ptr;  // null unless need_likelihood
 };
 
-BwdArgs check_grads(const at::Tensor& y, const at::Tensor& grad_y_hat,
-                    const at::Tensor& grad_rate, const at::Tensor& grad_likelihood) {
-  BwdArgs a;
-  a.gyh = opt_grad(grad_y_hat, "grad_y_hat", y, y.sizes(), y.scalar_type());
+Fwd prepare_fwd(const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
+                int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound,
+                bool need_likelihood) {
+  Fwd f;
+  f.p = prepare(y, packed, medians, mode, seed, offset, rho, s, bound);
+  f.y_hat = at::empty(y.sizes(), y.options());
+  f.rate = at::empty({y.size(0)}, y.options().dtype(f.p.cdt));
+  f.lik = at::empty(need_likelihood ? y.sizes() : at::IntArrayRef({0}), y.options().dtype(f.p.cdt));
+  f.med = medians_ptr(medians, mode);
+  f.lik_ptr = need_likelihood ? f.lik.data_ptr() : nullptr;
+  return f;
+}
+
+// Backward: checks (forward's and the gradients'), outputs allocated.
+struct Bwd {
+  Prepared p;
+  const void* med;
+  const void* gyh;
+  const void* grate;
+  const void* glik;
+  at::Tensor grad_y, grad_packed;
+};
+
+Bwd prepare_bwd(const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
+                const at::Tensor& grad_y_hat, const at::Tensor& grad_rate,
+                const at::Tensor& grad_likelihood, int64_t mode, int64_t seed, int64_t offset,
+                double rho, double s, double bound) {
+  Bwd b;
+  b.p = prepare(y, packed, medians, mode, seed, offset, rho, s, bound);
+  b.med = medians_ptr(medians, mode);
+  b.gyh = opt_grad(grad_y_hat, "grad_y_hat", y, y.sizes(), y.scalar_type());
   const int64_t n = y.size(0);
-  a.grate = static_cast<const float*>(
-      opt_grad(grad_rate, "grad_rate", y, at::IntArrayRef(&n, 1), at::kFloat));
-  a.glik = static_cast<const float*>(
-      opt_grad(grad_likelihood, "grad_likelihood", y, y.sizes(), at::kFloat));
-  return a;
+  b.grate = opt_grad(grad_rate, "grad_rate", y, at::IntArrayRef(&n, 1), b.p.cdt);
+  b.glik = opt_grad(grad_likelihood, "grad_likelihood", y, y.sizes(), b.p.cdt);
+  b.grad_y = at::empty(y.sizes(), y.options());
+  b.grad_packed = at::empty({kNumGrad, y.size(1)}, y.options().dtype(b.p.cdt));
+  return b;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> alloc_fwd(const at::Tensor& y,
-                                                         bool need_likelihood) {
-  at::Tensor y_hat = at::empty(y.sizes(), y.options());
-  at::Tensor rate = at::empty({y.size(0)}, y.options().dtype(at::kFloat));
-  at::Tensor lik = at::empty(need_likelihood ? y.sizes() : at::IntArrayRef({0}),
-                             y.options().dtype(at::kFloat));
-  return {y_hat, rate, lik};
-}
-
-const float* medians_ptr(const at::Tensor& medians, int64_t mode) {
-  return mode == 1 ? medians.data_ptr<float>() : nullptr;
+template <class T>
+const T* cptr(const void* p) {
+  return static_cast<const T*>(p);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& y, const at::Tensor& packed,
@@ -150,14 +194,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& y, cons
                                                        int64_t seed, int64_t offset, double rho,
                                                        double s, double bound,
                                                        bool need_likelihood) {
-  const cifd::EbProblem pr = check_common(y, packed, medians, mode, seed, offset, rho, s, bound);
-  auto [y_hat, rate, lik] = alloc_fwd(y, need_likelihood);
-  cifd::cpu::entropy_bottleneck_fwd(pr, y.data_ptr(), packed.data_ptr<float>(),
-                                    medians_ptr(medians, mode), y_hat.data_ptr(),
-                                    rate.data_ptr<float>(),
-                                    need_likelihood ? lik.data_ptr<float>() : nullptr,
-                                    at::get_num_threads());
-  return {y_hat, rate, lik};
+  Fwd f = prepare_fwd(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood);
+  const int threads = at::get_num_threads();
+  if (f.p.f64()) {
+    cifd::cpu::entropy_bottleneck_fwd(f.p.pr, s, bound, y.data_ptr<double>(),
+                                      packed.data_ptr<double>(), cptr<double>(f.med),
+                                      f.y_hat.data_ptr<double>(), f.rate.data_ptr<double>(),
+                                      static_cast<double*>(f.lik_ptr), threads);
+  } else {
+    cifd::cpu::entropy_bottleneck_fwd(f.p.pr, y.data_ptr(), packed.data_ptr<float>(),
+                                      cptr<float>(f.med), f.y_hat.data_ptr(),
+                                      f.rate.data_ptr<float>(), static_cast<float*>(f.lik_ptr),
+                                      threads);
+  }
+  return {f.y_hat, f.rate, f.lik};
 }
 
 std::tuple<at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& y, const at::Tensor& packed,
@@ -166,15 +216,22 @@ std::tuple<at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& y, const at::Tensor
                                            const at::Tensor& grad_likelihood, int64_t mode,
                                            int64_t seed, int64_t offset, double rho, double s,
                                            double bound, bool deterministic) {
-  const cifd::EbProblem pr = check_common(y, packed, medians, mode, seed, offset, rho, s, bound);
-  const BwdArgs g = check_grads(y, grad_y_hat, grad_rate, grad_likelihood);
-  at::Tensor grad_y = at::empty(y.sizes(), y.options());
-  at::Tensor grad_packed = at::empty({kNumGrad, y.size(1)}, y.options().dtype(at::kFloat));
-  cifd::cpu::entropy_bottleneck_bwd(pr, y.data_ptr(), packed.data_ptr<float>(),
-                                    medians_ptr(medians, mode), g.gyh, g.grate, g.glik,
-                                    grad_y.data_ptr(), grad_packed.data_ptr<float>(),
-                                    deterministic, at::get_num_threads());
-  return {grad_y, grad_packed};
+  Bwd b = prepare_bwd(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed,
+                      offset, rho, s, bound);
+  const int threads = at::get_num_threads();
+  if (b.p.f64()) {
+    cifd::cpu::entropy_bottleneck_bwd(b.p.pr, s, bound, y.data_ptr<double>(),
+                                      packed.data_ptr<double>(), cptr<double>(b.med),
+                                      cptr<double>(b.gyh), cptr<double>(b.grate),
+                                      cptr<double>(b.glik), b.grad_y.data_ptr<double>(),
+                                      b.grad_packed.data_ptr<double>(), threads);
+  } else {
+    cifd::cpu::entropy_bottleneck_bwd(b.p.pr, y.data_ptr(), packed.data_ptr<float>(),
+                                      cptr<float>(b.med), b.gyh, cptr<float>(b.grate),
+                                      cptr<float>(b.glik), b.grad_y.data_ptr(),
+                                      b.grad_packed.data_ptr<float>(), deterministic, threads);
+  }
+  return {b.grad_y, b.grad_packed};
 }
 
 #ifdef CIFD_WITH_CUDA
@@ -187,19 +244,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& y, con
                                                         int64_t seed, int64_t offset, double rho,
                                                         double s, double bound,
                                                         bool need_likelihood) {
-  const cifd::EbProblem pr = check_common(y, packed, medians, mode, seed, offset, rho, s, bound);
   const c10::cuda::CUDAGuard guard(y.device());
-  auto [y_hat, rate, lik] = alloc_fwd(y, need_likelihood);
+  Fwd f = prepare_fwd(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood);
   const int sms = num_sms(y);
-  const int64_t ws = cifd::cuda::entropy_bottleneck_fwd_workspace(pr, sms);
+  const int64_t ws = cifd::cuda::entropy_bottleneck_fwd_workspace(f.p.pr, sms);
   at::Tensor work = at::empty({ws > 0 ? ws : 1}, y.options().dtype(at::kFloat));
   const int err = cifd::cuda::entropy_bottleneck_fwd(
-      pr, y.data_ptr(), packed.data_ptr<float>(), medians_ptr(medians, mode), y_hat.data_ptr(),
-      rate.data_ptr<float>(), need_likelihood ? lik.data_ptr<float>() : nullptr,
-      work.data_ptr<float>(), sms, c10::cuda::getCurrentCUDAStream().stream());
+      f.p.pr, y.data_ptr(), packed.data_ptr<float>(), cptr<float>(f.med), f.y_hat.data_ptr(),
+      f.rate.data_ptr<float>(), static_cast<float*>(f.lik_ptr), work.data_ptr<float>(), sms,
+      c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {y_hat, rate, lik};
+  return {f.y_hat, f.rate, f.lik};
 }
 
 std::tuple<at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& y, const at::Tensor& packed,
@@ -208,21 +264,20 @@ std::tuple<at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& y, const at::Tenso
                                             const at::Tensor& grad_likelihood, int64_t mode,
                                             int64_t seed, int64_t offset, double rho, double s,
                                             double bound, bool deterministic) {
-  const cifd::EbProblem pr = check_common(y, packed, medians, mode, seed, offset, rho, s, bound);
-  const BwdArgs g = check_grads(y, grad_y_hat, grad_rate, grad_likelihood);
   const c10::cuda::CUDAGuard guard(y.device());
-  at::Tensor grad_y = at::empty(y.sizes(), y.options());
-  at::Tensor grad_packed = at::empty({kNumGrad, y.size(1)}, y.options().dtype(at::kFloat));
+  Bwd b = prepare_bwd(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed,
+                      offset, rho, s, bound);
   const int sms = num_sms(y);
-  const int64_t ws = cifd::cuda::entropy_bottleneck_bwd_workspace(pr, deterministic, sms);
+  const int64_t ws = cifd::cuda::entropy_bottleneck_bwd_workspace(b.p.pr, deterministic, sms);
   at::Tensor work = at::empty({ws > 0 ? ws : 1}, y.options().dtype(at::kFloat));
   const int err = cifd::cuda::entropy_bottleneck_bwd(
-      pr, y.data_ptr(), packed.data_ptr<float>(), medians_ptr(medians, mode), g.gyh, g.grate,
-      g.glik, grad_y.data_ptr(), grad_packed.data_ptr<float>(), deterministic,
-      work.data_ptr<float>(), sms, c10::cuda::getCurrentCUDAStream().stream());
+      b.p.pr, y.data_ptr(), packed.data_ptr<float>(), cptr<float>(b.med), b.gyh,
+      cptr<float>(b.grate), cptr<float>(b.glik), b.grad_y.data_ptr(),
+      b.grad_packed.data_ptr<float>(), deterministic, work.data_ptr<float>(), sms,
+      c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {grad_y, grad_packed};
+  return {b.grad_y, b.grad_packed};
 }
 #endif
 

@@ -275,7 +275,7 @@ def test_bad_arguments_name_themselves():
     e = torch.empty(0)
     fwd = ops.entropy_bottleneck_fwd
     bwd = ops.entropy_bottleneck_bwd
-    with pytest.raises(RuntimeError, match="y must be float32, float16 or bfloat16, got Double"):
+    with pytest.raises(RuntimeError, match=r"packed must be float64 \(the compute dtype of Double y\)"):
         fwd(y.double(), packed, e, 0, 1, 0, 0.0, 1.0, BOUND, False)
     with pytest.raises(RuntimeError, match="y must be float32"):
         fwd(y.int(), packed, e, 0, 1, 0, 0.0, 1.0, BOUND, False)
@@ -299,10 +299,103 @@ def test_bad_arguments_name_themselves():
         bwd(y, packed, e, torch.randn(6, 3), e, e, 0, 1, 0, 0.0, 1.0, BOUND, True)
     with pytest.raises(RuntimeError, match="grad_y_hat must be Float"):
         bwd(y, packed, e, torch.randn(6, 4).double(), e, e, 0, 1, 0, 0.0, 1.0, BOUND, True)
+    with pytest.raises(RuntimeError, match="grad_rate must be Double"):
+        bwd(y.double(), packed.double(), e, e, torch.randn(6), e, 0, 1, 0, 0.0, 1.0, BOUND, True)
     with pytest.raises(RuntimeError, match="grad_rate must have shape"):
         bwd(y, packed, e, e, torch.randn(5), e, 0, 1, 0, 0.0, 1.0, BOUND, True)
     with pytest.raises(RuntimeError, match="grad_likelihood must be contiguous"):
         bwd(y, packed, e, e, e, torch.randn(4, 6).t(), 0, 1, 0, 0.0, 1.0, BOUND, True)
+
+
+# ----------------------------------------------------------------------------- float64
+F64_CASES = [("noise", 0.0, 1.0), ("noise", 0.25, 0.3), ("dequantize", 0.0, 1.0), ("none", 0.0, 1.0)]
+
+
+def _params64(C, seed):
+    mats, biases, factors, medians = _params(C, seed)
+    return ([t.detach().double().requires_grad_() for t in mats],
+            [t.detach().double().requires_grad_() for t in biases],
+            [t.detach().double().requires_grad_() for t in factors],
+            medians.detach().double().requires_grad_())
+
+
+@pytest.mark.parametrize("mode,rho,s", F64_CASES)
+def test_float64_kernel_matches_reference(mode, rho, s):
+    """float64 y on the C++ kernel: y_hat bit for bit (the reference's float32 noise,
+    s*u and y + s*u in float64), rates, likelihoods and every gradient to float64
+    precision (both sides compute exact float64 math, in different orders)."""
+    backend_or_skip("cpu", "cpu")
+    shape = (37, 5, 3)
+    _compare64(shape, mode, rho, s)
+    _compare64((300, 70), mode, rho, s)  # several row blocks and a partial channel tile
+
+
+def _compare64(shape, mode, rho, s):
+    C = shape[1]
+    mats, biases, factors, medians = _params64(C, 2)
+    g = torch.Generator().manual_seed(3)
+    y = (2.0 * torch.randn(shape, generator=g, dtype=torch.float64)).requires_grad_()
+    if mode == "noise":  # the likelihood at the float64 y_hat (_reference's is at a float32 one)
+        yh, rate, _ = ibm(y, mats, biases, factors, rho=rho, s=s, seed=5, offset=9, bound=BOUND)
+        lik = R.likelihood(yh, mats, biases, factors, bound=BOUND)
+    else:
+        yh, rate, lik = _reference(y, mats, biases, factors, medians, mode, 5, 9, rho, s)
+    gyh, grate, glik = (torch.randn(shape, generator=g, dtype=torch.float64),
+                        torch.randn(shape[0], generator=g, dtype=torch.float64),
+                        torch.randn(shape, generator=g, dtype=torch.float64))
+    loss = (yh * gyh).sum() + (rate * grate).sum() + (lik * glik).sum()
+    leaves = mats + biases + factors + [y, medians]
+    want = [torch.zeros_like(t) if w is None else w
+            for t, w in zip(leaves, torch.autograd.grad(loss, leaves, allow_unused=True))]
+    ops = _ops()
+    packed = pack_density(mats, biases, factors, dtype=torch.float64)
+    med = medians.detach() if mode == "dequantize" else torch.empty(0, dtype=torch.float64)
+    kyh, krate, klik = ops.entropy_bottleneck_fwd(y.detach(), packed, med, MODES[mode], 5, 9, rho, s, BOUND,
+                                                  True)
+    kgy, kgp = ops.entropy_bottleneck_bwd(y.detach(), packed, med, gyh, grate, glik, MODES[mode], 5, 9, rho,
+                                          s, BOUND, True)
+    assert kyh.dtype == torch.float64 and krate.dtype == torch.float64 and kgp.dtype == torch.float64
+    assert torch.equal(kyh, yh.detach()), "float64 y_hat must match the reference bit for bit"
+    tight = dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(krate, rate.detach(), **tight)
+    torch.testing.assert_close(klik, lik.detach(), **tight)
+    torch.testing.assert_close(kgy, want[-2], **tight)
+    # packed-row gradients chained back to the parameters by autograd through pack_density
+    chained = torch.autograd.grad(packed, mats + biases + factors, kgp[:NUM_PACKED])
+    for got, w in zip(chained, want[:-2]):
+        torch.testing.assert_close(got, w, rtol=1e-9, atol=1e-11)
+    if mode == "dequantize":
+        torch.testing.assert_close(kgp[NUM_PACKED], want[-1], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("mode,rho,s", F64_CASES)
+def test_float64_gradcheck_through_cpp_kernel(mode, rho, s):
+    """torch.autograd.gradcheck of the public op with backend="cpu" in float64: the C++
+    kernel's analytic gradients to y, every density parameter and the medians against
+    finite differences (the float64 path uses libm's exp/log/tanh)."""
+    backend_or_skip("cpu", "cpu")
+    from cifd_kernels.ops import entropy_bottleneck
+    C = 3
+    mats, biases, factors, medians = _params64(C, 4)
+    y = (1.5 * torch.randn(4, C, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+         ).requires_grad_()
+    n_m, n_b = len(mats), len(biases)
+
+    def f(y, *params):
+        m, b, fa = params[:n_m], params[n_m:n_m + n_b], params[n_m + n_b:n_m + n_b + len(factors)]
+        med = params[-1] if mode == "dequantize" else None
+        out = entropy_bottleneck(y, m, b, fa, med, mode=mode, seed=7, offset=3, rho=rho, s=s,
+                                 need_likelihood=True, backend="cpu")
+        return out.y_hat, out.rate, out.likelihood
+
+    inputs = (y, *mats, *biases, *factors) + ((medians,) if mode == "dequantize" else ())
+    # the op really ran the C++ kernel: its outputs equal the raw op's
+    out = f(*inputs)
+    packed = pack_density(mats, biases, factors, dtype=torch.float64)
+    med = medians.detach() if mode == "dequantize" else torch.empty(0, dtype=torch.float64)
+    raw = _ops().entropy_bottleneck_fwd(y.detach(), packed.detach(), med, MODES[mode], 7, 3, rho, s, BOUND, True)
+    assert all(torch.equal(a.detach(), b) for a, b in zip(out, raw))
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- CUDA

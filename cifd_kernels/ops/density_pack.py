@@ -37,8 +37,9 @@ def supports(matrices: Sequence[torch.Tensor]) -> bool:
 
 
 def pack_density(matrices: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
-                 factors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """CompressAI-layout parameters (filters=(3, 3, 3, 3)) -> packed [58, C] float32.
+                 factors: Sequence[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """CompressAI-layout parameters (filters=(3, 3, 3, 3)) -> packed [58, C] in ``dtype``
+    (float32; float64 for the C++ CPU kernel's float64 path).
 
     Differentiable torch ops: autograd chains a kernel's packed gradient back to the
     parameters (the op layer relies on this); :func:`unpack_density_grad` does the
@@ -48,10 +49,10 @@ def pack_density(matrices: Sequence[torch.Tensor], biases: Sequence[torch.Tensor
     C = matrices[0].shape[0]
     cols = []
     for k in range(5):
-        cols.append(F.softplus(matrices[k].float()).reshape(C, -1))
-        cols.append(biases[k].float().reshape(C, -1))
+        cols.append(F.softplus(matrices[k].to(dtype)).reshape(C, -1))
+        cols.append(biases[k].to(dtype).reshape(C, -1))
         if k < 4:
-            cols.append(torch.tanh(factors[k].float()).reshape(C, -1))
+            cols.append(torch.tanh(factors[k].to(dtype)).reshape(C, -1))
     return torch.cat(cols, 1).t().contiguous()
 
 

@@ -10,8 +10,10 @@ of size [N, C] is saved but ``y``.
 
 Backends: ``triton`` and ``cuda`` on GPU tensors, ``cpu`` (C++) on CPU tensors,
 ``reference`` anywhere. The kernels take the fast path ``filters=(3, 3, 3, 3)``
-and float32/float16/bfloat16 inputs; ``auto`` sends anything else (other
-filters, float64) to the reference, an explicit kernel backend raises.
+and float32/float16/bfloat16 inputs, the ``cpu`` kernel float64 ``y`` too (a
+scalar float64 path, for gradcheck); ``auto`` sends anything else (other
+filters, float64 on a GPU, float64 parameters with a lower-precision ``y``) to
+the reference, an explicit kernel backend raises.
 
 The density parameters enter the custom op packed ([58, C], see
 :mod:`.density_pack`) by differentiable torch ops, so autograd chains the
@@ -65,8 +67,8 @@ def _fwd_op(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tenso
 @_fwd_op.register_fake
 def _(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, deterministic, backend):
     lik_shape = y.shape if need_likelihood else (0,)
-    return (torch.empty_like(y), y.new_empty((y.shape[0],), dtype=torch.float32),
-            y.new_empty(lik_shape, dtype=torch.float32))
+    return (torch.empty_like(y), y.new_empty((y.shape[0],), dtype=packed.dtype),
+            y.new_empty(lik_shape, dtype=packed.dtype))
 
 
 @torch.library.custom_op("cifd::entropy_bottleneck_backward", mutates_args=())
@@ -86,8 +88,8 @@ def _bwd_op(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tenso
     return torch.ops.cifd_C.entropy_bottleneck_bwd(
         y.contiguous(), packed.contiguous(), medians.contiguous() if medians is not None else none,
         grad_y_hat.to(y.dtype).contiguous() if grad_y_hat is not None else y.new_empty((0,)),
-        grad_rate.float().contiguous() if grad_rate is not None else none,
-        grad_likelihood.float().contiguous() if grad_likelihood is not None else none,
+        grad_rate.to(packed.dtype).contiguous() if grad_rate is not None else none,
+        grad_likelihood.to(packed.dtype).contiguous() if grad_likelihood is not None else none,
         _pack.MODES[mode], seed, offset, rho, s, bound, deterministic)
 
 
@@ -175,9 +177,15 @@ def run_fused(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Ten
 
 
 # ----------------------------------------------------------------------------- public functional
-def _kernel_ok(y, matrices) -> bool:
-    return y.dtype in _KERNEL_DTYPES and _pack.supports(matrices) and all(
-        m.dtype != torch.float64 for m in matrices)
+def _kernel_ok(y, matrices, backend: str) -> bool:
+    """Whether the ``backend`` kernel takes these inputs: the fast-path filters, and
+    float32/float16/bfloat16 everywhere (with no float64 parameter, which would make
+    the reference compute in float64), or float64 ``y`` on the ``cpu`` kernel."""
+    if not _pack.supports(matrices):
+        return False
+    if y.dtype == torch.float64:
+        return backend == "cpu"
+    return y.dtype in _KERNEL_DTYPES and all(m.dtype != torch.float64 for m in matrices)
 
 
 def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
@@ -217,11 +225,12 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
     _ref.check_params(matrices, biases, factors)
     _ref_ibm.check_rho_s(rho, s)
     be = _backend.resolve(OP, backend, y.device)
-    if be != "reference" and not _kernel_ok(y, matrices):
+    if be != "reference" and not _kernel_ok(y, matrices, be):
         if backend not in (None, "auto") and _backend.check_backend_name(backend) != "auto":
+            dtypes = "float32/float16/bfloat16" + (" (or float64 y)" if be == "cpu" else "")
             raise _backend.BackendUnavailableError(
-                f"{OP}: backend {be!r} needs filters=(3, 3, 3, 3) and float32/float16/bfloat16 "
-                f"inputs, got y {y.dtype} and filters {tuple(int(m.shape[1]) for m in matrices[:-1])}")
+                f"{OP}: backend {be!r} needs filters=(3, 3, 3, 3) and {dtypes} inputs, got y "
+                f"{y.dtype} and filters {tuple(int(m.shape[1]) for m in matrices[:-1])}")
         be = "reference"
     if be == "reference":
         return _reference(y, matrices, biases, factors, medians, mode, seed, offset, rho, s, bound,
@@ -233,14 +242,15 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
         raise ValueError(f"y has {y.shape[1]} channels but the density parameters have {C}")
     if matrices[0].device != y.device:
         raise ValueError(f"y is on {y.device} but the density parameters are on {matrices[0].device}")
+    cdt = torch.float64 if y.dtype == torch.float64 else torch.float32  # the kernels' compute dtype
     if mode == "dequantize":
         if medians is None or tuple(medians.shape) != (C,):
             raise ValueError(f'mode="dequantize" needs medians of shape [{C}]')
-        med = medians.float().contiguous()
+        med = medians.to(cdt).contiguous()
     else:
         med = None
     _ref_check_seed(seed, offset, y.numel())
-    packed = _pack.pack_density(matrices, biases, factors)
+    packed = _pack.pack_density(matrices, biases, factors, dtype=cdt)
     y_hat, rate, lik = run_fused(y.contiguous(), packed, med, mode, seed, offset, float(rho), float(s),
                                  float(bound), bool(need_likelihood), bool(deterministic), be)
     return EntropyBottleneckOutput(y_hat, rate, lik if need_likelihood else None)

@@ -1,23 +1,32 @@
 // SPDX-License-Identifier: Apache-2.0
-// Fused entropy bottleneck on the CPU: OpenMP over fixed work units, the
-// per-element math of cifd/density.h in `#pragma omp simd` loops.
+// Fused entropy bottleneck on the CPU: OpenMP over fixed work units; per unit,
+// spans of up to 64 elements go through two passes:
+//   A. y_hat and keep (Philox, noise, rounding), every step rounded on its own,
+//      so y_hat matches the reference bit for bit;
+//   B. the density (MLP at both bin edges, bin mass, bound, log; or all of their
+//      backward, recomputing the forward).
 //
-// Vector lanes: for S == 1 ([N, C]) a loop runs over a tile of 64 channels of
-// one row, reading packed parameter rows as vectors (packed is [58, C], channel
-// fastest) and accumulating parameter gradients into a [59, 64] float32 tile;
-// for S > 1 it runs over up to 64 positions of one (n, c), reading a broadcast
-// copy of the channel's parameters, with [59, 64] per-lane accumulators.
+// Three sets of span loops:
+// * AVX2 + FMA (entropy_bottleneck_avx2.cpp): hand-vectorised, 8 lanes, Philox
+//   8 counters at a time; picked at run time when the CPU has AVX2 and FMA
+//   (CIFD_CPU_NO_AVX2=1 in the environment forces the baseline, for testing);
+// * baseline float32: cifd/density.h's element functions in `#pragma omp simd`
+//   loops, for any other CPU (compiled for the build's ISA, no -march);
+// * float64: entropy_bottleneck_lanes.h over one double lane with libm's exp,
+//   log and tanh, so that float64 gradcheck sees exact math. The noise is the
+//   reference's: u in float32 from Philox, then s*u and y + s*u in float64.
 //
-// Reductions: float32 accumulators cover at most kFlushRows rows (or blocks),
-// then are added into float64 partials, one per work unit; units are a fixed
-// function of (N, C, S), never of the thread count, and the partials are summed
-// in unit order, so results are bit-identical for any num_threads. float64 over
-// Kahan: the same cost here (the flush is off the hot loop) and simpler.
+// Vector lanes: for S == 1 ([N, C]) a span is a tile of 64 channels of one
+// row, reading packed parameter rows as vectors (gathered into a [58, 64] tile)
+// and accumulating parameter gradients into a [59, 64] tile; for S > 1 it is up
+// to 64 positions of one (n, c), reading a broadcast copy of the channel's
+// parameters, with [59, 64] per-lane accumulators.
 //
-// The hot loops are compiled twice, for baseline x86-64 and for AVX2 + FMA,
-// and picked at run time (setup.py builds for the baseline ISA). FMAs only in
-// the density passes: y_hat is computed in a pass without contraction so that it
-// matches the reference's separately rounded steps bit for bit.
+// Reductions: accumulators cover at most kFlushRows rows (or blocks), then are
+// added into float64 partials, one per work unit; units are a fixed function
+// of (N, C, S), never of the thread count, and the partials are summed in unit
+// order, so results are bit-identical for any num_threads (given the same ISA
+// path: the AVX2 and baseline loops round differently).
 //
 // -fno-trapping-math for this file: g++ otherwise refuses to if-convert (and so
 // to vectorise) a select whose arm holds a float op that might raise an FP
@@ -27,13 +36,17 @@
 #pragma GCC optimize("no-trapping-math")
 #endif
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "cifd/density.h"
 #include "cifd/kernels.h"
+#include "entropy_bottleneck_avx2.h"
+#include "entropy_bottleneck_lanes.h"
 
 namespace cifd {
 namespace cpu {
@@ -43,39 +56,27 @@ namespace {
 using namespace density;
 
 constexpr int64_t kTile = 64;        // lanes per span: channels (S == 1) or positions (S > 1)
-constexpr int64_t kFlushRows = 64;   // float32 accumulation length before the float64 flush
+constexpr int64_t kFlushRows = 64;   // accumulation length before the float64 flush
 constexpr int64_t kTargetUnits = 64; // backward work units to aim for (fixed: thread-independent)
 constexpr int64_t kMinUnitElems = 16384;
 
 #if defined(__GNUC__)
 #define CIFD_CPU_INLINE inline __attribute__((always_inline))
-#define CIFD_NOINLINE __attribute__((noinline))
 #else
 #define CIFD_CPU_INLINE inline
-#define CIFD_NOINLINE
 #endif
 
-// ------------------------------------------------------------------ the hot loops
-// A span is up to kTile elements of one row n whose Philox counters are
-// ctr0 + l. Two passes per span:
-//   A. y_hat and keep (Philox, noise, rounding) without FMA contraction, so
-//      y_hat matches the reference's separately rounded steps bit for bit;
-//   B. the density (MLP, bin mass, bound, log; or their backward), where the
-//      AVX2 build may fuse a*b + c into FMAs (about 25% fewer instructions).
-// Lane l reads its parameter row r at p[r * ps + l] (a [58, kTile] copy of the
-// tile's channels for S == 1, a broadcast one for S > 1) and adds its gradient
-// for row r to acc[r * as + l]. Data come in and go out as float32 (the
-// dtype-specific drivers convert), so each loop is compiled once per mode and
-// ISA. Counters are formed in 32-bit lanes (c0 + l, c1 + carry): g++ does not
-// vectorise 64-bit ones.
-
+// ------------------------------------------------------------------ baseline float32 loops
+// cifd/density.h's element functions; lane l reads p[r * ps + l], adds to
+// acc[r * as + l]. Counters are formed in 32-bit lanes (c0 + l, c1 + carry):
+// g++ does not vectorise 64-bit ones.
 template <int MODE>
-CIFD_CPU_INLINE void yhat_span(const EbProblem& pr, uint64_t ctr0, int64_t count,
-                               const float* __restrict__ y, const float* __restrict__ med,
-                               float* __restrict__ yh, float* __restrict__ keep) {
+void yhat_span_base(const EbProblem& pr, float s, uint64_t ctr0, int64_t count,
+                    const float* __restrict__ y, const float* __restrict__ med,
+                    float* __restrict__ yh, float* __restrict__ keep) {
   const uint32_t k0 = static_cast<uint32_t>(pr.seed), k1 = static_cast<uint32_t>(pr.seed >> 32);
   const uint32_t c0 = static_cast<uint32_t>(ctr0), c1 = static_cast<uint32_t>(ctr0 >> 32);
-  const float rho = pr.rho, s = pr.s;
+  const float rho = pr.rho;
 #pragma omp simd
   for (int64_t l = 0; l < count; ++l) {
     const uint32_t lo = c0 + static_cast<uint32_t>(l);
@@ -86,10 +87,9 @@ CIFD_CPU_INLINE void yhat_span(const EbProblem& pr, uint64_t ctr0, int64_t count
   }
 }
 
-// Writes p_b; returns sum over kept lanes of -ln p_b.
-CIFD_CPU_INLINE double fwd_density_span(int64_t count, float bound, const float* __restrict__ yh,
-                                        const float* __restrict__ keep, float* __restrict__ lik,
-                                        const float* __restrict__ p, int64_t ps) {
+double fwd_span_base(int64_t count, float bound, const float* __restrict__ yh,
+                     const float* __restrict__ keep, float* __restrict__ lik,
+                     const float* __restrict__ p, int64_t ps) {
   double nll = 0.0;
 #pragma omp simd reduction(+ : nll)
   for (int64_t l = 0; l < count; ++l) {
@@ -100,15 +100,12 @@ CIFD_CPU_INLINE double fwd_density_span(int64_t count, float bound, const float*
   return nll;
 }
 
-// gyh, glik: upstream gradients (a zero buffer when absent); gy: float32 grad_y.
 template <int MODE>
-CIFD_CPU_INLINE void bwd_density_span(int64_t count, float bound, float grate_n,
-                                      const float* __restrict__ yh,
-                                      const float* __restrict__ keep,
-                                      const float* __restrict__ gyh,
-                                      const float* __restrict__ glik, float* __restrict__ gy,
-                                      const float* __restrict__ p, int64_t ps,
-                                      float* __restrict__ acc, int64_t as) {
+void bwd_span_base_mode(int64_t count, float bound, float grate_n, const float* __restrict__ yh,
+                        const float* __restrict__ keep, const float* __restrict__ gyh,
+                        const float* __restrict__ glik, float* __restrict__ gy,
+                        const float* __restrict__ p, int64_t ps, float* __restrict__ acc,
+                        int64_t as) {
 #pragma omp simd
   for (int64_t l = 0; l < count; ++l) {
     const bool kept = keep[l] != 0.0f;
@@ -118,180 +115,223 @@ CIFD_CPU_INLINE void bwd_density_span(int64_t count, float bound, float grate_n,
   }
 }
 
-using YhatSpanFn = void (*)(const EbProblem&, uint64_t, int64_t, const float*, const float*,
-                            float*, float*);
-using FwdSpanFn = double (*)(int64_t, float, const float*, const float*, float*, const float*,
-                             int64_t);
-using BwdSpanFn = void (*)(int64_t, float, float, const float*, const float*, const float*,
-                           const float*, float*, const float*, int64_t, float*, int64_t);
-
-// The hot loops for the baseline ISA and for AVX2 (+FMA); the always_inline
-// bodies take the ISA and options of the function they are inlined into.
-#define CIFD_EB_VARIANTS(SUFFIX, ISA, FUSE)                                                     \
-  template <int MODE>                                                                         \
-  ISA CIFD_NOINLINE void yhat_span_##SUFFIX(const EbProblem& pr, uint64_t ctr0, int64_t count, \
-                                            const float* y, const float* med, float* yh,      \
-                                            float* keep) {                                    \
-    yhat_span<MODE>(pr, ctr0, count, y, med, yh, keep);                                        \
-  }                                                                                           \
-  ISA FUSE CIFD_NOINLINE double fwd_span_##SUFFIX(int64_t count, float bound, const float* yh, \
-                                                  const float* keep, float* lik,              \
-                                                  const float* p, int64_t ps) {               \
-    return fwd_density_span(count, bound, yh, keep, lik, p, ps);                              \
-  }                                                                                           \
-  template <int MODE>                                                                         \
-  ISA FUSE CIFD_NOINLINE void bwd_span_##SUFFIX(                                              \
-      int64_t count, float bound, float grate_n, const float* yh, const float* keep,          \
-      const float* gyh, const float* glik, float* gy, const float* p, int64_t ps, float* acc, \
-      int64_t as) {                                                                           \
-    bwd_density_span<MODE>(count, bound, grate_n, yh, keep, gyh, glik, gy, p, ps, acc, as);   \
-  }
-
-#if defined(__GNUC__) && !defined(__clang__)
-#define CIFD_FUSE __attribute__((optimize("no-trapping-math", "fp-contract=fast")))
-#else
-#define CIFD_FUSE
-#endif
-CIFD_EB_VARIANTS(base, , )
-#if defined(__x86_64__) && defined(__GNUC__)
-#define CIFD_EB_AVX2 1
-CIFD_EB_VARIANTS(avx2, __attribute__((target("avx2,fma"))), CIFD_FUSE)
-#endif
-#undef CIFD_EB_VARIANTS
-
-bool use_avx2() {
-#ifdef CIFD_EB_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
+// ------------------------------------------------------------------ AVX2 adapters
+void yhat_span_avx2(const EbProblem& pr, float /*s: pr.s*/, uint64_t ctr0, int64_t count,
+                    const float* y, const float* med, float* yh, float* keep) {
+  eb_avx2::yhat_span(pr, ctr0, count, y, med, yh, keep);
 }
 
+// ------------------------------------------------------------------ float64 loops
+void yhat_span_f64(const EbProblem& pr, double s, uint64_t ctr0, int64_t count, const double* y,
+                   const double* med, double* yh, double* keep) {
+  for (int64_t l = 0; l < count; ++l) {
+    double v = y[l], k = 1.0;
+    if (pr.mode == kNoise) {
+      const Philox4 w = philox(pr.seed, ctr0 + static_cast<uint64_t>(l));
+      const double u = static_cast<double>(uniform_noise(w.w[0]));  // float32, as the reference
+      const bool kept = uint_to_uniform(w.w[1]) >= pr.rho;           // compared in float32
+      v = kept ? y[l] + s * u : 0.0;
+      k = kept ? 1.0 : 0.0;
+    } else if (pr.mode == kDequantize) {
+      v = std::nearbyint(y[l] - med[l]) + med[l];  // round half to even (default mode)
+    }
+    yh[l] = v;
+    keep[l] = k;
+  }
+}
+
+double fwd_span_f64(int64_t count, double bound, const double* yh, const double* keep,
+                    double* lik, const double* p, int64_t ps) {
+  double nll = 0.0;
+  for (int64_t l = 0; l < count; ++l) {
+    const vec::D1 y[1] = {yh[l]}, k[1] = {keep[l]};
+    vec::D1 lk[1], e[1];
+    lanes::block_forward<vec::D1, 1>(y, k, bound, p + l, ps, lk, e);
+    lik[l] = lk[0].v;
+    nll += e[0].v;
+  }
+  return nll;
+}
+
+void bwd_span_f64(int mode, int64_t count, double bound, double grate_n, const double* yh,
+                  const double* keep, const double* gyh, const double* glik, double* gy,
+                  const double* p, int64_t ps, double* acc, int64_t as) {
+  for (int64_t l = 0; l < count; ++l) {
+    const vec::D1 y[1] = {yh[l]}, k[1] = {keep[l]}, gl[1] = {glik[l]};
+    vec::D1 dy[1];
+    lanes::block_backward<vec::D1, 1>(y, k, gl, grate_n, bound, p + l, ps, acc + l, as, dy);
+    const double gt = dy[0].v + gyh[l];
+    if (mode == kNoise) {
+      gy[l] = keep[l] != 0.0 ? gt : 0.0;
+    } else if (mode == kDequantize) {
+      acc[kMedianRow * as + l] += gt;
+      gy[l] = 0.0;
+    } else {
+      gy[l] = gt;
+    }
+  }
+}
+
+// ------------------------------------------------------------------ span tables
+template <class T>
 struct Spans {
-  YhatSpanFn yhat;
-  FwdSpanFn fwd;
-  BwdSpanFn bwd;
+  void (*yhat)(const EbProblem&, T, uint64_t, int64_t, const T*, const T*, T*, T*);
+  double (*fwd)(int64_t, T, const T*, const T*, T*, const T*, int64_t);
+  void (*bwd)(int, int64_t, T, T, const T*, const T*, const T*, const T*, T*, const T*, int64_t,
+              T*, int64_t);
 };
 
-template <int MODE>
-Spans pick_spans() {
-#ifdef CIFD_EB_AVX2
-  if (use_avx2()) return Spans{&yhat_span_avx2<MODE>, &fwd_span_avx2, &bwd_span_avx2<MODE>};
-#endif
-  return Spans{&yhat_span_base<MODE>, &fwd_span_base, &bwd_span_base<MODE>};
-}
-
-Spans spans_for(int mode) {
+void bwd_span_base(int mode, int64_t count, float bound, float grate_n, const float* yh,
+                   const float* keep, const float* gyh, const float* glik, float* gy,
+                   const float* p, int64_t ps, float* acc, int64_t as) {
   switch (mode) {
-    case kNoise: return pick_spans<kNoise>();
-    case kDequantize: return pick_spans<kDequantize>();
-    default: return pick_spans<kNone>();
+    case kNoise:
+      bwd_span_base_mode<kNoise>(count, bound, grate_n, yh, keep, gyh, glik, gy, p, ps, acc, as);
+      break;
+    case kDequantize:
+      bwd_span_base_mode<kDequantize>(count, bound, grate_n, yh, keep, gyh, glik, gy, p, ps, acc,
+                                      as);
+      break;
+    default:
+      bwd_span_base_mode<kNone>(count, bound, grate_n, yh, keep, gyh, glik, gy, p, ps, acc, as);
+      break;
   }
 }
 
+bool avx2_enabled() {
+  if (!eb_avx2::available()) return false;
+  const char* off = std::getenv("CIFD_CPU_NO_AVX2");
+  return off == nullptr || off[0] == '\0' || off[0] == '0';
+}
+
+Spans<float> spans_f32(int mode) {
+  if (avx2_enabled()) return Spans<float>{&yhat_span_avx2, &eb_avx2::fwd_span, &eb_avx2::bwd_span};
+  switch (mode) {
+    case kNoise: return Spans<float>{&yhat_span_base<kNoise>, &fwd_span_base, &bwd_span_base};
+    case kDequantize:
+      return Spans<float>{&yhat_span_base<kDequantize>, &fwd_span_base, &bwd_span_base};
+    default: return Spans<float>{&yhat_span_base<kNone>, &fwd_span_base, &bwd_span_base};
+  }
+}
+
+Spans<double> spans_f64() { return Spans<double>{&yhat_span_f64, &fwd_span_f64, &bwd_span_f64}; }
+
 // ------------------------------------------------------------------ drivers
+// T: compute type of the spans (float or double); element storage per D.
+struct F64 {
+  using T = double;
+  static double load(double v) { return v; }
+  static double store(double v) { return v; }
+};
+
+template <class T>
 struct Ctx {
   EbProblem pr;
+  T s, bound;  // noise scale and likelihood bound in T
   const void* y;
-  const float* packed;
-  const float* med;
+  const T* packed;
+  const T* med;
   void* yhat;
-  float* rate;
-  float* lik;
+  T* rate;
+  T* lik;
   const void* gyh;
-  const float* grate;
-  const float* glik;
+  const T* grate;
+  const T* glik;
   void* gy;
   double* part;  // [row_splits][59][C] float64 partials (backward)
   int64_t row_splits;
-  Spans sp;
+  Spans<T> sp;
 };
 
-// Elements in and out of a span: float32 data are used in place; float16 and
-// bfloat16 go through small float32 buffers.
-template <class D>
+// Elements in and out of a span: data already in T are used in place; float16
+// and bfloat16 go through small float32 buffers.
+template <class D, class T>
 struct Io {
-  using T = typename D::T;
-  static constexpr bool kDirect = std::is_same<T, float>::value;
-  alignas(64) float in[kTile];
-  alignas(64) float in2[kTile];
-  alignas(64) float out[kTile];
+  using S = typename D::T;
+  static constexpr bool kDirect = std::is_same<S, T>::value;
+  alignas(64) T in[kTile];
+  alignas(64) T in2[kTile];
+  alignas(64) T out[kTile];
 
-  const float* load(const void* src, int64_t off, int64_t n) {
-    const T* s = static_cast<const T*>(src) + off;
+  const T* load(const void* src, int64_t off, int64_t n) {
+    const S* s = static_cast<const S*>(src) + off;
     if constexpr (kDirect) {
       (void)n;
-      return reinterpret_cast<const float*>(s);
+      return reinterpret_cast<const T*>(s);
     } else {
       for (int64_t l = 0; l < n; ++l) in[l] = D::load(s[l]);
       return in;
     }
   }
-  const float* load2(const void* src, int64_t off, int64_t n) {
-    const T* s = static_cast<const T*>(src) + off;
+  const T* load2(const void* src, int64_t off, int64_t n) {
+    const S* s = static_cast<const S*>(src) + off;
     if constexpr (kDirect) {
       (void)n;
-      return reinterpret_cast<const float*>(s);
+      return reinterpret_cast<const T*>(s);
     } else {
       for (int64_t l = 0; l < n; ++l) in2[l] = D::load(s[l]);
       return in2;
     }
   }
-  float* dst(void* d, int64_t off) {
-    if constexpr (kDirect) return static_cast<float*>(d) + off;
+  T* dst(void* d, int64_t off) {
+    if constexpr (kDirect) return static_cast<T*>(d) + off;
     return out;
   }
   void commit(void* d, int64_t off, int64_t n) {
     if constexpr (!kDirect) {
-      T* t = static_cast<T*>(d) + off;
+      S* t = static_cast<S*>(d) + off;
       for (int64_t l = 0; l < n; ++l) t[l] = D::store(out[l]);
     }
   }
 };
 
-alignas(64) const float kZeros[kTile] = {};
+template <class T>
+struct Zeros {
+  alignas(64) static constexpr T v[kTile] = {};
+};
 
 // Channels [c0, c0 + w)'s parameters (and medians) into a contiguous [58, kTile]
 // tile. Read in place, the packed rows sit C floats apart: for C a multiple of
 // 512 they all map to the same few L1 sets, and the hot loops thrash.
-void gather_params(const Ctx& cx, int64_t c0, int64_t w, float* pt, float* mt) {
+template <class T>
+void gather_params(const Ctx<T>& cx, int64_t c0, int64_t w, T* pt, T* mt) {
   for (int r = 0; r < kNumPacked; ++r) {
-    const float* src = cx.packed + r * cx.pr.C + c0;
+    const T* src = cx.packed + r * cx.pr.C + c0;
     for (int64_t l = 0; l < w; ++l) pt[r * kTile + l] = src[l];
-    for (int64_t l = w; l < kTile; ++l) pt[r * kTile + l] = 0.0f;
+    for (int64_t l = w; l < kTile; ++l) pt[r * kTile + l] = T(0);
   }
   for (int64_t l = 0; l < kTile; ++l)
-    mt[l] = cx.pr.mode == kDequantize && l < w ? cx.med[c0 + l] : 0.0f;
+    mt[l] = cx.pr.mode == kDequantize && l < w ? cx.med[c0 + l] : T(0);
 }
 
 // Broadcast channel c's parameters (and median) into [58, kTile] lanes.
-void broadcast_params(const Ctx& cx, int64_t c, float* pt, float* mt) {
+template <class T>
+void broadcast_params(const Ctx<T>& cx, int64_t c, T* pt, T* mt) {
   for (int r = 0; r < kNumPacked; ++r) {
-    const float v = cx.packed[r * cx.pr.C + c];
+    const T v = cx.packed[r * cx.pr.C + c];
     for (int64_t l = 0; l < kTile; ++l) pt[r * kTile + l] = v;
   }
-  const float m = cx.pr.mode == kDequantize ? cx.med[c] : 0.0f;
+  const T m = cx.pr.mode == kDequantize ? cx.med[c] : T(0);
   for (int64_t l = 0; l < kTile; ++l) mt[l] = m;
 }
 
 // Rows [r0, r1) (at most kFlushRows): y_hat, likelihoods and rate.
-template <class D>
-void fwd_rows(const Ctx& cx, int64_t r0, int64_t r1) {
+template <class D, class T>
+void fwd_rows(const Ctx<T>& cx, int64_t r0, int64_t r1) {
   const EbProblem& pr = cx.pr;
   const int64_t C = pr.C, S = pr.S;
-  Io<D> io;
-  alignas(64) float lik_scratch[kTile];
-  alignas(64) float pt[kNumPacked * kTile];
-  alignas(64) float mt[kTile];
-  alignas(64) float keep[kTile];
+  Io<D, T> io;
+  alignas(64) T lik_scratch[kTile];
+  alignas(64) T pt[kNumPacked * kTile];
+  alignas(64) T mt[kTile];
+  alignas(64) T keep[kTile];
   double acc[kFlushRows] = {};
-  auto run = [&](int64_t n, int64_t base, int64_t w, const float* p, int64_t ps, const float* m) {
-    const float* y = io.load(cx.y, base, w);
-    float* yh = io.dst(cx.yhat, base);
-    float* lik = cx.lik != nullptr ? cx.lik + base : lik_scratch;
-    cx.sp.yhat(pr, pr.offset + static_cast<uint64_t>(base), w, y, m, yh, keep);
-    acc[n - r0] += cx.sp.fwd(w, pr.bound, yh, keep, lik, p, ps);
+  auto run = [&](int64_t n, int64_t base, int64_t w, const T* p, int64_t ps, const T* m) {
+    const T* y = io.load(cx.y, base, w);
+    T* yh = io.dst(cx.yhat, base);
+    T* lik = cx.lik != nullptr ? cx.lik + base : lik_scratch;
+    cx.sp.yhat(pr, cx.s, pr.offset + static_cast<uint64_t>(base), w, y, m, yh, keep);
+    acc[n - r0] += cx.sp.fwd(w, cx.bound, yh, keep, lik, p, ps);
     io.commit(cx.yhat, base, w);
   };
   if (S == 1) {
@@ -308,33 +348,30 @@ void fwd_rows(const Ctx& cx, int64_t r0, int64_t r1) {
           run(n, (n * C + c) * S + s0, std::min(kTile, S - s0), pt, kTile, mt);
     }
   }
-  for (int64_t n = r0; n < r1; ++n) cx.rate[n] = static_cast<float>(acc[n - r0]);
+  for (int64_t n = r0; n < r1; ++n) cx.rate[n] = static_cast<T>(acc[n - r0]);
 }
 
 // Work unit (row split k, column t): t is a channel tile (S == 1) or a channel (S > 1).
-template <class D>
-void bwd_unit(const Ctx& cx, int64_t k, int64_t t) {
+template <class D, class T>
+void bwd_unit(const Ctx<T>& cx, int64_t k, int64_t t) {
   const EbProblem& pr = cx.pr;
   const int64_t N = pr.N, C = pr.C, S = pr.S;
   const int64_t r0 = N * k / cx.row_splits, r1 = N * (k + 1) / cx.row_splits;
   const bool tiled = S == 1;
   const int64_t c0 = tiled ? t * kTile : t;
   const int64_t w = tiled ? std::min(kTile, C - c0) : 1;  // channels this unit owns
-  Io<D> io;
-  alignas(64) float acc[kNumGrad * kTile];
-  alignas(64) float pt[kNumPacked * kTile];
-  alignas(64) float mt[kTile];
+  Io<D, T> io;
+  alignas(64) T acc[kNumGrad * kTile];
+  alignas(64) T pt[kNumPacked * kTile];
+  alignas(64) T mt[kTile];
   if (tiled) {
     gather_params(cx, c0, w, pt, mt);
   } else {
     broadcast_params(cx, c0, pt, mt);
   }
-  const float* p = pt;
-  const int64_t ps = kTile;
-  const float* m = mt;
   double* part = cx.part + k * kNumGrad * C + c0;
   int64_t spans = 0;
-  std::memset(acc, 0, sizeof(acc));
+  std::fill(acc, acc + kNumGrad * kTile, T(0));
   auto flush = [&]() {
     for (int r = 0; r < kNumGrad; ++r) {
       if (tiled) {
@@ -345,19 +382,19 @@ void bwd_unit(const Ctx& cx, int64_t k, int64_t t) {
         part[r * C] += s;
       }
     }
-    std::memset(acc, 0, sizeof(acc));
+    std::fill(acc, acc + kNumGrad * kTile, T(0));
     spans = 0;
   };
-  alignas(64) float yh[kTile];
-  alignas(64) float keep[kTile];
+  alignas(64) T yh[kTile];
+  alignas(64) T keep[kTile];
   auto run = [&](int64_t n, int64_t base, int64_t cnt) {
-    const float* y = io.load(cx.y, base, cnt);
-    const float* gyh = cx.gyh != nullptr ? io.load2(cx.gyh, base, cnt) : kZeros;
-    const float* glik = cx.glik != nullptr ? cx.glik + base : kZeros;
-    float* gy = io.dst(cx.gy, base);
-    cx.sp.yhat(pr, pr.offset + static_cast<uint64_t>(base), cnt, y, m, yh, keep);
-    cx.sp.bwd(cnt, pr.bound, cx.grate != nullptr ? cx.grate[n] : 0.0f, yh, keep, gyh, glik, gy, p,
-              ps, acc, kTile);
+    const T* y = io.load(cx.y, base, cnt);
+    const T* gyh = cx.gyh != nullptr ? io.load2(cx.gyh, base, cnt) : Zeros<T>::v;
+    const T* glik = cx.glik != nullptr ? cx.glik + base : Zeros<T>::v;
+    T* gy = io.dst(cx.gy, base);
+    cx.sp.yhat(pr, cx.s, pr.offset + static_cast<uint64_t>(base), cnt, y, mt, yh, keep);
+    cx.sp.bwd(pr.mode, cnt, cx.bound, cx.grate != nullptr ? cx.grate[n] : T(0), yh, keep, gyh,
+              glik, gy, pt, kTile, acc, kTile);
     io.commit(cx.gy, base, cnt);
     if (++spans == kFlushRows) flush();
   };
@@ -373,31 +410,9 @@ void bwd_unit(const Ctx& cx, int64_t k, int64_t t) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-}  // namespace
-
-void entropy_bottleneck_fwd(const EbProblem& pr, const void* y, const float* packed,
-                            const float* medians, void* y_hat, float* rate, float* likelihood,
-                            int num_threads) {
-  if (pr.N <= 0) return;
-  if (pr.C <= 0 || pr.S <= 0) {
-    std::fill(rate, rate + pr.N, 0.0f);
-    return;
-  }
-  Ctx cx{};
-  cx.pr = pr;
-  cx.y = y;
-  cx.packed = packed;
-  cx.med = medians != nullptr ? medians : packed;  // read in dequantize mode only
-  cx.yhat = y_hat;
-  cx.rate = rate;
-  cx.lik = likelihood;
-  cx.sp = spans_for(pr.mode);
-  void (*fn)(const Ctx&, int64_t, int64_t);
-  switch (pr.dtype) {
-    case EbDtype::kFloat16: fn = &fwd_rows<F16>; break;
-    case EbDtype::kBFloat16: fn = &fwd_rows<BF16>; break;
-    default: fn = &fwd_rows<F32>; break;
-  }
+template <class T>
+void run_fwd(Ctx<T>& cx, void (*fn)(const Ctx<T>&, int64_t, int64_t), int num_threads) {
+  const EbProblem& pr = cx.pr;
   // Rows in blocks of a fixed size; each row's rate is summed by one thread in a
   // fixed order, so the thread count never changes a bit.
   const int64_t row_elems = pr.C * pr.S;
@@ -410,16 +425,11 @@ void entropy_bottleneck_fwd(const EbProblem& pr, const void* y, const float* pac
   }
 }
 
-void entropy_bottleneck_bwd(const EbProblem& pr, const void* y, const float* packed,
-                            const float* medians, const void* grad_y_hat, const float* grad_rate,
-                            const float* grad_likelihood, void* grad_y, float* grad_packed,
-                            bool /*deterministic*/, int num_threads) {
+template <class T, class G>
+void run_bwd(Ctx<T>& cx, void (*fn)(const Ctx<T>&, int64_t, int64_t), G* grad_packed,
+             int num_threads) {
+  const EbProblem& pr = cx.pr;
   const int64_t C = pr.C;
-  if (C <= 0) return;
-  if (pr.N <= 0 || pr.S <= 0) {
-    std::fill(grad_packed, grad_packed + kNumGrad * C, 0.0f);
-    return;
-  }
   // Work units: (row split, channel tile) for S == 1, (row split, channel) for
   // S > 1; the number of row splits is a function of the shape alone.
   const int64_t cols = pr.S == 1 ? ceil_div(C, kTile) : C;
@@ -428,25 +438,8 @@ void entropy_bottleneck_bwd(const EbProblem& pr, const void* y, const float* pac
   splits = std::min(splits, std::max<int64_t>(1, numel / (kMinUnitElems * cols)));
   splits = std::max<int64_t>(1, std::min(splits, pr.N));
   std::vector<double> part(static_cast<size_t>(splits * kNumGrad * C), 0.0);
-
-  Ctx cx{};
-  cx.pr = pr;
-  cx.y = y;
-  cx.packed = packed;
-  cx.med = medians != nullptr ? medians : packed;
-  cx.gyh = grad_y_hat;
-  cx.grate = grad_rate;
-  cx.glik = grad_likelihood;
-  cx.gy = grad_y;
   cx.part = part.data();
   cx.row_splits = splits;
-  cx.sp = spans_for(pr.mode);
-  void (*fn)(const Ctx&, int64_t, int64_t);
-  switch (pr.dtype) {
-    case EbDtype::kFloat16: fn = &bwd_unit<F16>; break;
-    case EbDtype::kBFloat16: fn = &bwd_unit<BF16>; break;
-    default: fn = &bwd_unit<F32>; break;
-  }
   const int64_t units = splits * cols;
 #pragma omp parallel num_threads(num_threads) if (units > 1)
   {
@@ -457,9 +450,117 @@ void entropy_bottleneck_bwd(const EbProblem& pr, const void* y, const float* pac
     for (int64_t i = 0; i < kNumGrad * C; ++i) {
       double s = 0.0;
       for (int64_t k = 0; k < splits; ++k) s += part[static_cast<size_t>(k * kNumGrad * C + i)];
-      grad_packed[i] = static_cast<float>(s);
+      grad_packed[i] = static_cast<G>(s);
     }
   }
+}
+
+}  // namespace
+
+void entropy_bottleneck_fwd(const EbProblem& pr, const void* y, const float* packed,
+                            const float* medians, void* y_hat, float* rate, float* likelihood,
+                            int num_threads) {
+  if (pr.N <= 0) return;
+  if (pr.C <= 0 || pr.S <= 0) {
+    std::fill(rate, rate + pr.N, 0.0f);
+    return;
+  }
+  Ctx<float> cx{};
+  cx.pr = pr;
+  cx.s = pr.s;
+  cx.bound = pr.bound;
+  cx.y = y;
+  cx.packed = packed;
+  cx.med = medians != nullptr ? medians : packed;  // read in dequantize mode only
+  cx.yhat = y_hat;
+  cx.rate = rate;
+  cx.lik = likelihood;
+  cx.sp = spans_f32(pr.mode);
+  void (*fn)(const Ctx<float>&, int64_t, int64_t);
+  switch (pr.dtype) {
+    case EbDtype::kFloat16: fn = &fwd_rows<F16, float>; break;
+    case EbDtype::kBFloat16: fn = &fwd_rows<BF16, float>; break;
+    default: fn = &fwd_rows<F32, float>; break;
+  }
+  run_fwd(cx, fn, num_threads);
+}
+
+void entropy_bottleneck_bwd(const EbProblem& pr, const void* y, const float* packed,
+                            const float* medians, const void* grad_y_hat, const float* grad_rate,
+                            const float* grad_likelihood, void* grad_y, float* grad_packed,
+                            bool /*deterministic*/, int num_threads) {
+  const int64_t C = pr.C;
+  if (C <= 0) return;
+  if (pr.N <= 0 || pr.S <= 0) {
+    std::fill(grad_packed, grad_packed + kNumGrad * C, 0.0f);
+    return;
+  }
+  Ctx<float> cx{};
+  cx.pr = pr;
+  cx.s = pr.s;
+  cx.bound = pr.bound;
+  cx.y = y;
+  cx.packed = packed;
+  cx.med = medians != nullptr ? medians : packed;
+  cx.gyh = grad_y_hat;
+  cx.grate = grad_rate;
+  cx.glik = grad_likelihood;
+  cx.gy = grad_y;
+  cx.sp = spans_f32(pr.mode);
+  void (*fn)(const Ctx<float>&, int64_t, int64_t);
+  switch (pr.dtype) {
+    case EbDtype::kFloat16: fn = &bwd_unit<F16, float>; break;
+    case EbDtype::kBFloat16: fn = &bwd_unit<BF16, float>; break;
+    default: fn = &bwd_unit<F32, float>; break;
+  }
+  run_bwd(cx, fn, grad_packed, num_threads);
+}
+
+void entropy_bottleneck_fwd(const EbProblem& pr, double s, double bound, const double* y,
+                            const double* packed, const double* medians, double* y_hat,
+                            double* rate, double* likelihood, int num_threads) {
+  if (pr.N <= 0) return;
+  if (pr.C <= 0 || pr.S <= 0) {
+    std::fill(rate, rate + pr.N, 0.0);
+    return;
+  }
+  Ctx<double> cx{};
+  cx.pr = pr;
+  cx.s = s;
+  cx.bound = bound;
+  cx.y = y;
+  cx.packed = packed;
+  cx.med = medians != nullptr ? medians : packed;
+  cx.yhat = y_hat;
+  cx.rate = rate;
+  cx.lik = likelihood;
+  cx.sp = spans_f64();
+  run_fwd(cx, &fwd_rows<F64, double>, num_threads);
+}
+
+void entropy_bottleneck_bwd(const EbProblem& pr, double s, double bound, const double* y,
+                            const double* packed, const double* medians, const double* grad_y_hat,
+                            const double* grad_rate, const double* grad_likelihood, double* grad_y,
+                            double* grad_packed, int num_threads) {
+  const int64_t C = pr.C;
+  if (C <= 0) return;
+  if (pr.N <= 0 || pr.S <= 0) {
+    std::fill(grad_packed, grad_packed + kNumGrad * C, 0.0);
+    return;
+  }
+  Ctx<double> cx{};
+  cx.pr = pr;
+  cx.s = s;
+  cx.bound = bound;
+  cx.y = y;
+  cx.packed = packed;
+  cx.med = medians != nullptr ? medians : packed;
+  cx.gyh = grad_y_hat;
+  cx.grate = grad_rate;
+  cx.glik = grad_likelihood;
+  cx.gy = grad_y;
+  cx.sp = spans_f64();
+  run_bwd(cx, &bwd_unit<F64, double>, grad_packed, num_threads);
 }
 
 }  // namespace cpu

@@ -2,7 +2,8 @@
 // cifd/density.h against straightforward double-precision formulas: exp/log/tanh
 // accuracy over wide ranges, float16/bfloat16 conversions (all 65536 patterns),
 // rounding, the MLP and bin mass, gradients by central differences in double,
-// y_hat; and the CPU kernels against the element functions, including
+// y_hat; and the CPU kernels (AVX2 loops where the CPU has them, then the
+// baseline loops, CIFD_CPU_NO_AVX2=1) against the element functions, including
 // bit-identical results for any thread count.
 #include <cmath>
 #include <cstdio>
@@ -436,7 +437,10 @@ int main() {
   test_mlp_and_mass();
   test_gradients();
   test_y_hat();
-  test_cpu_kernels();
+  test_cpu_kernels();  // the AVX2 loops where the CPU has them
+  setenv("CIFD_CPU_NO_AVX2", "1", 1);
+  test_cpu_kernels();  // the baseline loops
+  unsetenv("CIFD_CPU_NO_AVX2");
   if (failures) {
     std::fprintf(stderr, "test_density: %d failure(s)\n", failures);
     return EXIT_FAILURE;

@@ -65,6 +65,18 @@ void entropy_bottleneck_bwd(const EbProblem& pr, const void* y, const float* pac
                             const float* grad_likelihood, void* grad_y, float* grad_packed,
                             bool deterministic, int num_threads);
 
+// Float64 versions (everything float64: y, packed, medians, outputs, gradients),
+// with the noise scale s and the bound in float64 (pr.s and pr.bound are not
+// read); pr.rho is compared in float32 against the float32 uniform, as the
+// reference does. Scalar code with libm's exp/log/tanh: for gradcheck, not speed.
+void entropy_bottleneck_fwd(const EbProblem& pr, double s, double bound, const double* y,
+                            const double* packed, const double* medians, double* y_hat,
+                            double* rate, double* likelihood, int num_threads);
+void entropy_bottleneck_bwd(const EbProblem& pr, double s, double bound, const double* y,
+                            const double* packed, const double* medians, const double* grad_y_hat,
+                            const double* grad_rate, const double* grad_likelihood, double* grad_y,
+                            double* grad_packed, int num_threads);
+
 }  // namespace cpu
 
 namespace cuda {
