@@ -151,7 +151,7 @@ def test_auto_falls_back_for_float64_and_other_filters():
     m64 = [m.detach().double() for m in mats]
     b64 = [b.detach().double() for b in bias]
     f64 = [f.detach().double() for f in facs]
-    out = entropy_bottleneck(y, m64, b64, f64, seed=1)  # auto: the C++ float64 kernel on CPU when _C is built, else the reference
+    out = entropy_bottleneck(y, m64, b64, f64, seed=1)  # auto: C++ float64 kernel (or the reference)
     assert out.rate.dtype == torch.float64
     with pytest.raises(BackendUnavailableError, match="float32/float16/bfloat16"):
         entropy_bottleneck(y, m64, b64, f64, seed=1, backend="triton")
