@@ -92,7 +92,11 @@ def _compare(be, prob, rtol=1e-4, atol=1e-5, **kw):
     for i, (a, b) in enumerate(zip(got[3], want[3])):
         assert (a is None) == (b is None), i
         if a is not None:
-            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=f"grad {i}")
+            # Parameter gradients are sums over the batch (1025 rows): fp32 summation order
+            # differs between the kernels and the reference, so the absolute slack scales
+            # with the gradient's magnitude.
+            scale = b.abs().max().item()
+            torch.testing.assert_close(a, b, rtol=rtol, atol=max(atol, 1e-5 * scale), msg=f"grad {i}")
     return got
 
 
