@@ -218,42 +218,52 @@ def run_demo(cfg: Config, overrides: Sequence[str] = (), *, overwrite: bool = Fa
     from .teacher import train_teacher
     t_demo = time.perf_counter()
     out_dir = run_root(cfg) / "demo"
+    from .rdms import rdm_run_dir
+    from .teacher import teacher_run_dir
+    walls = _WallTimes(out_dir / "wall_times.json")
     tcfg = teacher_config(cfg, overrides)
+    was_done = (teacher_run_dir(tcfg) / "summary.json").is_file()
     teacher, w = _timed(lambda: train_teacher(tcfg, resume=True, overwrite=overwrite))
     if not teacher["complete"]:
         print("demo: stopped early (run.stop_after); run `cifd demo` again to continue")
         return {"complete": False}
-    teacher["wall_s"] = w
+    teacher["wall_s"] = walls.record("teacher", w, was_done and not overwrite)
     rdms = None
     if "cifd" in cfg.demo.methods:
+        was_done = (rdm_run_dir(cfg) / "results.json").is_file()
         rdms, w = _timed(lambda: train_rdms(cfg, resume=True, overwrite=overwrite))
         if not rdms["complete"]:
             print("demo: stopped early (run.stop_after); run `cifd demo` again to continue")
             return {"complete": False}
-        rdms["wall_s"] = w
+        rdms["wall_s"] = walls.record("rdms", w, was_done and not overwrite)
     methods: dict = {m: {"runs": [], "wall_s": []} for m in cfg.demo.methods}
-    for seed in cfg.demo.seeds:
-        scfg = copy.deepcopy(cfg)
-        scfg.train.seed = seed
-        for m in cfg.demo.methods:
-            if m == "takd":
+    # Method-major order (every seed of scratch, then of KD, ...): a study cut
+    # short still has all seeds of the cheap methods.
+    for m in cfg.demo.methods:
+        for seed in cfg.demo.seeds:
+            scfg = copy.deepcopy(cfg)
+            scfg.train.seed = seed
+            if m == "takd" and methods[m]["runs"] == [] and not _takd_done(scfg):
                 elapsed = time.perf_counter() - t_demo
                 est = sum(estimate_train_s(scfg if not cfg.takd.ta_epochs else
                                            apply_overrides(copy.deepcopy(scfg), [
                                                f"train.epochs={cfg.takd.ta_epochs}"]), a)
                           for a in cfg.takd.tas)
-                if methods[m]["runs"] == [] and elapsed + est > cfg.demo.budget_s \
-                        and not _takd_done(scfg):
+                if elapsed + est > cfg.demo.budget_s:
                     msg = (f"TA chain {'->'.join(cfg.takd.tas)} estimated {est:.0f}s; with "
                            f"{elapsed:.0f}s spent it would pass demo.budget_s="
                            f"{cfg.demo.budget_s:.0f}s")
-                    print(f"demo: skipping TAKD (seed {seed}): {msg}", flush=True)
+                    print(f"demo: skipping TAKD: {msg}", flush=True)
                     methods[m]["skipped"] = msg
-                    continue
+                    break
+            from .distill import student_run_dir
+            key = f"{m}/s{seed}"
+            was_done = (student_run_dir(scfg, m) / "summary.json").is_file()
             s, w = _timed(lambda: distill(scfg, m, resume=True, overwrite=overwrite))
             if not s["complete"]:
                 print("demo: stopped early (run.stop_after); run `cifd demo` again to continue")
                 return {"complete": False}
+            w = walls.record(key, w, was_done and not overwrite)
             s["seed"], s["wall_s"] = seed, w
             if m == "cifd" and rdms is not None:  # the bank's wall time belongs to CIFD
                 w += rdms["wall_s"] / len(cfg.demo.seeds)
@@ -277,6 +287,26 @@ def run_demo(cfg: Config, overrides: Sequence[str] = (), *, overwrite: bool = Fa
     print(f"\ndemo wall time {wall:.0f}s ({torch.get_num_threads()} threads); results "
           f"{out_dir / 'results.json'}; plots: " + ", ".join(plots.values()), flush=True)
     return results
+
+
+class _WallTimes:
+    """Wall seconds of each finished stage, kept in ``wall_times.json`` next to
+    results.json, so that a demo run again (or resumed after an interruption)
+    reports the time a stage took when it ran, not the seconds spent
+    re-reading it. A stage interrupted and resumed counts only the piece after
+    the resume (its ``train s`` column, summed from the per-epoch logs, stays
+    whole)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    def record(self, key: str, seconds: float, was_done: bool) -> float:
+        if was_done and key in self.data:
+            return self.data[key]
+        self.data[key] = seconds
+        atomic_write_text(json.dumps(self.data, indent=2) + "\n", self.path)
+        return seconds
 
 
 def _takd_done(cfg: Config) -> bool:
