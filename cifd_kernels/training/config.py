@@ -152,6 +152,8 @@ class RunConfig:
     progress: bool = True         # tqdm bars (also off when stderr is not a tty)
     stop_after: int = 0           # stop after this many epochs in this invocation
                                   # (time-limited jobs; continue with --resume); 0 = no
+    dist_timeout_s: float = 1800.0  # torchrun: limit of every collective, including
+                                    # waits for rank 0 (caches, the RDM bank)
 
 
 @dataclass
@@ -171,7 +173,8 @@ class Config:
 # Keys that do not change a run's result: left out of config_hash.
 UNHASHED = frozenset({"data.dir", "data.eval_batch_size", "data.num_workers",
                       "teacher.checkpoint", "cifd.bank", "run.name", "run.out_dir", "run.device",
-                      "run.threads", "run.progress", "run.stop_after"})
+                      "run.threads", "run.progress", "run.stop_after",
+                      "run.dist_timeout_s"})
 
 
 # ------------------------------------------------------------------ coercion

@@ -311,6 +311,41 @@ def normalize(images: torch.Tensor, mean: Sequence[float],
     return images.float().div_(255.0).sub_(m).div_(s)
 
 
+def draw_crop_flip(n: int, padding: int, flip: bool, generator: torch.Generator
+                   ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The random draws of :func:`random_crop_flip` for ``n`` images: crop
+    offsets int64 [n, 2] in [0, 2*padding] (None without padding), then flip
+    flags bool [n] (None without flips), in that order from ``generator``."""
+    off = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator,
+                        device=generator.device) if padding > 0 else None
+    flips = (torch.rand(n, generator=generator, device=generator.device) < 0.5) \
+        if flip else None
+    return off, flips
+
+
+def apply_crop_flip(images: torch.Tensor, padding: int, off: Optional[torch.Tensor],
+                    flips: Optional[torch.Tensor]) -> torch.Tensor:
+    """Crop [B, C, H, W] ``images`` (zero padding ``padding``) at offsets ``off``
+    [B, 2] and flip where ``flips`` [B]: the draws of :func:`draw_crop_flip`."""
+    b, c, h, w = images.shape
+    dev = images.device
+    if off is None and flips is None:
+        return images
+    if off is not None:
+        off = off.to(dev)
+        padded = F.pad(images, (padding, padding, padding, padding))
+    else:
+        off = torch.zeros(b, 2, dtype=torch.long, device=dev)
+        padded = images
+    rows = off[:, 0:1] + torch.arange(h, device=dev)               # [B, H]
+    cols = off[:, 1:2] + torch.arange(w, device=dev)               # [B, W]
+    if flips is not None:
+        cols = torch.where(flips.to(dev)[:, None], cols.flip(1), cols)
+    bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
+    ci = torch.arange(c, device=dev).view(1, c, 1, 1)
+    return padded[bi, ci, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+
+
 def random_crop_flip(images: torch.Tensor, padding: int, flip: bool,
                      generator: torch.Generator) -> torch.Tensor:
     """Batched random crop (zero padding ``padding``) and horizontal flip.
@@ -320,105 +355,154 @@ def random_crop_flip(images: torch.Tensor, padding: int, flip: bool,
     drawn from ``generator`` (offsets first, then flips) — the same per-image
     distribution as torchvision's RandomCrop(padding) + RandomHorizontalFlip.
     """
-    b, c, h, w = images.shape
-    dev = images.device
-    if padding > 0:
-        off = torch.randint(0, 2 * padding + 1, (b, 2), generator=generator,
-                            device=generator.device).to(dev)
-        padded = F.pad(images, (padding, padding, padding, padding))
-    else:
-        off = torch.zeros(b, 2, dtype=torch.long, device=dev)
-        padded = images
-    rows = off[:, 0:1] + torch.arange(h, device=dev)               # [B, H]
-    cols = off[:, 1:2] + torch.arange(w, device=dev)               # [B, W]
-    if flip:
-        flips = (torch.rand(b, generator=generator, device=generator.device) < 0.5).to(dev)
-        cols = torch.where(flips[:, None], cols.flip(1), cols)
-    if padding == 0 and not flip:
-        return images
-    bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
-    ci = torch.arange(c, device=dev).view(1, c, 1, 1)
-    return padded[bi, ci, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+    off, flips = draw_crop_flip(images.shape[0], padding, flip, generator)
+    return apply_crop_flip(images, padding, off, flips)
 
 
 # ----------------------------------------------------------------- iteration
 class Batch(NamedTuple):
     """``x``: float32 [B, C, H, W] normalised; ``y``: int64 [B]; ``pos``: int64
-    [B], each sample's position in its :class:`Split` (to look up caches)."""
+    [B], each sample's position in its :class:`Split` (to look up caches);
+    ``row0``: the first row of this batch within the global batch it is a
+    slice of (0 in one process; see :mod:`.distributed`)."""
     x: torch.Tensor
     y: torch.Tensor
     pos: torch.Tensor
+    row0: int = 0
 
 
-def shard_indices(order: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """DistributedSampler's sharding: wrap-pad to a multiple of ``world_size``,
-    then rank ``r`` takes ``order[r::world_size]``."""
+def shard_indices(order: torch.Tensor, rank: int, world_size: int, *,
+                  pad: bool = True) -> torch.Tensor:
+    """DistributedSampler's sharding: wrap-pad to a multiple of ``world_size``
+    (unless ``pad`` is False), then rank ``r`` takes ``order[r::world_size]``."""
     if world_size == 1:
         return order
+    order = pad_to_multiple(order, world_size) if pad else order
+    return order[rank::world_size]
+
+
+def pad_to_multiple(order: torch.Tensor, world_size: int) -> torch.Tensor:
+    """``order`` wrapped around to a multiple of ``world_size`` (DistributedSampler's padding)."""
     n = order.numel()
     total = -(-n // world_size) * world_size
     if total > n:
         reps = -(-(total - n) // n)
         order = torch.cat([order] + [order] * reps)[:total]
-    return order[rank:total:world_size]
+    return order
+
+
+def global_batches(order: torch.Tensor, batch_size: int, world_size: int
+                   ) -> list[torch.Tensor]:
+    """``order`` (padded to a multiple of ``world_size``) cut into global batches of
+    ``batch_size`` (the last one shorter, still a multiple of ``world_size``)."""
+    if batch_size % world_size:
+        raise ValueError(f"data.batch_size={batch_size} is the global batch and must be a "
+                         f"multiple of the number of processes ({world_size})")
+    order = pad_to_multiple(order, world_size)
+    return list(order.split(batch_size))
 
 
 class BatchIterator:
     """Batches of a :class:`Split` in memory, optionally shuffled and augmented.
 
     One ``iter()`` is one epoch (of this rank's shard). The shuffle order comes
-    from a generator seeded with ``seed`` (the same on every rank, as
-    DistributedSampler requires); augmentation from a second generator seeded
-    with ``seed`` and ``rank`` (ranks see different crops). ``channels_last``
-    lays ``x`` out NHWC (faster convolutions on CPUs). ``state_dict()``
-    holds both generators' states: saved after an epoch and loaded into a fresh
-    iterator, the next epoch is the one an uninterrupted run would have seen.
+    from a generator seeded with ``seed`` (the same on every rank).
+    ``channels_last`` lays ``x`` out NHWC (faster convolutions on CPUs).
+    ``state_dict()`` holds the generators' states: saved after an epoch and
+    loaded into a fresh iterator, the next epoch is the one an uninterrupted run
+    would have seen.
+
+    Two ways to shard over ``world_size`` ranks:
+
+    - ``shard="batch"`` (training): ``batch_size`` is the global batch; the
+      epoch's order, wrap-padded to a multiple of ``world_size``, is cut into
+      global batches and rank ``r`` takes the r-th contiguous 1/W slice of each
+      (``Batch.row0`` says where it starts). Augmentation is drawn for the whole
+      global batch from a generator seeded alike on every rank and sliced, so
+      a sample's crop does not depend on the number of ranks.
+    - ``shard="sample"``: DistributedSampler's sharding of the samples (rank r
+      takes every W-th) in batches of ``batch_size`` per rank; ``pad=False``
+      leaves the shards unequal and duplicate-free (evaluation, whose sums are
+      all-reduced); augmentation from a per-rank generator.
     """
 
     def __init__(self, split: Split, batch_size: int, *, mean: Sequence[float],
                  std: Sequence[float], shuffle: bool = False, augment: bool = False,
                  crop_padding: int = 0, hflip: bool = False, drop_last: bool = False,
                  seed: int = 0, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu", channels_last: bool = False):
+                 device: torch.device | str = "cpu", channels_last: bool = False,
+                 shard: str = "sample", pad: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if shard not in ("sample", "batch"):
+            raise ValueError(f"shard must be 'sample' or 'batch', got {shard!r}")
+        if shard == "batch" and (drop_last or not pad):
+            raise ValueError("shard='batch' pads and keeps the last batch")
+        if shard == "batch" and batch_size % world_size:
+            raise ValueError(f"data.batch_size={batch_size} is the global batch and must be "
+                             f"a multiple of the number of processes ({world_size})")
         self.split, self.batch_size = split, batch_size
         self.mean, self.std = tuple(mean), tuple(std)
         self.shuffle, self.augment = shuffle, augment
         self.crop_padding, self.hflip = crop_padding, hflip
-        self.drop_last = drop_last
+        self.drop_last, self.shard, self.pad = drop_last, shard, pad
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.order_gen = torch.Generator().manual_seed(seed)
-        self.aug_gen = torch.Generator().manual_seed(seed * 1000003 + 7919 * (rank + 1))
+        aug_rank = 0 if shard == "batch" else rank
+        self.aug_gen = torch.Generator().manual_seed(seed * 1000003 + 7919 * (aug_rank + 1))
 
     def _num_local(self) -> int:
         n = len(self.split)
-        return -(-n // self.world_size) if self.world_size > 1 else n
+        if self.world_size == 1:
+            return n
+        if not self.pad:
+            return len(range(self.rank, n, self.world_size))
+        return -(-n // self.world_size)
 
     def __len__(self) -> int:
+        if self.shard == "batch":
+            return -(-(self._num_local() * self.world_size) // self.batch_size)
         n = self._num_local()
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _plan(self, order: torch.Tensor) -> list[tuple[torch.Tensor, int, int]]:
+        """(local positions, row0, global batch size) per batch of the epoch."""
+        if self.shard == "batch":
+            out = []
+            for g in global_batches(order, self.batch_size, self.world_size):
+                m = g.numel() // self.world_size
+                out.append((g[self.rank * m:(self.rank + 1) * m], self.rank * m, g.numel()))
+            return out
+        order = shard_indices(order, self.rank, self.world_size, pad=self.pad)
+        return [(order[i * self.batch_size:(i + 1) * self.batch_size], 0, 0)
+                for i in range(len(self))]
 
     def __iter__(self) -> Iterator[Batch]:
         n = len(self.split)
         order = torch.randperm(n, generator=self.order_gen) if self.shuffle \
             else torch.arange(n)
-        order = shard_indices(order, self.rank, self.world_size)
-        for i in range(len(self)):
-            pos = order[i * self.batch_size:(i + 1) * self.batch_size]
+        for pos, row0, n_global in self._plan(order):
             images = self.split.images[pos]
             if self.augment:
-                images = random_crop_flip(images, self.crop_padding, self.hflip,
-                                          self.aug_gen)
+                if self.shard == "batch":  # draws for the global batch, this rank's slice
+                    off, flips = draw_crop_flip(n_global, self.crop_padding, self.hflip,
+                                                self.aug_gen)
+                    sl = slice(row0, row0 + pos.numel())
+                    images = apply_crop_flip(images, self.crop_padding,
+                                             None if off is None else off[sl],
+                                             None if flips is None else flips[sl])
+                else:
+                    images = random_crop_flip(images, self.crop_padding, self.hflip,
+                                              self.aug_gen)
             non_blocking = self.device.type == "cuda"
             x = normalize(images.to(self.device, non_blocking=non_blocking),
                           self.mean, self.std).contiguous(memory_format=self.memory_format)
             yield Batch(x, self.split.labels[pos].to(self.device, non_blocking=non_blocking),
-                        pos)
+                        pos, row0)
 
     def state_dict(self) -> dict:
         return {"order_gen": self.order_gen.get_state(),

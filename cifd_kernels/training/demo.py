@@ -34,6 +34,7 @@ from typing import Sequence
 import torch
 
 from .config import Config, apply_overrides, load_config
+from .distributed import barrier, broadcast_object, context
 from .engine import atomic_write_text
 from .teacher import run_root
 
@@ -249,7 +250,8 @@ def run_demo(cfg: Config, overrides: Sequence[str] = (), *, overwrite: bool = Fa
                                            apply_overrides(copy.deepcopy(scfg), [
                                                f"train.epochs={cfg.takd.ta_epochs}"]), a)
                           for a in cfg.takd.tas)
-                if elapsed + est > cfg.demo.budget_s:
+                # rank 0's timing decides for every rank (under torchrun)
+                if broadcast_object(elapsed + est > cfg.demo.budget_s):
                     msg = (f"TA chain {'->'.join(cfg.takd.tas)} estimated {est:.0f}s; with "
                            f"{elapsed:.0f}s spent it would pass demo.budget_s="
                            f"{cfg.demo.budget_s:.0f}s")
@@ -270,19 +272,23 @@ def run_demo(cfg: Config, overrides: Sequence[str] = (), *, overwrite: bool = Fa
             methods[m]["runs"].append(s)
             methods[m]["wall_s"].append(w)
     agg = summarize(methods)
-    out_dir.mkdir(parents=True, exist_ok=True)
     plots = {"accuracy": str(out_dir / "accuracy.png"), "cost": str(out_dir / "cost.png")}
-    plot_accuracy(agg, teacher, Path(plots["accuracy"]))
-    plot_cost(agg, Path(plots["cost"]))
+    if context().is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plot_accuracy(agg, teacher, Path(plots["accuracy"]))
+        plot_cost(agg, Path(plots["cost"]))
     if rdms is not None:
         plots["rd_curve"] = rdms["plot"]
     table = format_table(teacher, rdms, agg)
     wall = time.perf_counter() - t_demo
     results = {"complete": True, "table": table, "methods": agg, "runs": methods,
                "teacher": teacher, "rdms": rdms, "plots": plots, "wall_time_s": wall,
-               "threads": torch.get_num_threads(), "config": cfg.demo.__dict__,
-               "notes": __doc__.split("Costs. ")[1].strip()}
-    atomic_write_text(json.dumps(results, indent=2, default=str) + "\n", out_dir / "results.json")
+               "threads": torch.get_num_threads(), "processes": context().world_size,
+               "config": cfg.demo.__dict__, "notes": __doc__.split("Costs. ")[1].strip()}
+    if context().is_main:
+        atomic_write_text(json.dumps(results, indent=2, default=str) + "\n",
+                          out_dir / "results.json")
+    barrier()
     print("\n" + table)
     print(f"\ndemo wall time {wall:.0f}s ({torch.get_num_threads()} threads); results "
           f"{out_dir / 'results.json'}; plots: " + ", ".join(plots.values()), flush=True)
@@ -305,7 +311,8 @@ class _WallTimes:
         if was_done and key in self.data:
             return self.data[key]
         self.data[key] = seconds
-        atomic_write_text(json.dumps(self.data, indent=2) + "\n", self.path)
+        if context().is_main:
+            atomic_write_text(json.dumps(self.data, indent=2) + "\n", self.path)
         return seconds
 
 
