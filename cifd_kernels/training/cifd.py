@@ -137,7 +137,8 @@ def distill_cifd(cfg: Config, *, resume: bool = False, overwrite: bool = False,
 
     out = teacher_outputs(teacher, tmeta["arch"], ds, "train",
                           Path(tmeta["path"]).parent / "cache",
-                          batch_size=cfg.data.eval_batch_size, device=device,
+                          batch_size=cfg.data.eval_batch_size,
+                          num_workers=cfg.data.num_workers, device=device,
                           channels_last=cfg.train.channels_last)
     emb_sq_norm = out.embeddings.double().pow(2).sum(1).mean().item()
     targets = None  # (embs [M, N_train, D], logits [M, N_train, K]) when cacheable

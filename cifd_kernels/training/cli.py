@@ -161,7 +161,8 @@ def _cmd_cache_teacher(args) -> int:
     cache_dir = Path(meta["path"]).parent / "cache"
     for split in [s.strip() for s in args.splits.split(",") if s.strip()]:
         out = teacher_outputs(model, meta["arch"], ds, split, cache_dir,
-                              batch_size=cfg.data.eval_batch_size, device=device,
+                              batch_size=cfg.data.eval_batch_size,
+                              num_workers=cfg.data.num_workers, device=device,
                               refresh=args.refresh)
         acc = (out.logits.argmax(1) == out.labels).float().mean().item()
         print(f"{split}: embeddings {tuple(out.embeddings.shape)} logits "

@@ -133,6 +133,14 @@ class Split:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    @property
+    def in_channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
     def subset(self, positions: torch.Tensor) -> "Split":
         return Split(self.images[positions], self.labels[positions],
                      self.source_index[positions])
@@ -152,9 +160,9 @@ class Split:
 class Dataset:
     """A dataset's train/val/test splits and what a model needs to know of it."""
     name: str
-    train: Split
-    val: Split
-    test: Split
+    train: "Split | FolderSplit"
+    val: "Split | FolderSplit"
+    test: "Split | FolderSplit"
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -162,13 +170,13 @@ class Dataset:
 
     @property
     def in_channels(self) -> int:
-        return self.train.images.shape[1]
+        return self.train.in_channels
 
     @property
     def image_size(self) -> int:
-        return self.train.images.shape[-1]
+        return self.train.image_size
 
-    def split(self, name: str) -> Split:
+    def split(self, name: str) -> "Split | FolderSplit":
         if name not in ("train", "val", "test"):
             raise ValueError(f"unknown split {name!r}: expected train, val or test")
         return getattr(self, name)
@@ -530,33 +538,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __init__(self, root: str | os.PathLike, *, train: bool, image_size: int = 224,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        from torchvision.transforms import v2
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise DatasetNotFoundError(
-                f"ImageFolder root {self.root} is not a directory: point --data-dir "
-                f"(data.dir=DIR) at a directory with train/ and val/ subdirectories "
-                f"of per-class image folders")
-        self.classes = tuple(sorted(d.name for d in self.root.iterdir() if d.is_dir()))
-        if not self.classes:
-            raise DatasetNotFoundError(f"ImageFolder root {self.root} has no class "
-                                       f"subdirectories")
-        self.samples: list[tuple[str, int]] = []
-        for label, cls in enumerate(self.classes):
-            for dirpath, _, files in sorted(os.walk(self.root / cls)):
-                for f in sorted(files):
-                    if f.endswith(IMAGE_EXTENSIONS) or f.lower().endswith(IMAGE_EXTENSIONS):
-                        self.samples.append((os.path.join(dirpath, f), label))
-        if not self.samples:
-            raise DatasetNotFoundError(f"ImageFolder root {self.root} holds no images")
-        if train:
-            geo = [v2.RandomResizedCrop(image_size, antialias=True),
-                   v2.RandomHorizontalFlip()]
-        else:
-            geo = [v2.Resize(int(round(image_size * 8 / 7)), antialias=True),
-                   v2.CenterCrop(image_size)]
-        self.transform = v2.Compose([v2.ToImage()] + geo + [v2.ToDtype(torch.float32, scale=True),
-                                           v2.Normalize(list(mean), list(std))])
+        self.classes, self.samples = list_image_folder(self.root)
+        self.transform = folder_transform(train, image_size, mean, std)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -575,6 +559,216 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             h.update(f"{os.path.relpath(path, self.root)}\0{os.path.getsize(path)}\0"
                      f"{label}\n".encode())
         return h.hexdigest()[:16]
+
+
+def folder_transform(train: bool, image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                     std: Sequence[float] = IMAGENET_STD):
+    """ImageNet's transforms: RandomResizedCrop(image_size) + horizontal flip
+    (``train``), else Resize(image_size * 8 / 7) + CenterCrop(image_size);
+    both end normalised float32 [3, S, S]."""
+    from torchvision.transforms import v2
+    if train:
+        geo = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+    else:
+        geo = [v2.Resize(int(round(image_size * 8 / 7)), antialias=True),
+               v2.CenterCrop(image_size)]
+    return v2.Compose([v2.ToImage()] + geo + [v2.ToDtype(torch.float32, scale=True),
+                                               v2.Normalize(list(mean), list(std))])
+
+
+def list_image_folder(root: str | os.PathLike) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
+    """(sorted class names, [(path, label)] in class then path order) of ``root/<class>/...``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetNotFoundError(
+            f"ImageFolder root {root} is not a directory: point --data-dir (data.dir=DIR) "
+            f"at a directory with train/ and val/ subdirectories of per-class image folders")
+    classes = tuple(sorted(d.name for d in root.iterdir() if d.is_dir()))
+    if not classes:
+        raise DatasetNotFoundError(f"ImageFolder root {root} has no class subdirectories")
+    samples: list[tuple[str, int]] = []
+    for label, cls in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(root / cls)):
+            for f in sorted(files):
+                if f.endswith(IMAGE_EXTENSIONS) or f.lower().endswith(IMAGE_EXTENSIONS):
+                    samples.append((os.path.join(dirpath, f), label))
+    if not samples:
+        raise DatasetNotFoundError(f"ImageFolder root {root} holds no images")
+    return classes, samples
+
+
+@dataclass
+class FolderSplit:
+    """One split of an ImageFolder tree, decoded per image when iterated
+    (:class:`FolderBatchIterator`); the in-memory :class:`Split`'s interface
+    (``labels``, ``source_index``, ``subset``, ``fingerprint``) without pixels."""
+    root: Path
+    samples: list[tuple[str, int]]
+    image_size: int
+    source_index: torch.Tensor
+    in_channels: int = 3
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.tensor([lbl for _, lbl in self.samples], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def subset(self, positions: torch.Tensor) -> "FolderSplit":
+        pos = positions.tolist()
+        return FolderSplit(self.root, [self.samples[i] for i in pos], self.image_size,
+                           self.source_index[positions], self.in_channels)
+
+    def fingerprint(self) -> str:
+        """sha256 over (relative path, size, label) of every sample and the image size."""
+        h = hashlib.sha256(f"image_size={self.image_size}\n".encode())
+        for path, label in self.samples:
+            h.update(f"{os.path.relpath(path, self.root)}\0{os.path.getsize(path)}\0"
+                     f"{label}\n".encode())
+        return h.hexdigest()[:16]
+
+
+class _FolderItems(torch.utils.data.Dataset):
+    """``(x, y, position)`` of a :class:`FolderSplit` under one transform."""
+
+    def __init__(self, split: FolderSplit, transform):
+        self.split, self.transform = split, transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+        path, label = self.split.samples[i]
+        with Image.open(path) as img:
+            return self.transform(img.convert("RGB")), label, i
+
+
+class FolderBatchIterator(BatchIterator):
+    """:class:`BatchIterator` over a :class:`FolderSplit`: the same order,
+    sharding and ``Batch`` objects, images decoded by a DataLoader
+    (``num_workers`` processes). Augmentation is torchvision's per-image
+    RandomResizedCrop + flip (:func:`folder_transform`), drawn in the workers
+    from seeds that a generator owned here hands out each epoch (its state is
+    in ``state_dict``), or from torch's global RNG with ``num_workers=0``;
+    unlike the in-memory path, a sample's crop then depends on the number of
+    ranks and workers."""
+
+    def __init__(self, split: FolderSplit, batch_size: int, *, mean: Sequence[float],
+                 std: Sequence[float], num_workers: int = 0, **kw):
+        kw.pop("crop_padding", None), kw.pop("hflip", None)
+        super().__init__(split, batch_size, mean=mean, std=std, **kw)
+        self.num_workers = num_workers
+        self.items = _FolderItems(split, folder_transform(self.augment, split.image_size,
+                                                          mean, std))
+        self.loader_gen = torch.Generator().manual_seed(
+            int(self.order_gen.initial_seed()) * 7 + 3)
+
+    def __iter__(self) -> Iterator[Batch]:
+        n = len(self.split)
+        order = torch.randperm(n, generator=self.order_gen) if self.shuffle \
+            else torch.arange(n)
+        plan = self._plan(order)
+        loader = torch.utils.data.DataLoader(
+            self.items, batch_sampler=[p.tolist() for p, _, _ in plan],
+            num_workers=self.num_workers, generator=self.loader_gen,
+            pin_memory=self.device.type == "cuda")
+        for (pos, row0, _), (x, y, _) in zip(plan, loader):
+            non_blocking = self.device.type == "cuda"
+            yield Batch(x.to(self.device, non_blocking=non_blocking)
+                        .contiguous(memory_format=self.memory_format),
+                        y.to(self.device, non_blocking=non_blocking), pos, row0)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "loader_gen": self.loader_gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.loader_gen.set_state(state["loader_gen"])
+
+
+def make_batches(split: "Split | FolderSplit", batch_size: int, *, num_workers: int = 0,
+                 **kw) -> BatchIterator:
+    """A :class:`BatchIterator` for an in-memory split, a
+    :class:`FolderBatchIterator` for an ImageFolder split (same arguments)."""
+    if isinstance(split, FolderSplit):
+        return FolderBatchIterator(split, batch_size, num_workers=num_workers, **kw)
+    return BatchIterator(split, batch_size, **kw)
+
+
+def load_imagefolder(data_dir: str | os.PathLike | None, *, val_size: int = 10000,
+                     split_seed: int = 0, image_size: int = 224) -> Dataset:
+    """An ImageNet-layout tree: ``data_dir/train/<class>/*`` (training; the
+    validation split of ``val_size`` images is carved from it, as for every
+    dataset here) and ``data_dir/val/<class>/*`` (reported as ``test``).
+    Same class folders in both."""
+    if not data_dir:
+        raise DatasetNotFoundError(
+            "data.name=imagefolder needs data.dir (--data-dir): a directory with train/ and "
+            "val/ subdirectories of per-class image folders (ImageNet's layout)")
+    root = Path(data_dir)
+    classes, train = list_image_folder(root / "train")
+    test_classes, test = list_image_folder(root / "val")
+    if test_classes != classes:
+        raise DatasetNotFoundError(
+            f"{root}: train/ and val/ hold different class folders ({len(classes)} vs "
+            f"{len(test_classes)}; first differing: "
+            f"{next((a for a, b in zip(classes, test_classes) if a != b), '?')})")
+    full = FolderSplit(root / "train", train, image_size, torch.arange(len(train)))
+    n = len(full)
+    if not 0 <= val_size < n:
+        raise ValueError(f"data.val_size={val_size} must be in [0, {n})")
+    g = torch.Generator().manual_seed(split_seed)
+    perm = torch.randperm(n, generator=g)
+    tr, va = full.subset(perm[val_size:].sort().values), full.subset(perm[:val_size].sort().values)
+    te = FolderSplit(root / "val", test, image_size, torch.arange(len(test)))
+    return Dataset("imagefolder", tr, va, te, len(classes), IMAGENET_MEAN, IMAGENET_STD, classes)
+
+
+def write_synthetic_imagefolder(root: str | os.PathLike, n_classes: int = 3,
+                                n_train: int = 8, n_val: int = 2, size: int = 40, *,
+                                seed: int = 0) -> Path:
+    """A tiny ImageNet-layout tree (``train/`` and ``val/``, ``n_classes`` class
+    folders of PNGs whose colour encodes the class) for tests and smoke runs."""
+    from PIL import Image
+    root = Path(root)
+    g = torch.Generator().manual_seed(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in range(n_classes):
+            d = root / split / f"n{c:08d}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                px = (torch.rand(size, size, 3, generator=g) * 60).to(torch.uint8)
+                px[:, :, c % 3] += 150
+                Image.fromarray(px.numpy()).save(d / f"{split}_{c}_{i}.png")
+    return root
+
+
+def write_synthetic_cifar100(data_dir: str | os.PathLike, n_train: int = 200,
+                             n_test: int = 100, *, seed: int = 0) -> Path:
+    """A tiny ``cifar-100-python`` directory (``train``, ``test``, ``meta``
+    pickles in the real archive's format: uint8 [N, 3072] channel-major rows,
+    ``fine_labels``, ``coarse_labels``) for tests and smoke runs."""
+    import numpy as np
+    d = Path(data_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name, n in (("train", n_train), ("test", n_test)):
+        fine = rng.integers(0, 100, n)
+        x = rng.integers(0, 80, (n, 3, 32, 32), dtype=np.uint8)
+        for i, c in enumerate(fine):  # a bright 4x4 patch whose place encodes the class
+            r, col = (c // 10) * 3, (c % 10) * 3
+            x[i, c % 3, r:r + 4, col:col + 4] = 250
+        blob = {b"data": x.reshape(n, 3072), b"fine_labels": fine.tolist(),
+                b"coarse_labels": (fine // 5).tolist(),
+                b"filenames": [f"{name}_{i}.png".encode() for i in range(n)]}
+        with open(d / name, "wb") as f:
+            pickle.dump(blob, f)
+    with open(d / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [f"class{i}".encode() for i in range(100)],
+                     b"coarse_label_names": [f"super{i}".encode() for i in range(20)]}, f)
+    return d
 
 
 class ShardedSampler(torch.utils.data.Sampler[int]):
@@ -622,16 +816,14 @@ DATASETS = ("fashion_mnist", "cifar100", "imagefolder")
 
 
 def load_dataset(name: str, data_dir: str | None = None, *, val_size: int = 5000,
-                 split_seed: int = 0) -> Dataset:
-    """The in-memory datasets by name (``fashion_mnist``, ``cifar100``).
-    ImageFolder trees go through :func:`load_imagefolder_loader` instead."""
+                 split_seed: int = 0, image_size: int = 224) -> Dataset:
+    """A dataset by name: ``fashion_mnist``, ``cifar100`` (in memory) or
+    ``imagefolder`` (decoded per batch; ``image_size`` is its crop size)."""
     if name == "fashion_mnist":
         return load_fashion_mnist(data_dir, val_size=val_size, split_seed=split_seed)
     if name == "cifar100":
         return load_cifar100(data_dir, val_size=val_size, split_seed=split_seed)
     if name == "imagefolder":
-        raise NotImplementedError(
-            "data.name=imagefolder is not wired into the training commands yet: "
-            "ImageFolderDataset/load_imagefolder_loader exist, the train loop "
-            "consumes in-memory datasets only this version")
+        return load_imagefolder(data_dir, val_size=val_size, split_seed=split_seed,
+                                image_size=image_size)
     raise ValueError(f"unknown dataset {name!r}: expected one of {DATASETS}")

@@ -28,9 +28,9 @@ from .config import Config, config_hash, hashed_items, to_dict
 from .distributed import seed_per_rank, single_process, wrap_ddp
 from .engine import (RunIdentity, build_optimizer, build_scheduler, fit, measure_step_flops,
                      seed_everything, select_device, set_threads)
-from .teacher import (check_teacher_data, default_teacher_checkpoint, finish_run, load_data, load_model_file,
-                      make_iterator, model_meta, new_model, prepare_model, run_root,
-                      teacher_outputs)
+from .teacher import (check_teacher_data, default_teacher_checkpoint, finish_run, load_data,
+                      load_model_file, make_iterator, model_meta, new_model, prepare_model,
+                      run_root, teacher_outputs)
 
 METHODS = ("scratch", "kd", "takd", "cifd")
 
@@ -161,7 +161,8 @@ def train_student(cfg: Config, method: str, *, resume: bool = False, overwrite: 
             # the image, so read them from the cache instead of re-running it.
             out = teacher_outputs(teacher, tmeta["arch"], ds, "train",
                                   Path(tmeta["path"]).parent / "cache",
-                                  batch_size=cfg.data.eval_batch_size, device=device,
+                                  batch_size=cfg.data.eval_batch_size,
+                                  num_workers=cfg.data.num_workers, device=device,
                                   channels_last=cfg.train.channels_last)
             cached_logits = out.logits.to(device)
     sections = ("data", "model", "train") + (("kd",) if method == "kd" else ())

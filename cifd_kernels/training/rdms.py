@@ -191,7 +191,8 @@ def _train_rdms(cfg: Config, *, resume: bool, overwrite: bool) -> dict:
     check_teacher_data(tmeta, ds)
     cache_dir = Path(tmeta["path"]).parent / "cache"
     outs = {s: teacher_outputs(teacher, tmeta["arch"], ds, s, cache_dir,
-                               batch_size=cfg.data.eval_batch_size, device=device)
+                               batch_size=cfg.data.eval_batch_size,
+                               num_workers=cfg.data.num_workers, device=device)
             for s in ("train", "val", "test")}
     X, T, Y = (t.to(device) for t in (outs["train"].embeddings, outs["train"].logits,
                                        outs["train"].labels))

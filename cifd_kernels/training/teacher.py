@@ -46,7 +46,8 @@ def load_data(cfg: Config) -> data_mod.Dataset:
     """The configured dataset; ``data.train_size`` > 0 keeps a fixed subset
     (seed ``data.split_seed``, file order kept) of that many training images."""
     ds = data_mod.load_dataset(cfg.data.name, cfg.data.dir or None,
-                               val_size=cfg.data.val_size, split_seed=cfg.data.split_seed)
+                               val_size=cfg.data.val_size, split_seed=cfg.data.split_seed,
+                               image_size=cfg.data.image_size)
     n = cfg.data.train_size
     if 0 < n < len(ds.train):
         g = torch.Generator().manual_seed(cfg.data.split_seed + 1)
@@ -67,8 +68,9 @@ def make_iterator(cfg: Config, ds: data_mod.Dataset, split: str, device: torch.d
     ctx = context()
     rank = ctx.rank if rank is None else rank
     world_size = ctx.world_size if world_size is None else world_size
-    return data_mod.BatchIterator(
+    return data_mod.make_batches(
         ds.split(split), cfg.data.batch_size if train else cfg.data.eval_batch_size,
+        num_workers=cfg.data.num_workers,
         mean=ds.mean, std=ds.std, shuffle=train, augment=train and cfg.data.augment,
         crop_padding=cfg.data.crop_padding, hflip=cfg.data.hflip, seed=seed, rank=rank,
         world_size=world_size, device=device, channels_last=cfg.train.channels_last,
@@ -242,7 +244,7 @@ def compute_teacher_outputs(model: nn.Module, batches) -> tuple[torch.Tensor, to
 def teacher_outputs(model: nn.Module, arch: str, ds: data_mod.Dataset, split: str,
                     cache_dir: str | Path, *, batch_size: int = 1000,
                     device: torch.device | str = "cpu", channels_last: bool = False,
-                    refresh: bool = False) -> TeacherOutputs:
+                    refresh: bool = False, num_workers: int = 0) -> TeacherOutputs:
     """The teacher's embeddings and logits on ``split`` of ``ds``, from
     ``cache_dir/teacher_outputs_<split>.pt`` when its key (weights hash,
     data fingerprint, transform) matches, else computed and cached. Under DDP
@@ -251,17 +253,20 @@ def teacher_outputs(model: nn.Module, arch: str, ds: data_mod.Dataset, split: st
     if context().enabled:
         if context().is_main:
             _teacher_outputs(model, arch, ds, split, cache_dir, batch_size=batch_size,
-                             device=device, channels_last=channels_last, refresh=refresh)
+                             device=device, channels_last=channels_last, refresh=refresh,
+                             num_workers=num_workers)
         barrier()
         return _teacher_outputs(model, arch, ds, split, cache_dir, batch_size=batch_size,
-                                device=device, channels_last=channels_last, refresh=False)
+                                device=device, channels_last=channels_last, refresh=False,
+                                num_workers=num_workers)
     return _teacher_outputs(model, arch, ds, split, cache_dir, batch_size=batch_size,
-                            device=device, channels_last=channels_last, refresh=refresh)
+                            device=device, channels_last=channels_last, refresh=refresh,
+                            num_workers=num_workers)
 
 
 def _teacher_outputs(model: nn.Module, arch: str, ds: data_mod.Dataset, split: str,
                      cache_dir: str | Path, *, batch_size: int, device, channels_last: bool,
-                     refresh: bool) -> TeacherOutputs:
+                     refresh: bool, num_workers: int = 0) -> TeacherOutputs:
     sp = ds.split(split)
     key = cache_key(model, arch, sp, ds.mean, ds.std)
     path = Path(cache_dir) / f"teacher_outputs_{split}.pt"
@@ -273,8 +278,8 @@ def _teacher_outputs(model: nn.Module, arch: str, ds: data_mod.Dataset, split: s
         if blob is not None and blob.get("key") == key:
             return TeacherOutputs(blob["embeddings"], blob["logits"], blob["labels"], key,
                                   from_cache=True)
-    it = data_mod.BatchIterator(sp, batch_size, mean=ds.mean, std=ds.std, device=device,
-                                channels_last=channels_last)
+    it = data_mod.make_batches(sp, batch_size, mean=ds.mean, std=ds.std, device=device,
+                               channels_last=channels_last, num_workers=num_workers)
     emb, logits = compute_teacher_outputs(model, it)
     atomic_save({"key": key, "embeddings": emb, "logits": logits, "labels": sp.labels.clone()},
                 path)
