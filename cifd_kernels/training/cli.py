@@ -224,7 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Returns the exit status (0 ok, 2 for a usage, config, data, checkpoint or
     torchrun-environment error, which is printed on one line without a
     traceback unless CIFD_TRACEBACK=1)."""
-    from .data import DatasetNotFoundError
+    from .data import DatasetFormatError, DatasetNotFoundError
     from .distill import NotWiredError
     from .distributed import DistributedSetupError, context
     from .engine import CheckpointMismatchError
@@ -232,8 +232,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stdout = sys.stdout
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DatasetNotFoundError, CheckpointMismatchError, NotWiredError,
-            DistributedSetupError, FileExistsError, FileNotFoundError) as e:
+    except (ConfigError, DatasetNotFoundError, DatasetFormatError, CheckpointMismatchError,
+            NotWiredError, DistributedSetupError, FileExistsError, FileNotFoundError) as e:
         if os.environ.get("CIFD_TRACEBACK") == "1":
             raise
         rank = context().rank

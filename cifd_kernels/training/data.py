@@ -49,6 +49,10 @@ class DatasetNotFoundError(FileNotFoundError):
     """A dataset's files are not where the configuration says."""
 
 
+class DatasetFormatError(ValueError):
+    """A dataset's files are there but not in the expected format."""
+
+
 # --------------------------------------------------------------------------- IDX
 # IDX (LeCun's MNIST format): two zero bytes, a type code, the number of
 # dimensions, that many big-endian uint32 sizes, then the data, big-endian.
@@ -61,18 +65,18 @@ _IDX_TYPES = {
 def parse_idx(buf: bytes, name: str = "<bytes>") -> torch.Tensor:
     """Decode the bytes of an IDX file into a tensor of its type and shape."""
     if len(buf) < 4 or buf[0] != 0 or buf[1] != 0 or buf[2] not in _IDX_TYPES:
-        raise ValueError(f"{name}: not an IDX file (bad magic {buf[:4].hex()})")
+        raise DatasetFormatError(f"{name}: not an IDX file (bad magic {buf[:4].hex()})")
     dtype, size = _IDX_TYPES[buf[2]]
     ndim = buf[3]
     header = 4 + 4 * ndim
     if len(buf) < header:
-        raise ValueError(f"{name}: truncated IDX header")
+        raise DatasetFormatError(f"{name}: truncated IDX header")
     shape = struct.unpack(f">{ndim}I", buf[4:header])
     count = 1
     for s in shape:
         count *= s
     if len(buf) - header != count * size:
-        raise ValueError(f"{name}: IDX header says {shape} ({count * size} bytes of "
+        raise DatasetFormatError(f"{name}: IDX header says {shape} ({count * size} bytes of "
                          f"data) but the file holds {len(buf) - header}")
     raw = torch.frombuffer(bytearray(buf[header:]), dtype=torch.uint8)
     if size > 1:  # big-endian on disk: reverse each element's bytes
@@ -190,7 +194,9 @@ def train_val_split(full: Split, val_size: int, seed: int) -> tuple[Split, Split
     """
     n = len(full)
     if not 0 <= val_size < n:
-        raise ValueError(f"data.val_size={val_size} must be in [0, {n})")
+        from .config import ConfigError
+        raise ConfigError(f"data.val_size={val_size} must be in [0, {n}): the training "
+                          f"split holds {n} images")
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=g)
     val_pos = perm[:val_size].sort().values
@@ -233,10 +239,10 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None, *,
         images = read_idx(found[img_stem])
         labels = read_idx(found[lbl_stem])
         if images.dim() != 3 or images.dtype != torch.uint8:
-            raise ValueError(f"{found[img_stem]}: expected uint8 [N, H, W] images, "
+            raise DatasetFormatError(f"{found[img_stem]}: expected uint8 [N, H, W] images, "
                              f"got {images.dtype} {tuple(images.shape)}")
         if labels.shape != images.shape[:1]:
-            raise ValueError(f"{found[lbl_stem]}: {labels.shape[0]} labels for "
+            raise DatasetFormatError(f"{found[lbl_stem]}: {labels.shape[0]} labels for "
                              f"{images.shape[0]} images")
         splits[split] = Split(images.unsqueeze(1).contiguous(), labels.long(),
                               torch.arange(images.shape[0]))
@@ -294,7 +300,7 @@ def load_cifar100(data_dir: str | os.PathLike | None = None, *,
         labels = torch.as_tensor(list(d[b"fine_labels"]), dtype=torch.long)
         images = data.reshape(-1, 3, 32, 32).contiguous()
         if images.shape[0] != labels.shape[0]:
-            raise ValueError(f"{data_dir / name}: {labels.shape[0]} labels for "
+            raise DatasetFormatError(f"{data_dir / name}: {labels.shape[0]} labels for "
                              f"{images.shape[0]} images")
         return Split(images, labels, torch.arange(labels.shape[0]))
 
@@ -718,7 +724,9 @@ def load_imagefolder(data_dir: str | os.PathLike | None, *, val_size: int = 1000
     full = FolderSplit(root / "train", train, image_size, torch.arange(len(train)))
     n = len(full)
     if not 0 <= val_size < n:
-        raise ValueError(f"data.val_size={val_size} must be in [0, {n})")
+        from .config import ConfigError
+        raise ConfigError(f"data.val_size={val_size} must be in [0, {n}): {root / 'train'} "
+                          f"holds {n} images")
     g = torch.Generator().manual_seed(split_seed)
     perm = torch.randperm(n, generator=g)
     tr, va = full.subset(perm[val_size:].sort().values), full.subset(perm[:val_size].sort().values)

@@ -64,10 +64,14 @@ def make_iterator(cfg: Config, ds: data_mod.Dataset, split: str, device: torch.d
     unaugmented; this rank's unpadded shard, whose sums evaluate() all-reduces)
     of ``split``. ``rank``/``world_size`` default to the process's
     (:mod:`.distributed`)."""
+    from .config import ConfigError
     from .distributed import context
     ctx = context()
     rank = ctx.rank if rank is None else rank
     world_size = ctx.world_size if world_size is None else world_size
+    if train and cfg.data.batch_size % world_size:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is the global batch and "
+                          f"must be a multiple of the number of processes ({world_size})")
     return data_mod.make_batches(
         ds.split(split), cfg.data.batch_size if train else cfg.data.eval_batch_size,
         num_workers=cfg.data.num_workers,
