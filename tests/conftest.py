@@ -5,6 +5,8 @@
   here before any Triton kernel is defined) on CPU tensors.
 * ``@pytest.mark.gpu`` tests (and the ``device`` fixture's "cuda" value) skip
   without a GPU; ``CIFD_REQUIRE_GPU=1`` turns those skips into failures.
+* ``fake_dir``: a tiny synthetic Fashion-MNIST (200 train, 60 test images) for
+  the training tests, written once per session.
 """
 import os
 
@@ -42,3 +44,11 @@ def _keep_threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def fake_dir(tmp_path_factory):
+    """A directory holding a synthetic Fashion-MNIST (the four IDX files, 200
+    training and 60 test images) that small CNNs learn in an epoch or two."""
+    from cifd_kernels.training import data
+    return data.write_synthetic_fashion_mnist(tmp_path_factory.mktemp("fmnist"), 200, 60)

@@ -14,11 +14,6 @@ from cifd_kernels.training.cli import main
 from cifd_kernels.training.models import build_model
 
 
-@pytest.fixture(scope="module")
-def fake_dir(tmp_path_factory):
-    return data.write_synthetic_fashion_mnist(tmp_path_factory.mktemp("fmnist"), 200, 60)
-
-
 def common(fake_dir, out):
     return ["--data-dir", str(fake_dir), "--out-dir", str(out), "--threads", "1",
             "--no-progress", "data.val_size=40", "data.batch_size=32", "train.epochs=2",

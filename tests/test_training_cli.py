@@ -9,11 +9,6 @@ from cifd_kernels.training import data, engine
 from cifd_kernels.training.cli import main
 
 
-@pytest.fixture(scope="module")
-def fake_dir(tmp_path_factory):
-    return data.write_synthetic_fashion_mnist(tmp_path_factory.mktemp("fmnist"), 200, 60)
-
-
 def common(fake_dir, out):
     return ["--data-dir", str(fake_dir), "--out-dir", str(out), "--threads", "1",
             "--no-progress", "data.val_size=40", "data.batch_size=32", "train.epochs=2",
@@ -126,3 +121,77 @@ def test_demo_skips_takd_over_budget(fake_dir, tmp_path, capsys):
     assert "skipping TAKD" in out and "TAKD     skipped" in out
     res = json.loads((tmp_path / "fmnist_demo" / "demo" / "results.json").read_text())
     assert "skipped" in res["methods"]["takd"] and res["rdms"] is None
+
+
+def one_line_error(capsys, rc, *needles):
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for n in needles:
+        assert n in err, (n, err)
+    return err
+
+
+@pytest.mark.parametrize("override,needles", [
+    ("train.epoch=1", ["unknown config key 'train.epoch'", "did you mean 'train.epochs'"]),
+    ("train.epochs=abc", ["train.epochs: expected an int"]),
+    ("train.epochs=0", ["train.epochs: 0 must be >= 1"]),
+    ("model.arch=cnn3", ["model.arch: unknown architecture 'cnn3'"]),
+    ("rdm.rates=[]", ["rdm.rates: [] must be a non-empty list"]),
+    ("cifd.p_drop=1.5", ["cifd.p_drop: 1.5 must be in [0, 1)"]),
+    ("cifd.decoder_layers=3", ["cifd.decoder_layers: 3 must be 1 or 2"]),
+    ("data.name=mnist", ["data.name: 'mnist' is not one of"]),
+    ("data.val_size=500", ["data.val_size=500 must be in [0, 200)"]),
+])
+def test_bad_config_values_are_one_line_errors(override, needles, fake_dir, tmp_path, capsys):
+    rc = main(["distill", "--method", "scratch", *common(fake_dir, tmp_path), override])
+    one_line_error(capsys, rc, *needles)
+
+
+def test_missing_dataset_is_a_one_line_error(tmp_path, capsys):
+    rc = main(["train-teacher", "--data-dir", str(tmp_path / "nothing"), "--out-dir",
+               str(tmp_path), "--no-progress"])
+    one_line_error(capsys, rc, "Fashion-MNIST not found", "apt-get install")
+    rc = main(["train-teacher", "-c", "cifar100_teacher", "--data-dir",
+               str(tmp_path / "nothing"), "--out-dir", str(tmp_path), "--no-progress"])
+    one_line_error(capsys, rc, "CIFAR-100 not found", "cifar-100-python")
+
+
+def test_corrupt_dataset_is_a_one_line_error(tmp_path, fake_dir, capsys):
+    import shutil
+    d = tmp_path / "bad"
+    shutil.copytree(fake_dir, d)
+    (d / "train-labels-idx1-ubyte.gz").unlink()
+    (d / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x09abc")
+    rc = main(["train-teacher", *common(d, tmp_path)])
+    one_line_error(capsys, rc, "IDX header says")
+
+
+def test_checkpoint_of_another_config_is_a_one_line_error(teacher_run, fake_dir, capsys):
+    rc = main(["train-teacher", *common(fake_dir, teacher_run), "model.arch=cnn4",
+               "train.lr=0.07", "--resume"])
+    one_line_error(capsys, rc, "another configuration", "train.lr: 0.05 -> 0.07")
+
+
+def test_bank_of_another_teacher_is_a_one_line_error(teacher_run, fake_dir, tmp_path, capsys):
+    """An RDM bank trained on teacher A, a student distilled from teacher B."""
+    a = teacher_run / "fmnist" / "teacher" / "model.pt"
+    assert main(["train-rdms", *common(fake_dir, tmp_path), "--teacher", str(a),
+                 "rdm.epochs=1"]) == 0
+    b_out = tmp_path / "b"
+    assert main(["train-teacher", *common(fake_dir, b_out), "model.arch=cnn2",
+                 "train.epochs=1"]) == 0
+    capsys.readouterr()
+    rc = main(["distill", "--method", "cifd", *common(fake_dir, b_out),
+               "--teacher", str(b_out / "fmnist" / "teacher"),
+               f"cifd.bank={tmp_path / 'fmnist' / 'rdms' / 'bank.pt'}"])
+    one_line_error(capsys, rc, "trained on another teacher", "train-rdms")
+
+
+def test_teacher_of_another_dataset_is_a_one_line_error(teacher_run, tmp_path, capsys):
+    from cifd_kernels.training import data as data_mod
+    d = data_mod.write_synthetic_cifar100(tmp_path / "c100", 30, 10)
+    rc = main(["distill", "--method", "kd", "-c", "cifar100_student", "--data-dir", str(d),
+               "--out-dir", str(tmp_path), "--no-progress", "data.val_size=10",
+               "--teacher", str(teacher_run / "fmnist" / "teacher")])
+    one_line_error(capsys, rc, "trained on fashion_mnist (10 classes), not cifar100")

@@ -8,7 +8,7 @@ from cifd_kernels.training import config as C
 @pytest.mark.parametrize("name", sorted(p.stem for p in C.CONFIG_DIR.glob("*.yaml")))
 def test_packaged_configs_load(name):
     cfg = C.load_config(name)
-    assert cfg.data.name in ("fashion_mnist", "cifar100")
+    assert cfg.data.name in ("fashion_mnist", "cifar100", "imagefolder")
     assert C.from_dict(C.to_dict(cfg)) == cfg
 
 

@@ -12,11 +12,6 @@ from cifd_kernels.training import data, engine, teacher
 from cifd_kernels.training.distill import kd_loss
 
 
-@pytest.fixture(scope="module")
-def fake_dir(tmp_path_factory):
-    return data.write_synthetic_fashion_mnist(tmp_path_factory.mktemp("fmnist"), 160, 40)
-
-
 def tiny_cfg(fake_dir, out, *extra):
     return C.load_config("fmnist_teacher", [
         f"data.dir={fake_dir}", f"run.out_dir={out}", "data.val_size=32",

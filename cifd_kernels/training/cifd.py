@@ -32,10 +32,13 @@ import torch
 import torch.nn as nn
 
 from .config import Config, config_hash, hashed_items, to_dict
-from .engine import (RunIdentity, build_optimizer, build_scheduler, derive_seed, fit,
-                     measure_step_flops, seed_everything, select_device, set_threads)
-from .teacher import (default_teacher_checkpoint, finish_run, load_data, load_model_file,
-                      make_iterator, model_meta, new_model, prepare_model, teacher_outputs)
+from .distributed import barrier, context, seed_per_rank, single_process, wrap_ddp
+from .engine import (CheckpointMismatchError, RunIdentity, build_optimizer, build_scheduler,
+                     derive_seed, fit, measure_step_flops, seed_everything, select_device,
+                     set_threads)
+from .teacher import (check_teacher_data, default_teacher_checkpoint, finish_run, load_data,
+                      load_model_file, make_iterator, model_meta, new_model, prepare_model,
+                      teacher_outputs)
 
 STREAM_IBM, STREAM_DROP = 2, 3
 CIFD_SECTIONS = ("data", "model", "train", "kd", "cifd", "rdm")
@@ -55,10 +58,16 @@ def make_decoder(d_in: int, d_out: int, layers: int) -> nn.Module:
 class CIFDStudent(nn.Module):
     """A student (``features``/``head``), its IBM and the embedding decoder.
 
-    ``forward(x, seed)`` -> logits ``[B, K]``: in training ``head(IBM(W))``
-    (Philox ``seed``, counters from 0), in eval mode ``head(W)`` exactly, i.e.
+    ``forward(x, seed, offset)`` -> logits ``[B, K]``: in training
+    ``head(IBM(W))`` (Philox ``seed``, element i of W [B, D_s] row-major at
+    counter ``offset + i``), in eval mode ``head(W)`` exactly, i.e.
     ``student(x)``: the IBM is removed at inference.
-    ``train_outputs(x, seed)`` -> ``(logits, U [B, D_teacher], rate_I [B] nats)``.
+    ``train_outputs(x, seed, offset)`` -> ``(logits, U [B, D_teacher], rate_I [B]
+    nats)``, also ``forward(..., all_outputs=True)`` (the way in through DDP).
+
+    The IBM's ``quantiles`` are frozen (``requires_grad`` False): only
+    CompressAI's entropy coding reads them and the IBM never codes; frozen,
+    every trainable parameter gets a gradient each step, as DDP requires.
     """
 
     def __init__(self, student: nn.Module, teacher_dim: int, *, rho: float = 0.0,
@@ -68,16 +77,20 @@ class CIFDStudent(nn.Module):
         self.student = student
         self.ibm = IBM(student.embed_dim, rho=rho, s=s)
         self.decoder = make_decoder(student.embed_dim, teacher_dim, decoder_layers)
+        self.ibm.quantiles.requires_grad_(False)
 
-    def train_outputs(self, x: torch.Tensor, seed: Optional[int] = None):
+    def train_outputs(self, x: torch.Tensor, seed: Optional[int] = None, offset: int = 0):
         w = self.student.features(x)
-        w_hat, rate = self.ibm(w, seed=seed, offset=0)
+        w_hat, rate = self.ibm(w, seed=seed, offset=offset)
         return self.student.head(w_hat), self.decoder(w_hat), rate
 
-    def forward(self, x: torch.Tensor, seed: Optional[int] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seed: Optional[int] = None, offset: int = 0,
+                all_outputs: bool = False):
+        if all_outputs:
+            return self.train_outputs(x, seed, offset)
         if not self.training:
             return self.student(x)
-        return self.train_outputs(x, seed)[0]
+        return self.train_outputs(x, seed, offset)[0]
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Student and decoder with ``weight_decay``; the IBM's density without
@@ -107,24 +120,25 @@ def distill_cifd(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     device = select_device(cfg.run.device)
     ds = load_data(cfg)
     teacher, tmeta = load_model_file(default_teacher_checkpoint(cfg), device)
-    if (tmeta.get("dataset"), tmeta["num_classes"]) != (ds.name, ds.num_classes):
-        raise ValueError(f"teacher {tmeta['path']} was trained on {tmeta.get('dataset')} "
-                         f"({tmeta['num_classes']} classes), not {ds.name}")
+    check_teacher_data(tmeta, ds)
     teacher = prepare_model(cfg, teacher, device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     bank, bmeta = load_bank(default_bank_path(cfg), device)
     if bmeta["teacher_weights"] != tmeta["weights_hash"]:
-        raise ValueError(f"the RDM bank {bmeta['path']} was trained on another teacher "
-                         f"(weights {bmeta['teacher_weights']}, this one "
-                         f"{tmeta['weights_hash']}): run `cifd train-rdms` again")
+        raise CheckpointMismatchError(
+            f"the RDM bank {bmeta['path']} was trained on another teacher (weights "
+            f"{bmeta['teacher_weights']}, from {bmeta.get('teacher_path', '?')}; this teacher "
+            f"{tmeta['path']} has {tmeta['weights_hash']}): run `cifd train-rdms` with this "
+            f"teacher, or set cifd.bank=PATH to its bank")
     n_rdm = bank.n
     extra = {"method": "cifd", "teacher_weights": tmeta["weights_hash"],
              "bank_weights": bmeta["weights_hash"]}
 
     out = teacher_outputs(teacher, tmeta["arch"], ds, "train",
                           Path(tmeta["path"]).parent / "cache",
-                          batch_size=cfg.data.eval_batch_size, device=device,
+                          batch_size=cfg.data.eval_batch_size,
+                          num_workers=cfg.data.num_workers, device=device,
                           channels_last=cfg.train.channels_last)
     emb_sq_norm = out.embeddings.double().pow(2).sum(1).mean().item()
     targets = None  # (embs [M, N_train, D], logits [M, N_train, K]) when cacheable
@@ -139,6 +153,8 @@ def distill_cifd(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     model = new_model(cfg, ds, device)
     wrapper = CIFDStudent(model, bank.D, rho=c.ibm_rho, s=c.ibm_s,
                           decoder_layers=c.decoder_layers).to(device)
+    net = wrap_ddp(wrapper, device)
+    seed_per_rank(cfg.train.seed)
     train_iter = make_iterator(cfg, ds, "train", device, train=True, seed=cfg.train.seed)
     val_iter = make_iterator(cfg, ds, "val", device, train=False)
     opt = build_optimizer(wrapper.param_groups(cfg.train.weight_decay), cfg.train)
@@ -161,16 +177,19 @@ def distill_cifd(cfg: Config, *, resume: bool = False, overwrite: bool = False,
             xh, vr = o.x_hat, o.logits
         return torch.cat([x.unsqueeze(0), xh]), torch.cat([v.unsqueeze(0), vr])
 
-    def loss_of(batch, step: int):
+    def loss_of(net, batch, step: int):
         t_embs, t_logits = targets_of(batch)
-        logits, u, rate = wrapper.train_outputs(batch.x, derive_seed(run_seed, step, STREAM_IBM))
+        # IBM noise: this rank's rows of the global batch at their single-process
+        # counters; KD-dropout flags: one draw per step, alike on every rank.
+        logits, u, rate = net(batch.x, derive_seed(run_seed, step, STREAM_IBM),
+                              batch.row0 * model.embed_dim, all_outputs=True)
         loss, _ = loss_fn(logits, t_logits, batch.y, u, t_embs, rate,
                           seed=derive_seed(run_seed, step, STREAM_DROP))
         return loss, logits
 
     def step(batch):
         # The scheduler's count is the global optimizer step: restored on resume.
-        return loss_of(batch, sched.last_epoch)
+        return loss_of(net, batch, sched.last_epoch)
 
     run_dir = Path(run_dir) if run_dir is not None else cifd_run_dir(cfg)
     print(f"distill --method cifd: {cfg.model.arch} on {ds.name}, {cfg.train.epochs} epochs, "
@@ -186,8 +205,10 @@ def distill_cifd(cfg: Config, *, resume: bool = False, overwrite: bool = False,
                   stop_after=cfg.run.stop_after, log_prefix="[cifd] ")
     if not summary["complete"]:
         return summary
-    first = next(iter(make_iterator(cfg, ds, "train", device, train=True, seed=run_seed + 1)))
-    flops = measure_step_flops(wrapper, lambda b: loss_of(b, 0)[0], first)
+    with single_process():  # one global batch through the plain modules, on every rank
+        first = next(iter(make_iterator(cfg, ds, "train", device, train=True,
+                                        seed=run_seed + 1)))
+        flops = measure_step_flops(wrapper, lambda b: loss_of(wrapper, b, 0)[0], first)
     one_off = 0
     if targets is not None:  # teacher + frozen bank over the train split, once
         one_off = forward_flops(teacher, first.x) * len(ds.train) // first.x.shape[0]
@@ -210,7 +231,9 @@ def distill_cifd(cfg: Config, *, resume: bool = False, overwrite: bool = False,
             summary["rdm_train_time_s"]
         from .engine import atomic_write_text
         import json
-        atomic_write_text(json.dumps(summary, indent=2) + "\n", run_dir / "summary.json")
+        if context().is_main:
+            atomic_write_text(json.dumps(summary, indent=2) + "\n", run_dir / "summary.json")
+        barrier()
     print(f"[cifd] {cfg.model.arch}: best val acc {summary['val_acc']:.4f} (epoch "
           f"{summary['best_epoch']}), test acc {summary['test_acc']:.4f}", flush=True)
     return summary

@@ -17,6 +17,11 @@ run.device and run.progress=false. Runs go to ``<run.out_dir>/<run.name>/``
 (teacher/, rdms/, scratch_<arch>/, kd_<arch>/, cifd_<arch>/, takd_ta<i>_<arch>/,
 takd_<arch>/, demo/; students of train.seed != 0 end in _s<seed>); ``--resume`` continues a run from its
 last checkpoint, ``--overwrite`` starts it again.
+
+Data parallel: ``torchrun --nproc_per_node=N -m cifd_kernels {train-teacher,
+distill, train-rdms, demo} ...`` runs N processes (gloo on CPUs, nccl on
+GPUs; data.batch_size stays the global batch); rank 0 prints and writes.
+See :mod:`cifd_kernels.training.distributed`.
 """
 from __future__ import annotations
 
@@ -102,9 +107,28 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def _start(cfg) -> None:
+    """Join the torchrun process group, if any; quiet the ranks other than 0
+    (their stdout goes nowhere, no progress bars; errors still reach stderr)."""
+    from .distributed import init_from_env
+    ctx = init_from_env(cfg.run.device, cfg.run.dist_timeout_s)
+    if not ctx.is_main:
+        cfg.run.progress = False
+        sys.stdout = open(os.devnull, "w")
+
+
+def _single_process_only(command: str) -> None:
+    from .distributed import DistributedSetupError, env_world
+    env = env_world()
+    if env is not None and env["WORLD_SIZE"] > 1:
+        raise DistributedSetupError(f"`cifd {command}` runs in one process: launch it "
+                                    f"without torchrun")
+
+
 def _cmd_train_teacher(args) -> int:
     from .teacher import train_teacher
     cfg = load_config(args.config or DEFAULT_CONFIGS["train-teacher"], _overrides(args))
+    _start(cfg)
     train_teacher(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
 
@@ -112,6 +136,7 @@ def _cmd_train_teacher(args) -> int:
 def _cmd_distill(args) -> int:
     from .distill import distill
     cfg = load_config(args.config or DEFAULT_CONFIGS["distill"], _overrides(args))
+    _start(cfg)
     distill(cfg, args.method, resume=args.resume, overwrite=args.overwrite)
     return 0
 
@@ -119,6 +144,7 @@ def _cmd_distill(args) -> int:
 def _cmd_train_rdms(args) -> int:
     from .rdms import train_rdms
     cfg = load_config(args.config or DEFAULT_CONFIGS["train-rdms"], _overrides(args))
+    _start(cfg)
     train_rdms(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
 
@@ -126,6 +152,7 @@ def _cmd_train_rdms(args) -> int:
 def _cmd_cache_teacher(args) -> int:
     from .engine import select_device, set_threads
     from .teacher import default_teacher_checkpoint, load_data, load_model_file, teacher_outputs
+    _single_process_only("cache-teacher")
     cfg = load_config(args.config or DEFAULT_CONFIGS["cache-teacher"], _overrides(args))
     set_threads(cfg.run.threads)
     device = select_device(cfg.run.device)
@@ -134,7 +161,8 @@ def _cmd_cache_teacher(args) -> int:
     cache_dir = Path(meta["path"]).parent / "cache"
     for split in [s.strip() for s in args.splits.split(",") if s.strip()]:
         out = teacher_outputs(model, meta["arch"], ds, split, cache_dir,
-                              batch_size=cfg.data.eval_batch_size, device=device,
+                              batch_size=cfg.data.eval_batch_size,
+                              num_workers=cfg.data.num_workers, device=device,
                               refresh=args.refresh)
         acc = (out.logits.argmax(1) == out.labels).float().mean().item()
         print(f"{split}: embeddings {tuple(out.embeddings.shape)} logits "
@@ -148,6 +176,7 @@ def _cmd_eval(args) -> int:
     from .config import from_dict, apply_overrides
     from .engine import evaluate, select_device, set_threads
     from .teacher import load_data, load_model_file, make_iterator, prepare_model
+    _single_process_only("eval")
     model, meta = load_model_file(args.model, "cpu")
     # The model file's own config says how its data were split and normalised.
     cfg = apply_overrides(from_dict(meta["config"]), _overrides(args))
@@ -166,6 +195,7 @@ def _cmd_demo(args) -> int:
     from .demo import run_demo
     overrides = _overrides(args)
     cfg = load_config(args.config or DEFAULT_CONFIGS["demo"], overrides)
+    _start(cfg)
     run_demo(cfg, overrides, overwrite=args.overwrite)
     return 0
 
@@ -175,22 +205,46 @@ COMMANDS = {"train-teacher": _cmd_train_teacher, "distill": _cmd_distill,
             "eval": _cmd_eval, "demo": _cmd_demo}
 
 
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse a command line; KEY=VALUE overrides may come before, between or
+    after the options (``distill --teacher T cifd.bank=B --resume``), which
+    argparse's one positional list alone would refuse after an option."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    bad = [r for r in rest if r.startswith("-") or "=" not in r]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if rest:
+        args.overrides = list(getattr(args, "overrides", [])) + rest
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``cifd`` and ``python -m cifd_kernels <command>``.
-    Returns the exit status (0 ok, 2 for a usage, config, data or checkpoint
-    error, which is printed without a traceback unless CIFD_TRACEBACK=1)."""
-    from .data import DatasetNotFoundError
+    Returns the exit status (0 ok, 2 for a usage, config, data, checkpoint or
+    torchrun-environment error, which is printed on one line without a
+    traceback unless CIFD_TRACEBACK=1)."""
+    from .data import DatasetFormatError, DatasetNotFoundError
     from .distill import NotWiredError
+    from .distributed import DistributedSetupError, context
     from .engine import CheckpointMismatchError
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    stdout = sys.stdout
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DatasetNotFoundError, CheckpointMismatchError, NotWiredError,
-            FileExistsError, FileNotFoundError) as e:
+    except (ConfigError, DatasetNotFoundError, DatasetFormatError, CheckpointMismatchError,
+            NotWiredError, DistributedSetupError, FileExistsError, FileNotFoundError) as e:
         if os.environ.get("CIFD_TRACEBACK") == "1":
             raise
-        print(f"cifd {args.command}: error: {e}", file=sys.stderr)
+        rank = context().rank
+        where = f" (rank {rank})" if rank else ""
+        msg = " ".join(str(e).split())  # one line
+        print(f"cifd {args.command}: error{where}: {msg}", file=sys.stderr)
         return 2
+    finally:
+        if sys.stdout is not stdout:
+            sys.stdout.close()
+            sys.stdout = stdout
 
 
 if __name__ == "__main__":

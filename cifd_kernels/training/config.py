@@ -152,6 +152,8 @@ class RunConfig:
     progress: bool = True         # tqdm bars (also off when stderr is not a tty)
     stop_after: int = 0           # stop after this many epochs in this invocation
                                   # (time-limited jobs; continue with --resume); 0 = no
+    dist_timeout_s: float = 1800.0  # torchrun: limit of every collective, including
+                                    # waits for rank 0 (caches, the RDM bank)
 
 
 @dataclass
@@ -171,7 +173,8 @@ class Config:
 # Keys that do not change a run's result: left out of config_hash.
 UNHASHED = frozenset({"data.dir", "data.eval_batch_size", "data.num_workers",
                       "teacher.checkpoint", "cifd.bank", "run.name", "run.out_dir", "run.device",
-                      "run.threads", "run.progress", "run.stop_after"})
+                      "run.threads", "run.progress", "run.stop_after",
+                      "run.dist_timeout_s"})
 
 
 # ------------------------------------------------------------------ coercion
@@ -326,8 +329,87 @@ def resolve_config_path(name_or_path: str) -> Path:
                       f"packaged configs ({', '.join(packaged)})")
 
 
+# (dotted key, test, what it must be): values that type coercion lets through
+# but no run can use; checked by validate() so that the error names the key
+# instead of surfacing as a traceback deep in a run.
+_RULES = [
+    ("data.val_size", lambda v: v >= 0, ">= 0"),
+    ("data.train_size", lambda v: v >= 0, ">= 0 (0 = the whole training split)"),
+    ("data.crop_padding", lambda v: v >= 0, ">= 0"),
+    ("data.batch_size", lambda v: v >= 1, ">= 1"),
+    ("data.eval_batch_size", lambda v: v >= 1, ">= 1"),
+    ("data.num_workers", lambda v: v >= 0, ">= 0"),
+    ("data.image_size", lambda v: v >= 8, ">= 8"),
+    ("model.embed_dim", lambda v: v >= 0, ">= 0"),
+    ("teacher.embed_dim", lambda v: v >= 0, ">= 0"),
+    ("train.epochs", lambda v: v >= 1, ">= 1"),
+    ("train.lr", lambda v: v > 0, "> 0"),
+    ("train.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("train.warmup_epochs", lambda v: v >= 0, ">= 0"),
+    ("train.milestones", lambda v: all(m >= 0 for m in v), "epochs >= 0"),
+    ("train.gamma", lambda v: v > 0, "> 0"),
+    ("train.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("kd.tau", lambda v: v > 0, "> 0"),
+    ("kd.lam_ce", lambda v: v >= 0, ">= 0"),
+    ("kd.lam_kl", lambda v: v >= 0, ">= 0"),
+    ("rdm.rates", lambda v: len(v) > 0 and all(r > 0 for r in v),
+     "a non-empty list of R > 0, one per RDM (e.g. [1,0.3,0.1])"),
+    ("rdm.hidden", lambda v: v >= 0, ">= 0 (0 = the teacher's width)"),
+    ("rdm.latent", lambda v: v >= 0, ">= 0 (0 = rdm.hidden)"),
+    ("rdm.tau", lambda v: v > 0, "> 0"),
+    ("rdm.epochs", lambda v: v >= 1, ">= 1"),
+    ("rdm.lr", lambda v: v > 0, "> 0"),
+    ("rdm.aux_lr", lambda v: v >= 0, ">= 0"),
+    ("rdm.batch_size", lambda v: v >= 1, ">= 1"),
+    ("cifd.p_drop", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("cifd.w_emb", lambda v: v >= 0, ">= 0"),
+    ("cifd.lam_rdm", lambda v: v >= 0, ">= 0"),
+    ("cifd.lam_I", lambda v: v >= 0, ">= 0"),
+    ("cifd.ibm_rho", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("cifd.ibm_s", lambda v: v > 0, "> 0"),
+    ("cifd.decoder_layers", lambda v: v in (1, 2), "1 or 2"),
+    ("takd.ta_epochs", lambda v: v >= 0, ">= 0 (0 = train.epochs)"),
+    ("demo.seeds", lambda v: len(v) > 0, "a non-empty list"),
+    ("run.threads", lambda v: v >= 0, ">= 0 (0 = torch's default)"),
+    ("run.stop_after", lambda v: v >= 0, ">= 0"),
+    ("run.dist_timeout_s", lambda v: v > 0, "> 0"),
+]
+
+
+def validate(cfg: Config) -> Config:
+    """Raise :class:`ConfigError`, naming the key, for a value no run can use:
+    out of range (:data:`_RULES`), an unknown architecture or method."""
+    from .models import ARCHS, CNN_STAGES
+    flat = flatten(to_dict(cfg))
+    for key, ok, what in _RULES:
+        if not ok(flat[key]):
+            raise ConfigError(f"{key}: {flat[key]!r} must be {what}")
+    for key in ("model.arch", "teacher.arch"):
+        if flat[key] not in ARCHS:
+            close = difflib.get_close_matches(flat[key], ARCHS, n=1)
+            raise ConfigError(f"{key}: unknown architecture {flat[key]!r}"
+                              + (f" (did you mean {close[0]!r}?)" if close else "")
+                              + f"; known: {', '.join(ARCHS)}")
+    for key in ("model", "teacher"):
+        if flat[f"{key}.arch"] in CNN_STAGES and flat[f"{key}.embed_dim"]:
+            raise ConfigError(f"{key}.embed_dim: {flat[key + '.arch']} has a fixed width; "
+                              f"leave it 0")
+    for i, a in enumerate(cfg.takd.tas):
+        if a not in ARCHS:
+            raise ConfigError(f"takd.tas[{i}]: unknown architecture {a!r}; known: "
+                              f"{', '.join(ARCHS)}")
+    methods = ("scratch", "kd", "takd", "cifd")
+    for i, m in enumerate(cfg.demo.methods):
+        if m not in methods:
+            raise ConfigError(f"demo.methods[{i}]: unknown method {m!r}; known: "
+                              f"{', '.join(methods)}")
+    return cfg
+
+
 def load_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file (if any), then ``overrides`` in order."""
+    """Defaults, then the YAML file (if any), then ``overrides`` in order;
+    checked by :func:`validate`."""
     cfg = Config()
     if name_or_path:
         path = resolve_config_path(name_or_path)
@@ -340,7 +422,7 @@ def load_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) 
             merge_dict(cfg, d)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
-    return apply_overrides(cfg, overrides)
+    return validate(apply_overrides(cfg, overrides))
 
 
 def to_dict(cfg) -> dict:

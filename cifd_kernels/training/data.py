@@ -49,6 +49,10 @@ class DatasetNotFoundError(FileNotFoundError):
     """A dataset's files are not where the configuration says."""
 
 
+class DatasetFormatError(ValueError):
+    """A dataset's files are there but not in the expected format."""
+
+
 # --------------------------------------------------------------------------- IDX
 # IDX (LeCun's MNIST format): two zero bytes, a type code, the number of
 # dimensions, that many big-endian uint32 sizes, then the data, big-endian.
@@ -61,18 +65,18 @@ _IDX_TYPES = {
 def parse_idx(buf: bytes, name: str = "<bytes>") -> torch.Tensor:
     """Decode the bytes of an IDX file into a tensor of its type and shape."""
     if len(buf) < 4 or buf[0] != 0 or buf[1] != 0 or buf[2] not in _IDX_TYPES:
-        raise ValueError(f"{name}: not an IDX file (bad magic {buf[:4].hex()})")
+        raise DatasetFormatError(f"{name}: not an IDX file (bad magic {buf[:4].hex()})")
     dtype, size = _IDX_TYPES[buf[2]]
     ndim = buf[3]
     header = 4 + 4 * ndim
     if len(buf) < header:
-        raise ValueError(f"{name}: truncated IDX header")
+        raise DatasetFormatError(f"{name}: truncated IDX header")
     shape = struct.unpack(f">{ndim}I", buf[4:header])
     count = 1
     for s in shape:
         count *= s
     if len(buf) - header != count * size:
-        raise ValueError(f"{name}: IDX header says {shape} ({count * size} bytes of "
+        raise DatasetFormatError(f"{name}: IDX header says {shape} ({count * size} bytes of "
                          f"data) but the file holds {len(buf) - header}")
     raw = torch.frombuffer(bytearray(buf[header:]), dtype=torch.uint8)
     if size > 1:  # big-endian on disk: reverse each element's bytes
@@ -133,6 +137,14 @@ class Split:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    @property
+    def in_channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
     def subset(self, positions: torch.Tensor) -> "Split":
         return Split(self.images[positions], self.labels[positions],
                      self.source_index[positions])
@@ -152,9 +164,9 @@ class Split:
 class Dataset:
     """A dataset's train/val/test splits and what a model needs to know of it."""
     name: str
-    train: Split
-    val: Split
-    test: Split
+    train: "Split | FolderSplit"
+    val: "Split | FolderSplit"
+    test: "Split | FolderSplit"
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -162,13 +174,13 @@ class Dataset:
 
     @property
     def in_channels(self) -> int:
-        return self.train.images.shape[1]
+        return self.train.in_channels
 
     @property
     def image_size(self) -> int:
-        return self.train.images.shape[-1]
+        return self.train.image_size
 
-    def split(self, name: str) -> Split:
+    def split(self, name: str) -> "Split | FolderSplit":
         if name not in ("train", "val", "test"):
             raise ValueError(f"unknown split {name!r}: expected train, val or test")
         return getattr(self, name)
@@ -182,7 +194,9 @@ def train_val_split(full: Split, val_size: int, seed: int) -> tuple[Split, Split
     """
     n = len(full)
     if not 0 <= val_size < n:
-        raise ValueError(f"data.val_size={val_size} must be in [0, {n})")
+        from .config import ConfigError
+        raise ConfigError(f"data.val_size={val_size} must be in [0, {n}): the training "
+                          f"split holds {n} images")
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=g)
     val_pos = perm[:val_size].sort().values
@@ -225,10 +239,10 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None, *,
         images = read_idx(found[img_stem])
         labels = read_idx(found[lbl_stem])
         if images.dim() != 3 or images.dtype != torch.uint8:
-            raise ValueError(f"{found[img_stem]}: expected uint8 [N, H, W] images, "
+            raise DatasetFormatError(f"{found[img_stem]}: expected uint8 [N, H, W] images, "
                              f"got {images.dtype} {tuple(images.shape)}")
         if labels.shape != images.shape[:1]:
-            raise ValueError(f"{found[lbl_stem]}: {labels.shape[0]} labels for "
+            raise DatasetFormatError(f"{found[lbl_stem]}: {labels.shape[0]} labels for "
                              f"{images.shape[0]} images")
         splits[split] = Split(images.unsqueeze(1).contiguous(), labels.long(),
                               torch.arange(images.shape[0]))
@@ -286,7 +300,7 @@ def load_cifar100(data_dir: str | os.PathLike | None = None, *,
         labels = torch.as_tensor(list(d[b"fine_labels"]), dtype=torch.long)
         images = data.reshape(-1, 3, 32, 32).contiguous()
         if images.shape[0] != labels.shape[0]:
-            raise ValueError(f"{data_dir / name}: {labels.shape[0]} labels for "
+            raise DatasetFormatError(f"{data_dir / name}: {labels.shape[0]} labels for "
                              f"{images.shape[0]} images")
         return Split(images, labels, torch.arange(labels.shape[0]))
 
@@ -311,6 +325,41 @@ def normalize(images: torch.Tensor, mean: Sequence[float],
     return images.float().div_(255.0).sub_(m).div_(s)
 
 
+def draw_crop_flip(n: int, padding: int, flip: bool, generator: torch.Generator
+                   ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The random draws of :func:`random_crop_flip` for ``n`` images: crop
+    offsets int64 [n, 2] in [0, 2*padding] (None without padding), then flip
+    flags bool [n] (None without flips), in that order from ``generator``."""
+    off = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator,
+                        device=generator.device) if padding > 0 else None
+    flips = (torch.rand(n, generator=generator, device=generator.device) < 0.5) \
+        if flip else None
+    return off, flips
+
+
+def apply_crop_flip(images: torch.Tensor, padding: int, off: Optional[torch.Tensor],
+                    flips: Optional[torch.Tensor]) -> torch.Tensor:
+    """Crop [B, C, H, W] ``images`` (zero padding ``padding``) at offsets ``off``
+    [B, 2] and flip where ``flips`` [B]: the draws of :func:`draw_crop_flip`."""
+    b, c, h, w = images.shape
+    dev = images.device
+    if off is None and flips is None:
+        return images
+    if off is not None:
+        off = off.to(dev)
+        padded = F.pad(images, (padding, padding, padding, padding))
+    else:
+        off = torch.zeros(b, 2, dtype=torch.long, device=dev)
+        padded = images
+    rows = off[:, 0:1] + torch.arange(h, device=dev)               # [B, H]
+    cols = off[:, 1:2] + torch.arange(w, device=dev)               # [B, W]
+    if flips is not None:
+        cols = torch.where(flips.to(dev)[:, None], cols.flip(1), cols)
+    bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
+    ci = torch.arange(c, device=dev).view(1, c, 1, 1)
+    return padded[bi, ci, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+
+
 def random_crop_flip(images: torch.Tensor, padding: int, flip: bool,
                      generator: torch.Generator) -> torch.Tensor:
     """Batched random crop (zero padding ``padding``) and horizontal flip.
@@ -320,105 +369,154 @@ def random_crop_flip(images: torch.Tensor, padding: int, flip: bool,
     drawn from ``generator`` (offsets first, then flips) — the same per-image
     distribution as torchvision's RandomCrop(padding) + RandomHorizontalFlip.
     """
-    b, c, h, w = images.shape
-    dev = images.device
-    if padding > 0:
-        off = torch.randint(0, 2 * padding + 1, (b, 2), generator=generator,
-                            device=generator.device).to(dev)
-        padded = F.pad(images, (padding, padding, padding, padding))
-    else:
-        off = torch.zeros(b, 2, dtype=torch.long, device=dev)
-        padded = images
-    rows = off[:, 0:1] + torch.arange(h, device=dev)               # [B, H]
-    cols = off[:, 1:2] + torch.arange(w, device=dev)               # [B, W]
-    if flip:
-        flips = (torch.rand(b, generator=generator, device=generator.device) < 0.5).to(dev)
-        cols = torch.where(flips[:, None], cols.flip(1), cols)
-    if padding == 0 and not flip:
-        return images
-    bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
-    ci = torch.arange(c, device=dev).view(1, c, 1, 1)
-    return padded[bi, ci, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+    off, flips = draw_crop_flip(images.shape[0], padding, flip, generator)
+    return apply_crop_flip(images, padding, off, flips)
 
 
 # ----------------------------------------------------------------- iteration
 class Batch(NamedTuple):
     """``x``: float32 [B, C, H, W] normalised; ``y``: int64 [B]; ``pos``: int64
-    [B], each sample's position in its :class:`Split` (to look up caches)."""
+    [B], each sample's position in its :class:`Split` (to look up caches);
+    ``row0``: the first row of this batch within the global batch it is a
+    slice of (0 in one process; see :mod:`.distributed`)."""
     x: torch.Tensor
     y: torch.Tensor
     pos: torch.Tensor
+    row0: int = 0
 
 
-def shard_indices(order: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """DistributedSampler's sharding: wrap-pad to a multiple of ``world_size``,
-    then rank ``r`` takes ``order[r::world_size]``."""
+def shard_indices(order: torch.Tensor, rank: int, world_size: int, *,
+                  pad: bool = True) -> torch.Tensor:
+    """DistributedSampler's sharding: wrap-pad to a multiple of ``world_size``
+    (unless ``pad`` is False), then rank ``r`` takes ``order[r::world_size]``."""
     if world_size == 1:
         return order
+    order = pad_to_multiple(order, world_size) if pad else order
+    return order[rank::world_size]
+
+
+def pad_to_multiple(order: torch.Tensor, world_size: int) -> torch.Tensor:
+    """``order`` wrapped around to a multiple of ``world_size`` (DistributedSampler's padding)."""
     n = order.numel()
     total = -(-n // world_size) * world_size
     if total > n:
         reps = -(-(total - n) // n)
         order = torch.cat([order] + [order] * reps)[:total]
-    return order[rank:total:world_size]
+    return order
+
+
+def global_batches(order: torch.Tensor, batch_size: int, world_size: int
+                   ) -> list[torch.Tensor]:
+    """``order`` (padded to a multiple of ``world_size``) cut into global batches of
+    ``batch_size`` (the last one shorter, still a multiple of ``world_size``)."""
+    if batch_size % world_size:
+        raise ValueError(f"data.batch_size={batch_size} is the global batch and must be a "
+                         f"multiple of the number of processes ({world_size})")
+    order = pad_to_multiple(order, world_size)
+    return list(order.split(batch_size))
 
 
 class BatchIterator:
     """Batches of a :class:`Split` in memory, optionally shuffled and augmented.
 
     One ``iter()`` is one epoch (of this rank's shard). The shuffle order comes
-    from a generator seeded with ``seed`` (the same on every rank, as
-    DistributedSampler requires); augmentation from a second generator seeded
-    with ``seed`` and ``rank`` (ranks see different crops). ``channels_last``
-    lays ``x`` out NHWC (faster convolutions on CPUs). ``state_dict()``
-    holds both generators' states: saved after an epoch and loaded into a fresh
-    iterator, the next epoch is the one an uninterrupted run would have seen.
+    from a generator seeded with ``seed`` (the same on every rank).
+    ``channels_last`` lays ``x`` out NHWC (faster convolutions on CPUs).
+    ``state_dict()`` holds the generators' states: saved after an epoch and
+    loaded into a fresh iterator, the next epoch is the one an uninterrupted run
+    would have seen.
+
+    Two ways to shard over ``world_size`` ranks:
+
+    - ``shard="batch"`` (training): ``batch_size`` is the global batch; the
+      epoch's order, wrap-padded to a multiple of ``world_size``, is cut into
+      global batches and rank ``r`` takes the r-th contiguous 1/W slice of each
+      (``Batch.row0`` says where it starts). Augmentation is drawn for the whole
+      global batch from a generator seeded alike on every rank and sliced, so
+      a sample's crop does not depend on the number of ranks.
+    - ``shard="sample"``: DistributedSampler's sharding of the samples (rank r
+      takes every W-th) in batches of ``batch_size`` per rank; ``pad=False``
+      leaves the shards unequal and duplicate-free (evaluation, whose sums are
+      all-reduced); augmentation from a per-rank generator.
     """
 
     def __init__(self, split: Split, batch_size: int, *, mean: Sequence[float],
                  std: Sequence[float], shuffle: bool = False, augment: bool = False,
                  crop_padding: int = 0, hflip: bool = False, drop_last: bool = False,
                  seed: int = 0, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu", channels_last: bool = False):
+                 device: torch.device | str = "cpu", channels_last: bool = False,
+                 shard: str = "sample", pad: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if shard not in ("sample", "batch"):
+            raise ValueError(f"shard must be 'sample' or 'batch', got {shard!r}")
+        if shard == "batch" and (drop_last or not pad):
+            raise ValueError("shard='batch' pads and keeps the last batch")
+        if shard == "batch" and batch_size % world_size:
+            raise ValueError(f"data.batch_size={batch_size} is the global batch and must be "
+                             f"a multiple of the number of processes ({world_size})")
         self.split, self.batch_size = split, batch_size
         self.mean, self.std = tuple(mean), tuple(std)
         self.shuffle, self.augment = shuffle, augment
         self.crop_padding, self.hflip = crop_padding, hflip
-        self.drop_last = drop_last
+        self.drop_last, self.shard, self.pad = drop_last, shard, pad
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.order_gen = torch.Generator().manual_seed(seed)
-        self.aug_gen = torch.Generator().manual_seed(seed * 1000003 + 7919 * (rank + 1))
+        aug_rank = 0 if shard == "batch" else rank
+        self.aug_gen = torch.Generator().manual_seed(seed * 1000003 + 7919 * (aug_rank + 1))
 
     def _num_local(self) -> int:
         n = len(self.split)
-        return -(-n // self.world_size) if self.world_size > 1 else n
+        if self.world_size == 1:
+            return n
+        if not self.pad:
+            return len(range(self.rank, n, self.world_size))
+        return -(-n // self.world_size)
 
     def __len__(self) -> int:
+        if self.shard == "batch":
+            return -(-(self._num_local() * self.world_size) // self.batch_size)
         n = self._num_local()
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _plan(self, order: torch.Tensor) -> list[tuple[torch.Tensor, int, int]]:
+        """(local positions, row0, global batch size) per batch of the epoch."""
+        if self.shard == "batch":
+            out = []
+            for g in global_batches(order, self.batch_size, self.world_size):
+                m = g.numel() // self.world_size
+                out.append((g[self.rank * m:(self.rank + 1) * m], self.rank * m, g.numel()))
+            return out
+        order = shard_indices(order, self.rank, self.world_size, pad=self.pad)
+        return [(order[i * self.batch_size:(i + 1) * self.batch_size], 0, 0)
+                for i in range(len(self))]
 
     def __iter__(self) -> Iterator[Batch]:
         n = len(self.split)
         order = torch.randperm(n, generator=self.order_gen) if self.shuffle \
             else torch.arange(n)
-        order = shard_indices(order, self.rank, self.world_size)
-        for i in range(len(self)):
-            pos = order[i * self.batch_size:(i + 1) * self.batch_size]
+        for pos, row0, n_global in self._plan(order):
             images = self.split.images[pos]
             if self.augment:
-                images = random_crop_flip(images, self.crop_padding, self.hflip,
-                                          self.aug_gen)
+                if self.shard == "batch":  # draws for the global batch, this rank's slice
+                    off, flips = draw_crop_flip(n_global, self.crop_padding, self.hflip,
+                                                self.aug_gen)
+                    sl = slice(row0, row0 + pos.numel())
+                    images = apply_crop_flip(images, self.crop_padding,
+                                             None if off is None else off[sl],
+                                             None if flips is None else flips[sl])
+                else:
+                    images = random_crop_flip(images, self.crop_padding, self.hflip,
+                                              self.aug_gen)
             non_blocking = self.device.type == "cuda"
             x = normalize(images.to(self.device, non_blocking=non_blocking),
                           self.mean, self.std).contiguous(memory_format=self.memory_format)
             yield Batch(x, self.split.labels[pos].to(self.device, non_blocking=non_blocking),
-                        pos)
+                        pos, row0)
 
     def state_dict(self) -> dict:
         return {"order_gen": self.order_gen.get_state(),
@@ -446,33 +544,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __init__(self, root: str | os.PathLike, *, train: bool, image_size: int = 224,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        from torchvision.transforms import v2
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise DatasetNotFoundError(
-                f"ImageFolder root {self.root} is not a directory: point --data-dir "
-                f"(data.dir=DIR) at a directory with train/ and val/ subdirectories "
-                f"of per-class image folders")
-        self.classes = tuple(sorted(d.name for d in self.root.iterdir() if d.is_dir()))
-        if not self.classes:
-            raise DatasetNotFoundError(f"ImageFolder root {self.root} has no class "
-                                       f"subdirectories")
-        self.samples: list[tuple[str, int]] = []
-        for label, cls in enumerate(self.classes):
-            for dirpath, _, files in sorted(os.walk(self.root / cls)):
-                for f in sorted(files):
-                    if f.endswith(IMAGE_EXTENSIONS) or f.lower().endswith(IMAGE_EXTENSIONS):
-                        self.samples.append((os.path.join(dirpath, f), label))
-        if not self.samples:
-            raise DatasetNotFoundError(f"ImageFolder root {self.root} holds no images")
-        if train:
-            geo = [v2.RandomResizedCrop(image_size, antialias=True),
-                   v2.RandomHorizontalFlip()]
-        else:
-            geo = [v2.Resize(int(round(image_size * 8 / 7)), antialias=True),
-                   v2.CenterCrop(image_size)]
-        self.transform = v2.Compose([v2.ToImage()] + geo + [v2.ToDtype(torch.float32, scale=True),
-                                           v2.Normalize(list(mean), list(std))])
+        self.classes, self.samples = list_image_folder(self.root)
+        self.transform = folder_transform(train, image_size, mean, std)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -491,6 +565,218 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             h.update(f"{os.path.relpath(path, self.root)}\0{os.path.getsize(path)}\0"
                      f"{label}\n".encode())
         return h.hexdigest()[:16]
+
+
+def folder_transform(train: bool, image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                     std: Sequence[float] = IMAGENET_STD):
+    """ImageNet's transforms: RandomResizedCrop(image_size) + horizontal flip
+    (``train``), else Resize(image_size * 8 / 7) + CenterCrop(image_size);
+    both end normalised float32 [3, S, S]."""
+    from torchvision.transforms import v2
+    if train:
+        geo = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+    else:
+        geo = [v2.Resize(int(round(image_size * 8 / 7)), antialias=True),
+               v2.CenterCrop(image_size)]
+    return v2.Compose([v2.ToImage()] + geo + [v2.ToDtype(torch.float32, scale=True),
+                                               v2.Normalize(list(mean), list(std))])
+
+
+def list_image_folder(root: str | os.PathLike) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
+    """(sorted class names, [(path, label)] in class then path order) of ``root/<class>/...``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetNotFoundError(
+            f"ImageFolder root {root} is not a directory: point --data-dir (data.dir=DIR) "
+            f"at a directory with train/ and val/ subdirectories of per-class image folders")
+    classes = tuple(sorted(d.name for d in root.iterdir() if d.is_dir()))
+    if not classes:
+        raise DatasetNotFoundError(f"ImageFolder root {root} has no class subdirectories")
+    samples: list[tuple[str, int]] = []
+    for label, cls in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(root / cls)):
+            for f in sorted(files):
+                if f.endswith(IMAGE_EXTENSIONS) or f.lower().endswith(IMAGE_EXTENSIONS):
+                    samples.append((os.path.join(dirpath, f), label))
+    if not samples:
+        raise DatasetNotFoundError(f"ImageFolder root {root} holds no images")
+    return classes, samples
+
+
+@dataclass
+class FolderSplit:
+    """One split of an ImageFolder tree, decoded per image when iterated
+    (:class:`FolderBatchIterator`); the in-memory :class:`Split`'s interface
+    (``labels``, ``source_index``, ``subset``, ``fingerprint``) without pixels."""
+    root: Path
+    samples: list[tuple[str, int]]
+    image_size: int
+    source_index: torch.Tensor
+    in_channels: int = 3
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.tensor([lbl for _, lbl in self.samples], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def subset(self, positions: torch.Tensor) -> "FolderSplit":
+        pos = positions.tolist()
+        return FolderSplit(self.root, [self.samples[i] for i in pos], self.image_size,
+                           self.source_index[positions], self.in_channels)
+
+    def fingerprint(self) -> str:
+        """sha256 over (relative path, size, label) of every sample and the image size."""
+        h = hashlib.sha256(f"image_size={self.image_size}\n".encode())
+        for path, label in self.samples:
+            h.update(f"{os.path.relpath(path, self.root)}\0{os.path.getsize(path)}\0"
+                     f"{label}\n".encode())
+        return h.hexdigest()[:16]
+
+
+class _FolderItems(torch.utils.data.Dataset):
+    """``(x, y, position)`` of a :class:`FolderSplit` under one transform."""
+
+    def __init__(self, split: FolderSplit, transform):
+        self.split, self.transform = split, transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+        path, label = self.split.samples[i]
+        with Image.open(path) as img:
+            return self.transform(img.convert("RGB")), label, i
+
+
+class FolderBatchIterator(BatchIterator):
+    """:class:`BatchIterator` over a :class:`FolderSplit`: the same order,
+    sharding and ``Batch`` objects, images decoded by a DataLoader
+    (``num_workers`` processes). Augmentation is torchvision's per-image
+    RandomResizedCrop + flip (:func:`folder_transform`), drawn in the workers
+    from seeds that a generator owned here hands out each epoch (its state is
+    in ``state_dict``), or from torch's global RNG with ``num_workers=0``;
+    unlike the in-memory path, a sample's crop then depends on the number of
+    ranks and workers."""
+
+    def __init__(self, split: FolderSplit, batch_size: int, *, mean: Sequence[float],
+                 std: Sequence[float], num_workers: int = 0, **kw):
+        kw.pop("crop_padding", None), kw.pop("hflip", None)
+        super().__init__(split, batch_size, mean=mean, std=std, **kw)
+        self.num_workers = num_workers
+        self.items = _FolderItems(split, folder_transform(self.augment, split.image_size,
+                                                          mean, std))
+        self.loader_gen = torch.Generator().manual_seed(
+            int(self.order_gen.initial_seed()) * 7 + 3)
+
+    def __iter__(self) -> Iterator[Batch]:
+        n = len(self.split)
+        order = torch.randperm(n, generator=self.order_gen) if self.shuffle \
+            else torch.arange(n)
+        plan = self._plan(order)
+        loader = torch.utils.data.DataLoader(
+            self.items, batch_sampler=[p.tolist() for p, _, _ in plan],
+            num_workers=self.num_workers, generator=self.loader_gen,
+            pin_memory=self.device.type == "cuda")
+        for (pos, row0, _), (x, y, _) in zip(plan, loader):
+            non_blocking = self.device.type == "cuda"
+            yield Batch(x.to(self.device, non_blocking=non_blocking)
+                        .contiguous(memory_format=self.memory_format),
+                        y.to(self.device, non_blocking=non_blocking), pos, row0)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "loader_gen": self.loader_gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.loader_gen.set_state(state["loader_gen"])
+
+
+def make_batches(split: "Split | FolderSplit", batch_size: int, *, num_workers: int = 0,
+                 **kw) -> BatchIterator:
+    """A :class:`BatchIterator` for an in-memory split, a
+    :class:`FolderBatchIterator` for an ImageFolder split (same arguments)."""
+    if isinstance(split, FolderSplit):
+        return FolderBatchIterator(split, batch_size, num_workers=num_workers, **kw)
+    return BatchIterator(split, batch_size, **kw)
+
+
+def load_imagefolder(data_dir: str | os.PathLike | None, *, val_size: int = 10000,
+                     split_seed: int = 0, image_size: int = 224) -> Dataset:
+    """An ImageNet-layout tree: ``data_dir/train/<class>/*`` (training; the
+    validation split of ``val_size`` images is carved from it, as for every
+    dataset here) and ``data_dir/val/<class>/*`` (reported as ``test``).
+    Same class folders in both."""
+    if not data_dir:
+        raise DatasetNotFoundError(
+            "data.name=imagefolder needs data.dir (--data-dir): a directory with train/ and "
+            "val/ subdirectories of per-class image folders (ImageNet's layout)")
+    root = Path(data_dir)
+    classes, train = list_image_folder(root / "train")
+    test_classes, test = list_image_folder(root / "val")
+    if test_classes != classes:
+        raise DatasetNotFoundError(
+            f"{root}: train/ and val/ hold different class folders ({len(classes)} vs "
+            f"{len(test_classes)}; first differing: "
+            f"{next((a for a, b in zip(classes, test_classes) if a != b), '?')})")
+    full = FolderSplit(root / "train", train, image_size, torch.arange(len(train)))
+    n = len(full)
+    if not 0 <= val_size < n:
+        from .config import ConfigError
+        raise ConfigError(f"data.val_size={val_size} must be in [0, {n}): {root / 'train'} "
+                          f"holds {n} images")
+    g = torch.Generator().manual_seed(split_seed)
+    perm = torch.randperm(n, generator=g)
+    tr, va = full.subset(perm[val_size:].sort().values), full.subset(perm[:val_size].sort().values)
+    te = FolderSplit(root / "val", test, image_size, torch.arange(len(test)))
+    return Dataset("imagefolder", tr, va, te, len(classes), IMAGENET_MEAN, IMAGENET_STD, classes)
+
+
+def write_synthetic_imagefolder(root: str | os.PathLike, n_classes: int = 3,
+                                n_train: int = 8, n_val: int = 2, size: int = 40, *,
+                                seed: int = 0) -> Path:
+    """A tiny ImageNet-layout tree (``train/`` and ``val/``, ``n_classes`` class
+    folders of PNGs whose colour encodes the class) for tests and smoke runs."""
+    from PIL import Image
+    root = Path(root)
+    g = torch.Generator().manual_seed(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in range(n_classes):
+            d = root / split / f"n{c:08d}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                px = (torch.rand(size, size, 3, generator=g) * 60).to(torch.uint8)
+                px[:, :, c % 3] += 150
+                Image.fromarray(px.numpy()).save(d / f"{split}_{c}_{i}.png")
+    return root
+
+
+def write_synthetic_cifar100(data_dir: str | os.PathLike, n_train: int = 200,
+                             n_test: int = 100, *, seed: int = 0) -> Path:
+    """A tiny ``cifar-100-python`` directory (``train``, ``test``, ``meta``
+    pickles in the real archive's format: uint8 [N, 3072] channel-major rows,
+    ``fine_labels``, ``coarse_labels``) for tests and smoke runs."""
+    import numpy as np
+    d = Path(data_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name, n in (("train", n_train), ("test", n_test)):
+        fine = rng.integers(0, 100, n)
+        x = rng.integers(0, 80, (n, 3, 32, 32), dtype=np.uint8)
+        for i, c in enumerate(fine):  # a bright 4x4 patch whose place encodes the class
+            r, col = (c // 10) * 3, (c % 10) * 3
+            x[i, c % 3, r:r + 4, col:col + 4] = 250
+        blob = {b"data": x.reshape(n, 3072), b"fine_labels": fine.tolist(),
+                b"coarse_labels": (fine // 5).tolist(),
+                b"filenames": [f"{name}_{i}.png".encode() for i in range(n)]}
+        with open(d / name, "wb") as f:
+            pickle.dump(blob, f)
+    with open(d / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [f"class{i}".encode() for i in range(100)],
+                     b"coarse_label_names": [f"super{i}".encode() for i in range(20)]}, f)
+    return d
 
 
 class ShardedSampler(torch.utils.data.Sampler[int]):
@@ -538,16 +824,14 @@ DATASETS = ("fashion_mnist", "cifar100", "imagefolder")
 
 
 def load_dataset(name: str, data_dir: str | None = None, *, val_size: int = 5000,
-                 split_seed: int = 0) -> Dataset:
-    """The in-memory datasets by name (``fashion_mnist``, ``cifar100``).
-    ImageFolder trees go through :func:`load_imagefolder_loader` instead."""
+                 split_seed: int = 0, image_size: int = 224) -> Dataset:
+    """A dataset by name: ``fashion_mnist``, ``cifar100`` (in memory) or
+    ``imagefolder`` (decoded per batch; ``image_size`` is its crop size)."""
     if name == "fashion_mnist":
         return load_fashion_mnist(data_dir, val_size=val_size, split_seed=split_seed)
     if name == "cifar100":
         return load_cifar100(data_dir, val_size=val_size, split_seed=split_seed)
     if name == "imagefolder":
-        raise NotImplementedError(
-            "data.name=imagefolder is not wired into the training commands yet: "
-            "ImageFolderDataset/load_imagefolder_loader exist, the train loop "
-            "consumes in-memory datasets only this version")
+        return load_imagefolder(data_dir, val_size=val_size, split_seed=split_seed,
+                                image_size=image_size)
     raise ValueError(f"unknown dataset {name!r}: expected one of {DATASETS}")

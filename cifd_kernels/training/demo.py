@@ -34,6 +34,7 @@ from typing import Sequence
 import torch
 
 from .config import Config, apply_overrides, load_config
+from .distributed import barrier, broadcast_object, context
 from .engine import atomic_write_text
 from .teacher import run_root
 
@@ -218,65 +219,101 @@ def run_demo(cfg: Config, overrides: Sequence[str] = (), *, overwrite: bool = Fa
     from .teacher import train_teacher
     t_demo = time.perf_counter()
     out_dir = run_root(cfg) / "demo"
+    from .rdms import rdm_run_dir
+    from .teacher import teacher_run_dir
+    walls = _WallTimes(out_dir / "wall_times.json")
     tcfg = teacher_config(cfg, overrides)
+    was_done = (teacher_run_dir(tcfg) / "summary.json").is_file()
     teacher, w = _timed(lambda: train_teacher(tcfg, resume=True, overwrite=overwrite))
     if not teacher["complete"]:
         print("demo: stopped early (run.stop_after); run `cifd demo` again to continue")
         return {"complete": False}
-    teacher["wall_s"] = w
+    teacher["wall_s"] = walls.record("teacher", w, was_done and not overwrite)
     rdms = None
     if "cifd" in cfg.demo.methods:
+        was_done = (rdm_run_dir(cfg) / "results.json").is_file()
         rdms, w = _timed(lambda: train_rdms(cfg, resume=True, overwrite=overwrite))
         if not rdms["complete"]:
             print("demo: stopped early (run.stop_after); run `cifd demo` again to continue")
             return {"complete": False}
-        rdms["wall_s"] = w
+        rdms["wall_s"] = walls.record("rdms", w, was_done and not overwrite)
     methods: dict = {m: {"runs": [], "wall_s": []} for m in cfg.demo.methods}
-    for seed in cfg.demo.seeds:
-        scfg = copy.deepcopy(cfg)
-        scfg.train.seed = seed
-        for m in cfg.demo.methods:
-            if m == "takd":
+    # Method-major order (every seed of scratch, then of KD, ...): a study cut
+    # short still has all seeds of the cheap methods.
+    for m in cfg.demo.methods:
+        for seed in cfg.demo.seeds:
+            scfg = copy.deepcopy(cfg)
+            scfg.train.seed = seed
+            if m == "takd" and methods[m]["runs"] == [] and not _takd_done(scfg):
                 elapsed = time.perf_counter() - t_demo
                 est = sum(estimate_train_s(scfg if not cfg.takd.ta_epochs else
                                            apply_overrides(copy.deepcopy(scfg), [
                                                f"train.epochs={cfg.takd.ta_epochs}"]), a)
                           for a in cfg.takd.tas)
-                if methods[m]["runs"] == [] and elapsed + est > cfg.demo.budget_s \
-                        and not _takd_done(scfg):
+                # rank 0's timing decides for every rank (under torchrun)
+                if broadcast_object(elapsed + est > cfg.demo.budget_s):
                     msg = (f"TA chain {'->'.join(cfg.takd.tas)} estimated {est:.0f}s; with "
                            f"{elapsed:.0f}s spent it would pass demo.budget_s="
                            f"{cfg.demo.budget_s:.0f}s")
-                    print(f"demo: skipping TAKD (seed {seed}): {msg}", flush=True)
+                    print(f"demo: skipping TAKD: {msg}", flush=True)
                     methods[m]["skipped"] = msg
-                    continue
+                    break
+            from .distill import student_run_dir
+            key = f"{m}/s{seed}"
+            was_done = (student_run_dir(scfg, m) / "summary.json").is_file()
             s, w = _timed(lambda: distill(scfg, m, resume=True, overwrite=overwrite))
             if not s["complete"]:
                 print("demo: stopped early (run.stop_after); run `cifd demo` again to continue")
                 return {"complete": False}
+            w = walls.record(key, w, was_done and not overwrite)
             s["seed"], s["wall_s"] = seed, w
             if m == "cifd" and rdms is not None:  # the bank's wall time belongs to CIFD
                 w += rdms["wall_s"] / len(cfg.demo.seeds)
             methods[m]["runs"].append(s)
             methods[m]["wall_s"].append(w)
     agg = summarize(methods)
-    out_dir.mkdir(parents=True, exist_ok=True)
     plots = {"accuracy": str(out_dir / "accuracy.png"), "cost": str(out_dir / "cost.png")}
-    plot_accuracy(agg, teacher, Path(plots["accuracy"]))
-    plot_cost(agg, Path(plots["cost"]))
+    if context().is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plot_accuracy(agg, teacher, Path(plots["accuracy"]))
+        plot_cost(agg, Path(plots["cost"]))
     if rdms is not None:
         plots["rd_curve"] = rdms["plot"]
     table = format_table(teacher, rdms, agg)
     wall = time.perf_counter() - t_demo
     results = {"complete": True, "table": table, "methods": agg, "runs": methods,
                "teacher": teacher, "rdms": rdms, "plots": plots, "wall_time_s": wall,
-               "threads": torch.get_num_threads(), "config": cfg.demo.__dict__,
-               "notes": __doc__.split("Costs. ")[1].strip()}
-    atomic_write_text(json.dumps(results, indent=2, default=str) + "\n", out_dir / "results.json")
+               "threads": torch.get_num_threads(), "processes": context().world_size,
+               "config": cfg.demo.__dict__, "notes": __doc__.split("Costs. ")[1].strip()}
+    if context().is_main:
+        atomic_write_text(json.dumps(results, indent=2, default=str) + "\n",
+                          out_dir / "results.json")
+    barrier()
     print("\n" + table)
     print(f"\ndemo wall time {wall:.0f}s ({torch.get_num_threads()} threads); results "
           f"{out_dir / 'results.json'}; plots: " + ", ".join(plots.values()), flush=True)
     return results
+
+
+class _WallTimes:
+    """Wall seconds of each finished stage, kept in ``wall_times.json`` next to
+    results.json, so that a demo run again (or resumed after an interruption)
+    reports the time a stage took when it ran, not the seconds spent
+    re-reading it. A stage interrupted and resumed counts only the piece after
+    the resume (its ``train s`` column, summed from the per-epoch logs, stays
+    whole)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    def record(self, key: str, seconds: float, was_done: bool) -> float:
+        if was_done and key in self.data:
+            return self.data[key]
+        self.data[key] = seconds
+        if context().is_main:
+            atomic_write_text(json.dumps(self.data, indent=2) + "\n", self.path)
+        return seconds
 
 
 def _takd_done(cfg: Config) -> bool:

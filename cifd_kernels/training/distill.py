@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from .config import Config, config_hash, hashed_items, to_dict
+from .distributed import seed_per_rank, single_process, wrap_ddp
 from .engine import (RunIdentity, build_optimizer, build_scheduler, fit, measure_step_flops,
                      seed_everything, select_device, set_threads)
-from .teacher import (default_teacher_checkpoint, finish_run, load_data, load_model_file,
-                      make_iterator, model_meta, new_model, prepare_model, run_root,
-                      teacher_outputs)
+from .teacher import (check_teacher_data, default_teacher_checkpoint, finish_run, load_data,
+                      load_model_file, make_iterator, model_meta, new_model, prepare_model,
+                      run_root, teacher_outputs)
 
 METHODS = ("scratch", "kd", "takd", "cifd")
 
@@ -111,9 +112,13 @@ def distill_takd(cfg: Config, *, resume: bool = False, overwrite: bool = False) 
     s["method_train_time_s"] = s["total_train_time_s"] + sum(
         st["total_train_time_s"] for st in stages)
     s["method_train_flops"] = s["train_flops"] + sum(st["train_flops"] for st in stages)
+    from .distributed import barrier, context
     from .engine import atomic_write_text
     import json
-    atomic_write_text(json.dumps(s, indent=2) + "\n", Path(s["model_path"]).parent / "summary.json")
+    if context().is_main:
+        atomic_write_text(json.dumps(s, indent=2) + "\n",
+                          Path(s["model_path"]).parent / "summary.json")
+    barrier()
     return s
 
 
@@ -146,9 +151,7 @@ def train_student(cfg: Config, method: str, *, resume: bool = False, overwrite: 
     cached_logits = None
     if method == "kd":
         teacher, tmeta = load_model_file(default_teacher_checkpoint(cfg), device)
-        if (tmeta.get("dataset"), tmeta["num_classes"]) != (ds.name, ds.num_classes):
-            raise ValueError(f"teacher {tmeta['path']} was trained on {tmeta.get('dataset')} "
-                             f"({tmeta['num_classes']} classes), not {ds.name}")
+        check_teacher_data(tmeta, ds)
         teacher = prepare_model(cfg, teacher, device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -158,13 +161,16 @@ def train_student(cfg: Config, method: str, *, resume: bool = False, overwrite: 
             # the image, so read them from the cache instead of re-running it.
             out = teacher_outputs(teacher, tmeta["arch"], ds, "train",
                                   Path(tmeta["path"]).parent / "cache",
-                                  batch_size=cfg.data.eval_batch_size, device=device,
+                                  batch_size=cfg.data.eval_batch_size,
+                                  num_workers=cfg.data.num_workers, device=device,
                                   channels_last=cfg.train.channels_last)
             cached_logits = out.logits.to(device)
     sections = ("data", "model", "train") + (("kd",) if method == "kd" else ())
 
     seed_everything(cfg.train.seed)
     model = new_model(cfg, ds, device)
+    net = wrap_ddp(model, device)
+    seed_per_rank(cfg.train.seed)
     train_iter = make_iterator(cfg, ds, "train", device, train=True, seed=cfg.train.seed)
     val_iter = make_iterator(cfg, ds, "val", device, train=False)
     opt = build_optimizer(model.parameters(), cfg.train)
@@ -174,8 +180,8 @@ def train_student(cfg: Config, method: str, *, resume: bool = False, overwrite: 
     kd = cfg.kd
     ls = cfg.train.label_smoothing
 
-    def step(batch):
-        logits = model(batch.x)
+    def step_of(net, batch):
+        logits = net(batch.x)
         if method == "scratch":
             return F.cross_entropy(logits, batch.y, label_smoothing=ls), logits
         if cached_logits is not None:
@@ -185,6 +191,9 @@ def train_student(cfg: Config, method: str, *, resume: bool = False, overwrite: 
                 t_logits = teacher(batch.x)
         return kd_loss(logits, t_logits, batch.y, tau=kd.tau, lam_ce=kd.lam_ce,
                        lam_kl=kd.lam_kl), logits
+
+    def step(batch):
+        return step_of(net, batch)
 
     run_dir = Path(run_dir) if run_dir is not None else student_run_dir(cfg, method)
     print(f"distill --method {label}: {cfg.model.arch} on {ds.name}, {cfg.train.epochs} epochs"
@@ -200,9 +209,10 @@ def train_student(cfg: Config, method: str, *, resume: bool = False, overwrite: 
                   log_prefix=f"[{label}] ")
     if not summary["complete"]:
         return summary
-    first = next(iter(make_iterator(cfg, ds, "train", device, train=True,
-                                    seed=cfg.train.seed + 1)))
-    flops = measure_step_flops(model, lambda b: step(b)[0], first)
+    with single_process():  # one global batch through the plain model, on every rank
+        first = next(iter(make_iterator(cfg, ds, "train", device, train=True,
+                                        seed=cfg.train.seed + 1)))
+        flops = measure_step_flops(model, lambda b: step_of(model, b)[0], first)
     steps = cfg.train.epochs * len(train_iter)
     one_off = 0
     if cached_logits is not None:  # the teacher over the train split, once

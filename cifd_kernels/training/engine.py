@@ -44,12 +44,9 @@ class CheckpointMismatchError(RuntimeError):
 
 # ------------------------------------------------------------------ helpers
 def select_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"run.device={name} but CUDA is not available here")
-    return dev
+    """``run.device`` (auto, cpu, cuda, cuda:N); under DDP on CUDA, this rank's GPU."""
+    from .distributed import device_for
+    return device_for(name)
 
 
 def set_threads(n: int) -> None:
@@ -213,10 +210,28 @@ def evaluate(model: nn.Module, batches: Iterable, *, progress: bool = False,
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
         correct += (logits.argmax(1) == y).sum()
         n += y.shape[0]
-    if loss_sum is None:
-        raise ValueError(f"{desc}: no batches to evaluate")
     model.train(was_training)
-    return {"loss": (loss_sum / max(n, 1)).item(), "acc": correct.item() / max(n, 1), "n": n}
+    if getattr(batches, "world_size", 1) > 1:
+        # A shard of the split per rank (make_iterator(train=False) shards
+        # without padding): sum over ranks. A rank may hold no batch.
+        from .distributed import all_reduce_sum
+        dev = y.device if loss_sum is not None else _collective_device()
+        tot = torch.zeros(3, dtype=torch.float64, device=dev)
+        if loss_sum is not None:
+            tot[0], tot[1], tot[2] = loss_sum, correct.double(), n
+        all_reduce_sum(tot)
+        loss_sum, correct, n = tot[0], tot[1], int(tot[2].item())
+    if loss_sum is None or n == 0:
+        raise ValueError(f"{desc}: no batches to evaluate")
+    return {"loss": (loss_sum / max(n, 1)).item(), "acc": round(correct.item()) / max(n, 1),
+            "n": n}
+
+
+def _collective_device() -> torch.device:
+    from .distributed import context
+    if context().backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 # ------------------------------------------------------------------ fit
@@ -262,6 +277,10 @@ def fit(*, run_dir: str | os.PathLike, modules: nn.Module, model: nn.Module, ste
     Returns the summary (best epoch, best validation accuracy, paths, complete).
     """
     from tqdm.auto import tqdm
+    from .distributed import all_gather_object, all_reduce_sum, barrier, context
+    ctx = context()
+    main = ctx.is_main
+    progress = progress and main
     run_dir = Path(run_dir)
     ckpt_path, best_path = run_dir / "checkpoint.pt", run_dir / "model.pt"
     start_epoch, best = 0, {"val_acc": -1.0, "epoch": 0}
@@ -271,17 +290,28 @@ def fit(*, run_dir: str | os.PathLike, modules: nn.Module, model: nn.Module, ste
             f"start it again, or choose another run.name / run.out_dir")
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, ident)
+        saved_world = ckpt.get("world_size", 1)
+        if saved_world != ctx.world_size:
+            raise CheckpointMismatchError(
+                f"{ckpt_path} was written by a run of {saved_world} process(es), this one "
+                f"has {ctx.world_size}: resume with the same torchrun --nproc_per_node "
+                f"(per-rank random states are in the checkpoint), or start a new run")
         modules.load_state_dict(ckpt["modules"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         train_iter.load_state_dict(ckpt["data"])
-        set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rank_rng"][ctx.rank] if "rank_rng" in ckpt else ckpt["rng"])
         start_epoch, best = ckpt["epoch"], ckpt["best"]
-        print(f"{log_prefix}resuming {run_dir} after epoch {start_epoch}/{epochs}", flush=True)
+        if main:
+            print(f"{log_prefix}resuming {run_dir} after epoch {start_epoch}/{epochs}",
+                  flush=True)
+    barrier()  # every rank has read the checkpoint before rank 0 may replace it
     log = MetricsLog(run_dir / "metrics.jsonl",
-                     keep_through=start_epoch if (resume and start_epoch) else None)
+                     keep_through=start_epoch if (resume and start_epoch) else None) \
+        if main else None
     from .config import from_dict, dump_yaml
-    atomic_write_text(dump_yaml(from_dict(ident.config)), run_dir / "config.yaml")
+    if main:
+        atomic_write_text(dump_yaml(from_dict(ident.config)), run_dir / "config.yaml")
 
     end_epoch = min(epochs, start_epoch + stop_after) if stop_after > 0 else epochs
     for epoch in range(start_epoch, end_epoch):
@@ -314,38 +344,54 @@ def fit(*, run_dir: str | os.PathLike, modules: nn.Module, model: nn.Module, ste
         if loss_sum.device.type == "cuda":
             torch.cuda.synchronize(loss_sum.device)
         train_time, cpu_time = time.perf_counter() - t0, time.process_time() - c0
+        if ctx.enabled:  # the global batch's sums (padding duplicates included)
+            tot = all_reduce_sum(torch.stack([loss_sum, correct.double(),
+                                              torch.full_like(loss_sum, n)]))
+            loss_sum, correct, n = tot[0], tot[1], int(tot[2].item())
         val = evaluate(model, val_iter, progress=progress, desc=f"{log_prefix}val")
         record = {"epoch": epoch + 1, "train_loss": loss_sum.item() / max(n, 1),
-                  "train_acc": correct.item() / max(n, 1), "val_loss": val["loss"],
+                  "train_acc": round(correct.item()) / max(n, 1), "val_loss": val["loss"],
                   "val_acc": val["acc"], "lr": optimizer.param_groups[0]["lr"],
                   "epoch_time_s": round(train_time, 3), "epoch_cpu_s": round(cpu_time, 3),
                   "images_per_s": round(n / max(train_time, 1e-9), 1),
                   "threads": torch.get_num_threads()}
-        if val["acc"] > best["val_acc"]:
+        if ctx.enabled:
+            record["processes"] = ctx.world_size
+        rank_rng = all_gather_object(rng_state()) if ctx.enabled else None
+        improved = val["acc"] > best["val_acc"]  # the same on every rank (all-reduced)
+        if improved:
             best = {"val_acc": val["acc"], "epoch": epoch + 1}
-            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            atomic_save({**model_meta, "state_dict": state, "weights_hash": weights_hash(state),
-                         "epoch": epoch + 1, "val_acc": val["acc"], "config": ident.config,
-                         "config_hash": ident.config_hash}, best_path)
-        # Log first, checkpoint second: a crash between the two leaves an extra
-        # log record, which resume drops (MetricsLog keep_through).
-        log.log(**record)
-        atomic_save({"modules": modules.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "data": train_iter.state_dict(),
-                     "rng": rng_state(), "epoch": epoch + 1, "best": best,
-                     "config_hash": ident.config_hash, "config_items": ident.items,
-                     "config": ident.config}, ckpt_path)
-        print(f"{log_prefix}epoch {epoch + 1}/{epochs}: train loss {record['train_loss']:.4f} "
-              f"acc {record['train_acc']:.4f} | val loss {val['loss']:.4f} acc {val['acc']:.4f} "
-              f"| {train_time:.1f}s ({record['images_per_s']:.0f} img/s)", flush=True)
+        if main:
+            if improved:
+                state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+                atomic_save({**model_meta, "state_dict": state,
+                             "weights_hash": weights_hash(state), "epoch": epoch + 1,
+                             "val_acc": val["acc"], "config": ident.config,
+                             "config_hash": ident.config_hash}, best_path)
+            # Log first, checkpoint second: a crash between the two leaves an extra
+            # log record, which resume drops (MetricsLog keep_through).
+            log.log(**record)
+            ckpt = {"modules": modules.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "data": train_iter.state_dict(),
+                    "rng": rng_state(), "epoch": epoch + 1, "best": best,
+                    "config_hash": ident.config_hash, "config_items": ident.items,
+                    "config": ident.config}
+            if ctx.enabled:
+                ckpt["world_size"], ckpt["rank_rng"] = ctx.world_size, rank_rng
+            atomic_save(ckpt, ckpt_path)
+            print(f"{log_prefix}epoch {epoch + 1}/{epochs}: train loss "
+                  f"{record['train_loss']:.4f} acc {record['train_acc']:.4f} | val loss "
+                  f"{val['loss']:.4f} acc {val['acc']:.4f} | {train_time:.1f}s "
+                  f"({record['images_per_s']:.0f} img/s)", flush=True)
+        barrier()  # model.pt / checkpoint.pt are on disk before any rank reads them
     done = max(end_epoch, start_epoch)
-    if done < epochs:
+    if done < epochs and main:
         print(f"{log_prefix}stopped after epoch {done}/{epochs} (run.stop_after="
               f"{stop_after}); continue with --resume", flush=True)
     return {"complete": done >= epochs, "epochs_done": done,
             "best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
             "model_path": str(best_path), "checkpoint_path": str(ckpt_path),
-            "metrics_path": str(log.path)}
+            "metrics_path": str(run_dir / "metrics.jsonl")}
 
 
 # ------------------------------------------------------------ per-step seeds

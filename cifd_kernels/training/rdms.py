@@ -35,8 +35,8 @@ from .config import Config, config_hash, hashed_items, to_dict
 from .engine import (LRSchedule, MetricsLog, RunIdentity, atomic_save, atomic_write_text,
                      derive_seed, load_checkpoint, rng_state, select_device, set_rng_state,
                      set_threads, weights_hash)
-from .teacher import (default_teacher_checkpoint, load_data, load_model_file, run_root,
-                      teacher_outputs)
+from .teacher import (check_teacher_data, default_teacher_checkpoint, load_data,
+                      load_model_file, run_root, teacher_outputs)
 
 STREAM_RDM = 1
 RDM_SECTIONS = ("data", "rdm")
@@ -174,17 +174,25 @@ def train_rdms(cfg: Config, *, resume: bool = False, overwrite: bool = False) ->
     """Train the RDM bank on the cached outputs of the teacher at
     ``teacher.checkpoint`` (default ``<out_dir>/<name>/teacher/model.pt``);
     returns results.json's contents (``complete`` False when stopped early by
-    ``run.stop_after``)."""
+    ``run.stop_after``).
+
+    Under torchrun, rank 0 trains the bank alone while the other ranks wait:
+    stage 1 is a few small MLPs on cached embeddings (seconds to minutes on one
+    device), so the run is the single-process one, bit for bit."""
+    from .distributed import on_main
+    return on_main(lambda: _train_rdms(cfg, resume=resume, overwrite=overwrite))
+
+
+def _train_rdms(cfg: Config, *, resume: bool, overwrite: bool) -> dict:
     set_threads(cfg.run.threads)
     device = select_device(cfg.run.device)
     ds = load_data(cfg)
     teacher, tmeta = load_model_file(default_teacher_checkpoint(cfg), device)
-    if (tmeta.get("dataset"), tmeta["num_classes"]) != (ds.name, ds.num_classes):
-        raise ValueError(f"teacher {tmeta['path']} was trained on {tmeta.get('dataset')}, "
-                         f"not {ds.name}")
+    check_teacher_data(tmeta, ds)
     cache_dir = Path(tmeta["path"]).parent / "cache"
     outs = {s: teacher_outputs(teacher, tmeta["arch"], ds, s, cache_dir,
-                               batch_size=cfg.data.eval_batch_size, device=device)
+                               batch_size=cfg.data.eval_batch_size,
+                               num_workers=cfg.data.num_workers, device=device)
             for s in ("train", "val", "test")}
     X, T, Y = (t.to(device) for t in (outs["train"].embeddings, outs["train"].logits,
                                        outs["train"].labels))

@@ -23,6 +23,7 @@ from .config import Config, config_hash, hashed_items, to_dict
 from .engine import (MetricsLog, RunIdentity, atomic_save, atomic_write_text,
                      build_optimizer, build_scheduler, evaluate, fit, seed_everything,
                      select_device, set_threads, weights_hash)
+from .distributed import seed_per_rank, wrap_ddp
 from .models import build_model
 
 TEACHER_SECTIONS = ("data", "model", "train")
@@ -45,7 +46,8 @@ def load_data(cfg: Config) -> data_mod.Dataset:
     """The configured dataset; ``data.train_size`` > 0 keeps a fixed subset
     (seed ``data.split_seed``, file order kept) of that many training images."""
     ds = data_mod.load_dataset(cfg.data.name, cfg.data.dir or None,
-                               val_size=cfg.data.val_size, split_seed=cfg.data.split_seed)
+                               val_size=cfg.data.val_size, split_seed=cfg.data.split_seed,
+                               image_size=cfg.data.image_size)
     n = cfg.data.train_size
     if 0 < n < len(ds.train):
         g = torch.Generator().manual_seed(cfg.data.split_seed + 1)
@@ -55,16 +57,28 @@ def load_data(cfg: Config) -> data_mod.Dataset:
 
 
 def make_iterator(cfg: Config, ds: data_mod.Dataset, split: str, device: torch.device, *,
-                  train: bool, seed: int = 0, rank: int = 0,
-                  world_size: int = 1) -> data_mod.BatchIterator:
-    """Training batches (shuffled, augmented if data.augment) or evaluation
-    batches (in order, unaugmented) of ``split``."""
-    return data_mod.BatchIterator(
+                  train: bool, seed: int = 0, rank: Optional[int] = None,
+                  world_size: Optional[int] = None) -> data_mod.BatchIterator:
+    """Training batches (shuffled, augmented if data.augment; this rank's slice
+    of each global batch of data.batch_size) or evaluation batches (in order,
+    unaugmented; this rank's unpadded shard, whose sums evaluate() all-reduces)
+    of ``split``. ``rank``/``world_size`` default to the process's
+    (:mod:`.distributed`)."""
+    from .config import ConfigError
+    from .distributed import context
+    ctx = context()
+    rank = ctx.rank if rank is None else rank
+    world_size = ctx.world_size if world_size is None else world_size
+    if train and cfg.data.batch_size % world_size:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is the global batch and "
+                          f"must be a multiple of the number of processes ({world_size})")
+    return data_mod.make_batches(
         ds.split(split), cfg.data.batch_size if train else cfg.data.eval_batch_size,
+        num_workers=cfg.data.num_workers,
         mean=ds.mean, std=ds.std, shuffle=train, augment=train and cfg.data.augment,
         crop_padding=cfg.data.crop_padding, hflip=cfg.data.hflip, seed=seed, rank=rank,
-        world_size=world_size, device=device,
-        channels_last=cfg.train.channels_last)
+        world_size=world_size, device=device, channels_last=cfg.train.channels_last,
+        shard="batch" if train else "sample", pad=train)
 
 
 def model_meta(arch: str, ds: data_mod.Dataset, embed_dim: int, role: str) -> dict:
@@ -84,8 +98,9 @@ def load_model_file(path: str | Path, device: torch.device | str = "cpu") -> tup
                                 f"`cifd train-teacher`, or set teacher.checkpoint=PATH)")
     blob = torch.load(path, map_location="cpu", weights_only=False)
     if "state_dict" not in blob or "arch" not in blob:
-        raise ValueError(f"{path} is not a cifd model file (no arch/state_dict); "
-                         f"pass a model.pt, not a checkpoint.pt")
+        from .engine import CheckpointMismatchError
+        raise CheckpointMismatchError(f"{path} is not a cifd model file (no arch/state_dict); "
+                                      f"pass a model.pt, not a checkpoint.pt")
     model = build_model(blob["arch"], blob["num_classes"], in_channels=blob["in_channels"],
                         image_size=blob["image_size"], embed_dim=blob.get("embed_dim", 0))
     model.load_state_dict(blob["state_dict"])
@@ -93,6 +108,16 @@ def load_model_file(path: str | Path, device: torch.device | str = "cpu") -> tup
     meta = {k: v for k, v in blob.items() if k != "state_dict"}
     meta["path"] = str(path)
     return model, meta
+
+
+def check_teacher_data(tmeta: dict, ds: data_mod.Dataset) -> None:
+    """Refuse a teacher model file trained on another dataset (or class count)."""
+    from .engine import CheckpointMismatchError
+    if (tmeta.get("dataset"), tmeta["num_classes"]) != (ds.name, ds.num_classes):
+        raise CheckpointMismatchError(
+            f"teacher {tmeta['path']} was trained on {tmeta.get('dataset')} "
+            f"({tmeta['num_classes']} classes), not {ds.name} ({ds.num_classes} classes): "
+            f"set teacher.checkpoint=PATH (--teacher) to a teacher of this dataset")
 
 
 def prepare_model(cfg: Config, model: nn.Module, device: torch.device) -> nn.Module:
@@ -104,22 +129,28 @@ def prepare_model(cfg: Config, model: nn.Module, device: torch.device) -> nn.Mod
 
 
 def new_model(cfg: Config, ds: data_mod.Dataset, device: torch.device) -> nn.Module:
-    """A freshly initialised ``cfg.model`` for ``ds``, prepared for ``device``."""
+    """A freshly initialised ``cfg.model`` for ``ds``, prepared for ``device``;
+    under DDP its BatchNorm layers normalise over the global batch."""
+    from .distributed import convert_sync_batchnorm
     model = build_model(cfg.model.arch, ds.num_classes, in_channels=ds.in_channels,
                         image_size=ds.image_size, embed_dim=cfg.model.embed_dim)
-    return prepare_model(cfg, model, device)
+    return convert_sync_batchnorm(prepare_model(cfg, model, device), device)
 
 
 def finish_run(run_dir: Path, cfg: Config, ds: data_mod.Dataset, summary: dict,
                device: torch.device, extra: Optional[dict] = None) -> dict:
-    """Evaluate the selected (best-val) model on test; log and write summary.json."""
+    """Evaluate the selected (best-val) model on test; log and write summary.json
+    (rank 0; every rank returns the summary)."""
+    from .distributed import barrier, context
     model, meta = load_model_file(run_dir / "model.pt", device)
     model = prepare_model(cfg, model, device)
     test = evaluate(model, make_iterator(cfg, ds, "test", device, train=False),
-                    progress=cfg.run.progress, desc="test")
+                    progress=cfg.run.progress and context().is_main, desc="test")
     summary = {**summary, "arch": meta["arch"], "val_acc": meta["val_acc"],
                "test_acc": test["acc"], "test_loss": test["loss"],
                "weights_hash": meta["weights_hash"], **(extra or {})}
+    if context().enabled:
+        summary["processes"] = context().world_size
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                if line.strip()]
     epochs = [r for r in records if "epoch_time_s" in r]
@@ -130,11 +161,13 @@ def finish_run(run_dir: Path, cfg: Config, ds: data_mod.Dataset, summary: dict,
         summary["threads"] = epochs[-1]["threads"]
     # A finished run resumed again re-tests: keep one "test" record.
     kept = [json.dumps(r) + "\n" for r in records if r.get("event") != "test"]
-    atomic_write_text("".join(kept), run_dir / "metrics.jsonl")
-    MetricsLog(run_dir / "metrics.jsonl", keep_through=cfg.train.epochs).log(
-        event="test", epoch=cfg.train.epochs, best_epoch=summary["best_epoch"],
-        val_acc=meta["val_acc"], test_acc=test["acc"], test_loss=test["loss"])
-    atomic_write_text(json.dumps(summary, indent=2) + "\n", run_dir / "summary.json")
+    if context().is_main:
+        atomic_write_text("".join(kept), run_dir / "metrics.jsonl")
+        MetricsLog(run_dir / "metrics.jsonl", keep_through=cfg.train.epochs).log(
+            event="test", epoch=cfg.train.epochs, best_epoch=summary["best_epoch"],
+            val_acc=meta["val_acc"], test_acc=test["acc"], test_loss=test["loss"])
+        atomic_write_text(json.dumps(summary, indent=2) + "\n", run_dir / "summary.json")
+    barrier()
     return summary
 
 
@@ -146,6 +179,8 @@ def train_teacher(cfg: Config, *, resume: bool = False, overwrite: bool = False)
     ds = load_data(cfg)
     seed_everything(cfg.train.seed)
     model = new_model(cfg, ds, device)
+    net = wrap_ddp(model, device)
+    seed_per_rank(cfg.train.seed)
     train_iter = make_iterator(cfg, ds, "train", device, train=True, seed=cfg.train.seed)
     val_iter = make_iterator(cfg, ds, "val", device, train=False)
     opt = build_optimizer(model.parameters(), cfg.train)
@@ -155,7 +190,7 @@ def train_teacher(cfg: Config, *, resume: bool = False, overwrite: bool = False)
     ls = cfg.train.label_smoothing
 
     def step(batch):
-        logits = model(batch.x)
+        logits = net(batch.x)
         return F.cross_entropy(logits, batch.y, label_smoothing=ls), logits
 
     run_dir = teacher_run_dir(cfg)
@@ -213,10 +248,29 @@ def compute_teacher_outputs(model: nn.Module, batches) -> tuple[torch.Tensor, to
 def teacher_outputs(model: nn.Module, arch: str, ds: data_mod.Dataset, split: str,
                     cache_dir: str | Path, *, batch_size: int = 1000,
                     device: torch.device | str = "cpu", channels_last: bool = False,
-                    refresh: bool = False) -> TeacherOutputs:
+                    refresh: bool = False, num_workers: int = 0) -> TeacherOutputs:
     """The teacher's embeddings and logits on ``split`` of ``ds``, from
     ``cache_dir/teacher_outputs_<split>.pt`` when its key (weights hash,
-    data fingerprint, transform) matches, else computed and cached."""
+    data fingerprint, transform) matches, else computed and cached. Under DDP
+    rank 0 computes and writes the cache while the others wait, then read it."""
+    from .distributed import barrier, context
+    if context().enabled:
+        if context().is_main:
+            _teacher_outputs(model, arch, ds, split, cache_dir, batch_size=batch_size,
+                             device=device, channels_last=channels_last, refresh=refresh,
+                             num_workers=num_workers)
+        barrier()
+        return _teacher_outputs(model, arch, ds, split, cache_dir, batch_size=batch_size,
+                                device=device, channels_last=channels_last, refresh=False,
+                                num_workers=num_workers)
+    return _teacher_outputs(model, arch, ds, split, cache_dir, batch_size=batch_size,
+                            device=device, channels_last=channels_last, refresh=refresh,
+                            num_workers=num_workers)
+
+
+def _teacher_outputs(model: nn.Module, arch: str, ds: data_mod.Dataset, split: str,
+                     cache_dir: str | Path, *, batch_size: int, device, channels_last: bool,
+                     refresh: bool, num_workers: int = 0) -> TeacherOutputs:
     sp = ds.split(split)
     key = cache_key(model, arch, sp, ds.mean, ds.std)
     path = Path(cache_dir) / f"teacher_outputs_{split}.pt"
@@ -228,8 +282,8 @@ def teacher_outputs(model: nn.Module, arch: str, ds: data_mod.Dataset, split: st
         if blob is not None and blob.get("key") == key:
             return TeacherOutputs(blob["embeddings"], blob["logits"], blob["labels"], key,
                                   from_cache=True)
-    it = data_mod.BatchIterator(sp, batch_size, mean=ds.mean, std=ds.std, device=device,
-                                channels_last=channels_last)
+    it = data_mod.make_batches(sp, batch_size, mean=ds.mean, std=ds.std, device=device,
+                               channels_last=channels_last, num_workers=num_workers)
     emb, logits = compute_teacher_outputs(model, it)
     atomic_save({"key": key, "embeddings": emb, "logits": logits, "labels": sp.labels.clone()},
                 path)
