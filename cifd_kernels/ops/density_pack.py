@@ -36,6 +36,26 @@ def supports(matrices: Sequence[torch.Tensor]) -> bool:
     return tuple(widths) == FAST_FILTERS and len(matrices) == 5 and int(matrices[-1].shape[1]) == 1
 
 
+class _GradStridesOfInput(torch.autograd.Function):
+    """Identity whose backward hands back the gradient with the input's strides.
+
+    The [C, 1, 1] bias's gradient arrives as a view of the packed gradient with
+    strides (1, C, C): the same memory order, other strides for the size-1 dims,
+    which DDP reports on every step ("grad strides do not match bucket view
+    strides") and handles by a slower path."""
+
+    @staticmethod
+    def forward(ctx, t):
+        ctx.stride = t.stride()
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        if g.stride() == ctx.stride:
+            return g
+        return torch.empty_strided(g.shape, ctx.stride, dtype=g.dtype, device=g.device).copy_(g)
+
+
 def pack_density(matrices: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
                  factors: Sequence[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """CompressAI-layout parameters (filters=(3, 3, 3, 3)) -> packed [58, C] in ``dtype``
@@ -50,7 +70,10 @@ def pack_density(matrices: Sequence[torch.Tensor], biases: Sequence[torch.Tensor
     cols = []
     for k in range(5):
         cols.append(F.softplus(matrices[k].to(dtype)).reshape(C, -1))
-        cols.append(biases[k].to(dtype).reshape(C, -1))
+        b = biases[k]
+        if b.requires_grad and b[0].numel() == 1:
+            b = _GradStridesOfInput.apply(b)  # the last layer's [C, 1, 1] bias, see below
+        cols.append(b.to(dtype).reshape(C, -1))
         if k < 4:
             cols.append(torch.tanh(factors[k].to(dtype)).reshape(C, -1))
     return torch.cat(cols, 1).t().contiguous()

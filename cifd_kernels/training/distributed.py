@@ -323,12 +323,7 @@ def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
     """``module`` in ``DistributedDataParallel`` (the module itself in one process)."""
     if not context().enabled:
         return module
-    import warnings
     from torch.nn.parallel import DistributedDataParallel as DDP
-    # The entropy-model ops return gradients of [C, f, 1] parameters with
-    # strides other than the parameter's; DDP copies them into its buckets
-    # (correct, a little slower) and warns on every step.
-    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     if device.type == "cuda":
         return DDP(module, device_ids=[device.index], output_device=device.index)
     return DDP(module)
