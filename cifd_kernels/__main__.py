@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m cifd_kernels {info | <training command>} ...  (also: cifd ...)\n"
               "  info                  versions, backends and build facts\n"
-              "  <training command>    train-teacher, distill, train-rdms, cache-teacher, eval, demo")
+              "  <training command>    train-teacher, distill, train-rdms, cache-teacher, eval, demo, download-data")
         if not argv:
             return 2
     try:

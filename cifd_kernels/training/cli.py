@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a model.pt, or a run directory holding one")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     _common(p, config=False, run=False)
+    p = sub.add_parser("download-data", help="download Fashion-MNIST from the official release, "
+                                             "checksums verified")
+    p.add_argument("--data-dir", required=True, help="where to put the four IDX .gz files")
+    p.add_argument("--url", default=None, help="base URL (default: the official release)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     p = sub.add_parser("demo", help="Fashion-MNIST: teacher, RDMs, students by every method, "
                                     "comparison table and plots")
     _common(p)
@@ -191,6 +196,15 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_download_data(args) -> int:
+    from .data import FASHION_MNIST_URL, download_fashion_mnist
+    _single_process_only("download-data")
+    dest = download_fashion_mnist(args.data_dir, base_url=args.url or FASHION_MNIST_URL,
+                                  timeout=args.timeout)
+    print(f"Fashion-MNIST in {dest} (checksums verified); use --data-dir {dest}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
     overrides = _overrides(args)
@@ -202,7 +216,7 @@ def _cmd_demo(args) -> int:
 
 COMMANDS = {"train-teacher": _cmd_train_teacher, "distill": _cmd_distill,
             "train-rdms": _cmd_train_rdms, "cache-teacher": _cmd_cache_teacher,
-            "eval": _cmd_eval, "demo": _cmd_demo}
+            "eval": _cmd_eval, "demo": _cmd_demo, "download-data": _cmd_download_data}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
