@@ -37,7 +37,8 @@ python3 -m cifd_kernels info | tee -a "$OUTDIR/device.txt"
 
 stamp "GPU tests"
 # GPU_TESTS / GPU_TESTS_K / GPU_BENCH / GPU_BENCH_K narrow the selection when device
-# time is short, e.g. GPU_TESTS="tests/test_philox.py" GPU_BENCH_K="full and 65536x320"
+# time is short, e.g. GPU_TESTS="tests/test_philox.py" GPU_BENCH_K="full and 65536x320";
+# GPU_STEP_RATIO=0 skips the interleaved KD/CIFD step measurement (GPU_STEP_ROUNDS rounds).
 python3 -m pytest ${GPU_TESTS:-tests} -m gpu ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} -q -p no:cacheprovider -rs 2>&1 \
   | tee "$OUTDIR/pytest_gpu.log" | tail -15
 rc_gpu=${PIPESTATUS[0]}
@@ -47,9 +48,19 @@ stamp "benchmarks"
 CIFD_BENCH_OUT="$OUTDIR" CIFD_BENCH_FULL=1 timeout -s INT ${GPU_BENCH_TIMEOUT:-0} python3 -m pytest ${GPU_BENCH:-benchmarks} ${GPU_BENCH_K:+-k "$GPU_BENCH_K"} -q -p no:cacheprovider \
   --benchmark-columns=median,rounds 2>&1 | tee "$OUTDIR/bench.log" | tail -40
 rc_bench=${PIPESTATUS[0]}
+rc_ratio=0
+if [ "${GPU_STEP_RATIO:-1}" = "1" ]; then
+  stamp "stage-2 step ratio (KD vs CIFD interleaved)"
+  python3 -m benchmarks.step_ratio --device cuda --rounds ${GPU_STEP_ROUNDS:-40} --out "$OUTDIR" 2>&1 \
+    | tee "$OUTDIR/step_ratio.log" | tail -5
+  rc_ratio=${PIPESTATUS[0]}
+fi
 for j in "$OUTDIR"/*.json; do
   python3 benchmarks/plot.py "$j" --out "$OUTDIR/plots" > /dev/null 2>&1 || echo "plot failed for $j"
+  # The roofline needs the entropy-bottleneck full rows at (65536, 320); files without them are skipped.
+  python3 benchmarks/roofline.py "$j" --out "$OUTDIR/plots/$(basename "$j" .json)-roofline.png" \
+    > /dev/null 2>&1 && echo "roofline: $j"
 done
 [ -d "$OUTDIR/plots" ] && tar -C "$OUTDIR" -czf "$OUTDIR/plots.tar.gz" plots && rm -rf "$OUTDIR/plots"
-stamp "done: build=$rc_build gpu-tests=$rc_gpu bench=$rc_bench"
-exit $(( rc_build || rc_gpu || rc_bench ))
+stamp "done: build=$rc_build gpu-tests=$rc_gpu bench=$rc_bench step-ratio=$rc_ratio"
+exit $(( rc_build || rc_gpu || rc_bench || rc_ratio ))
