@@ -161,3 +161,20 @@ def _resolve_eager(op: str, backend: Optional[str], dtype: str) -> str:
     if not ok:
         raise BackendUnavailableError(f"{op}: backend {b!r} is unavailable: {why}")
     return b
+
+
+def resolve_kernel(op: str, backend: Optional[str], device, why_not) -> str:
+    """:func:`resolve`, then the call's own fit: ``why_not(be)`` returns None when the
+    kernel backend ``be`` takes this call, else what it needs (e.g. "float32
+    inputs"). A backend named by the caller that does not fit raises
+    :class:`BackendUnavailableError` saying so; ``auto`` (or the ``$CIFD_BACKEND``
+    default) falls back to the reference."""
+    be = resolve(op, backend, device)
+    if be == "reference":
+        return be
+    why = why_not(be)
+    if why is None:
+        return be
+    if backend is not None and check_backend_name(backend) != "auto":
+        raise BackendUnavailableError(f"{op}: backend {be!r} needs {why}")
+    return "reference"

@@ -123,6 +123,22 @@ def _kernel_ok(*tensors) -> bool:
     return all(t is None or t.dtype in _KERNEL_DTYPES for t in tensors)
 
 
+def _why_not(lam, inputs, targets):
+    """The kernels' fit test for :func:`cifd_kernels.backend.resolve_kernel`: kernel
+    dtypes, frozen targets and ``lam``, and the CUDA kernel's target limit (targets[0]
+    is ``[M, B, *]``)."""
+    def why(be: str) -> Optional[str]:
+        if not _kernel_ok(*inputs, *targets):
+            return "float32/float16/bfloat16 inputs"
+        if not _frozen(lam, *targets):
+            return "frozen targets and lam (none requiring grad)"
+        t = targets[0]
+        if be == "cuda" and t is not None and t.dim() == 3 and t.shape[0] > _CUDA_MAX_TARGETS:
+            return f"at most {_CUDA_MAX_TARGETS} targets"
+        return None
+    return why
+
+
 def _frozen(lam, *targets) -> bool:
     if isinstance(lam, torch.Tensor) and lam.requires_grad:
         return False
@@ -166,20 +182,8 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
         detached (values only): differentiate ``loss``.
     """
     _ref.check_tensor("student_logits", student_logits, ndim=2)
-    be = _backend.resolve(OP, backend, student_logits.device)
-    named = backend is not None and _backend.check_backend_name(backend) != "auto"
-    if be != "reference":
-        why = None
-        if not _kernel_ok(student_logits, target_logits, student_emb, target_embs):
-            why = "float32/float16/bfloat16 inputs"
-        elif not _frozen(lam, target_logits, target_embs):
-            why = "frozen targets and lam (none requiring grad)"
-        elif be == "cuda" and target_logits.dim() == 3 and target_logits.shape[0] > _CUDA_MAX_TARGETS:
-            why = f"at most {_CUDA_MAX_TARGETS} targets"
-        if why is not None:
-            if named:
-                raise _backend.BackendUnavailableError(f"{OP}: backend {be!r} needs {why}")
-            be = "reference"
+    be = _backend.resolve_kernel(OP, backend, student_logits.device,
+                                 _why_not(lam, (student_logits, student_emb), (target_logits, target_embs)))
     kwargs = dict(tau=tau, p_drop=p_drop, seed=seed, offset=offset, lam_ce=lam_ce, lam_kl=lam_kl,
                   w_emb=w_emb, dist=dist, ibm_rate=ibm_rate, lam_I=lam_I, ignore_index=ignore_index)
     if be == "reference":
@@ -235,17 +239,6 @@ def _keep_flags(m: int, seed: int, offset: int, p_drop: float, device) -> torch.
     return philox_keep_mask((m,), seed, offset, p_drop, device=device)
 
 
-def _pick(backend: Optional[str], device, why_of) -> str:
-    be = _backend.resolve(OP, backend, device)
-    if be != "reference":
-        why = why_of(be)
-        if why is not None:
-            if backend is not None and _backend.check_backend_name(backend) != "auto":
-                raise _backend.BackendUnavailableError(f"{OP}: backend {be!r} needs {why}")
-            be = "reference"
-    return be
-
-
 def cifd_embedding_loss(student_emb: torch.Tensor, target_embs: torch.Tensor,
                         contrast_emb: Optional[torch.Tensor] = None,
                         lam: Union[Sequence[float], torch.Tensor, None] = None, *, dist: str = "mse",
@@ -264,16 +257,8 @@ def cifd_embedding_loss(student_emb: torch.Tensor, target_embs: torch.Tensor,
     kernel paths ``emb`` is detached (values only)."""
     _ref.check_tensor("student_emb", student_emb, ndim=2)
 
-    def why_of(be):
-        if not _kernel_ok(student_emb, target_embs):
-            return "float32/float16/bfloat16 inputs"
-        if not _frozen(lam, target_embs):
-            return "frozen targets and lam (none requiring grad)"
-        if be == "cuda" and target_embs.dim() == 3 and target_embs.shape[0] > _CUDA_MAX_TARGETS:
-            return f"at most {_CUDA_MAX_TARGETS} targets"
-        return None
-
-    be = _pick(backend, student_emb.device, why_of)
+    be = _backend.resolve_kernel(OP, backend, student_emb.device,
+                                 _why_not(lam, (student_emb,), (target_embs,)))
     kw = dict(dist=dist, w_emb=w_emb, p_drop=p_drop, seed=seed, offset=offset, ibm_rate=ibm_rate,
               lam_I=lam_I, lam_cl=lam_cl, temperature=temperature)
     if be == "reference":

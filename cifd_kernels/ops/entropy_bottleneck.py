@@ -224,14 +224,14 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
         raise ValueError(f"mode must be one of {tuple(_pack.MODES)}, got {mode!r}")
     _ref.check_params(matrices, biases, factors)
     _ref_ibm.check_rho_s(rho, s)
-    be = _backend.resolve(OP, backend, y.device)
-    if be != "reference" and not _kernel_ok(y, matrices, be):
-        if backend not in (None, "auto") and _backend.check_backend_name(backend) != "auto":
-            dtypes = "float32/float16/bfloat16" + (" (or float64 y)" if be == "cpu" else "")
-            raise _backend.BackendUnavailableError(
-                f"{OP}: backend {be!r} needs filters=(3, 3, 3, 3) and {dtypes} inputs, got y "
-                f"{y.dtype} and filters {tuple(int(m.shape[1]) for m in matrices[:-1])}")
-        be = "reference"
+    def why_not(be: str) -> Optional[str]:
+        if _kernel_ok(y, matrices, be):
+            return None
+        dtypes = "float32/float16/bfloat16" + (" (or float64 y)" if be == "cpu" else "")
+        return (f"filters=(3, 3, 3, 3) and {dtypes} inputs, got y {y.dtype} and filters "
+                f"{tuple(int(m.shape[1]) for m in matrices[:-1])}")
+
+    be = _backend.resolve_kernel(OP, backend, y.device, why_not)
     if be == "reference":
         return _reference(y, matrices, biases, factors, medians, mode, seed, offset, rho, s, bound,
                           need_likelihood)

@@ -179,19 +179,6 @@ def _kernel_why(x, params, matrices) -> Optional[str]:
     return None
 
 
-def _named(backend: Optional[str]) -> bool:
-    return backend is not None and _backend.check_backend_name(backend) != "auto"
-
-
-def _pick(backend: Optional[str], device, why: Optional[str]) -> str:
-    be = _backend.resolve(OP, backend, device)
-    if be != "reference" and why is not None:
-        if _named(backend):
-            raise _backend.BackendUnavailableError(f"{OP}: backend {be!r} needs {why}")
-        be = "reference"
-    return be
-
-
 def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matrices, biases, factors,
                      medians: Optional[torch.Tensor] = None, *, act: str = "relu",
                      mode: str = "noise", seed: int = 0, offset: int = 0,
@@ -210,7 +197,7 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
     _ref_loss.check_tensor("x", x, ndim=2)
     n, d, h, l, k = _ref.bank_sizes(params)
     _ref_eb.check_params(matrices, biases, factors)
-    be = _pick(backend, x.device, _kernel_why(x, params, matrices))
+    be = _backend.resolve_kernel(OP, backend, x.device, lambda _: _kernel_why(x, params, matrices))
     if be == "reference":
         out = _ref.rdm_bank_forward(x, params, matrices, biases, factors, medians, act=act, mode=mode,
                                     seed=seed, offset=offset, likelihood_bound=likelihood_bound)
@@ -287,7 +274,7 @@ def rdm_bank_loss(x: torch.Tensor, x_hat: torch.Tensor, logits: torch.Tensor, ra
         why = "a frozen x and teacher_logits (none requiring grad)"
     elif x_hat.dtype not in _KERNEL_DTYPES or logits.dtype not in _KERNEL_DTYPES:
         why = "float32/float16/bfloat16 x_hat and logits"
-    be = _pick(backend, x_hat.device, why)
+    be = _backend.resolve_kernel(OP, backend, x_hat.device, lambda _: why)
     kw = dict(dist=dist, lam_ce=lam_ce, lam_kl=lam_kl, tau=tau, ignore_index=ignore_index)
     if be == "reference":
         return _ref.rdm_bank_loss(x, x_hat, logits, rate, R, labels, teacher_logits, **kw)
