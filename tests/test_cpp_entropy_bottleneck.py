@@ -125,6 +125,14 @@ def test_large_matches_reference(mode, rho, s):
     _compare((4097, 193), mode, rho, s, offset=(1 << 32) - 5000)  # crosses the counter's low word
 
 
+@pytest.mark.parametrize("C", [8, 16, 24, 32, 40, 56, 100])
+def test_channel_counts_split_into_smaller_blocks(C):
+    """The AVX2 span runs blocks of 8 vectors, then 4, 2 and single ones for the
+    tail (C = 32 is one 4-vector block): every split against the reference."""
+    backend_or_skip("cpu", "cpu")
+    _compare((9, C), "noise", 0.25, 0.5)
+
+
 def test_gradients_against_float64():
     """At (2049, 193) the kernels' gradients are as close to a float64 run of the reference
     as the float32 reference is (at most 2x its error plus 2e-5 of the largest entry;
