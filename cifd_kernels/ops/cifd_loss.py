@@ -34,6 +34,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import backend as _backend
+from . import _eager
 from ..reference import cifd_loss as _ref
 from ..reference.philox import check_seed_offset
 
@@ -62,8 +63,7 @@ _CUDA_MAX_TARGETS = 1024  # cifd::cuda::kCifdLossMaxTargets (csrc/include/cifd/k
 
 
 # ----------------------------------------------------------------------------- custom op
-@torch.library.custom_op("cifd::cifd_loss", mutates_args=())
-def _fwd_op(student_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
+def _fwd_impl(student_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
             student_emb: Optional[torch.Tensor], target_embs: Optional[torch.Tensor],
             lam: torch.Tensor, keep: torch.Tensor, tau: float, lam_ce: float, lam_kl: float,
             w_emb: float, dist: str, ignore_index: int, backend: str
@@ -92,6 +92,9 @@ def _fwd_op(student_logits: torch.Tensor, target_logits: torch.Tensor, labels: t
     return loss, ce, kl, emb, gz, gu
 
 
+_fwd_op = torch.library.custom_op("cifd::cifd_loss", mutates_args=())(_fwd_impl)
+
+
 @_fwd_op.register_fake
 def _(student_logits, target_logits, labels, student_emb, target_embs, lam, keep, tau, lam_ce, lam_kl,
       w_emb, dist, ignore_index, backend):
@@ -116,6 +119,7 @@ def _backward(ctx, g_loss, g_ce, g_kl, g_emb, g_gz, g_gu):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_EagerFunction = _eager.autograd_function("CIFDLossFunction", _fwd_impl, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------- public functional
@@ -215,10 +219,10 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
 
     lam_t = _ref._check_lam(lam, m, ref.device, torch.float32).detach()
     keep = _keep_flags(m, seed, offset, p_drop, ref.device)
-    loss, ce, kl, emb, _, _ = _fwd_op(student_logits, target_logits.detach(), labels,
-                                      student_emb, target_embs.detach() if target_embs is not None else None,
-                                      lam_t, keep, float(tau), float(lam_ce), float(lam_kl), float(w_emb),
-                                      dist, int(ignore_index), be)
+    t_embs = target_embs.detach() if target_embs is not None else None
+    loss, ce, kl, emb, _, _ = _eager.call(
+        _fwd_op, _EagerFunction, student_logits, target_logits.detach(), labels, student_emb, t_embs,
+        lam_t, keep, float(tau), float(lam_ce), float(lam_kl), float(w_emb), dist, int(ignore_index), be)
     if ibm_rate is not None:
         rate = ibm_rate.float().mean()
         loss = loss + lam_I * rate
@@ -284,8 +288,9 @@ def cifd_embedding_loss(student_emb: torch.Tensor, target_embs: torch.Tensor,
     ignore = -100
     z = ref.new_zeros((batch, 1))
     labels = torch.full((batch,), ignore, dtype=torch.long, device=ref.device)
-    loss, _, _, emb, _, _ = _fwd_op(z, ref.new_zeros((m, batch, 1)), labels, student_emb, target_embs.detach(),
-                                    lam_t, keep, 1.0, 0.0, 0.0, float(w_emb), dist, ignore, be)
+    loss, _, _, emb, _, _ = _eager.call(
+        _fwd_op, _EagerFunction, z, ref.new_zeros((m, batch, 1)), labels, student_emb,
+        target_embs.detach(), lam_t, keep, 1.0, 0.0, 0.0, float(w_emb), dist, ignore, be)
     rate = ibm_rate.float().mean() if ibm_rate is not None else torch.zeros((), device=ref.device)
     if lam_cl != 0:
         nce = _ref.info_nce(student_emb, contrast_emb, temperature).float().mean()

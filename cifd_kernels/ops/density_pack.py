@@ -5,10 +5,14 @@ kernel (Triton, CUDA, C++ CPU).
 Fast path ``filters=(3, 3, 3, 3)`` (widths 1-3-3-3-3-1). ``pack_density`` turns the
 CompressAI-layout parameters into one contiguous float32 tensor [58, C] (row-major:
 row r, channel c at ``r * C + c``) holding ``softplus(H_k)``, ``b_k`` and
-``tanh(a_k)``, computed here with torch ops; the kernels' backward returns the
-gradient w.r.t. these rows ([58, C], plus a medians row 58 in dequantize mode),
-and :func:`unpack_density_grad` chains it back to ``H_k`` (x sigmoid(H_k)) and
-``a_k`` (x (1 - tanh(a_k)^2)). C is small, so this host-side chain is cheap.
+``tanh(a_k)``, by the op ``cifd::density_pack`` (the C++ kernel on the CPU, torch
+ops elsewhere); the kernels' backward returns the gradient w.r.t. these rows
+([58, C], plus a medians row 58 in dequantize mode), and
+``cifd::density_unpack_grad`` (the pack op's backward, and
+:func:`unpack_density_grad`) chains it back to ``H_k`` (x sigmoid(H_k)) and
+``a_k`` (x (1 - tanh(a_k)^2)). One op each way: as ~20 autograd-tracked torch ops
+forward and ~40 backward, this chain cost more than the fused kernel itself at
+the IBM's sizes (B = 128, C = 32: ~0.7 of a 2.1 ms fwd+bwd on the CPU).
 
 Row layout:
   layer 0 (1 -> 3):  W[j] rows 0-2, b[j] 3-5, tanh(a)[j] 6-8
@@ -23,6 +27,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from . import _eager
+
 FAST_FILTERS = (3, 3, 3, 3)
 NUM_PACKED = 58
 NUM_GRAD = NUM_PACKED + 1  # + the medians' gradient row (dequantize mode)
@@ -36,24 +42,94 @@ def supports(matrices: Sequence[torch.Tensor]) -> bool:
     return tuple(widths) == FAST_FILTERS and len(matrices) == 5 and int(matrices[-1].shape[1]) == 1
 
 
-class _GradStridesOfInput(torch.autograd.Function):
-    """Identity whose backward hands back the gradient with the input's strides.
+def _flat(matrices, biases, factors) -> list[torch.Tensor]:
+    """H0 b0 a0 H1 b1 a1 H2 b2 a2 H3 b3 a3 H4 b4: the op's parameter list."""
+    out = []
+    for k in range(5):
+        out += [matrices[k], biases[k]] + ([factors[k]] if k < 4 else [])
+    return out
 
-    The [C, 1, 1] bias's gradient arrives as a view of the packed gradient with
-    strides (1, C, C): the same memory order, other strides for the size-1 dims,
-    which DDP reports on every step ("grad strides do not match bucket view
-    strides") and handles by a slower path."""
+
+def _use_cpp(t: torch.Tensor) -> bool:
+    if t.device.type != "cpu":
+        return False
+    from .. import backend
+    return backend.ext() is not None and hasattr(torch.ops.cifd_C, "density_pack")
+
+
+def _pack_torch(params: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    C = params[0].shape[0]
+    cols = []
+    for i, p in enumerate(params):
+        p = p.to(dtype).reshape(C, -1)
+        cols.append(F.softplus(p) if i % 3 == 0 else torch.tanh(p) if i % 3 == 2 else p)
+    return torch.cat(cols, 1).t().contiguous()
+
+
+def _pack_impl(params: list[torch.Tensor], float64: bool) -> torch.Tensor:
+    if _use_cpp(params[0]):
+        return torch.ops.cifd_C.density_pack(params, float64)
+    return _pack_torch(params, torch.float64 if float64 else torch.float32)
+
+
+_pack_op = torch.library.custom_op("cifd::density_pack", mutates_args=())(_pack_impl)
+
+
+@_pack_op.register_fake
+def _(params, float64):
+    return params[0].new_empty((NUM_PACKED, params[0].shape[0]),
+                               dtype=torch.float64 if float64 else torch.float32)
+
+
+def _unpack_impl(grad_packed: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    if _use_cpp(grad_packed):
+        return torch.ops.cifd_C.density_unpack_grad(grad_packed, params)
+    C = params[0].shape[0]
+    g = grad_packed[:NUM_PACKED].t()  # [C, 58]
+    out, col = [], 0
+    for i, p in enumerate(params):
+        n = p.numel() // C if C else 0
+        gi = g[:, col:col + n].reshape(p.shape)
+        col += n
+        if i % 3 == 0:  # softplus'(H) = sigmoid(H), 1 above torch's threshold of 20
+            gi = torch.where(p > 20, gi, gi * torch.sigmoid(p.to(gi.dtype)))
+        elif i % 3 == 2:
+            gi = gi * (1.0 - torch.tanh(p.to(gi.dtype)) ** 2)
+        out.append(torch.empty_like(p).copy_(gi))  # the parameter's dtype and strides
+    return out
+
+
+_unpack_op = torch.library.custom_op("cifd::density_unpack_grad", mutates_args=())(_unpack_impl)
+
+
+@_unpack_op.register_fake
+def _(grad_packed, params):
+    return [torch.empty_like(p) for p in params]
+
+
+def _pack_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[0])  # the parameters themselves: nothing is copied
+
+
+def _pack_backward(ctx, grad):
+    return _unpack_op(grad.contiguous(), list(ctx.saved_tensors)), None
+
+
+_pack_op.register_autograd(_pack_backward, setup_context=_pack_setup)
+
+
+class _PackFunction(torch.autograd.Function):
+    """The eager path (see :mod:`._eager`); params travel flattened, as
+    autograd.Function takes no tensor lists."""
 
     @staticmethod
-    def forward(ctx, t):
-        ctx.stride = t.stride()
-        return t.view_as(t)
+    def forward(ctx, float64, *params):
+        ctx.save_for_backward(*params)
+        return _pack_impl(list(params), float64)
 
     @staticmethod
-    def backward(ctx, g):
-        if g.stride() == ctx.stride:
-            return g
-        return torch.empty_strided(g.shape, ctx.stride, dtype=g.dtype, device=g.device).copy_(g)
+    def backward(ctx, grad):
+        return (None, *_unpack_impl(grad.contiguous(), list(ctx.saved_tensors)))
 
 
 def pack_density(matrices: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
@@ -61,46 +137,29 @@ def pack_density(matrices: Sequence[torch.Tensor], biases: Sequence[torch.Tensor
     """CompressAI-layout parameters (filters=(3, 3, 3, 3)) -> packed [58, C] in ``dtype``
     (float32; float64 for the C++ CPU kernel's float64 path).
 
-    Differentiable torch ops: autograd chains a kernel's packed gradient back to the
-    parameters (the op layer relies on this); :func:`unpack_density_grad` does the
-    same chain by hand for callers holding a packed gradient."""
+    Differentiable, as one autograd node (the ``cifd::density_pack`` op: the C++
+    kernel on the CPU, torch ops elsewhere) whose backward is
+    ``cifd::density_unpack_grad``: autograd chains a kernel's packed gradient
+    back to the parameters; :func:`unpack_density_grad` does the same by hand for
+    callers holding a packed gradient. Gradients arrive in each parameter's
+    dtype and strides."""
     if not supports(matrices):
         raise ValueError("the fused entropy bottleneck needs filters=(3, 3, 3, 3)")
-    C = matrices[0].shape[0]
-    cols = []
-    for k in range(5):
-        cols.append(F.softplus(matrices[k].to(dtype)).reshape(C, -1))
-        b = biases[k]
-        if b.requires_grad and b[0].numel() == 1:
-            b = _GradStridesOfInput.apply(b)  # the last layer's [C, 1, 1] bias, see below
-        cols.append(b.to(dtype).reshape(C, -1))
-        if k < 4:
-            cols.append(torch.tanh(factors[k].to(dtype)).reshape(C, -1))
-    return torch.cat(cols, 1).t().contiguous()
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    params = _flat(matrices, biases, factors)
+    if _eager.via_ops(params[0]):
+        return _pack_op(params, dtype == torch.float64)
+    return _PackFunction.apply(dtype == torch.float64, *params)
 
 
 def unpack_density_grad(grad_packed: torch.Tensor, matrices: Sequence[torch.Tensor],
                         biases: Sequence[torch.Tensor], factors: Sequence[torch.Tensor]):
     """Packed gradient [58 or 59, C] -> (grad matrices, grad biases, grad factors), lists in
     the parameters' shapes and dtypes: dH = dW * sigmoid(H), da = dA * (1 - tanh(a)^2)."""
-    C = matrices[0].shape[0]
-    g = grad_packed[:NUM_PACKED].t()  # [C, 58]
-    gm, gb, gf = [], [], []
-    col = 0
-    for k in range(5):
-        H = matrices[k]
-        nw = H.shape[1] * H.shape[2]
-        gw = g[:, col:col + nw].reshape(H.shape)
-        col += nw
-        gm.append((gw * torch.sigmoid(H.float())).to(H.dtype))
-        nb = biases[k].shape[1]
-        gb.append(g[:, col:col + nb].reshape(biases[k].shape).to(biases[k].dtype))
-        col += nb
-        if k < 4:
-            a = factors[k]
-            na = a.shape[1]
-            ga = g[:, col:col + na].reshape(a.shape)
-            col += na
-            gf.append((ga * (1.0 - torch.tanh(a.float()) ** 2)).to(a.dtype))
-    assert col == NUM_PACKED and C == g.shape[0]
+    unpack = _unpack_op if _eager.via_ops(grad_packed) else _unpack_impl
+    g = unpack(grad_packed.contiguous(), _flat(matrices, biases, factors))
+    gm = [g[3 * k] for k in range(5)]
+    gb = [g[3 * k + 1] for k in range(5)]
+    gf = [g[3 * k + 2] for k in range(4)]
     return gm, gb, gf

@@ -28,6 +28,7 @@ import torch
 from .. import backend as _backend
 from ..reference import entropy_bottleneck as _ref
 from ..reference import ibm as _ref_ibm
+from . import _eager
 from . import density_pack as _pack
 
 OP = "entropy_bottleneck"
@@ -46,8 +47,7 @@ def _triton():
 
 
 # ----------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("cifd::entropy_bottleneck", mutates_args=())
-def _fwd_op(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor], mode: str,
+def _fwd_impl(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor], mode: str,
             seed: int, offset: int, rho: float, s: float, bound: float, need_likelihood: bool,
             deterministic: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "triton":
@@ -64,6 +64,9 @@ def _fwd_op(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tenso
         need_likelihood)
 
 
+_fwd_op = torch.library.custom_op("cifd::entropy_bottleneck", mutates_args=())(_fwd_impl)
+
+
 @_fwd_op.register_fake
 def _(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, deterministic, backend):
     lik_shape = y.shape if need_likelihood else (0,)
@@ -71,8 +74,7 @@ def _(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, de
             y.new_empty(lik_shape, dtype=packed.dtype))
 
 
-@torch.library.custom_op("cifd::entropy_bottleneck_backward", mutates_args=())
-def _bwd_op(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor],
+def _bwd_impl(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor],
             grad_y_hat: Optional[torch.Tensor], grad_rate: Optional[torch.Tensor],
             grad_likelihood: Optional[torch.Tensor], mode: str, seed: int, offset: int, rho: float,
             s: float, bound: float, deterministic: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,6 +95,9 @@ def _bwd_op(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tenso
         _pack.MODES[mode], seed, offset, rho, s, bound, deterministic)
 
 
+_bwd_op = torch.library.custom_op("cifd::entropy_bottleneck_backward", mutates_args=())(_bwd_impl)
+
+
 @_bwd_op.register_fake
 def _(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset, rho, s, bound,
       deterministic, backend):
@@ -106,16 +111,25 @@ def _setup_context(ctx, inputs, output):
     ctx.need_lik = need_lik
 
 
-def _backward(ctx, g_y_hat, g_rate, g_lik):
-    y, packed, medians = ctx.saved_tensors
-    mode, seed, offset, rho, s, bound, deterministic, backend = ctx.args
-    grad_y, gp = _bwd_op(y, packed, medians, g_y_hat, g_rate, g_lik if ctx.need_lik else None,
+def _backward_via(bwd):
+    """The backward formula over ``bwd``: the backward op (registered autograd,
+    seen by tracing) or its implementation (the eager Function)."""
+    def backward(ctx, g_y_hat, g_rate, g_lik):
+        y, packed, medians = ctx.saved_tensors
+        mode, seed, offset, rho, s, bound, deterministic, backend = ctx.args
+        grad_y, gp = bwd(y, packed, medians, g_y_hat, g_rate, g_lik if ctx.need_lik else None,
                          mode, seed, offset, rho, s, bound, deterministic, backend)
-    g_med = gp[_pack.MEDIAN_ROW] if medians is not None else None
-    return (grad_y, gp[:_pack.NUM_PACKED], g_med) + (None,) * 9
+        g_med = gp[_pack.MEDIAN_ROW] if medians is not None else None
+        return (grad_y, gp[:_pack.NUM_PACKED], g_med) + (None,) * 9
+    return backward
+
+
+_backward = _backward_via(_bwd_op)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_EagerFunction = _eager.autograd_function("EntropyBottleneckFunction", _fwd_impl, _setup_context,
+                                         _backward_via(_bwd_impl))
 
 
 # ----------------------------------------------------------------------------- Triton, visible to torch.compile
@@ -170,6 +184,9 @@ def run_fused(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Ten
               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused op on a resolved kernel backend: ``(y_hat, rate, likelihood or empty)``.
     Checked arguments only (the public functional and the RDM bank call this)."""
+    if not _eager.via_ops(y):  # eager: the same impl and backward, without custom-op dispatch
+        return _EagerFunction.apply(y, packed, medians, mode, seed, offset, rho, s, bound,
+                                    need_likelihood, deterministic, backend)
     if backend == "triton":
         return _fwd_triton(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood)
     return _fwd_op(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, deterministic,

@@ -53,6 +53,7 @@ from ..reference import cifd_loss as _ref_loss
 from ..reference import entropy_bottleneck as _ref_eb
 from ..reference import rdm as _ref
 from ..reference.philox import check_seed_offset
+from . import _eager
 from . import density_pack as _pack
 from .entropy_bottleneck import OP as _EB_OP
 from .entropy_bottleneck import run_fused as _eb_run_fused
@@ -73,8 +74,7 @@ def _triton():
 _ACT_CODES = {"none": 0, "relu": 1, "gelu": 2}
 
 
-@torch.library.custom_op("cifd::rdm_linear", mutates_args=())
-def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, act: str, backend: str
+def _linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, act: str, backend: str
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched ``act(x W^T + b)``: x [B, I] (shared by all N blocks) or [N, B, I],
     weight [N, O, I], bias [N, O] -> (y [N, B, O], pre-activation [N, B, O] for gelu,
@@ -84,6 +84,9 @@ def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, act: s
     pre = torch.baddbmm(bias.unsqueeze(1), x.expand(weight.shape[0], *x.shape[-2:]),
                         weight.transpose(1, 2))
     return _act(pre, act), (pre if act == "gelu" else pre.new_empty((0,)))
+
+
+_linear_op = torch.library.custom_op("cifd::rdm_linear", mutates_args=())(_linear_impl)
 
 
 @_linear_op.register_fake
@@ -122,6 +125,8 @@ def _linear_backward(ctx, g_y, g_pre):
 
 
 _linear_op.register_autograd(_linear_backward, setup_context=_setup_linear)
+_LinearFunction = _eager.autograd_function("RDMLinearFunction", _linear_impl, _setup_linear,
+                                          _linear_backward)
 
 
 def _act(h: torch.Tensor, act: str) -> torch.Tensor:
@@ -159,7 +164,7 @@ def rdm_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, act: s
     if be == "reference" or x.dtype not in _KERNEL_DTYPES:
         pre = torch.baddbmm(bias.unsqueeze(1), x.expand(n, *x.shape[-2:]), weight.transpose(1, 2))
         return _act(pre, act)
-    return _linear_op(x, weight, bias, act, be)[0]
+    return _eager.call(_linear_op, _LinearFunction, x, weight, bias, act, be)[0]
 
 
 # ----------------------------------------------------------------------------- the bank forward

@@ -100,6 +100,29 @@ int entropy_bottleneck_bwd(const EbProblem& pr, const void* y, const float* pack
 }  // namespace cuda
 }  // namespace cifd
 
+// ---------------------------------------------------------------- density pack
+// The fused entropy kernels read the density as packed rows [58, C] (row table:
+// cifd_kernels/ops/density_pack.py): softplus(H_k), b_k, tanh(a_k). params are the
+// kDensityParams CompressAI tensors H0 b0 a0 H1 b1 a1 H2 b2 a2 H3 b3 a3 H4 b4, each
+// contiguous [C, widths[i]] (widths sum to 58). Float64 versions for gradcheck.
+namespace cifd {
+
+constexpr int kDensityParams = 14;
+
+namespace cpu {
+
+void density_pack(const float* const* params, const int64_t* widths, int64_t C, float* packed);
+void density_pack(const double* const* params, const int64_t* widths, int64_t C, double* packed);
+// grad_packed [>= 58, C] (rows past 57 are not read) -> grads[i] [C, widths[i]]:
+// dH = dW * sigmoid(H) (torch's softplus threshold 20), db = dB, da = dA * (1 - tanh(a)^2).
+void density_unpack_grad(const float* grad_packed, const float* const* params,
+                         const int64_t* widths, int64_t C, float* const* grads);
+void density_unpack_grad(const double* grad_packed, const double* const* params,
+                         const int64_t* widths, int64_t C, double* const* grads);
+
+}  // namespace cpu
+}  // namespace cifd
+
 // ---------------------------------------------------------------- cifd loss
 // Fused stage-2 CIFD loss (CIFD_METHOD.md section 4; math in cifd/losses.h): per
 // sample, CE, the M tau^2-scaled KLs and the M embedding distortions, and the
