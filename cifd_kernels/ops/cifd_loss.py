@@ -29,6 +29,8 @@ The GPU benchmark (benchmarks/bench_cifd_loss.py, providers ``cuda`` and
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Optional, Sequence, Union
 
 import torch
@@ -51,6 +53,11 @@ def _triton():
 def _has_cpu_kernel() -> bool:
     mod = _backend.ext()
     return mod is not None and hasattr(torch.ops.cifd_C, "cifd_loss_fwd")
+
+
+@functools.lru_cache(maxsize=None)
+def _has_reduce() -> bool:
+    return _backend.ext() is not None and hasattr(torch.ops.cifd_C, "cifd_loss_reduce")
 
 
 def _has_cuda_kernel() -> bool:
@@ -85,10 +92,14 @@ def _fwd_impl(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
             target_embs.to(student_emb.dtype).contiguous() if target_embs is not None else none,
             lam.float().contiguous(), keep.to(torch.uint8).contiguous(), nvalid,
             tau, lam_ce, lam_kl, w_emb, _DIST_CODES[dist], ignore_index)
-    ce = ce_b.sum() / nvalid
-    kl = kl_mb.sum(1) / B
-    emb = emb_mb.sum(1) / B
-    loss = lam_ce * ce + lam_kl * (lam * kl).sum() + w_emb * (lam * emb).sum()
+    if _has_reduce():  # the same ATen ops in one call from C++
+        loss, ce, kl, emb = torch.ops.cifd_C.cifd_loss_reduce(ce_b, kl_mb, emb_mb, lam, nvalid, lam_ce,
+                                                              lam_kl, w_emb)
+    else:
+        ce = ce_b.sum() / nvalid
+        kl = kl_mb.sum(1) / B
+        emb = emb_mb.sum(1) / B
+        loss = lam_ce * ce + lam_kl * (lam * kl).sum() + w_emb * (lam * emb).sum()
     return loss, ce, kl, emb, gz, gu
 
 

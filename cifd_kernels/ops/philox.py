@@ -14,6 +14,7 @@ import torch
 
 from .. import backend as _backend
 from ..reference import philox as _ref
+from . import _eager
 
 _OP_UNIFORM = "philox_uniform"
 _OP_MASK = "philox_keep_mask"
@@ -33,8 +34,7 @@ def _triton_mod():
     return m
 
 
-@torch.library.custom_op("cifd::philox_uniform", mutates_args=())
-def _philox_uniform_op(shape: list[int], seed: int, offset: int, device: torch.device,
+def _philox_uniform_impl(shape: list[int], seed: int, offset: int, device: torch.device,
                        backend: str) -> torch.Tensor:
     if backend == "reference":
         return _ref.philox_uniform(shape, seed, offset, device=device)
@@ -46,13 +46,15 @@ def _philox_uniform_op(shape: list[int], seed: int, offset: int, device: torch.d
     return out
 
 
+_philox_uniform_op = torch.library.custom_op("cifd::philox_uniform", mutates_args=())(_philox_uniform_impl)
+
+
 @_philox_uniform_op.register_fake
 def _(shape, seed, offset, device, backend):
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
-@torch.library.custom_op("cifd::philox_keep_mask", mutates_args=())
-def _philox_keep_mask_op(shape: list[int], seed: int, offset: int, rho: float,
+def _philox_keep_mask_impl(shape: list[int], seed: int, offset: int, rho: float,
                          device: torch.device, backend: str) -> torch.Tensor:
     if backend == "reference":
         return _ref.philox_keep_mask(shape, seed, offset, rho, device=device)
@@ -62,6 +64,10 @@ def _philox_keep_mask_op(shape: list[int], seed: int, offset: int, rho: float,
     else:
         torch.ops.cifd_C.philox_keep_mask_out(out, seed, offset, rho)
     return out
+
+
+_philox_keep_mask_op = torch.library.custom_op("cifd::philox_keep_mask", mutates_args=())(
+    _philox_keep_mask_impl)
 
 
 @_philox_keep_mask_op.register_fake
@@ -98,7 +104,9 @@ def philox_uniform(shape: Sequence[int] | int, seed: int, offset: int = 0,
     shape, device, be = _prep(shape, seed, offset, device, _OP_UNIFORM, backend)
     if dtype is not None and not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
-    out = _philox_uniform_op(shape, seed, offset, device, be)
+    # eager: the implementation itself (no autograd to attach; see ._eager)
+    fn = _philox_uniform_op if _eager.via_ops() else _philox_uniform_impl
+    out = fn(shape, seed, offset, device, be)
     return out if dtype in (None, torch.float32) else out.to(dtype)
 
 
@@ -115,4 +123,5 @@ def philox_keep_mask(shape: Sequence[int] | int, seed: int, offset: int, rho: fl
     if not isinstance(rho, (int, float)) or isinstance(rho, bool) or not 0.0 <= float(rho) <= 1.0:
         raise ValueError(f"rho must be a float in [0, 1], got {rho!r}")
     shape, device, be = _prep(shape, seed, offset, device, _OP_MASK, backend)
-    return _philox_keep_mask_op(shape, seed, offset, float(rho), device, be)
+    fn = _philox_keep_mask_op if _eager.via_ops() else _philox_keep_mask_impl
+    return fn(shape, seed, offset, float(rho), device, be)
