@@ -5,8 +5,8 @@ kernel (Triton, CUDA, C++ CPU).
 Fast path ``filters=(3, 3, 3, 3)`` (widths 1-3-3-3-3-1). ``pack_density`` turns the
 CompressAI-layout parameters into one contiguous float32 tensor [58, C] (row-major:
 row r, channel c at ``r * C + c``) holding ``softplus(H_k)``, ``b_k`` and
-``tanh(a_k)``, by the op ``cifd::density_pack`` (the C++ kernel on the CPU, torch
-ops elsewhere); the kernels' backward returns the gradient w.r.t. these rows
+``tanh(a_k)``, by the op ``cifd::density_pack`` (the C++ kernel on the CPU, a
+Triton kernel on GPUs, torch ops elsewhere); the kernels' backward returns the gradient w.r.t. these rows
 ([58, C], plus a medians row 58 in dequantize mode), and
 ``cifd::density_unpack_grad`` (the pack op's backward, and
 :func:`unpack_density_grad`) chains it back to ``H_k`` (x sigmoid(H_k)) and
@@ -57,6 +57,19 @@ def _use_cpp(t: torch.Tensor) -> bool:
     return backend.ext() is not None and hasattr(torch.ops.cifd_C, "density_pack")
 
 
+def _use_triton(t: torch.Tensor) -> bool:
+    """GPU tensors in float32: the Triton kernels (one launch each way), when Triton runs."""
+    if t.device.type != "cuda" or t.dtype == torch.float64:
+        return False
+    from .. import backend
+    return backend.status("triton", "cuda")[0]
+
+
+def _triton_mod():
+    from .._triton import density_pack as m
+    return m
+
+
 def _pack_torch(params: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     C = params[0].shape[0]
     cols = []
@@ -69,6 +82,8 @@ def _pack_torch(params: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
 def _pack_impl(params: list[torch.Tensor], float64: bool) -> torch.Tensor:
     if _use_cpp(params[0]):
         return torch.ops.cifd_C.density_pack(params, float64)
+    if not float64 and _use_triton(params[0]):
+        return _triton_mod().density_pack(params)
     return _pack_torch(params, torch.float64 if float64 else torch.float32)
 
 
@@ -84,6 +99,8 @@ def _(params, float64):
 def _unpack_impl(grad_packed: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
     if _use_cpp(grad_packed):
         return torch.ops.cifd_C.density_unpack_grad(grad_packed, params)
+    if _use_triton(grad_packed):
+        return _triton_mod().density_unpack_grad(grad_packed, params)
     C = params[0].shape[0]
     g = grad_packed[:NUM_PACKED].t()  # [C, 58]
     out, col = [], 0
