@@ -56,16 +56,16 @@ def _setup(provider: str, batch: int, online: bool, device):
     y = torch.randint(0, K, (batch,), generator=g).to(device)
     with torch.no_grad():
         emb = teacher.features(x)
-        out = bank(emb)
-        cached = (torch.cat([emb[None], out.x_hat]), torch.cat([teacher.head(emb)[None], out.logits]))
+        x_hat, logits = bank.frozen_targets(emb)
+        cached = (torch.cat([emb[None], x_hat]), torch.cat([teacher.head(emb)[None], logits]))
 
     def targets():
         if not online:
             return cached
         with torch.no_grad():
             e = teacher.features(x)
-            o = bank(e)
-            return torch.cat([e[None], o.x_hat]), torch.cat([teacher.head(e)[None], o.logits])
+            x_hat, logits = bank.frozen_targets(e)
+            return torch.cat([e[None], x_hat]), torch.cat([teacher.head(e)[None], logits])
 
     if provider == "kd":
         opt = torch.optim.SGD(student.parameters(), lr=1e-3, momentum=0.9)

@@ -319,6 +319,30 @@ def test_module_eval_mode(be, device):
     torch.testing.assert_close(got.loss, want.loss)
 
 
+@pytest.mark.parametrize("be", KERNELS + ["reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_targets_equal_eval_forward(be, dtype, device):
+    """frozen_targets (no density, no losses) returns exactly the eval forward's x_hat and
+    logits, from a module in either mode, without a graph; RDM too."""
+    if be != "reference":
+        _skip_unless(be, device)
+    rdms = _rdm_list(device)
+    bank = RDMBank.from_rdms(rdms).to(dtype)
+    bank.backend = be
+    x = torch.randn(5, 8, generator=_g(7)).to(device, dtype)
+    bank.train()
+    x_hat, logits = bank.frozen_targets(x)
+    assert bank.training and not x_hat.requires_grad and not logits.requires_grad
+    bank.eval()
+    want = bank(x)
+    assert torch.equal(x_hat, want.x_hat) and torch.equal(logits, want.logits)
+    r = rdms[1].to(dtype).eval()
+    r.backend = be
+    xr, lr = r.frozen_targets(x)
+    o = r(x)
+    assert torch.equal(xr, o.x_hat) and torch.equal(lr, o.logits)
+
+
 def test_compile_fullgraph_equals_eager_on_cpu():
     """torch.compile(fullgraph=True) of the bank on the C++ path equals eager (outputs
     and gradients); aot_eager, as for the other ops (see test_entropy_bottleneck)."""

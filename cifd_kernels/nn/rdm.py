@@ -138,6 +138,15 @@ class _RDMCommon(nn.Module):
                                              ignore_index=self.ignore_index, backend=self.backend)
         return RDMOutput(out.x_hat, out.logits, out.rate, out.likelihoods, loss, terms)
 
+    @torch.no_grad()
+    def _frozen_targets(self, x):
+        eb = self.entropy_bottleneck
+        mats, biases, facs = list(eb.matrices), list(eb.biases), list(eb.factors)
+        out = _ops.rdm_bank_forward(x, self._stacked(), mats, biases, facs, eb.medians(),
+                                    mode="dequantize", act=self.act, need_rate=False,
+                                    backend=self.backend)
+        return out.x_hat, out.logits
+
     def aux_loss(self) -> torch.Tensor:
         """The entropy model's auxiliary quantile loss (CompressAI's ``aux_loss``)."""
         return self.entropy_bottleneck.loss()
@@ -233,6 +242,13 @@ class RDMBank(_RDMCommon):
         """
         return self._forward_bank(x, teacher_logits, labels, seed, offset)
 
+    def frozen_targets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen bank's stage-2 targets for a teacher embedding ``x`` [B, D]:
+        ``(x_hat [N, B, D], logits [N, B, K])``, exactly the eval-mode forward's (latent
+        rounded around the channel medians), under ``no_grad`` and in either mode,
+        without the density evaluation, rates and losses the forward also computes."""
+        return self._frozen_targets(x)
+
     @classmethod
     def from_rdms(cls, rdms: Sequence["RDM"]) -> "RDMBank":
         """A bank whose RDM n is ``rdms[n]``: parameters copied (stacked), entropy
@@ -319,6 +335,11 @@ class RDM(_RDMCommon):
         out = self._forward_bank(x, teacher_logits, labels, seed, offset)
         return RDMOutput(out.x_hat[0], out.logits[0], out.rate[0], out.likelihoods[0], out.loss,
                          {k: v[0] for k, v in out.terms.items()})
+
+    def frozen_targets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`RDMBank.frozen_targets`, without the N dim: ``(x_hat [B, D], logits [B, K])``."""
+        x_hat, logits = self._frozen_targets(x)
+        return x_hat[0], logits[0]
 
 
 # ---------------------------------------------------------------------------- entropy-model surgery

@@ -188,12 +188,16 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
                      medians: Optional[torch.Tensor] = None, *, act: str = "relu",
                      mode: str = "noise", seed: int = 0, offset: int = 0,
                      likelihood_bound: float = 1e-9, need_likelihood: bool = True,
+                     need_rate: bool = True,
                      backend: Optional[str] = None) -> _ref.RDMBankOutput:
     """Run N RDMs on the same teacher embedding (fused; see the module docstring).
 
     Arguments and outputs as :func:`cifd_kernels.reference.rdm.rdm_bank_forward`, plus
-    ``need_likelihood`` (False: ``likelihoods`` is None, saving an [N, B, L] write) and
-    ``backend`` (``auto|cuda|triton|cpu|reference``). Kernel paths return outputs in the
+    ``need_likelihood`` (False: ``likelihoods`` is None, saving an [N, B, L] write),
+    ``need_rate`` (False: the channel only quantizes, as the reference's
+    ``quantize_latent``, and ``rate`` and ``likelihoods`` are None: the frozen bank's
+    stage-2 targets need no density evaluation) and ``backend``
+    (``auto|cuda|triton|cpu|reference``). Kernel paths return outputs in the
     parameters' dtype (``rate`` and ``likelihoods`` float32)."""
     if act not in _ref.ACTIVATIONS:
         raise ValueError(f"act must be one of {_ref.ACTIVATIONS}, got {act!r}")
@@ -206,6 +210,8 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
     if be == "reference":
         out = _ref.rdm_bank_forward(x, params, matrices, biases, factors, medians, act=act, mode=mode,
                                     seed=seed, offset=offset, likelihood_bound=likelihood_bound)
+        if not need_rate:
+            return out._replace(likelihoods=None, rate=None)
         return out if need_likelihood else out._replace(likelihoods=None)
 
     _ref_loss.check_same_device("x", x, **{"params['enc1.weight']": params["enc1.weight"],
@@ -233,6 +239,13 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
         h1 = torch.addmm(p["enc1.bias"].reshape(n * h), xx, p["enc1.weight"].reshape(n * h, d).t())
         h1 = _act(h1, act).view(batch, n, h).transpose(0, 1)  # [N, B, H] (strided view)
     z = rdm_linear(h1, p["enc2.weight"], p["enc2.bias"], "none", backend=lin_be)  # [N, B, L]
+
+    if not need_rate:  # the channel alone: elementwise, the reference's own ops (same bits)
+        z_hat = _ref.quantize_latent(z.float(), mode, seed, offset, med).to(z.dtype)  # fp32, as the kernel
+        h3 = rdm_linear(z_hat, p["dec1.weight"], p["dec1.bias"], act, backend=lin_be)
+        x_hat = rdm_linear(h3, p["dec2.weight"], p["dec2.bias"], "none", backend=lin_be)
+        logits = rdm_linear(x_hat, p["head.weight"], p["head.bias"], "none", backend=lin_be)
+        return _ref.RDMBankOutput(z, z_hat, x_hat, logits, None, None)
 
     # Channel: one fused rate-kernel call per RDM on its [B, L] block (counter layout above).
     packed = _pack.pack_density(matrices, biases, factors)  # [58, N*L]

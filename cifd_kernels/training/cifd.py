@@ -173,8 +173,7 @@ def distill_cifd(cfg: Config, *, resume: bool = False, overwrite: bool = False,
         with torch.no_grad():
             x = teacher.features(batch.x)
             v = teacher.head(x)
-            o = bank(x)
-            xh, vr = o.x_hat, o.logits
+            xh, vr = bank.frozen_targets(x)
         return torch.cat([x.unsqueeze(0), xh]), torch.cat([v.unsqueeze(0), vr])
 
     def loss_of(net, batch, step: int):

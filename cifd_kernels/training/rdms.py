@@ -95,14 +95,11 @@ def bank_outputs(bank, emb: torch.Tensor, batch_size: int = 4096
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen (eval-mode) bank outputs for teacher embeddings ``emb`` [B, D]:
     ``(x_hat [N, B, D], logits [N, B, K])`` fp32. Deterministic (rounding, no noise)."""
-    was = bank.training
-    bank.eval()
     xs, ls = [], []
     for i in range(0, emb.shape[0], batch_size):
-        out = bank(emb[i:i + batch_size])
-        xs.append(out.x_hat)
-        ls.append(out.logits)
-    bank.train(was)
+        x_hat, logits = bank.frozen_targets(emb[i:i + batch_size])
+        xs.append(x_hat)
+        ls.append(logits)
     return torch.cat(xs, 1), torch.cat(ls, 1)
 
 
