@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: leave)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, action="append", default=None,
+                    help="only these batch sizes (repeatable; default: all of the benchmark's)")
     ap.add_argument("--out", default=None, help="results folder (default $CIFD_BENCH_OUT or benchmarks/results)")
     args = ap.parse_args(argv)
     if args.rounds < 5:
@@ -55,6 +57,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     records = []
     for batch, scenario in SHAPES:
+        if args.batch and batch not in args.batch:
+            continue
         if scenario == 1 and batch > 128 and device.type != "cuda":
             continue  # as the benchmark: the online scenario at large B on GPUs only
         t_kd, t_cifd, ratios = measure(batch, scenario == 1, device, args.rounds)
