@@ -6,9 +6,9 @@ Fast path ``filters=(3, 3, 3, 3)`` (widths 1-3-3-3-3-1). ``pack_density`` turns 
 CompressAI-layout parameters into one contiguous float32 tensor [58, C] (row-major:
 row r, channel c at ``r * C + c``) holding ``softplus(H_k)``, ``b_k`` and
 ``tanh(a_k)``, by the op ``cifd::density_pack`` (the C++ kernel on the CPU, a
-Triton kernel on GPUs, torch ops elsewhere); the kernels' backward returns the gradient w.r.t. these rows
-([58, C], plus a medians row 58 in dequantize mode), and
-``cifd::density_unpack_grad`` (the pack op's backward, and
+Triton kernel on GPUs, torch ops elsewhere); the kernels' backward returns the
+gradient w.r.t. these rows ([58, C], plus a medians row 58 in dequantize mode),
+and ``cifd::density_unpack_grad`` (the pack op's backward, and
 :func:`unpack_density_grad`) chains it back to ``H_k`` (x sigmoid(H_k)) and
 ``a_k`` (x (1 - tanh(a_k)^2)). One op each way: as ~20 autograd-tracked torch ops
 forward and ~40 backward, this chain cost more than the fused kernel itself at
