@@ -51,6 +51,11 @@ def info_text() -> str:
         lines.append(f"  {b:<10} cpu: {cols[0]}")
         lines.append(f"  {'':<10} cuda: {cols[1]}")
     lines.append(f"default backend: {backend.default_backend()} (CIFD_BACKEND)")
+    from .ops import _eager
+    lines.append("eager calls: " + ("through the registered custom ops (CIFD_EAGER_VIA_OPS=1)"
+                                    if _eager.FORCE_OPS else
+                                    "one autograd.Function per op (CIFD_EAGER_VIA_OPS=0); "
+                                    "custom ops under tracing"))
     lines.append("ops (implemented backends; auto picks on cpu / cuda):")
     from . import ops  # noqa: F401  (registers the ops)
     for op in sorted(backend._IMPLEMENTED):
