@@ -455,112 +455,99 @@ void run_bwd(Ctx<T>& cx, void (*fn)(const Ctx<T>&, int64_t, int64_t), G* grad_pa
   }
 }
 
-}  // namespace
-
-void entropy_bottleneck_fwd(const EbProblem& pr, const void* y, const float* packed,
-                            const float* medians, void* y_hat, float* rate, float* likelihood,
-                            int num_threads) {
+// The entry points below, for the compute type T (float32 kernels over any
+// storage dtype, or float64): empty problems, the context, then the driver.
+template <class T>
+void fwd_entry(const EbProblem& pr, T s, T bound, const void* y, const T* packed, const T* medians,
+               void* y_hat, T* rate, T* likelihood, Spans<T> sp,
+               void (*fn)(const Ctx<T>&, int64_t, int64_t), int num_threads) {
   if (pr.N <= 0) return;
   if (pr.C <= 0 || pr.S <= 0) {
-    std::fill(rate, rate + pr.N, 0.0f);
+    std::fill(rate, rate + pr.N, T(0));
     return;
   }
-  Ctx<float> cx{};
+  Ctx<T> cx{};
   cx.pr = pr;
-  cx.s = pr.s;
-  cx.bound = pr.bound;
+  cx.s = s;
+  cx.bound = bound;
   cx.y = y;
   cx.packed = packed;
   cx.med = medians != nullptr ? medians : packed;  // read in dequantize mode only
   cx.yhat = y_hat;
   cx.rate = rate;
   cx.lik = likelihood;
-  cx.sp = spans_f32(pr.mode);
+  cx.sp = sp;
+  run_fwd(cx, fn, num_threads);
+}
+
+template <class T>
+void bwd_entry(const EbProblem& pr, T s, T bound, const void* y, const T* packed, const T* medians,
+               const void* grad_y_hat, const T* grad_rate, const T* grad_likelihood, void* grad_y,
+               T* grad_packed, Spans<T> sp, void (*fn)(const Ctx<T>&, int64_t, int64_t),
+               int num_threads) {
+  const int64_t C = pr.C;
+  if (C <= 0) return;
+  if (pr.N <= 0 || pr.S <= 0) {
+    std::fill(grad_packed, grad_packed + kNumGrad * C, T(0));
+    return;
+  }
+  Ctx<T> cx{};
+  cx.pr = pr;
+  cx.s = s;
+  cx.bound = bound;
+  cx.y = y;
+  cx.packed = packed;
+  cx.med = medians != nullptr ? medians : packed;
+  cx.gyh = grad_y_hat;
+  cx.grate = grad_rate;
+  cx.glik = grad_likelihood;
+  cx.gy = grad_y;
+  cx.sp = sp;
+  run_bwd(cx, fn, grad_packed, num_threads);
+}
+
+}  // namespace
+
+void entropy_bottleneck_fwd(const EbProblem& pr, const void* y, const float* packed,
+                            const float* medians, void* y_hat, float* rate, float* likelihood,
+                            int num_threads) {
   void (*fn)(const Ctx<float>&, int64_t, int64_t);
   switch (pr.dtype) {
     case EbDtype::kFloat16: fn = &fwd_rows<F16, float>; break;
     case EbDtype::kBFloat16: fn = &fwd_rows<BF16, float>; break;
     default: fn = &fwd_rows<F32, float>; break;
   }
-  run_fwd(cx, fn, num_threads);
+  fwd_entry<float>(pr, pr.s, pr.bound, y, packed, medians, y_hat, rate, likelihood,
+                   spans_f32(pr.mode), fn, num_threads);
 }
 
 void entropy_bottleneck_bwd(const EbProblem& pr, const void* y, const float* packed,
                             const float* medians, const void* grad_y_hat, const float* grad_rate,
                             const float* grad_likelihood, void* grad_y, float* grad_packed,
                             bool /*deterministic*/, int num_threads) {
-  const int64_t C = pr.C;
-  if (C <= 0) return;
-  if (pr.N <= 0 || pr.S <= 0) {
-    std::fill(grad_packed, grad_packed + kNumGrad * C, 0.0f);
-    return;
-  }
-  Ctx<float> cx{};
-  cx.pr = pr;
-  cx.s = pr.s;
-  cx.bound = pr.bound;
-  cx.y = y;
-  cx.packed = packed;
-  cx.med = medians != nullptr ? medians : packed;
-  cx.gyh = grad_y_hat;
-  cx.grate = grad_rate;
-  cx.glik = grad_likelihood;
-  cx.gy = grad_y;
-  cx.sp = spans_f32(pr.mode);
   void (*fn)(const Ctx<float>&, int64_t, int64_t);
   switch (pr.dtype) {
     case EbDtype::kFloat16: fn = &bwd_unit<F16, float>; break;
     case EbDtype::kBFloat16: fn = &bwd_unit<BF16, float>; break;
     default: fn = &bwd_unit<F32, float>; break;
   }
-  run_bwd(cx, fn, grad_packed, num_threads);
+  bwd_entry<float>(pr, pr.s, pr.bound, y, packed, medians, grad_y_hat, grad_rate, grad_likelihood,
+                   grad_y, grad_packed, spans_f32(pr.mode), fn, num_threads);
 }
 
 void entropy_bottleneck_fwd(const EbProblem& pr, double s, double bound, const double* y,
                             const double* packed, const double* medians, double* y_hat,
                             double* rate, double* likelihood, int num_threads) {
-  if (pr.N <= 0) return;
-  if (pr.C <= 0 || pr.S <= 0) {
-    std::fill(rate, rate + pr.N, 0.0);
-    return;
-  }
-  Ctx<double> cx{};
-  cx.pr = pr;
-  cx.s = s;
-  cx.bound = bound;
-  cx.y = y;
-  cx.packed = packed;
-  cx.med = medians != nullptr ? medians : packed;
-  cx.yhat = y_hat;
-  cx.rate = rate;
-  cx.lik = likelihood;
-  cx.sp = spans_f64();
-  run_fwd(cx, &fwd_rows<F64, double>, num_threads);
+  fwd_entry<double>(pr, s, bound, y, packed, medians, y_hat, rate, likelihood, spans_f64(),
+                    &fwd_rows<F64, double>, num_threads);
 }
 
 void entropy_bottleneck_bwd(const EbProblem& pr, double s, double bound, const double* y,
                             const double* packed, const double* medians, const double* grad_y_hat,
                             const double* grad_rate, const double* grad_likelihood, double* grad_y,
                             double* grad_packed, int num_threads) {
-  const int64_t C = pr.C;
-  if (C <= 0) return;
-  if (pr.N <= 0 || pr.S <= 0) {
-    std::fill(grad_packed, grad_packed + kNumGrad * C, 0.0);
-    return;
-  }
-  Ctx<double> cx{};
-  cx.pr = pr;
-  cx.s = s;
-  cx.bound = bound;
-  cx.y = y;
-  cx.packed = packed;
-  cx.med = medians != nullptr ? medians : packed;
-  cx.gyh = grad_y_hat;
-  cx.grate = grad_rate;
-  cx.glik = grad_likelihood;
-  cx.gy = grad_y;
-  cx.sp = spans_f64();
-  run_bwd(cx, &bwd_unit<F64, double>, grad_packed, num_threads);
+  bwd_entry<double>(pr, s, bound, y, packed, medians, grad_y_hat, grad_rate, grad_likelihood,
+                    grad_y, grad_packed, spans_f64(), &bwd_unit<F64, double>, num_threads);
 }
 
 }  // namespace cpu

@@ -197,6 +197,18 @@ CIFD_VINLINE void mlp_bwd(const V (&gf)[G][2], const Elt<V>* p, int64_t ps,
   }
 }
 
+// f at the bin edges y_hat -/+ 1/2 of every vector (the state into st).
+template <class V, int G>
+CIFD_VINLINE void edges_fwd(const V (&yh)[G], const Elt<V>* p, int64_t ps, Block<V, G>& st,
+                            V (&f)[G][2]) {
+  const V half(0.5);
+  for (int g = 0; g < G; ++g) {
+    st.x[g][0] = yh[g] - half;
+    st.x[g][1] = yh[g] + half;
+  }
+  mlp_fwd<V, G>(p, ps, st, f);
+}
+
 // Forward of G lane vectors: lik[g] = p_b = max(p, bound); nll[g] = -ln p_b where
 // kept, else 0.
 template <class V, int G>
@@ -204,12 +216,8 @@ CIFD_VINLINE void block_forward(const V (&yh)[G], const V (&kept)[G], V bound, c
                                 int64_t ps, V (&lik)[G], V (&nll)[G]) {
   Block<V, G> st;
   V f[G][2];
-  const V half(0.5), zero(0);
-  for (int g = 0; g < G; ++g) {
-    st.x[g][0] = yh[g] - half;
-    st.x[g][1] = yh[g] + half;
-  }
-  mlp_fwd<V, G>(p, ps, st, f);
+  const V zero(0);
+  edges_fwd<V, G>(yh, p, ps, st, f);
   for (int g = 0; g < G; ++g) {
     const V pb = clamp_min(bin_mass<V, false>(f[g][0], f[g][1], nullptr, nullptr), bound);
     lik[g] = pb;
@@ -226,12 +234,8 @@ CIFD_VINLINE void block_backward(const V (&yh)[G], const V (&kept)[G], const V (
                                  int64_t as, V (&dy)[G]) {
   Block<V, G> st;
   V f[G][2], gf[G][2];
-  const V half(0.5), zero(0);
-  for (int g = 0; g < G; ++g) {
-    st.x[g][0] = yh[g] - half;
-    st.x[g][1] = yh[g] + half;
-  }
-  mlp_fwd<V, G>(p, ps, st, f);
+  const V zero(0);
+  edges_fwd<V, G>(yh, p, ps, st, f);
   for (int g = 0; g < G; ++g) {
     V dl, du;
     const V pm = bin_mass<V, true>(f[g][0], f[g][1], &dl, &du);

@@ -39,6 +39,7 @@ namespace cuda {
 namespace {
 
 using density::BF16;
+using density::by_dtype;
 using density::exp_f;
 using density::F16;
 using density::F32;
@@ -356,15 +357,6 @@ int pick_threads(int64_t K, int64_t D) {
   int t = kMinThreads;
   while (t < kMaxThreads && static_cast<int64_t>(t) * kElemsPerThread < n) t *= 2;
   return t;
-}
-
-template <class F>
-void by_dtype(EbDtype dt, F&& f) {
-  switch (dt) {
-    case EbDtype::kFloat16: f(F16{}); break;
-    case EbDtype::kBFloat16: f(BF16{}); break;
-    default: f(F32{}); break;
-  }
 }
 
 }  // namespace

@@ -319,15 +319,6 @@ void by_mode(int mode, F&& f) {
   }
 }
 
-template <class F>
-void by_dtype(EbDtype dt, F&& f) {
-  switch (dt) {
-    case EbDtype::kFloat16: f(F16{}); break;
-    case EbDtype::kBFloat16: f(BF16{}); break;
-    default: f(F32{}); break;
-  }
-}
-
 }  // namespace
 
 int64_t entropy_bottleneck_fwd_workspace(const EbProblem& pr, int num_sms) {

@@ -13,28 +13,11 @@
 #include <random>
 #include <vector>
 
+#include "check.h"
 #include "cifd/density.h"
 #include "cifd/kernels.h"
 
 using namespace cifd::density;
-
-static int failures = 0;
-#define CHECK(cond)                                                                  \
-  do {                                                                               \
-    if (!(cond)) {                                                                   \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                                    \
-    }                                                                                \
-  } while (0)
-#define CHECK_MSG(cond, ...)                                                         \
-  do {                                                                               \
-    if (!(cond)) {                                                                   \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                                             \
-      std::fprintf(stderr, "\n");                                                    \
-      ++failures;                                                                    \
-    }                                                                                \
-  } while (0)
 
 // Error of a float result in units of the float spacing at the exact value.
 static double ulp_err(float got, double exact) {

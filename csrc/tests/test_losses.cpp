@@ -13,25 +13,9 @@
 #include <random>
 #include <vector>
 
+#include "check.h"
 #include "cifd/kernels.h"
 #include "cifd/losses.h"
-
-static int failures = 0;
-#define CHECK(cond)                                                                  \
-  do {                                                                               \
-    if (!(cond)) {                                                                   \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                                    \
-    }                                                                                \
-  } while (0)
-#define CHECK_CLOSE(got, want, rtol, atol)                                                   \
-  do {                                                                                       \
-    const double g_ = (got), w_ = (want);                                                    \
-    if (!(std::fabs(g_ - w_) <= (atol) + (rtol) * std::fabs(w_))) {                          \
-      std::fprintf(stderr, "%s:%d: %s = %.9g, want %.9g\n", __FILE__, __LINE__, #got, g_, w_); \
-      ++failures;                                                                            \
-    }                                                                                        \
-  } while (0)
 
 namespace L = cifd::losses;
 constexpr float kInf = std::numeric_limits<float>::infinity();

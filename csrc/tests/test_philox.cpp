@@ -6,17 +6,9 @@
 #include <cstdlib>
 #include <vector>
 
+#include "check.h"
 #include "cifd/kernels.h"
 #include "cifd/philox.h"
-
-static int failures = 0;
-#define CHECK(cond)                                                   \
-  do {                                                                \
-    if (!(cond)) {                                                    \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                     \
-    }                                                                 \
-  } while (0)
 
 static void test_known_answers() {
   struct Kat {

@@ -13,6 +13,7 @@
 #include <random>
 #include <vector>
 
+#include "check.h"
 #include "cifd/philox.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -22,17 +23,6 @@
 #define CIFD_VECMATH_AVX2 1
 #include "cifd/vecmath.h"
 #endif
-
-static int failures = 0;
-#define CHECK_MSG(cond, ...)                                                         \
-  do {                                                                               \
-    if (!(cond)) {                                                                   \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                                             \
-      std::fprintf(stderr, "\n");                                                    \
-      ++failures;                                                                    \
-    }                                                                                \
-  } while (0)
 
 #ifdef CIFD_TEST_AVX2
 using cifd::vec::F8;

@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cifd/kernels.h"
 #include "cifd/macros.h"
 #include "cifd/philox.h"
 
@@ -169,6 +170,16 @@ struct BF16 {
   static CIFD_HDI float load(T v) { return bf16_to_float(v); }
   static CIFD_HDI T store(float v) { return float_to_bf16(v); }
 };
+
+// Host-side dispatch: f(F32{}), f(F16{}) or f(BF16{}) for a storage dtype.
+template <class F>
+inline void by_dtype(EbDtype dt, F&& f) {
+  switch (dt) {
+    case EbDtype::kFloat16: f(F16{}); break;
+    case EbDtype::kBFloat16: f(BF16{}); break;
+    default: f(F32{}); break;
+  }
+}
 
 // ------------------------------------------------------------------ exp, log, tanh
 // exp(x) = 2^k exp(r), k = rne(x / ln 2), r = x - k ln 2 in [-ln2/2, ln2/2],
