@@ -27,7 +27,7 @@ import importlib
 import pytest
 import torch
 
-from benchmarks.utils import mode_fn, shape_id
+from benchmarks.utils import run_modes, shape_id
 from cifd_kernels.reference import cifd_loss as ref
 
 OP = "cifd_loss"
@@ -106,8 +106,6 @@ def test_cifd_loss(bench, mode, shape, provider, dtype):
     if provider not in ("eager", "reference"):
         bench.require(provider, OP if provider != "compiled" else None)
     forward, leaves = _setup(provider, shape, dtype, bench.device)
-    fn = mode_fn(mode, forward, leaves, retain_graph=provider != "compiled")
     elt = torch.empty((), dtype=dtype).element_size()
-    bench.run(fn, op=OP, provider=provider, shape=shape, mode=mode, dtype=dtype,
-              bytes_moved=_bytes(mode, *shape, elt), baseline="eager",
-              warmup=1 if provider == "compiled" else None)
+    run_modes(bench, op=OP, provider=provider, shape=shape, mode=mode, dtype=dtype, forward=forward,
+              leaves=leaves, bytes_moved=_bytes(mode, *shape, elt), baseline="eager")

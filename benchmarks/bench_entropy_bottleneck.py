@@ -33,7 +33,7 @@ import importlib
 import pytest
 import torch
 
-from benchmarks.utils import mode_fn, numel, shape_id
+from benchmarks.utils import numel, run_modes, shape_id
 from cifd_kernels import ops
 from cifd_kernels.reference import entropy_bottleneck as ref
 
@@ -136,10 +136,7 @@ def test_entropy_bottleneck(bench, mode, shape, provider, dtype):
     if shape in BIG:
         bench.require_big(f"shape {shape_id(shape)}")
     forward, leaves, n_params = _setup(provider, shape, dtype, bench.device)
-    # Compiled backward graphs donate their saved buffers, which forbids
-    # retain_graph: there every bwd round gets a fresh (untimed) forward.
-    fn = mode_fn(mode, forward, leaves, retain_graph=provider != "compiled")
     elt = torch.empty((), dtype=dtype).element_size()
-    bench.run(fn, op=OP, provider=provider, shape=shape, mode=mode, dtype=dtype,
-              bytes_moved=_bytes(mode, numel(shape), n_params, elt), baseline="compressai",
-              warmup=1 if provider == "compiled" else None)
+    run_modes(bench, op=OP, provider=provider, shape=shape, mode=mode, dtype=dtype, forward=forward,
+              leaves=leaves, bytes_moved=_bytes(mode, numel(shape), n_params, elt),
+              baseline="compressai")

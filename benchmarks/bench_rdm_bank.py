@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.utils import mode_fn, shape_id
+from benchmarks.utils import run_modes, shape_id
 from cifd_kernels.reference import entropy_bottleneck as ref_eb
 from cifd_kernels.reference import rdm as ref
 
@@ -144,8 +144,6 @@ def test_rdm_bank(bench, mode, shape, provider, dtype):
     if provider not in ("eager", "reference"):
         bench.require(provider, OP if provider != "compiled" else None)
     forward, leaves = _setup(provider, shape, dtype, bench.device)
-    fn = mode_fn(mode, forward, leaves, retain_graph=provider != "compiled")
     elt = torch.empty((), dtype=dtype).element_size()
-    bench.run(fn, op=OP, provider=provider, shape=shape, mode=mode, dtype=dtype,
-              bytes_moved=_bytes(mode, *shape, elt), baseline="eager",
-              warmup=1 if provider == "compiled" else None)
+    run_modes(bench, op=OP, provider=provider, shape=shape, mode=mode, dtype=dtype, forward=forward,
+              leaves=leaves, bytes_moved=_bytes(mode, *shape, elt), baseline="eager")

@@ -403,6 +403,18 @@ def mode_fn(mode: str, forward: Callable[[], Any], inputs: Sequence[torch.Tensor
     return lambda: backward(_differentiable(forward()))
 
 
+def run_modes(bench, *, op: str, provider: str, shape, mode: str, dtype: torch.dtype,
+              forward: Callable[[], Any], leaves: Sequence[torch.Tensor], bytes_moved: int,
+              baseline: str) -> None:
+    """The body every provider x shape x mode benchmark shares: :func:`mode_fn` (the
+    compiled provider without retain_graph: its backward donates saved buffers) and
+    ``bench.run`` (one warm-up call for compiled graphs, the default otherwise)."""
+    fn = mode_fn(mode, forward, leaves, retain_graph=provider != "compiled")
+    bench.run(fn, op=op, provider=provider, shape=shape, mode=mode, dtype=dtype,
+              bytes_moved=bytes_moved, baseline=baseline,
+              warmup=1 if provider == "compiled" else None)
+
+
 def shape_id(shape: Sequence[int]) -> str:
     return "x".join(str(int(s)) for s in shape)
 

@@ -65,6 +65,13 @@ def ext():
 
 
 @functools.lru_cache(maxsize=None)
+def has_ext_op(name: str) -> bool:
+    """Whether ``_C`` is loaded and registers ``cifd_C::<name>`` (a ``_C`` built from
+    older sources may lack newer ops)."""
+    return ext() is not None and hasattr(torch.ops.cifd_C, name)
+
+
+@functools.lru_cache(maxsize=None)
 def _triton_status():
     if os.environ.get("CIFD_DISABLE_TRITON", "0") == "1":
         return False, "disabled by CIFD_DISABLE_TRITON=1"

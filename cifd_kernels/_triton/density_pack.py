@@ -22,11 +22,8 @@ def _density_pack_fwd_kernel(raw_ptr, tab_ptr, out_ptr, C, BLOCK_C: tl.constexpr
     c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     m = c < C
     for r in range(58):
-        s = tl.load(tab_ptr + 4 * r).to(tl.int64)
-        n = tl.load(tab_ptr + 4 * r + 1).to(tl.int64)
-        j = tl.load(tab_ptr + 4 * r + 2).to(tl.int64)
-        kind = tl.load(tab_ptr + 4 * r + 3)
-        v = tl.load(raw_ptr + C * s + c * n + j, mask=m, other=0.0).to(tl.float32)
+        idx, kind = _row(tab_ptr, r, c, C)
+        v = tl.load(raw_ptr + idx, mask=m, other=0.0).to(tl.float32)
         e = tl.exp(tl.minimum(v, 20.0))
         sp = tl.where(v > 20.0, v, _log1p(e))
         th = _tanh(v)
@@ -39,11 +36,7 @@ def _density_pack_bwd_kernel(raw_ptr, tab_ptr, g_ptr, out_ptr, C, BLOCK_C: tl.co
     c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     m = c < C
     for r in range(58):
-        s = tl.load(tab_ptr + 4 * r).to(tl.int64)
-        n = tl.load(tab_ptr + 4 * r + 1).to(tl.int64)
-        j = tl.load(tab_ptr + 4 * r + 2).to(tl.int64)
-        kind = tl.load(tab_ptr + 4 * r + 3)
-        idx = C * s + c * n + j
+        idx, kind = _row(tab_ptr, r, c, C)
         v = tl.load(raw_ptr + idx, mask=m, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + r * C + c, mask=m, other=0.0)
         z = tl.exp(tl.minimum(v, 20.0))
@@ -51,6 +44,15 @@ def _density_pack_bwd_kernel(raw_ptr, tab_ptr, g_ptr, out_ptr, C, BLOCK_C: tl.co
         th = _tanh(v)
         f = tl.where(kind == 0, sig, tl.where(kind == 2, 1.0 - th * th, 1.0))
         tl.store(out_ptr + idx, g * f, mask=m)
+
+
+@triton.jit
+def _row(tab_ptr, r, c, C):
+    """Packed row r's source indices in raw for channels c, and its kind."""
+    s = tl.load(tab_ptr + 4 * r).to(tl.int64)
+    n = tl.load(tab_ptr + 4 * r + 1).to(tl.int64)
+    j = tl.load(tab_ptr + 4 * r + 2).to(tl.int64)
+    return C * s + c * n + j, tl.load(tab_ptr + 4 * r + 3)
 
 
 @triton.jit

@@ -11,9 +11,9 @@ Fast path: ``filters=(3, 3, 3, 3)`` (widths 1-3-3-3-3-1); :func:`supports` says
 whether a parameter set takes it, other filters fall back to the reference.
 
 Density parameters travel packed per channel as one [58, C] float32 tensor
-(:func:`pack_density`): ``softplus(H_k)``, ``b_k`` and ``tanh(a_k)`` are
-computed on the host with torch ops, and :func:`unpack_density_grad` chains
-the packed gradient back to ``H_k`` and ``a_k`` (C is small, so this is cheap).
+(:func:`pack_density`): ``softplus(H_k)``, ``b_k`` and ``tanh(a_k)``, computed
+by the ``cifd::density_pack`` op (one small Triton kernel on GPUs), whose
+backward chains the packed gradient back to ``H_k`` and ``a_k``.
 
 Bit-exactness: ``y_hat`` equals the reference bit for bit. Triton contracts
 ``a*b + c`` into an FMA by default, which would round ``float(i)*scale - 1/2``

@@ -29,8 +29,6 @@ The GPU benchmark (benchmarks/bench_cifd_loss.py, providers ``cuda`` and
 """
 from __future__ import annotations
 
-import functools
-
 from typing import Optional, Sequence, Union
 
 import torch
@@ -51,13 +49,7 @@ def _triton():
 
 
 def _has_cpu_kernel() -> bool:
-    mod = _backend.ext()
-    return mod is not None and hasattr(torch.ops.cifd_C, "cifd_loss_fwd")
-
-
-@functools.lru_cache(maxsize=None)
-def _has_reduce() -> bool:
-    return _backend.ext() is not None and hasattr(torch.ops.cifd_C, "cifd_loss_reduce")
+    return _backend.has_ext_op("cifd_loss_fwd")
 
 
 def _has_cuda_kernel() -> bool:
@@ -92,7 +84,7 @@ def _fwd_impl(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
             target_embs.to(student_emb.dtype).contiguous() if target_embs is not None else none,
             lam.float().contiguous(), keep.to(torch.uint8).contiguous(), nvalid,
             tau, lam_ce, lam_kl, w_emb, _DIST_CODES[dist], ignore_index)
-    if _has_reduce():  # the same ATen ops in one call from C++
+    if _backend.has_ext_op("cifd_loss_reduce"):  # the same ATen ops in one call from C++
         loss, ce, kl, emb = torch.ops.cifd_C.cifd_loss_reduce(ce_b, kl_mb, emb_mb, lam, nvalid, lam_ce,
                                                               lam_kl, w_emb)
     else:

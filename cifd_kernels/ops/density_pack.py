@@ -54,7 +54,7 @@ def _use_cpp(t: torch.Tensor) -> bool:
     if t.device.type != "cpu":
         return False
     from .. import backend
-    return backend.ext() is not None and hasattr(torch.ops.cifd_C, "density_pack")
+    return backend.has_ext_op("density_pack")
 
 
 def _use_triton(t: torch.Tensor) -> bool:

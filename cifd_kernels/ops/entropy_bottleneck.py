@@ -16,8 +16,9 @@ filters, float64 on a GPU, float64 parameters with a lower-precision ``y``) to
 the reference, an explicit kernel backend raises.
 
 The density parameters enter the custom op packed ([58, C], see
-:mod:`.density_pack`) by differentiable torch ops, so autograd chains the
-kernel's packed gradient back to the CompressAI parameters by itself.
+:mod:`.density_pack`) by the differentiable ``cifd::density_pack`` op, so
+autograd chains the kernel's packed gradient back to the CompressAI parameters
+by itself.
 """
 from __future__ import annotations
 
