@@ -2,25 +2,34 @@
 // cifd_C::cifd_loss_fwd: checks, then the raw CPU or CUDA kernel
 // (csrc/cpu/cifd_loss.cpp, csrc/cuda/cifd_loss.cu).
 //
-//   cifd_loss_fwd(logits, targets, labels, emb, target_embs, lam, keep, nvalid, tau,
-//                 lam_ce, lam_kl, w_emb, dist, ignore_index)
+//   cifd_loss_fwd(logits, targets, labels, emb, target_embs, lam, keep, nvalid, group_w,
+//                 tau, lam_ce, lam_kl, w_emb, dist, ignore_index)
 //                 -> (ce, kl, emb_terms, grad_logits, grad_emb)
 //
 // logits [B, K] and targets [M, B, K] contiguous, one dtype (float32/float16/
 // bfloat16); labels [B] int64; emb [B, D] and target_embs [M, B, D] contiguous, one
 // dtype, or both empty (no embedding term); lam [M] float32; keep [M] uint8;
-// nvalid 0-dim float32 (#non-ignored labels clamped to >= 1); dist 0 mse,
-// 1 smooth_l1. All on one device: the CPU, or one CUDA device (there at most
-// cifd::cuda::kCifdLossMaxTargets targets). Returns ce [B], kl [M, B], emb_terms
-// [M, B] float32 per-sample terms (tau^2 KL; 0 for dropped targets; emb_terms 0
-// without embeddings or with D = 0) and the gradients of the batch-mean loss
-// lam_ce sum(ce)/nvalid + lam_kl sum_m lam_m mean_b kl + w_emb sum_m lam_m mean_b emb
+// nvalid 0-dim float32 (#non-ignored labels clamped to >= 1); group_w empty;
+// dist 0 mse, 1 smooth_l1. All on one device: the CPU, or one CUDA device (there
+// at most cifd::cuda::kCifdLossMaxTargets targets). Returns ce [B], kl [M, B],
+// emb_terms [M, B] float32 per-sample terms (tau^2 KL; 0 for dropped targets;
+// emb_terms 0 without embeddings or with D = 0) and the gradients of the
+// batch-mean loss
+//   lam_ce sum(ce)/nvalid + lam_kl sum_m lam_m mean_b kl + w_emb sum_m lam_m mean_b emb
 // w.r.t. logits [B, K] and emb [B, D] (empty without embeddings), in their dtypes.
 //
-//   cifd_loss_reduce(ce, kl, emb_terms, lam, nvalid, lam_ce, lam_kl, w_emb)
-//                 -> (loss, ce_mean, kl_mean [M], emb_mean [M])
+// Groups (kernels.h; the stage-1 losses of an RDM bank): logits [G, B, K] and emb
+// [G, B, D], G student sets against the same targets and labels; group_w [G]
+// float32 (or empty: ones) weights each group's embedding term on top of w_emb.
+// Then ce is [G, B], kl and emb_terms [M, G, B], the gradients [G, B, *], and each
+// group's loss is the formula above over its own rows, with w_emb group_w[g].
 //
-// The batch means of those per-sample terms and the loss (ATen ops, any device).
+//   cifd_loss_reduce(ce, kl, emb_terms, lam, nvalid, group_w, lam_ce, lam_kl, w_emb)
+//                 -> (loss, ce_mean, kl_mean, emb_mean)
+//
+// The batch means of those per-sample terms and the loss (ATen ops, any device):
+// loss and ce_mean 0-dim, kl_mean and emb_mean [M]; with groups loss and ce_mean
+// [G], kl_mean and emb_mean [M, G].
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/TensorOperators.h>
@@ -32,6 +41,7 @@
 
 #include <cmath>
 #include <tuple>
+#include <vector>
 
 #include "checks.h"
 #include "cifd/kernels.h"
@@ -70,10 +80,14 @@ struct Checked {
 // Shapes, dtypes, devices and scalars, shared by the CPU and CUDA implementations.
 Checked check_args(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& labels,
                    const at::Tensor& emb, const at::Tensor& target_embs, const at::Tensor& lam,
-                   const at::Tensor& keep, const at::Tensor& nvalid, double tau, double lam_ce,
-                   double lam_kl, double w_emb, int64_t dist, int64_t ignore_index) {
-  TORCH_CHECK(logits.dim() == 2, "logits must be [B, K], got ", logits.sizes());
-  const int64_t B = logits.size(0), K = logits.size(1);
+                   const at::Tensor& keep, const at::Tensor& nvalid, const at::Tensor& group_w,
+                   double tau, double lam_ce, double lam_kl, double w_emb, int64_t dist,
+                   int64_t ignore_index) {
+  TORCH_CHECK(logits.dim() == 2 || logits.dim() == 3, "logits must be [B, K] or [G, B, K], got ",
+              logits.sizes());
+  const bool grouped = logits.dim() == 3;
+  const int64_t G = grouped ? logits.size(0) : 1;
+  const int64_t B = logits.size(-2), K = logits.size(-1);
   TORCH_CHECK(targets.dim() == 3 && targets.size(1) == B && targets.size(2) == K,
               "targets must be [M, ", B, ", ", K, "], got ", targets.sizes());
   const int64_t M = targets.size(0);
@@ -88,17 +102,23 @@ Checked check_args(const at::Tensor& logits, const at::Tensor& targets, const at
               "keep must be uint8 [", M, "], got ", keep.scalar_type(), " ", keep.sizes());
   TORCH_CHECK(nvalid.scalar_type() == at::kFloat && nvalid.numel() == 1,
               "nvalid must be one float32, got ", nvalid.scalar_type(), " ", nvalid.sizes());
+  TORCH_CHECK(group_w.numel() == 0 || (grouped && group_w.scalar_type() == at::kFloat &&
+                                        group_w.dim() == 1 && group_w.size(0) == G),
+              "group_w must be empty or float32 [G] with [G, B, K] logits, got ",
+              group_w.scalar_type(), " ", group_w.sizes());
   TORCH_CHECK(tau > 0 && std::isfinite(tau), "tau must be finite and > 0, got ", tau);
   TORCH_CHECK(dist == 0 || dist == 1, "dist must be 0 (mse) or 1 (smooth_l1), got ", dist);
   const at::Device dev = logits.device();
   for (auto [t, name] : {std::pair{&logits, "logits"}, {&targets, "targets"}, {&labels, "labels"},
                          {&lam, "lam"}, {&keep, "keep"}, {&nvalid, "nvalid"}})
     check_on(*t, name, dev);
-  const bool has_emb = emb.dim() == 2;  // "no embeddings" travels as a 1-D empty tensor
+  if (group_w.numel() > 0) check_on(group_w, "group_w", dev);
+  const bool has_emb = emb.dim() >= 2;  // "no embeddings" travels as a 1-D empty tensor
   int64_t D = 0;
   if (has_emb) {
-    TORCH_CHECK(emb.dim() == 2 && emb.size(0) == B, "emb must be [", B, ", D], got ", emb.sizes());
-    D = emb.size(1);
+    TORCH_CHECK(emb.dim() == logits.dim() && emb.size(-2) == B && (!grouped || emb.size(0) == G),
+                "emb must be [", grouped ? "G, " : "", B, ", D] like logits, got ", emb.sizes());
+    D = emb.size(-1);
     TORCH_CHECK(target_embs.dim() == 3 && target_embs.size(0) == M && target_embs.size(1) == B &&
                     target_embs.size(2) == D,
                 "target_embs must be [", M, ", ", B, ", ", D, "], got ", target_embs.sizes());
@@ -109,6 +129,7 @@ Checked check_args(const at::Tensor& logits, const at::Tensor& targets, const at
   }
   cifd::CifdLossProblem pr;
   pr.B = B;
+  pr.G = G;
   pr.K = K;
   pr.D = D;
   pr.M = M;
@@ -125,29 +146,37 @@ Checked check_args(const at::Tensor& logits, const at::Tensor& targets, const at
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// ce [B], kl [M, B], emb_terms [M, B] (zeros when there is no embedding term to
-// write: no embeddings, or D = 0), grad_logits, grad_emb (empty without embeddings).
+// ce [*], kl [M, *], emb_terms [M, *] with * = [B] or [G, B] (emb_terms zeros when
+// there is no embedding term to write: no embeddings, or D = 0), grad_logits,
+// grad_emb (empty without embeddings).
 Outputs alloc_outputs(const Checked& c, const at::Tensor& logits, const at::Tensor& emb) {
-  const int64_t B = c.pr.B, M = c.pr.M;
   const auto f32 = logits.options().dtype(at::kFloat);
-  return {at::empty({B}, f32), at::empty({M, B}, f32),
-          c.pr.D > 0 ? at::empty({M, B}, f32) : at::zeros({M, B}, f32), at::empty_like(logits),
-          c.has_emb ? at::empty_like(emb) : at::empty({0}, logits.options())};
+  const auto rows = logits.sizes().slice(0, logits.dim() - 1);
+  std::vector<int64_t> per_target{c.pr.M};
+  per_target.insert(per_target.end(), rows.begin(), rows.end());
+  return {at::empty(rows, f32), at::empty(per_target, f32),
+          c.pr.D > 0 ? at::empty(per_target, f32) : at::zeros(per_target, f32),
+          at::empty_like(logits), c.has_emb ? at::empty_like(emb) : at::empty({0}, logits.options())};
+}
+
+const float* group_w_ptr(const at::Tensor& group_w) {
+  return group_w.numel() > 0 ? group_w.data_ptr<float>() : nullptr;
 }
 
 Outputs fwd_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& labels,
                 const at::Tensor& emb, const at::Tensor& target_embs, const at::Tensor& lam,
-                const at::Tensor& keep, const at::Tensor& nvalid, double tau, double lam_ce,
-                double lam_kl, double w_emb, int64_t dist, int64_t ignore_index) {
+                const at::Tensor& keep, const at::Tensor& nvalid, const at::Tensor& group_w,
+                double tau, double lam_ce, double lam_kl, double w_emb, int64_t dist,
+                int64_t ignore_index) {
   TORCH_CHECK(logits.device().is_cpu(), "logits must be a CPU tensor, got ", logits.device());
-  const Checked c = check_args(logits, targets, labels, emb, target_embs, lam, keep, nvalid, tau,
-                               lam_ce, lam_kl, w_emb, dist, ignore_index);
+  const Checked c = check_args(logits, targets, labels, emb, target_embs, lam, keep, nvalid,
+                               group_w, tau, lam_ce, lam_kl, w_emb, dist, ignore_index);
   auto [ce, kl, emb_terms, grad_logits, grad_emb] = alloc_outputs(c, logits, emb);
   const bool e = c.pr.D > 0;
   cifd::cpu::cifd_loss_fwd(c.pr, logits.data_ptr(), targets.data_ptr(), labels.data_ptr<int64_t>(),
                            e ? emb.data_ptr() : nullptr, e ? target_embs.data_ptr() : nullptr,
                            lam.data_ptr<float>(), keep.data_ptr<uint8_t>(), nvalid.data_ptr<float>(),
-                           ce.data_ptr<float>(), kl.data_ptr<float>(), emb_terms.data_ptr<float>(),
+                           group_w_ptr(group_w), ce.data_ptr<float>(), kl.data_ptr<float>(), emb_terms.data_ptr<float>(),
                            grad_logits.data_ptr(), e ? grad_emb.data_ptr() : nullptr,
                            at::get_num_threads());
   return {ce, kl, emb_terms, grad_logits, grad_emb};
@@ -156,11 +185,12 @@ Outputs fwd_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::T
 #ifdef CIFD_WITH_CUDA
 Outputs fwd_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& labels,
                  const at::Tensor& emb, const at::Tensor& target_embs, const at::Tensor& lam,
-                 const at::Tensor& keep, const at::Tensor& nvalid, double tau, double lam_ce,
-                 double lam_kl, double w_emb, int64_t dist, int64_t ignore_index) {
+                 const at::Tensor& keep, const at::Tensor& nvalid, const at::Tensor& group_w,
+                 double tau, double lam_ce, double lam_kl, double w_emb, int64_t dist,
+                 int64_t ignore_index) {
   TORCH_CHECK(logits.device().is_cuda(), "logits must be a CUDA tensor, got ", logits.device());
-  const Checked c = check_args(logits, targets, labels, emb, target_embs, lam, keep, nvalid, tau,
-                               lam_ce, lam_kl, w_emb, dist, ignore_index);
+  const Checked c = check_args(logits, targets, labels, emb, target_embs, lam, keep, nvalid,
+                               group_w, tau, lam_ce, lam_kl, w_emb, dist, ignore_index);
   TORCH_CHECK(c.pr.M <= cifd::cuda::kCifdLossMaxTargets, "targets: the CUDA kernel takes M <= ",
               cifd::cuda::kCifdLossMaxTargets, " targets, got ", c.pr.M);
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -169,7 +199,7 @@ Outputs fwd_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::
   const int err = cifd::cuda::cifd_loss_fwd(
       c.pr, logits.data_ptr(), targets.data_ptr(), labels.data_ptr<int64_t>(),
       e ? emb.data_ptr() : nullptr, e ? target_embs.data_ptr() : nullptr, lam.data_ptr<float>(),
-      keep.data_ptr<uint8_t>(), nvalid.data_ptr<float>(), ce.data_ptr<float>(),
+      keep.data_ptr<uint8_t>(), nvalid.data_ptr<float>(), group_w_ptr(group_w), ce.data_ptr<float>(),
       kl.data_ptr<float>(), emb_terms.data_ptr<float>(), grad_logits.data_ptr(),
       e ? grad_emb.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
@@ -182,16 +212,28 @@ Outputs fwd_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::
 // one call instead of ~15 small torch ops from Python (~60 us on the CPU).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduce(
     const at::Tensor& ce_b, const at::Tensor& kl_mb, const at::Tensor& emb_mb, const at::Tensor& lam,
-    const at::Tensor& nvalid, double lam_ce, double lam_kl, double w_emb) {
-  TORCH_CHECK(ce_b.dim() == 1 && kl_mb.dim() == 2 && emb_mb.sizes() == kl_mb.sizes() &&
-                  kl_mb.size(1) == ce_b.size(0) && lam.dim() == 1 && lam.size(0) == kl_mb.size(0),
-              "cifd_loss_reduce: ce [B], kl and emb_terms [M, B], lam [M] expected, got ",
-              ce_b.sizes(), ", ", kl_mb.sizes(), ", ", emb_mb.sizes(), ", ", lam.sizes());
-  const double B = static_cast<double>(ce_b.size(0));
-  at::Tensor ce = ce_b.sum() / nvalid;
-  at::Tensor kl = kl_mb.sum(1) / B;
-  at::Tensor emb = emb_mb.sum(1) / B;
-  at::Tensor loss = ce * lam_ce + (lam * kl).sum() * lam_kl + (lam * emb).sum() * w_emb;
+    const at::Tensor& nvalid, const at::Tensor& group_w, double lam_ce, double lam_kl,
+    double w_emb) {
+  const int64_t M = kl_mb.size(0);
+  TORCH_CHECK((ce_b.dim() == 1 || ce_b.dim() == 2) && kl_mb.dim() == ce_b.dim() + 1 &&
+                  emb_mb.sizes() == kl_mb.sizes() && kl_mb.sizes().slice(1) == ce_b.sizes() &&
+                  lam.dim() == 1 && lam.size(0) == M,
+              "cifd_loss_reduce: ce [*], kl and emb_terms [M, *], lam [M] expected (* = [B] or "
+              "[G, B]), got ", ce_b.sizes(), ", ", kl_mb.sizes(), ", ", emb_mb.sizes(), ", ",
+              lam.sizes());
+  const bool grouped = ce_b.dim() == 2;
+  TORCH_CHECK(group_w.numel() == 0 || (grouped && group_w.dim() == 1 &&
+                                        group_w.size(0) == ce_b.size(0)),
+              "cifd_loss_reduce: group_w must be empty or [G], got ", group_w.sizes());
+  const double B = static_cast<double>(ce_b.size(-1));
+  // lam_m against [M] or [M, G] means
+  const at::Tensor lam_b = grouped ? lam.unsqueeze(1) : lam;
+  at::Tensor ce = ce_b.sum(-1) / nvalid;
+  at::Tensor kl = kl_mb.sum(-1) / B;
+  at::Tensor emb = emb_mb.sum(-1) / B;
+  at::Tensor emb_loss = (lam_b * emb).sum(0) * w_emb;
+  if (group_w.numel() > 0) emb_loss = emb_loss * group_w;
+  at::Tensor loss = ce * lam_ce + (lam_b * kl).sum(0) * lam_kl + emb_loss;
   return {loss, ce, kl, emb};
 }
 
@@ -200,13 +242,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduce(
 TORCH_LIBRARY_FRAGMENT(cifd_C, m) {
   m.def(
       "cifd_loss_reduce(Tensor ce, Tensor kl, Tensor emb_terms, Tensor lam, Tensor nvalid, "
-      "float lam_ce, float lam_kl, float w_emb) -> (Tensor loss, Tensor ce_mean, Tensor kl_mean, "
-      "Tensor emb_mean)");
+      "Tensor group_w, float lam_ce, float lam_kl, float w_emb) -> (Tensor loss, Tensor ce_mean, "
+      "Tensor kl_mean, Tensor emb_mean)");
   m.def(
       "cifd_loss_fwd(Tensor logits, Tensor targets, Tensor labels, Tensor emb, Tensor target_embs, "
-      "Tensor lam, Tensor keep, Tensor nvalid, float tau, float lam_ce, float lam_kl, float w_emb, "
-      "int dist, int ignore_index) -> (Tensor ce, Tensor kl, Tensor emb_terms, Tensor grad_logits, "
-      "Tensor grad_emb)");
+      "Tensor lam, Tensor keep, Tensor nvalid, Tensor group_w, float tau, float lam_ce, "
+      "float lam_kl, float w_emb, int dist, int ignore_index) -> (Tensor ce, Tensor kl, "
+      "Tensor emb_terms, Tensor grad_logits, Tensor grad_emb)");
 }
 
 TORCH_LIBRARY_IMPL(cifd_C, CPU, m) { m.impl("cifd_loss_fwd", &fwd_cpu); }

@@ -176,7 +176,7 @@ def test_opcheck(be, device):
         x = inp["target_embs"] if emb else None
         torch.library.opcheck(torch.ops.cifd.cifd_loss.default,
                               (inp["student_logits"], inp["target_logits"], inp["labels"], u, x,
-                               lam_t, keep, 2.0, 1.0, 1.0, 100.0, dist, IGNORE, be))
+                               lam_t, keep, None, 2.0, 1.0, 1.0, 100.0, dist, IGNORE, be))
 
 
 @pytest.mark.parametrize("be", KERNELS)
@@ -310,10 +310,12 @@ def test_cuda_deterministic_bits(K):
     lam_t = torch.tensor(lam, device="cuda")
     keep = torch.tensor([1, 0, 1, 1], dtype=torch.uint8, device="cuda")
 
+    none = z.new_empty((0,))
+
     def raw(z, t, y, u, x):
         nvalid = (y != IGNORE).sum().clamp_min(1).float()
-        return torch.ops.cifd_C.cifd_loss_fwd(z, t, y, u, x, lam_t, keep, nvalid, 2.0, 1.0, 1.0,
-                                              100.0, 1, IGNORE)
+        return torch.ops.cifd_C.cifd_loss_fwd(z, t, y, u, x, lam_t, keep, nvalid, none, 2.0, 1.0,
+                                              1.0, 100.0, 1, IGNORE)
     a, b = raw(z, t, y, u, x), raw(z, t, y, u, x)
     for p, q in zip(a, b):
         assert torch.equal(p, q)
@@ -355,11 +357,84 @@ def test_cuda_limits_and_argument_errors():
     nvalid = torch.ones((), device="cuda")
     none = z.new_empty((0,))
     with pytest.raises(RuntimeError, match="labels must be on cuda"):
-        torch.ops.cifd_C.cifd_loss_fwd(z, t, y.cpu(), none, none, lam_t, keep, nvalid, 2.0, 1.0,
-                                       1.0, 1.0, 0, IGNORE)
+        torch.ops.cifd_C.cifd_loss_fwd(z, t, y.cpu(), none, none, lam_t, keep, nvalid, none, 2.0,
+                                       1.0, 1.0, 1.0, 0, IGNORE)
     with pytest.raises(RuntimeError, match="targets must be contiguous"):
         torch.ops.cifd_C.cifd_loss_fwd(z, t.transpose(0, 1).contiguous().transpose(0, 1), y, none,
-                                       none, lam_t, keep, nvalid, 2.0, 1.0, 1.0, 1.0, 0, IGNORE)
+                                       none, lam_t, keep, nvalid, none, 2.0, 1.0, 1.0, 1.0, 0,
+                                       IGNORE)
+
+
+# --------------------------------------------------------------------------- groups (RDM bank stage 1)
+def _grouped_inputs(G, M, B, K, D, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = 3 * torch.randn(M, B, K, generator=g)
+    z = t[:1] + 2 * torch.randn(G, B, K, generator=g)
+    x = torch.randn(M, B, D, generator=g)
+    u = x[:1] + 0.8 * torch.randn(G, B, D, generator=g)
+    y = torch.randint(0, K, (B,), generator=g)
+    y[1] = IGNORE
+    gw = torch.tensor([0.5 + 1.5 * i for i in range(G)])
+    return (z.to(device).requires_grad_(), t.to(device), y.to(device), u.to(device).requires_grad_(),
+            x.to(device), gw.to(device))
+
+
+@pytest.mark.parametrize("be", KERNELS)
+@pytest.mark.parametrize("M,K,dist", [(1, 7, "mse"), (2, 37, "smooth_l1"), (1, 1000, "smooth_l1")])
+def test_grouped_loss_matches_per_group_reference(be, M, K, dist, device):
+    """G students against shared targets in one call (the RDM bank's stage 1) equal G
+    reference calls, one per group with w_emb = group_w[g]: loss, terms, gradients."""
+    from cifd_kernels.ops.cifd_loss import grouped_loss
+    _skip_unless(be, device)
+    G, B, D = 3, 5, 11
+    z, t, y, u, x, gw = _grouped_inputs(G, M, B, K, D, device, seed=K)
+    kw = dict(tau=2.0, lam_ce=0.7, lam_kl=1.3, dist=dist, ignore_index=IGNORE)
+    g_out = torch.randn(G, generator=torch.Generator().manual_seed(4)).to(device)
+    loss, ce, kl, emb = grouped_loss(z, t, y, u, x, gw, backend=be, **kw)
+    assert loss.shape == ce.shape == (G,) and kl.shape == emb.shape == (M, G)
+    got = torch.autograd.grad((loss * g_out).sum(), [z, u])
+    zr, ur = z.detach().clone().requires_grad_(), u.detach().clone().requires_grad_()
+    want_loss, want_grads = [], []
+    for i in range(G):
+        li, ti = ref.cifd_loss(zr[i], t, y, ur[i], x, [1.0] * M, p_drop=0.0, w_emb=float(gw[i]), **kw)
+        want_loss.append(li)
+        torch.testing.assert_close(ce[i], ti["ce"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kl[:, i], ti["kl"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(emb[:, i], ti["emb"], rtol=1e-5, atol=1e-5)
+    want_loss = torch.stack(want_loss)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+    want = torch.autograd.grad((want_loss * g_out).sum(), [zr, ur])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("be", KERNELS)
+def test_grouped_opcheck(be, device):
+    _skip_unless(be, device)
+    z, t, y, u, x, gw = _grouped_inputs(2, 2, 4, 9, 5, device)
+    lam_t = torch.tensor([1.0, 0.4], device=device)
+    keep = torch.tensor([True, False], device=device)
+    for w in (gw, None):
+        torch.library.opcheck(torch.ops.cifd.cifd_loss.default,
+                              (z, t, y, u, x, lam_t, keep, w, 2.0, 1.0, 1.0, 3.0, "mse", IGNORE, be))
+
+
+def test_grouped_raw_op_argument_errors():
+    if "cpu" not in _backend.implemented("cifd_loss"):
+        pytest.skip("the C++ loss kernel is not built")
+    z, t, y, u, x, gw = (v.detach() for v in _grouped_inputs(3, 1, 4, 9, 5, "cpu"))
+    lam_t, keep = torch.ones(1), torch.ones(1, dtype=torch.uint8)
+    nvalid = torch.ones(())
+    raw = torch.ops.cifd_C.cifd_loss_fwd
+    with pytest.raises(RuntimeError, match="group_w must be empty or float32 \\[G\\]"):
+        raw(z, t, y, u, x, lam_t, keep, nvalid, gw[:2], 2.0, 1.0, 1.0, 1.0, 0, IGNORE)
+    with pytest.raises(RuntimeError, match="group_w must be empty or float32"):
+        raw(z[0], t, y, u[0], x, lam_t, keep, nvalid, gw, 2.0, 1.0, 1.0, 1.0, 0, IGNORE)
+    with pytest.raises(RuntimeError, match="emb must be \\[G, 4, D\\] like logits"):
+        raw(z, t, y, u[:2], x, lam_t, keep, nvalid, gw, 2.0, 1.0, 1.0, 1.0, 0, IGNORE)
+    with pytest.raises(RuntimeError, match="cifd_loss_reduce: group_w must be empty or \\[G\\]"):
+        torch.ops.cifd_C.cifd_loss_reduce(torch.ones(3, 4), torch.ones(1, 3, 4), torch.ones(1, 3, 4),
+                                          lam_t, nvalid, gw[:2], 1.0, 1.0, 1.0)
 
 
 # --------------------------------------------------------------------------- embedding-only (CLIP setting)

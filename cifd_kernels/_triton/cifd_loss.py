@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Fused stage-2 CIFD loss (CIFD_METHOD.md section 4) in Triton, Liger-Kernel style.
 
-One program per sample b reads the student's logits row ``z`` [K], the M target
+One program per student row r reads the student's logits row ``z`` [K], the M target
 rows ``t_m`` [K] and, with embeddings, ``u`` [D] and ``x_m`` [D] once (two
 passes over K: max/sum, then values and gradients) and writes the per-sample
 terms AND the gradients of the batch-mean loss with respect to ``z`` and ``u``.
@@ -12,6 +12,11 @@ no gradient.
 Dropped targets (keep flag 0) are never read: their loads are masked, so their
 values (even NaN/inf) reach neither the loss nor a gradient, as in the reference.
 fp32 math; inputs fp32/fp16/bf16; gradients in the input's dtype.
+
+Groups (the stage-1 losses of an RDM bank in one launch): student logits [G, B, K]
+and embeddings [G, B, D] against shared targets [M, B, K] / [M, B, D] and labels
+[B]; row r = g B + b reads target row b; outputs are indexed by r; group g's
+embedding gradient is scaled by ``group_w[g]``.
 """
 from __future__ import annotations
 
@@ -35,12 +40,13 @@ DIST_CODES = {"mse": 0, "smooth_l1": 1}
 # lam_ce sum_b ce_b / n + lam_kl sum_m lam_m mean_b kl_mb + w_emb sum_m lam_m mean_b emb_mb.
 @triton.jit
 def _cifd_loss_fwd_kernel(
-        z_ptr, t_ptr, y_ptr, u_ptr, x_ptr, lam_ptr, keep_ptr, nvalid_ptr,
+        z_ptr, t_ptr, y_ptr, u_ptr, x_ptr, lam_ptr, keep_ptr, nvalid_ptr, gw_ptr,
         gz_ptr, gu_ptr, ce_ptr, kl_ptr, emb_ptr,
-        B, K, D, M, inv_tau, tau, lam_ce, c_kl, c_emb, ignore_index,
+        B, R, K, D, M, inv_tau, tau, lam_ce, c_kl, c_emb, ignore_index,
         MP: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, DIST: tl.constexpr,
-        HAS_EMB: tl.constexpr, BF16_Z: tl.constexpr, BF16_U: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
+        HAS_EMB: tl.constexpr, HAS_GW: tl.constexpr, BF16_Z: tl.constexpr, BF16_U: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)  # student row g B + b
+    b = r % B                          # its target / label row
     mi = tl.arange(0, MP)
     mvalid = mi < M
     keep = (tl.load(keep_ptr + mi, mask=mvalid, other=0) != 0) & mvalid
@@ -51,7 +57,7 @@ def _cifd_loss_fwd_kernel(
     row_ok = label != ignore_index
     c_ce = tl.where(row_ok, lam_ce / tl.load(nvalid_ptr), 0.0)
 
-    z_row = z_ptr + b * K
+    z_row = z_ptr + r * K
     t_rows = t_ptr + mi.to(tl.int64)[:, None] * (B * K) + b * K
 
     # pass 1: online max / sum of exp for the student at tau and at 1, and each target at tau
@@ -84,7 +90,7 @@ def _cifd_loss_fwd_kernel(
     lse_s = m_s + tl.log(s_s)
     lse_1 = m_1 + tl.log(s_1)
     lse_t = m_t + tl.log(s_t)
-    tl.store(ce_ptr + b, tl.where(row_ok, lse_1 - z_y, 0.0))
+    tl.store(ce_ptr + r, tl.where(row_ok, lse_1 - z_y, 0.0))
 
     # pass 2: KL values and the logits gradient
     kl = tl.zeros([MP], tl.float32)
@@ -102,11 +108,13 @@ def _cifd_loss_fwd_kernel(
         wp_t = tl.sum(tl.where(tm, w[:, None] * p_t, 0.0), axis=0)
         q = tl.exp(z - lse_1)
         g = c_ce * (q - tl.where(kk == label, 1.0, 0.0)) + c_kl * (w_sum * p_s - wp_t)
-        tl.store(gz_ptr + b * K + kk, _to_out(g, gz_ptr, BF16_Z), mask=km)
-    tl.store(kl_ptr + mi * B + b, tl.where(keep, (tau * tau) * kl, 0.0), mask=mvalid)
+        tl.store(gz_ptr + r * K + kk, _to_out(g, gz_ptr, BF16_Z), mask=km)
+    tl.store(kl_ptr + mi * R + r, tl.where(keep, (tau * tau) * kl, 0.0), mask=mvalid)
 
     if HAS_EMB:
-        u_row = u_ptr + b * D
+        if HAS_GW:
+            c_emb = c_emb * tl.load(gw_ptr + r // B)
+        u_row = u_ptr + r * D
         x_rows = x_ptr + mi.to(tl.int64)[:, None] * (B * D) + b * D
         acc = tl.zeros([MP], tl.float32)
         for d0 in range(0, D, BD):
@@ -125,8 +133,8 @@ def _cifd_loss_fwd_kernel(
                 de = tl.minimum(tl.maximum(diff, -1.0), 1.0)
             acc += tl.sum(tl.where(xm, e, 0.0), axis=1)
             gu = c_emb * tl.sum(tl.where(xm, w[:, None] * de, 0.0), axis=0)
-            tl.store(gu_ptr + b * D + dd, _to_out(gu, gu_ptr, BF16_U), mask=dm)
-        tl.store(emb_ptr + mi * B + b, tl.where(keep, acc, 0.0), mask=mvalid)
+            tl.store(gu_ptr + r * D + dd, _to_out(gu, gu_ptr, BF16_U), mask=dm)
+        tl.store(emb_ptr + mi * R + r, tl.where(keep, acc, 0.0), mask=mvalid)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -140,41 +148,48 @@ def _pow2(x: int) -> int:
 
 def cifd_loss_fwd(student_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
                   student_emb, target_embs, lam: torch.Tensor, keep: torch.Tensor, nvalid: torch.Tensor,
-                  tau: float, lam_ce: float, lam_kl: float, w_emb: float, dist: str, ignore_index: int):
+                  tau: float, lam_ce: float, lam_kl: float, w_emb: float, dist: str, ignore_index: int,
+                  group_w=None):
     """Per-sample terms and the gradients of the batch-mean loss, in one launch.
 
     Args:
-        student_logits: [B, K]; target_logits: [M, B, K] (teacher first); labels: [B] integer;
-        student_emb: [B, D] or None; target_embs: [M, B, D] or None. Float32/16/bf16, made
-            contiguous here.
+        student_logits: [B, K], or [G, B, K] (groups, module docstring); target_logits:
+            [M, B, K] (teacher first); labels: [B] integer; student_emb: [B, D] ([G, B, D])
+            or None; target_embs: [M, B, D] or None. Float32/16/bf16, made contiguous here.
         lam: [M] float32 target weights; keep: [M] bool keep flags; nvalid: 0-dim float32,
             the number of non-ignored labels clamped to >= 1 (a tensor: no host sync).
         tau: temperature (KL scaled by tau^2); lam_ce, lam_kl, w_emb: term weights;
         dist: "mse" | "smooth_l1"; ignore_index: label left out of CE.
+        group_w: None, or [G] float32 per-group weights of the embedding term (on top of
+            w_emb; groups only).
 
     Returns:
-        (ce [B] float32 nats (0 on ignored rows), kl [M, B] float32 (tau^2 KL, 0 for dropped
-        targets), emb [M, B] float32 (0 for dropped targets; zeros without embeddings),
-        grad_logits [B, K] in student_logits.dtype, grad_emb [B, D] in student_emb.dtype or
-        an empty tensor), the gradients being those of
-        ``lam_ce * sum(ce) / nvalid + lam_kl * sum_m lam_m mean_b kl + w_emb * sum_m lam_m mean_b emb``.
+        (ce [*] float32 nats (0 on ignored rows), kl [M, *] float32 (tau^2 KL, 0 for
+        dropped targets), emb [M, *] float32 (0 for dropped targets; zeros without
+        embeddings), grad_logits like student_logits, grad_emb like student_emb or an
+        empty tensor), * = [B] or [G, B], the gradients being those of (per group)
+        ``lam_ce * sum(ce) / nvalid + lam_kl * sum_m lam_m mean_b kl + w_emb * group_w[g] *
+        sum_m lam_m mean_b emb``.
     """
-    B, K = student_logits.shape
+    rows_shape = tuple(student_logits.shape[:-1])
+    B, K = student_logits.shape[-2:]
+    R = student_logits[..., 0].numel()
     M = target_logits.shape[0]
     dev = student_logits.device
     z = student_logits.contiguous()
     t = target_logits.contiguous()
     has_emb = student_emb is not None
-    D = student_emb.shape[1] if has_emb else 1
+    D = student_emb.shape[-1] if has_emb else 1
     u = student_emb.contiguous() if has_emb else z
     x = target_embs.contiguous() if has_emb else z
     grad_z = torch.empty_like(z)
     grad_u = torch.empty_like(u) if has_emb else z.new_empty((0,))
-    ce = torch.empty(B, dtype=torch.float32, device=dev)
-    kl = torch.empty(M, B, dtype=torch.float32, device=dev)
-    emb = (torch.empty if has_emb else torch.zeros)(M, B, dtype=torch.float32, device=dev)
-    if B == 0:
+    ce = torch.empty(rows_shape, dtype=torch.float32, device=dev)
+    kl = torch.empty((M,) + rows_shape, dtype=torch.float32, device=dev)
+    emb = (torch.empty if has_emb else torch.zeros)((M,) + rows_shape, dtype=torch.float32, device=dev)
+    if R == 0:
         return ce, kl, emb, grad_z, grad_u
+    has_gw = group_w is not None and group_w.numel() > 0
     MP = _pow2(M)
     interp = _interpret()
     # The interpreter runs one numpy op per Triton op: big blocks. On a GPU the target tile
@@ -182,12 +197,12 @@ def cifd_loss_fwd(student_logits: torch.Tensor, target_logits: torch.Tensor, lab
     cap = 16384 if interp else max(128, 4096 // MP)
     BK = min(_pow2(K), cap)
     BD = min(_pow2(D), cap)
-    _cifd_loss_fwd_kernel[(B,)](
+    _cifd_loss_fwd_kernel[(R,)](
         z, t, labels.contiguous(), u, x, lam.float().contiguous(), keep.to(torch.uint8).contiguous(),
-        nvalid, grad_z, grad_u, ce, kl, emb,
-        B, K, D, M, 1.0 / tau, float(tau), float(lam_ce), float(lam_kl) * float(tau) / B,
+        nvalid, group_w.float().contiguous() if has_gw else lam, grad_z, grad_u, ce, kl, emb,
+        B, R, K, D, M, 1.0 / tau, float(tau), float(lam_ce), float(lam_kl) * float(tau) / B,
         float(w_emb) / B, int(ignore_index),
-        MP=MP, BK=BK, BD=BD, DIST=DIST_CODES[dist], HAS_EMB=has_emb,
+        MP=MP, BK=BK, BD=BD, DIST=DIST_CODES[dist], HAS_EMB=has_emb, HAS_GW=has_gw,
         BF16_Z=interp and z.dtype == torch.bfloat16, BF16_U=interp and u.dtype == torch.bfloat16,
         num_warps=4 if interp else 8)
     return ce, kl, emb, grad_z, grad_u

@@ -64,34 +64,44 @@ _CUDA_MAX_TARGETS = 1024  # cifd::cuda::kCifdLossMaxTargets (csrc/include/cifd/k
 # ----------------------------------------------------------------------------- custom op
 def _fwd_impl(student_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
             student_emb: Optional[torch.Tensor], target_embs: Optional[torch.Tensor],
-            lam: torch.Tensor, keep: torch.Tensor, tau: float, lam_ce: float, lam_kl: float,
-            w_emb: float, dist: str, ignore_index: int, backend: str
+            lam: torch.Tensor, keep: torch.Tensor, group_w: Optional[torch.Tensor], tau: float,
+            lam_ce: float, lam_kl: float, w_emb: float, dist: str, ignore_index: int, backend: str
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (loss (lam_I term excluded), ce, kl [M], emb [M], grad_logits, grad_emb)."""
-    B = student_logits.shape[0]
+    """-> (loss (lam_I term excluded), ce, kl [M], emb [M], grad_logits, grad_emb).
+
+    Groups (the RDM bank's stage-1 losses, :func:`grouped_loss`): ``student_logits``
+    [G, B, K] and ``student_emb`` [G, B, D] against the shared [M, B, *] targets, with
+    ``group_w`` [G] (or None: ones) weighting each group's embedding term; then
+    ``loss`` and ``ce`` are [G], ``kl`` and ``emb`` [M, G]."""
+    B = student_logits.shape[-2]
     nvalid = (labels != ignore_index).sum().clamp_min(1).to(torch.float32)
+    none = student_logits.new_empty((0,), dtype=torch.float32)
+    gw = group_w.float().contiguous() if group_w is not None else none
     if backend == "triton":
         ce_b, kl_mb, emb_mb, gz, gu = _triton().cifd_loss_fwd(
             student_logits, target_logits, labels, student_emb, target_embs, lam, keep, nvalid,
-            tau, lam_ce, lam_kl, w_emb, dist, ignore_index)
+            tau, lam_ce, lam_kl, w_emb, dist, ignore_index, group_w=gw)
     else:  # "cpu" or "cuda": cifd_C::cifd_loss_fwd dispatches on the tensors' device
-        none = student_logits.new_empty((0,))
         # The raw kernel takes the targets in the student's dtypes (a no-op in training).
         ce_b, kl_mb, emb_mb, gz, gu = torch.ops.cifd_C.cifd_loss_fwd(
             student_logits.contiguous(), target_logits.to(student_logits.dtype).contiguous(),
             labels.long().contiguous(),
             student_emb.contiguous() if student_emb is not None else none,
             target_embs.to(student_emb.dtype).contiguous() if target_embs is not None else none,
-            lam.float().contiguous(), keep.to(torch.uint8).contiguous(), nvalid,
+            lam.float().contiguous(), keep.to(torch.uint8).contiguous(), nvalid, gw,
             tau, lam_ce, lam_kl, w_emb, _DIST_CODES[dist], ignore_index)
     if _backend.has_ext_op("cifd_loss_reduce"):  # the same ATen ops in one call from C++
-        loss, ce, kl, emb = torch.ops.cifd_C.cifd_loss_reduce(ce_b, kl_mb, emb_mb, lam, nvalid, lam_ce,
-                                                              lam_kl, w_emb)
+        loss, ce, kl, emb = torch.ops.cifd_C.cifd_loss_reduce(ce_b, kl_mb, emb_mb, lam, nvalid, gw,
+                                                              lam_ce, lam_kl, w_emb)
     else:
-        ce = ce_b.sum() / nvalid
-        kl = kl_mb.sum(1) / B
-        emb = emb_mb.sum(1) / B
-        loss = lam_ce * ce + lam_kl * (lam * kl).sum() + w_emb * (lam * emb).sum()
+        lam_b = lam.view((-1,) + (1,) * (ce_b.dim() - 1))  # against [M] or [M, G] means
+        ce = ce_b.sum(-1) / nvalid
+        kl = kl_mb.sum(-1) / B
+        emb = emb_mb.sum(-1) / B
+        emb_loss = (lam_b * emb).sum(0) * w_emb
+        if gw.numel() > 0:
+            emb_loss = emb_loss * gw
+        loss = ce * lam_ce + (lam_b * kl).sum(0) * lam_kl + emb_loss
     return loss, ce, kl, emb, gz, gu
 
 
@@ -99,13 +109,14 @@ _fwd_op = torch.library.custom_op("cifd::cifd_loss", mutates_args=())(_fwd_impl)
 
 
 @_fwd_op.register_fake
-def _(student_logits, target_logits, labels, student_emb, target_embs, lam, keep, tau, lam_ce, lam_kl,
-      w_emb, dist, ignore_index, backend):
+def _(student_logits, target_logits, labels, student_emb, target_embs, lam, keep, group_w, tau, lam_ce,
+      lam_kl, w_emb, dist, ignore_index, backend):
     M = target_logits.shape[0]
+    groups = tuple(student_logits.shape[:-2])  # () or (G,)
     f32 = dict(dtype=torch.float32, device=student_logits.device)
     gu = torch.empty_like(student_emb) if student_emb is not None else student_logits.new_empty((0,))
-    return (torch.empty((), **f32), torch.empty((), **f32), torch.empty((M,), **f32),
-            torch.empty((M,), **f32), torch.empty_like(student_logits), gu)
+    return (torch.empty(groups, **f32), torch.empty(groups, **f32), torch.empty((M,) + groups, **f32),
+            torch.empty((M,) + groups, **f32), torch.empty_like(student_logits), gu)
 
 
 def _setup_context(ctx, inputs, output):
@@ -114,11 +125,13 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g_loss, g_ce, g_kl, g_emb, g_gz, g_gu):
-    # Only the loss is differentiable (the public functional detaches the terms).
+    # Only the loss is differentiable (the public functional detaches the terms). With
+    # groups g_loss is [G]: group g's rows scale by g_loss[g].
     gz, gu = ctx.saved_tensors
-    grad_z = gz * g_loss.to(gz.dtype)
-    grad_u = gu * g_loss.to(gu.dtype) if ctx.has_emb else None
-    return (grad_z, None, None, grad_u) + (None,) * 10
+    g = g_loss.reshape(g_loss.shape + (1, 1))
+    grad_z = gz * g.to(gz.dtype)
+    grad_u = gu * g.to(gu.dtype) if ctx.has_emb else None
+    return (grad_z, None, None, grad_u) + (None,) * 11
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -225,7 +238,7 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
     t_embs = target_embs.detach() if target_embs is not None else None
     loss, ce, kl, emb, _, _ = _eager.call(
         _fwd_op, _EagerFunction, student_logits, target_logits.detach(), labels, student_emb, t_embs,
-        lam_t, keep, float(tau), float(lam_ce), float(lam_kl), float(w_emb), dist, int(ignore_index), be)
+        lam_t, keep, None, float(tau), float(lam_ce), float(lam_kl), float(w_emb), dist, int(ignore_index), be)
     if ibm_rate is not None:
         rate = ibm_rate.float().mean()
         loss = loss + lam_I * rate
@@ -234,6 +247,36 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
     terms = {"ce": ce.detach(), "kl": kl.detach(), "emb": emb.detach(), "keep": keep, "rate": rate,
              "loss": loss}
     return loss, terms
+
+
+def grouped_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
+                 student_emb: torch.Tensor, target_embs: torch.Tensor, group_w: torch.Tensor, *,
+                 tau: float, lam_ce: float, lam_kl: float, dist: str, ignore_index: int,
+                 backend: Optional[str] = None):
+    """G students' losses against the same frozen targets, in one kernel pass (the RDM
+    bank's stage 1: :func:`cifd_kernels.ops.rdm_bank.rdm_bank_loss`; no KD-dropout).
+
+    ``student_logits`` [G, B, K] and ``student_emb`` [G, B, D] (float32/float16/bfloat16),
+    ``target_logits`` [M, B, K] and ``target_embs`` [M, B, D] frozen, ``labels`` [B],
+    ``group_w`` [G] float32 on the students' device: group g's embedding weight. Per
+    group, over its B rows, the :func:`cifd_loss` formula with ``lam`` = ones and
+    ``w_emb = group_w[g]``. Returns ``(loss [G], ce [G], kl [M, G], emb [M, G])``;
+    ``loss`` is differentiable with respect to the students' logits and embeddings, the
+    terms are detached. Arguments are checked by the caller; ``backend`` resolves
+    among the kernels (``auto`` when None)."""
+    be = _backend.resolve_kernel(OP, backend, student_logits.device,
+                                 _why_not(None, (student_logits, student_emb), (target_logits, target_embs)))
+    if be == "reference":
+        raise _backend.BackendUnavailableError(
+            "grouped_loss runs on the loss kernels only (cpu, cuda or triton); none fits here")
+    m = target_logits.shape[0]
+    lam_t = torch.ones(m, dtype=torch.float32, device=student_logits.device)
+    keep = torch.ones(m, dtype=torch.bool, device=student_logits.device)
+    loss, ce, kl, emb, _, _ = _eager.call(
+        _fwd_op, _EagerFunction, student_logits, target_logits.detach(), labels, student_emb,
+        target_embs.detach(), lam_t, keep, group_w, float(tau), float(lam_ce), float(lam_kl), 1.0, dist,
+        int(ignore_index), be)
+    return loss, ce.detach(), kl.detach(), emb.detach()
 
 
 def _keep_flags(m: int, seed: int, offset: int, p_drop: float, device) -> torch.Tensor:
@@ -293,7 +336,7 @@ def cifd_embedding_loss(student_emb: torch.Tensor, target_embs: torch.Tensor,
     labels = torch.full((batch,), ignore, dtype=torch.long, device=ref.device)
     loss, _, _, emb, _, _ = _eager.call(
         _fwd_op, _EagerFunction, z, ref.new_zeros((m, batch, 1)), labels, student_emb,
-        target_embs.detach(), lam_t, keep, 1.0, 0.0, 0.0, float(w_emb), dist, ignore, be)
+        target_embs.detach(), lam_t, keep, None, 1.0, 0.0, 0.0, float(w_emb), dist, ignore, be)
     rate = ibm_rate.float().mean() if ibm_rate is not None else torch.zeros((), device=ref.device)
     if lam_cl != 0:
         nce = _ref.info_nce(student_emb, contrast_emb, temperature).float().mean()

@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // Fused stage-2 CIFD loss on the CPU (math in cifd/losses.h): OpenMP over rows
-// (samples); per row the student's logits and the kept targets' rows are
-// converted once into float32 scratch, then `#pragma omp simd` loops make two
-// sweeps over K (max and sum of exp; then log-probs, KL and the gradient) and one
-// over D. exp/log are density.h's polynomial exp_f/log_f, which vectorise. The row
+// (samples; G B of them with groups, kernels.h); per row the student's logits and
+// the kept targets' rows are converted once into float32 scratch, then
+// `#pragma omp simd` loops make two sweeps over K (max and sum of exp; then
+// log-probs, KL and the gradient) and one over D. exp/log are density.h's polynomial exp_f/log_f, which vectorise. The row
 // loop is compiled for baseline x86-64 and for AVX2 + FMA, picked at run time.
 // Each row's result depends only on that row, so it never depends on num_threads.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -64,7 +64,9 @@ struct Ctx {
   const void *logits, *targets, *emb, *target_embs;
   const int64_t* labels;
   const uint8_t* keep;
-  const float* w;  // lam_m k_m
+  const float* w;        // lam_m k_m
+  const float* group_w;  // [G] or null
+  int64_t rows;          // G B
   float w_sum, inv_tau, tau2, c_ce_all;
   float *ce, *kl, *emb_terms;
   void *grad_logits, *grad_emb;
@@ -76,24 +78,26 @@ struct Scratch {
   float *z, *zs, *t, *acc, *u, *x;
 };
 
+// Student row r = g B + b against target row b (kernels.h, groups).
 template <class EL, class EE>
-CIFD_HDI void row(const Ctx& c, int64_t b, const Scratch& sc) {
+CIFD_HDI void row(const Ctx& c, int64_t r, const Scratch& sc) {
   using TL = typename EL::T;
   using TE = typename EE::T;
   const CifdLossProblem& pr = *c.pr;
-  const int64_t B = pr.B, K = pr.K, D = pr.D, M = pr.M;
+  const int64_t B = pr.B, K = pr.K, D = pr.D, M = pr.M, R = c.rows;
+  const int64_t b = r % B;
   float* z = sc.z;
   float* zs = sc.zs;
   float* acc = sc.acc;
   const int64_t label = c.labels[b];
   const bool row_ok = losses::label_counts(label, pr.ignore_index);
   const bool in_range = losses::label_in_range(label, K, pr.ignore_index);
-  to_float<EL>(static_cast<const TL*>(c.logits) + b * K, z, K);
+  to_float<EL>(static_cast<const TL*>(c.logits) + r * K, z, K);
 #pragma omp simd
   for (int64_t j = 0; j < K; ++j) zs[j] = z[j];
   const float lse_1 = scaled_lse(z, K, 1.0f);
   const float lse_s = scaled_lse(zs, K, c.inv_tau);
-  c.ce[b] = losses::ce_value(lse_1, in_range ? z[label] : 0.0f, row_ok, in_range);
+  c.ce[r] = losses::ce_value(lse_1, in_range ? z[label] : 0.0f, row_ok, in_range);
 
   // zs becomes log p_S; acc collects sum_m w_m p_m
 #pragma omp simd
@@ -103,7 +107,7 @@ CIFD_HDI void row(const Ctx& c, int64_t b, const Scratch& sc) {
   }
   for (int64_t m = 0; m < M; ++m) {
     if (!c.keep[m]) {  // a dropped target is never read
-      c.kl[m * B + b] = 0.0f;
+      c.kl[m * R + r] = 0.0f;
       continue;
     }
     float* tm = sc.t;
@@ -118,7 +122,7 @@ CIFD_HDI void row(const Ctx& c, int64_t b, const Scratch& sc) {
       s += losses::kl_term(p, lp, zs[j]);
       acc[j] += wm * p;
     }
-    c.kl[m * B + b] = c.tau2 * s;
+    c.kl[m * R + r] = c.tau2 * s;
   }
   const float c_ce = row_ok ? c.c_ce_all : 0.0f;
   const float c_kl = pr.c_kl, w_sum = c.w_sum;
@@ -126,18 +130,18 @@ CIFD_HDI void row(const Ctx& c, int64_t b, const Scratch& sc) {
   for (int64_t j = 0; j < K; ++j)
     z[j] = losses::logit_grad(exp_f(z[j] - lse_1), exp_f(zs[j]), acc[j], c_ce, c_kl, w_sum);
   if (in_range) z[label] -= c_ce;
-  from_float<EL>(z, static_cast<TL*>(c.grad_logits) + b * K, K);
+  from_float<EL>(z, static_cast<TL*>(c.grad_logits) + r * K, K);
 
   if (D > 0) {
     float* u = sc.u;
     float* x = sc.x;
-    to_float<EE>(static_cast<const TE*>(c.emb) + b * D, u, D);
+    to_float<EE>(static_cast<const TE*>(c.emb) + r * D, u, D);
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f;
     const int kind = pr.dist;
     for (int64_t m = 0; m < M; ++m) {
       if (!c.keep[m]) {
-        c.emb_terms[m * B + b] = 0.0f;
+        c.emb_terms[m * R + r] = 0.0f;
         continue;
       }
       to_float<EE>(static_cast<const TE*>(c.target_embs) + (m * B + b) * D, x, D);
@@ -149,11 +153,12 @@ CIFD_HDI void row(const Ctx& c, int64_t b, const Scratch& sc) {
         s += losses::dist_value(diff, kind);
         acc[d] += wm * losses::dist_grad(diff, kind);
       }
-      c.emb_terms[m * B + b] = s;
+      c.emb_terms[m * R + r] = s;
     }
+    const float c_emb = c.group_w ? pr.c_emb * c.group_w[r / B] : pr.c_emb;
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) acc[d] *= pr.c_emb;
-    from_float<EE>(acc, static_cast<TE*>(c.grad_emb) + b * D, D);
+    for (int64_t d = 0; d < D; ++d) acc[d] *= c_emb;
+    from_float<EE>(acc, static_cast<TE*>(c.grad_emb) + r * D, D);
   }
 }
 
@@ -190,21 +195,21 @@ RowsFn<EL, EE> pick_rows() {
 template <class EL, class EE>
 void run(const CifdLossProblem& pr, const void* logits, const void* targets,
          const int64_t* labels, const void* emb, const void* target_embs, const float* lam,
-         const uint8_t* keep, const float* nvalid, float* ce, float* kl, float* emb_terms,
-         void* grad_logits, void* grad_emb, int num_threads) {
-  const int64_t B = pr.B, K = pr.K, D = pr.D, M = pr.M;
+         const uint8_t* keep, const float* nvalid, const float* group_w, float* ce, float* kl,
+         float* emb_terms, void* grad_logits, void* grad_emb, int num_threads) {
+  const int64_t K = pr.K, D = pr.D, M = pr.M, R = pr.G * pr.B;
   std::vector<float> w(M);
   float w_sum = 0.0f;
   for (int64_t m = 0; m < M; ++m) {
     w[m] = losses::target_weight(keep[m] != 0, lam[m]);
     w_sum += w[m];
   }
-  const Ctx c{&pr, logits, targets, emb, target_embs, labels, keep, w.data(), w_sum,
+  const Ctx c{&pr, logits, targets, emb, target_embs, labels, keep, w.data(), group_w, R, w_sum,
               1.0f / pr.tau, pr.tau * pr.tau, pr.lam_ce / nvalid[0], ce, kl, emb_terms,
               grad_logits, grad_emb};
   const RowsFn<EL, EE> rows = pick_rows<EL, EE>();
   constexpr int64_t kRowsPerChunk = 8;
-  const int64_t chunks = (B + kRowsPerChunk - 1) / kRowsPerChunk;
+  const int64_t chunks = (R + kRowsPerChunk - 1) / kRowsPerChunk;
 #pragma omp parallel num_threads(num_threads) if (chunks > 1)
   {
     std::vector<float> buf(3 * K + std::max(K, D) + 2 * D);
@@ -212,18 +217,25 @@ void run(const CifdLossProblem& pr, const void* logits, const void* targets,
                      buf.data() + 3 * K + std::max(K, D), buf.data() + 3 * K + std::max(K, D) + D};
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < chunks; ++i)
-      rows(c, i * kRowsPerChunk, std::min(B, (i + 1) * kRowsPerChunk), sc);
+      rows(c, i * kRowsPerChunk, std::min(R, (i + 1) * kRowsPerChunk), sc);
   }
 }
 
+// The (logits dtype, embedding dtype) instance of run() for pr's dtypes.
 template <class EL>
-void dispatch_emb(const CifdLossProblem& pr, const void* a, const void* b, const int64_t* c,
-                  const void* d, const void* e, const float* f, const uint8_t* g, const float* h,
-                  float* i, float* j, float* k, void* l, void* m, int nt) {
+auto pick_run_emb(const CifdLossProblem& pr) {
   switch (pr.emb_dtype) {
-    case EbDtype::kFloat16: return run<EL, density::F16>(pr, a, b, c, d, e, f, g, h, i, j, k, l, m, nt);
-    case EbDtype::kBFloat16: return run<EL, density::BF16>(pr, a, b, c, d, e, f, g, h, i, j, k, l, m, nt);
-    default: return run<EL, density::F32>(pr, a, b, c, d, e, f, g, h, i, j, k, l, m, nt);
+    case EbDtype::kFloat16: return &run<EL, density::F16>;
+    case EbDtype::kBFloat16: return &run<EL, density::BF16>;
+    default: return &run<EL, density::F32>;
+  }
+}
+
+auto pick_run(const CifdLossProblem& pr) {
+  switch (pr.logits_dtype) {
+    case EbDtype::kFloat16: return pick_run_emb<density::F16>(pr);
+    case EbDtype::kBFloat16: return pick_run_emb<density::BF16>(pr);
+    default: return pick_run_emb<density::F32>(pr);
   }
 }
 
@@ -231,21 +243,12 @@ void dispatch_emb(const CifdLossProblem& pr, const void* a, const void* b, const
 
 void cifd_loss_fwd(const CifdLossProblem& pr, const void* logits, const void* targets,
                    const int64_t* labels, const void* emb, const void* target_embs,
-                   const float* lam, const uint8_t* keep, const float* nvalid, float* ce,
-                   float* kl, float* emb_terms, void* grad_logits, void* grad_emb,
-                   int num_threads) {
-  if (pr.B == 0) return;
-  switch (pr.logits_dtype) {
-    case EbDtype::kFloat16:
-      return dispatch_emb<density::F16>(pr, logits, targets, labels, emb, target_embs, lam, keep,
-                                        nvalid, ce, kl, emb_terms, grad_logits, grad_emb, num_threads);
-    case EbDtype::kBFloat16:
-      return dispatch_emb<density::BF16>(pr, logits, targets, labels, emb, target_embs, lam, keep,
-                                         nvalid, ce, kl, emb_terms, grad_logits, grad_emb, num_threads);
-    default:
-      return dispatch_emb<density::F32>(pr, logits, targets, labels, emb, target_embs, lam, keep,
-                                        nvalid, ce, kl, emb_terms, grad_logits, grad_emb, num_threads);
-  }
+                   const float* lam, const uint8_t* keep, const float* nvalid,
+                   const float* group_w, float* ce, float* kl, float* emb_terms,
+                   void* grad_logits, void* grad_emb, int num_threads) {
+  if (pr.B == 0 || pr.G == 0) return;
+  pick_run(pr)(pr, logits, targets, labels, emb, target_embs, lam, keep, nvalid, group_w, ce, kl,
+               emb_terms, grad_logits, grad_emb, num_threads);
 }
 
 }  // namespace cpu

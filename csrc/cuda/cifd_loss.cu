@@ -2,7 +2,8 @@
 // Fused stage-2 CIFD loss on the GPU over the math of cifd/losses.h (the same
 // per-element functions the CPU kernel runs and csrc/tests/test_losses.cpp checks).
 //
-// One block per sample (grid-stride over rows), its threads strided over K (and
+// One block per sample (grid-stride over the G B student rows; with groups row
+// r = g B + b reads target row b, kernels.h), its threads strided over K (and
 // D), so every global access is coalesced whatever K is. Per row:
 //   sweep 1  student z and targets 0..kGroup-1: online log-sum-exp of z, z / tau
 //            and each kept t_m / tau (one exp per value), merged over the block;
@@ -19,7 +20,7 @@
 //
 // Determinism: no atomics. Block sums are warp butterflies (__shfl_xor_sync) then
 // warps in index order; every thread computes the same total. Per-row terms go
-// to ce [B], kl [M, B], emb [M, B]; the batch sums are the caller's (torch's
+// to ce [G, B], kl [M, G, B], emb [M, G, B]; the batch sums are the caller's (torch's
 // fixed-order reductions). The launch shape depends on K and D only, so a row's
 // bits depend on nothing but that row and (K, D).
 //
@@ -56,20 +57,24 @@ constexpr int64_t kMaxGrid = 1 << 20;
 // Everything a block needs, passed by value (under 200 bytes of kernel parameters).
 struct Args {
   CifdLossProblem pr;
-  const void* logits;       // [B, K]
+  const void* logits;       // [G, B, K]
   const void* targets;      // [M, B, K]
   const int64_t* labels;    // [B]
-  const void* emb;          // [B, D] or null (D = 0)
+  const void* emb;          // [G, B, D] or null (D = 0)
   const void* target_embs;  // [M, B, D] or null
   const float* lam;         // [M]
   const uint8_t* keep;      // [M]
   const float* nvalid;      // [1]
-  float* ce;                // [B]
-  float* kl;                // [M, B]
-  float* emb_terms;         // [M, B]
-  void* grad_logits;        // [B, K]
-  void* grad_emb;           // [B, D]
+  const float* group_w;     // [G] or null
+  float* ce;                // [G, B]
+  float* kl;                // [M, G, B]
+  float* emb_terms;         // [M, G, B]
+  void* grad_logits;        // [G, B, K]
+  void* grad_emb;           // [G, B, D]
 };
+
+// Student row r = g B + b is scored against target row b (kernels.h, groups).
+__device__ __forceinline__ int64_t rows_of(const CifdLossProblem& pr) { return pr.G * pr.B; }
 
 // Per-target scalars in dynamic shared memory (3 M floats) plus the block-wide
 // constants every thread derives identically.
@@ -161,11 +166,11 @@ __device__ __forceinline__ uint32_t group_mask(const Block& bk, int64_t M, int64
 // lse of t_m / tau for the kept targets m in [g0, g0 + kGroup), into bk.lse; with
 // STUDENT (g0 = 0) also lse(z) and lse(z / tau).
 template <class EL, bool STUDENT>
-__device__ __forceinline__ void lse_sweep(const Args& a, const Block& bk, int64_t b, int64_t g0,
-                                          float* lse_1, float* lse_s) {
+__device__ __forceinline__ void lse_sweep(const Args& a, const Block& bk, int64_t r, int64_t b,
+                                          int64_t g0, float* lse_1, float* lse_s) {
   using T = typename EL::T;
   const int64_t B = a.pr.B, K = a.pr.K, M = a.pr.M;
-  const T* z = static_cast<const T*>(a.logits) + b * K;
+  const T* z = static_cast<const T*>(a.logits) + r * K;
   const T* t0 = static_cast<const T*>(a.targets) + (g0 * B + b) * K;  // target g0's row
   const int64_t tstride = B * K;                                      // to the next target
   const uint32_t mask = group_mask(bk, M, g0);
@@ -196,15 +201,15 @@ __device__ __forceinline__ void lse_sweep(const Args& a, const Block& bk, int64_
 
 // Sweep 2 (GRAD, g0 = 0): the logits gradient for all M targets and the KL sums of
 // targets [0, kGroup). Otherwise (g0 >= kGroup) only the KL sums of [g0, g0 + kGroup).
-// Writes kl[m, b] = tau^2 KL (0 for a dropped target) for the group.
+// Writes kl[m, r] = tau^2 KL (0 for a dropped target) for the group.
 template <class EL, bool GRAD>
-__device__ __forceinline__ void kl_sweep(const Args& a, const Block& bk, int64_t b, int64_t g0,
-                                         float lse_1, float lse_s, int64_t label, bool counts,
-                                         bool in_range) {
+__device__ __forceinline__ void kl_sweep(const Args& a, const Block& bk, int64_t r, int64_t b,
+                                         int64_t g0, float lse_1, float lse_s, int64_t label,
+                                         bool counts, bool in_range) {
   using T = typename EL::T;
   const CifdLossProblem& pr = a.pr;
-  const int64_t B = pr.B, K = pr.K, M = pr.M;
-  const T* z = static_cast<const T*>(a.logits) + b * K;
+  const int64_t B = pr.B, K = pr.K, M = pr.M, R = rows_of(pr);
+  const T* z = static_cast<const T*>(a.logits) + r * K;
   const T* t0 = static_cast<const T*>(a.targets) + (g0 * B + b) * K;
   const int64_t tstride = B * K;
   const uint32_t mask = group_mask(bk, M, g0);
@@ -216,7 +221,7 @@ __device__ __forceinline__ void kl_sweep(const Args& a, const Block& bk, int64_t
     kl[g] = 0.0f;
   }
   const float c_ce = counts ? bk.c_ce_all : 0.0f;
-  T* gz = static_cast<T*>(a.grad_logits) + b * K;
+  T* gz = static_cast<T*>(a.grad_logits) + r * K;
   for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
     const float zj = EL::load(z[j]);
     const float lp_s = zj * bk.inv_tau - lse_s;
@@ -246,7 +251,7 @@ __device__ __forceinline__ void kl_sweep(const Args& a, const Block& bk, int64_t
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int g = 0; g < kGroup; ++g)
-      if (g0 + g < M) a.kl[(g0 + g) * B + b] = (mask & (1u << g)) ? bk.tau2 * kl[g] : 0.0f;
+      if (g0 + g < M) a.kl[(g0 + g) * R + r] = (mask & (1u << g)) ? bk.tau2 * kl[g] : 0.0f;
   }
 }
 
@@ -254,12 +259,14 @@ __device__ __forceinline__ void kl_sweep(const Args& a, const Block& bk, int64_t
 // GRAD (g0 = 0): the embedding gradient for all M targets and the distortions of
 // targets [0, kGroup); otherwise only the distortions of [g0, g0 + kGroup).
 template <class EE, bool GRAD>
-__device__ __forceinline__ void emb_sweep(const Args& a, const Block& bk, int64_t b, int64_t g0) {
+__device__ __forceinline__ void emb_sweep(const Args& a, const Block& bk, int64_t r, int64_t b,
+                                          int64_t g0) {
   using T = typename EE::T;
   const CifdLossProblem& pr = a.pr;
-  const int64_t B = pr.B, D = pr.D, M = pr.M;
+  const int64_t B = pr.B, D = pr.D, M = pr.M, R = rows_of(pr);
   const int kind = pr.dist;
-  const T* u = static_cast<const T*>(a.emb) + b * D;
+  const float c_emb = a.group_w ? pr.c_emb * a.group_w[r / B] : pr.c_emb;
+  const T* u = static_cast<const T*>(a.emb) + r * D;
   const T* x0 = static_cast<const T*>(a.target_embs) + (g0 * B + b) * D;
   const int64_t xstride = B * D;
   const uint32_t mask = group_mask(bk, M, g0);
@@ -269,7 +276,7 @@ __device__ __forceinline__ void emb_sweep(const Args& a, const Block& bk, int64_
     w[g] = (mask & (1u << g)) ? bk.w[g0 + g] : 0.0f;
     e[g] = 0.0f;
   }
-  T* gu = static_cast<T*>(a.grad_emb) + b * D;
+  T* gu = static_cast<T*>(a.grad_emb) + r * D;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     const float ud = EE::load(u[d]);
     float acc = 0.0f;  // sum_m w_m e'(u - x_m), m ascending
@@ -284,14 +291,14 @@ __device__ __forceinline__ void emb_sweep(const Args& a, const Block& bk, int64_
     if (GRAD) {
       for (int64_t m = kGroup; m < M; ++m)  // the targets past the register group
         if (bk.kept[m] != 0.0f) acc += bk.w[m] * losses::dist_grad(ud - EE::load(x0[m * xstride + d]), kind);
-      gu[d] = EE::store(acc * pr.c_emb);
+      gu[d] = EE::store(acc * c_emb);
     }
   }
   block_sum(e, mask, bk.red);
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int g = 0; g < kGroup; ++g)
-      if (g0 + g < M) a.emb_terms[(g0 + g) * B + b] = (mask & (1u << g)) ? e[g] : 0.0f;
+      if (g0 + g < M) a.emb_terms[(g0 + g) * R + r] = (mask & (1u << g)) ? e[g] : 0.0f;
   }
 }
 
@@ -324,27 +331,30 @@ __global__ void __launch_bounds__(kMaxThreads) cifd_loss_fwd_kernel(const Args a
   bk.tau2 = pr.tau * pr.tau;
   bk.c_ce_all = pr.lam_ce / a.nvalid[0];
 
-  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
+  const int64_t R = rows_of(pr);
+  for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
+    const int64_t b = r % B;
     const int64_t label = a.labels[b];
     const bool counts = losses::label_counts(label, pr.ignore_index);
     const bool in_range = losses::label_in_range(label, K, pr.ignore_index);
     float lse_1, lse_s;
     // Every thread is past the previous row (the barrier closing the loop), so
     // thread 0 may overwrite bk.lse here.
-    lse_sweep<EL, true>(a, bk, b, 0, &lse_1, &lse_s);
-    for (int64_t g0 = kGroup; g0 < M; g0 += kGroup) lse_sweep<EL, false>(a, bk, b, g0, nullptr, nullptr);
+    lse_sweep<EL, true>(a, bk, r, b, 0, &lse_1, &lse_s);
+    for (int64_t g0 = kGroup; g0 < M; g0 += kGroup)
+      lse_sweep<EL, false>(a, bk, r, b, g0, nullptr, nullptr);
     __syncthreads();  // bk.lse (written by thread 0) visible to all
     if (threadIdx.x == 0) {
       using TL = typename EL::T;
-      const float z_y = in_range ? EL::load(static_cast<const TL*>(a.logits)[b * K + label]) : 0.0f;
-      a.ce[b] = losses::ce_value(lse_1, z_y, counts, in_range);
+      const float z_y = in_range ? EL::load(static_cast<const TL*>(a.logits)[r * K + label]) : 0.0f;
+      a.ce[r] = losses::ce_value(lse_1, z_y, counts, in_range);
     }
-    kl_sweep<EL, true>(a, bk, b, 0, lse_1, lse_s, label, counts, in_range);
+    kl_sweep<EL, true>(a, bk, r, b, 0, lse_1, lse_s, label, counts, in_range);
     for (int64_t g0 = kGroup; g0 < M; g0 += kGroup)
-      kl_sweep<EL, false>(a, bk, b, g0, lse_1, lse_s, label, counts, in_range);
+      kl_sweep<EL, false>(a, bk, r, b, g0, lse_1, lse_s, label, counts, in_range);
     if (pr.D > 0) {
-      emb_sweep<EE, true>(a, bk, b, 0);
-      for (int64_t g0 = kGroup; g0 < M; g0 += kGroup) emb_sweep<EE, false>(a, bk, b, g0);
+      emb_sweep<EE, true>(a, bk, r, b, 0);
+      for (int64_t g0 = kGroup; g0 < M; g0 += kGroup) emb_sweep<EE, false>(a, bk, r, b, g0);
     }
     __syncthreads();  // all reads of bk.lse and red done before the next row writes them
   }
@@ -363,16 +373,17 @@ int pick_threads(int64_t K, int64_t D) {
 
 int cifd_loss_fwd(const CifdLossProblem& pr, const void* logits, const void* targets,
                   const int64_t* labels, const void* emb, const void* target_embs, const float* lam,
-                  const uint8_t* keep, const float* nvalid, float* ce, float* kl, float* emb_terms,
-                  void* grad_logits, void* grad_emb, void* stream) {
-  if (pr.B <= 0) return cudaSuccess;
+                  const uint8_t* keep, const float* nvalid, const float* group_w, float* ce,
+                  float* kl, float* emb_terms, void* grad_logits, void* grad_emb, void* stream) {
+  if (pr.B <= 0 || pr.G <= 0) return cudaSuccess;
   if (pr.M < 1 || pr.M > kCifdLossMaxTargets || pr.K < 0 || pr.D < 0 ||
       (pr.D > 0 && (emb == nullptr || target_embs == nullptr || grad_emb == nullptr)))
     return cudaErrorInvalidValue;
-  const Args a{pr,     logits, targets,   labels,      emb,     target_embs, lam,
-               keep,   nvalid, ce,        kl,          emb_terms, grad_logits, grad_emb};
+  const Args a{pr,     logits, targets, labels,    emb,         target_embs, lam,     keep,
+               nvalid, group_w, ce,     kl,        emb_terms,   grad_logits, grad_emb};
   const int threads = pick_threads(pr.K, pr.D);
-  const unsigned grid = static_cast<unsigned>(pr.B < kMaxGrid ? pr.B : kMaxGrid);
+  const int64_t rows = pr.G * pr.B;
+  const unsigned grid = static_cast<unsigned>(rows < kMaxGrid ? rows : kMaxGrid);
   const size_t smem = sizeof(float) * 3 * static_cast<size_t>(pr.M);
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   by_dtype(pr.logits_dtype, [&](auto l) {

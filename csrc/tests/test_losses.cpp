@@ -202,13 +202,13 @@ static void test_cpu_kernel(int64_t M, int64_t B, int64_t K, int64_t D, int dist
   pr.ignore_index = -100;
   std::vector<float> ce(B), kl(M * B), em(M * B), gz(B * K), gu(B * D);
   cifd::cpu::cifd_loss_fwd(pr, p.z.data(), p.t.data(), p.y.data(), p.u.data(), p.x.data(),
-                           p.lam.data(), p.keep.data(), &nvalid, ce.data(), kl.data(), em.data(),
-                           gz.data(), gu.data(), 1);
+                           p.lam.data(), p.keep.data(), &nvalid, nullptr, ce.data(), kl.data(),
+                           em.data(), gz.data(), gu.data(), 1);
   // the same bits on 2 threads (rows are independent)
   std::vector<float> ce2(B), kl2(M * B), em2(M * B), gz2(B * K), gu2(B * D);
   cifd::cpu::cifd_loss_fwd(pr, p.z.data(), p.t.data(), p.y.data(), p.u.data(), p.x.data(),
-                           p.lam.data(), p.keep.data(), &nvalid, ce2.data(), kl2.data(), em2.data(),
-                           gz2.data(), gu2.data(), 2);
+                           p.lam.data(), p.keep.data(), &nvalid, nullptr, ce2.data(), kl2.data(),
+                           em2.data(), gz2.data(), gu2.data(), 2);
   CHECK(std::memcmp(gz.data(), gz2.data(), gz.size() * 4) == 0);
   CHECK(std::memcmp(kl.data(), kl2.data(), kl.size() * 4) == 0);
   CHECK(std::memcmp(gu.data(), gu2.data(), gu.size() * 4) == 0);
@@ -276,6 +276,51 @@ static void test_cpu_kernel(int64_t M, int64_t B, int64_t K, int64_t D, int dist
   }
 }
 
+// Groups: G student sets against the same targets in one call give, group by
+// group, the bits of G one-group calls (with that group's c_emb * group_w[g]).
+static void test_cpu_kernel_groups(int64_t G, int64_t M, int64_t B, int64_t K, int64_t D,
+                                   unsigned seed) {
+  const Problem p = make_problem(M, B, K, D, seed);
+  std::mt19937 rng(seed + 100);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> z(G * B * K), u(G * B * D), gw(G);
+  for (float& v : z) v = 3.0f * nd(rng);
+  for (float& v : u) v = nd(rng);
+  for (int64_t g = 0; g < G; ++g) gw[g] = 0.5f + static_cast<float>(g);
+  const float nvalid = 3.0f;
+  cifd::CifdLossProblem pr;
+  pr.B = B;
+  pr.G = G;
+  pr.K = K;
+  pr.D = D;
+  pr.M = M;
+  pr.tau = 2.0f;
+  pr.lam_ce = 0.7f;
+  pr.c_kl = static_cast<float>(1.3 * 2.0 / B);
+  pr.c_emb = static_cast<float>(10.0 / B);
+  pr.dist = L::kDistSmoothL1;
+  std::vector<float> ce(G * B), kl(M * G * B), em(M * G * B), gz(G * B * K), gu(G * B * D);
+  cifd::cpu::cifd_loss_fwd(pr, z.data(), p.t.data(), p.y.data(), u.data(), p.x.data(), p.lam.data(),
+                           p.keep.data(), &nvalid, gw.data(), ce.data(), kl.data(), em.data(),
+                           gz.data(), gu.data(), 2);
+  for (int64_t g = 0; g < G; ++g) {
+    cifd::CifdLossProblem one = pr;
+    one.G = 1;
+    one.c_emb = pr.c_emb * gw[g];
+    std::vector<float> ce1(B), kl1(M * B), em1(M * B), gz1(B * K), gu1(B * D);
+    cifd::cpu::cifd_loss_fwd(one, z.data() + g * B * K, p.t.data(), p.y.data(), u.data() + g * B * D,
+                             p.x.data(), p.lam.data(), p.keep.data(), &nvalid, nullptr, ce1.data(),
+                             kl1.data(), em1.data(), gz1.data(), gu1.data(), 1);
+    CHECK(std::memcmp(ce1.data(), ce.data() + g * B, B * 4) == 0);
+    CHECK(std::memcmp(gz1.data(), gz.data() + g * B * K, B * K * 4) == 0);
+    CHECK(std::memcmp(gu1.data(), gu.data() + g * B * D, B * D * 4) == 0);
+    for (int64_t m = 0; m < M; ++m) {
+      CHECK(std::memcmp(kl1.data() + m * B, kl.data() + (m * G + g) * B, B * 4) == 0);
+      CHECK(std::memcmp(em1.data() + m * B, em.data() + (m * G + g) * B, B * 4) == 0);
+    }
+  }
+}
+
 int main() {
   test_distortions();
   test_small_helpers();
@@ -284,6 +329,8 @@ int main() {
   test_cpu_kernel(4, 9, 1000, 33, L::kDistSmoothL1, 2);
   test_cpu_kernel(10, 5, 37, 11, L::kDistMse, 3);  // M past the CUDA kernel's register group
   test_cpu_kernel(3, 3, 129, 0, L::kDistSmoothL1, 4);  // no embeddings
+  test_cpu_kernel_groups(3, 1, 5, 37, 11, 5);  // the RDM bank's stage 1: M = 1
+  test_cpu_kernel_groups(2, 4, 9, 100, 16, 6);
   if (failures) {
     std::fprintf(stderr, "test_losses: %d failure(s)\n", failures);
     return 1;

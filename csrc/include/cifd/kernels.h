@@ -129,10 +129,17 @@ void density_unpack_grad(const double* grad_packed, const double* const* params,
 // gradients of the batch-mean loss with respect to the student's logits and
 // embedding, in one pass. Targets are frozen (no gradient); a target whose keep
 // flag is 0 is never read.
+//
+// Groups (the stage-1 losses of an RDM bank in one call): G student sets share
+// the targets, labels and lam. Student row r = g B + b (g < G, b < B) is scored
+// against target row b and label b; per-row outputs are indexed by r, so ce is
+// [G, B] and kl, emb_terms are [M, G, B]; each group's means are over its own B
+// rows, and group g's embedding gradient is scaled by group_w[g] (null: 1).
 namespace cifd {
 
 struct CifdLossProblem {
   int64_t B = 0, K = 0, D = 0, M = 0;  // D = 0: no embeddings
+  int64_t G = 1;                       // student sets (groups) sharing the targets
   EbDtype logits_dtype = EbDtype::kFloat32;  // student and target logits, grad_logits
   EbDtype emb_dtype = EbDtype::kFloat32;     // student and target embeddings, grad_emb
   float tau = 1.0f;
@@ -145,17 +152,18 @@ struct CifdLossProblem {
 
 namespace cpu {
 
-// logits [B, K], targets [M, B, K], labels [B] int64 (not range-checked: the
-// caller's), emb [B, D] and target_embs [M, B, D] (null when D = 0), lam [M]
-// float32, keep [M] bytes, nvalid: 1 float32 (#non-ignored labels, >= 1).
-// Writes ce [B], kl [M, B], emb_terms [M, B] (float32; 0 for dropped targets),
-// grad_logits [B, K] and grad_emb [B, D] (the inputs' dtypes). Rows are split
-// across threads; every row's result is independent of num_threads.
+// logits [G, B, K], targets [M, B, K], labels [B] int64 (not range-checked: the
+// caller's), emb [G, B, D] and target_embs [M, B, D] (null when D = 0), lam [M]
+// float32, keep [M] bytes, nvalid: 1 float32 (#non-ignored labels, >= 1),
+// group_w [G] float32 or null. Writes ce [G, B], kl [M, G, B], emb_terms
+// [M, G, B] (float32; 0 for dropped targets), grad_logits [G, B, K] and grad_emb
+// [G, B, D] (the inputs' dtypes). Rows are split across threads; every row's
+// result is independent of num_threads and of G.
 void cifd_loss_fwd(const CifdLossProblem& pr, const void* logits, const void* targets,
                    const int64_t* labels, const void* emb, const void* target_embs,
-                   const float* lam, const uint8_t* keep, const float* nvalid, float* ce,
-                   float* kl, float* emb_terms, void* grad_logits, void* grad_emb,
-                   int num_threads);
+                   const float* lam, const uint8_t* keep, const float* nvalid,
+                   const float* group_w, float* ce, float* kl, float* emb_terms,
+                   void* grad_logits, void* grad_emb, int num_threads);
 
 }  // namespace cpu
 
@@ -171,8 +179,9 @@ constexpr int64_t kCifdLossMaxTargets = 1024;
 // bitwise reproducible.
 int cifd_loss_fwd(const CifdLossProblem& pr, const void* logits, const void* targets,
                   const int64_t* labels, const void* emb, const void* target_embs,
-                  const float* lam, const uint8_t* keep, const float* nvalid, float* ce,
-                  float* kl, float* emb_terms, void* grad_logits, void* grad_emb, void* stream);
+                  const float* lam, const uint8_t* keep, const float* nvalid,
+                  const float* group_w, float* ce, float* kl, float* emb_terms,
+                  void* grad_logits, void* grad_emb, void* stream);
 
 }  // namespace cuda
 }  // namespace cifd
