@@ -11,7 +11,7 @@ reference runs N chains of small ops, this path runs the bank as::
     zh, rate, p = entropy_bottleneck(z)    the fused rate kernel (noise, density, log)
     xh   = act(zh W3^T + b3) W4^T + b4     batched GEMMs
     V    = xh W5^T + b5                    batched GEMM
-    loss = sum_n R_n dist + rate + CE + tau^2 KL   the fused loss kernel (cifd::cifd_loss)
+    loss = sum_n R_n dist + rate + CE + tau^2 KL   one fused loss kernel call (cifd::cifd_loss, N groups)
 
 Backends (``cifd::`` ops underneath):
 
@@ -28,9 +28,10 @@ runs once per RDM on the contiguous ``[B, L]`` block of the ``[N, B, L]`` latent
 with the channel slice ``n*L .. n*L + L - 1`` of the packed density and offset
 ``offset + n*B*L``, which is exactly that counter layout.
 
-The loss kernel makes one pass over each RDM's logits and reconstruction and
-writes their gradients in the same pass (Liger-Kernel style; N launches, one per
-RDM, each with that RDM's ``R_n`` as the distortion weight). The teacher's
+The stage-1 losses of all N RDMs are one launch of the fused loss kernel: one
+pass over every RDM's logits and reconstruction that writes their gradients in the
+same pass (Liger-Kernel style), the N RDMs being the kernel's groups (shared
+teacher rows and labels, ``R_n`` as group n's distortion weight). The teacher's
 embedding and logits are frozen there (no gradient); ``auto`` sends a call where
 they require grad to the reference, a named backend raises.
 
@@ -57,7 +58,7 @@ from . import _eager
 from . import density_pack as _pack
 from .entropy_bottleneck import OP as _EB_OP
 from .entropy_bottleneck import run_fused as _eb_run_fused
-from .cifd_loss import cifd_loss as _cifd_loss
+from .cifd_loss import grouped_loss as _grouped_loss
 
 OP = "rdm_bank"
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -279,9 +280,11 @@ def rdm_bank_loss(x: torch.Tensor, x_hat: torch.Tensor, logits: torch.Tensor, ra
     """Stage-1 loss of every RDM, fused: arguments and return as
     :func:`cifd_kernels.reference.rdm.rdm_bank_loss`, plus ``backend``.
 
-    Per RDM n, one pass of the fused loss kernel over ``logits[n]`` and ``x_hat[n]``
-    computes ``R_n dist + lam_ce CE + lam_kl tau^2 KL`` and its gradients; the rate mean
-    is plain torch. On the kernel paths the terms other than ``loss`` and ``rate`` are
+    One pass of the fused loss kernel over all N RDMs' logits and reconstructions
+    (:func:`cifd_kernels.ops.cifd_loss.grouped_loss`: the N RDMs are the kernel's groups,
+    sharing the teacher's logits, embedding and labels) computes every
+    ``R_n dist + lam_ce CE + lam_kl tau^2 KL`` and its gradients; the rate mean is plain
+    torch. On the kernel paths the terms other than ``loss`` and ``rate`` are
     detached (values only)."""
     _ref_loss.check_tensor("x_hat", x_hat, ndim=3)
     _ref_loss.check_tensor("logits", logits, ndim=3)
@@ -327,28 +330,31 @@ def rdm_bank_loss(x: torch.Tensor, x_hat: torch.Tensor, logits: torch.Tensor, ra
         raise ValueError(f"len(R) = {len(R)} but the bank has N = {n} RDMs")
 
     loss_be = be if be in _backend.implemented("cifd_loss") else None  # None: auto
-    # Left-out terms: CE with every label ignored is 0, KL with lam_kl = 0 is 0.
+    # Left-out terms: CE with every label ignored is 0, KL with lam_kl = 0 is 0 (the KL
+    # target is then a stand-in: RDM 0's own logits).
     lab = labels if labels is not None else torch.full((batch,), ignore_index, dtype=torch.long,
                                                        device=x.device)
-    target = x.to(x_hat.dtype)[None]
-    zero = torch.zeros((), dtype=torch.float32, device=x.device)
-    per, ce_n, kl_n, dist_n = [], [], [], []
-    xhs, lgs = x_hat.unbind(0), logits.unbind(0)
-    for i in range(n):
-        t_logits = teacher_logits[None] if teacher_logits is not None else lgs[i].detach()[None]
-        loss_i, t = _cifd_loss(lgs[i], t_logits.to(logits.dtype), lab, xhs[i], target, None, tau=tau,
-                               p_drop=0.0, lam_ce=lam_ce if labels is not None else 0.0,
-                               lam_kl=lam_kl if teacher_logits is not None else 0.0, w_emb=R[i], dist=dist,
-                               ignore_index=ignore_index, backend=loss_be)
-        per.append(loss_i)
-        ce_n.append(t["ce"] if labels is not None else zero)
-        kl_n.append(t["kl"][0] if teacher_logits is not None else zero)
-        dist_n.append(t["emb"][0])
+    t_logits = (teacher_logits if teacher_logits is not None else logits[0]).detach()[None]
+    loss_g, ce_g, kl_mg, emb_mg = _grouped_loss(
+        logits, t_logits.to(logits.dtype), lab, x_hat, x.to(x_hat.dtype)[None],
+        _floats_on(R, x.device), tau=tau, lam_ce=lam_ce if labels is not None else 0.0,
+        lam_kl=lam_kl if teacher_logits is not None else 0.0, dist=dist, ignore_index=ignore_index,
+        backend=loss_be)
+    zero = torch.zeros(n, dtype=torch.float32, device=x.device)
     rate_n = rate.float().mean(-1)
-    loss_n = torch.stack(per) + rate_n
-    terms = {"dist": torch.stack(dist_n), "rate": rate_n, "ce": torch.stack(ce_n),
-             "kl": torch.stack(kl_n), "loss": loss_n}
+    loss_n = loss_g + rate_n
+    terms = {"dist": emb_mg[0], "rate": rate_n, "ce": ce_g if labels is not None else zero,
+             "kl": kl_mg[0] if teacher_logits is not None else zero, "loss": loss_n}
     return loss_n.sum(), terms
+
+
+def _floats_on(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """A float32 tensor of Python numbers on ``device``, without a host sync: on a GPU
+    through pinned memory and a non-blocking copy (a pageable copy would wait for the
+    stream); under ``torch.compile`` a plain constant."""
+    if device.type == "cpu" or torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=torch.float32, device=device)
+    return torch.tensor(values, dtype=torch.float32).pin_memory().to(device, non_blocking=True)
 
 
 def _register() -> None:
