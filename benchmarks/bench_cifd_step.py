@@ -21,7 +21,8 @@ Scenarios (the ``shape`` id is (B, scenario)):
   (KD and CIFD) and the frozen RDM bank in eval mode (CIFD), under no_grad.
 
 Models: the Fashion-MNIST recipe's cnn10 teacher (D = 128) and cnn2 student; 28x28
-inputs. Mode ``full`` only (a training step).
+inputs; SGD with momentum, fused as in the recipe (``engine.fused_kwargs``). Mode
+``full`` only (a training step).
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ def _setup(provider: str, batch: int, online: bool, device):
     from cifd_kernels import CIFDLoss, RDMBank
     from cifd_kernels.training.cifd import CIFDStudent
     from cifd_kernels.training.distill import kd_loss
+    from cifd_kernels.training.engine import fused_kwargs
     from cifd_kernels.training.models import build_model
 
     torch.manual_seed(0)
@@ -68,7 +70,8 @@ def _setup(provider: str, batch: int, online: bool, device):
             return torch.cat([e[None], x_hat]), torch.cat([teacher.head(e)[None], logits])
 
     if provider == "kd":
-        opt = torch.optim.SGD(student.parameters(), lr=1e-3, momentum=0.9)
+        params = list(student.parameters())
+        opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, **fused_kwargs(params))
 
         def step():
             if online:  # KD runs only the teacher, no bank
@@ -83,7 +86,8 @@ def _setup(provider: str, batch: int, online: bool, device):
         return step
 
     wrapper = CIFDStudent(student, D, s=0.1).to(device).train()
-    opt = torch.optim.SGD(wrapper.parameters(), lr=1e-3, momentum=0.9)
+    params = list(wrapper.parameters())
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, **fused_kwargs(params))
     loss_fn = CIFDLoss(lam=[1.0] * (N_RDM + 1), tau=TAU, p_drop=0.25, w_emb=1.0 / D)
     count = [0]
 

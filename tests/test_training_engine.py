@@ -152,3 +152,31 @@ def test_kd_loss_formula():
                    reduction="batchmean", log_target=True) * tau ** 2
     torch.testing.assert_close(kd_loss(s, t, y, tau=tau, lam_ce=0.0), ref)
     assert kd_loss(t, t, y, tau=tau, lam_ce=0.0).abs().item() < 1e-6
+
+
+def test_optimizers_are_fused_where_torch_has_the_kernels():
+    """build_optimizer (and the RDM bank's Adam) take torch's fused kernels for CPU/CUDA
+    float parameters, and the fused step equals the for-loop step (to rounding)."""
+    lin = torch.nn.Linear(6, 3)
+    assert engine.fused_kwargs(lin.parameters()) == {"fused": True}
+    assert engine.fused_kwargs([{"params": list(lin.parameters())}]) == {"fused": True}
+    assert engine.fused_kwargs([torch.zeros(2, device="meta", requires_grad=True)]) == {}
+    assert engine.fused_kwargs([]) == {}
+    for name in ("sgd", "adamw"):
+        cfg = C.TrainConfig(optimizer=name, lr=0.1)
+        models = [torch.nn.Linear(6, 3) for _ in range(2)]
+        models[1].load_state_dict(models[0].state_dict())
+        opts = [engine.build_optimizer(models[0].parameters(), cfg),
+                torch.optim.SGD(models[1].parameters(), lr=0.1, momentum=cfg.momentum,
+                                nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+                if name == "sgd" else
+                torch.optim.AdamW(models[1].parameters(), lr=0.1, weight_decay=cfg.weight_decay)]
+        assert opts[0].param_groups[0]["fused"] is True
+        x = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+        for _ in range(3):
+            for m, o in zip(models, opts):
+                o.zero_grad()
+                m(x).square().sum().backward()
+                o.step()
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

