@@ -251,12 +251,15 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
     # Channel: one fused rate-kernel call per RDM on its [B, L] block (counter layout above).
     packed = _pack.pack_density(matrices, biases, factors)  # [58, N*L]
     z_hats, rates, liks = [], [], []
-    zs = z.unbind(0)  # unbind's backward stacks the blocks' gradients (no zero-filled [N, B, L] each)
+    # unbind's backward stacks the blocks' gradients in one op (slices would each
+    # zero-fill a full-size gradient and add them up)
+    zs = z.unbind(0)
+    packs = packed.view(packed.shape[0], n, l).unbind(1)  # RDM i's channels n*L + (0..L-1)
+    meds = med.view(n, l).unbind(0) if med is not None else [None] * n
     for i in range(n):
-        cols = slice(i * l, (i + 1) * l)
         y_hat, rate, lik = _eb_run_fused(
-            zs[i], packed[:, cols].contiguous(), med[cols] if med is not None else None, mode, seed,
-            offset + i * batch * l, 0.0, 1.0, float(likelihood_bound), bool(need_likelihood), True, be)
+            zs[i], packs[i].contiguous(), meds[i], mode, seed, offset + i * batch * l, 0.0, 1.0,
+            float(likelihood_bound), bool(need_likelihood), True, be)
         z_hats.append(y_hat)
         rates.append(rate)
         liks.append(lik)
