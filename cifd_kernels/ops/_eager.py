@@ -41,8 +41,14 @@ def autograd_function(name: str, impl: Callable, setup_context: Callable,
     """A ``torch.autograd.Function`` running ``impl(*args)`` forward, the op's
     ``setup_context(ctx, inputs, output)``, and ``backward(ctx, *grads)``: the
     op's backward formula over the backward *implementation* (the registered
-    one calls the backward op): the op's autograd, without custom-op dispatch."""
+    one calls the backward op): the op's autograd, without custom-op dispatch.
+
+    Gradients are not materialized: an output that got no gradient reaches
+    ``backward`` as None, not as a zero-filled tensor of its size (the loss op's
+    saved-gradient outputs are [G, B, K]; the entropy op's likelihoods [B, C], which
+    the kernels then skip). The backward formulas take None for any output."""
     def forward(ctx, *args):
+        ctx.set_materialize_grads(False)
         out = impl(*args)
         setup_context(ctx, args, out)
         return out

@@ -128,6 +128,8 @@ def _backward(ctx, g_loss, g_ce, g_kl, g_emb, g_gz, g_gu):
     # Only the loss is differentiable (the public functional detaches the terms). With
     # groups g_loss is [G]: group g's rows scale by g_loss[g].
     gz, gu = ctx.saved_tensors
+    if g_loss is None:  # the eager path does not materialize unused gradients
+        return (None,) * 15
     g = g_loss.reshape(g_loss.shape + (1, 1))
     grad_z = gz * g.to(gz.dtype)
     grad_u = gu * g.to(gu.dtype) if ctx.has_emb else None

@@ -107,6 +107,8 @@ def _setup_linear(ctx, inputs, output):
 
 def _linear_backward(ctx, g_y, g_pre):
     x, weight, saved = ctx.saved_tensors
+    if g_y is None:  # only the pre-activation was used (the eager path passes None)
+        return None, None, None, None, None
     g = g_y
     if ctx.act == "relu":
         g = g_y * (saved > 0).to(g_y.dtype)
