@@ -116,6 +116,37 @@ def test_deterministic_bits(be, device):
 
 
 @pytest.mark.parametrize("be", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_from_saved_y_hat_gives_the_same_bits(be, dtype, device, monkeypatch):
+    """Noise mode without masking saves y_hat and runs backward in mode none (no noise
+    regenerated): the same bits as saving y and regenerating the noise, for every
+    gradient, through the eager path and the registered ops."""
+    _skip_unless(be, device)
+    if dtype == torch.float64 and be != "cpu":
+        pytest.skip("float64 runs on the C++ CPU kernel only")
+    from cifd_kernels.ops import _eager
+    eb_ops = importlib.import_module("cifd_kernels.ops.entropy_bottleneck")
+    mats, bias, facs, _ = _params(6, device)
+    mats, bias, facs = ([t.detach().to(dtype).requires_grad_() for t in g] for g in (mats, bias, facs))
+    gen = torch.Generator().manual_seed(3)
+    y = (2 * torch.randn(37, 6, generator=gen)).to(device, dtype).requires_grad_()
+    g_yhat = torch.randn(37, 6, generator=gen).to(device, dtype)
+    g_rate = torch.randn(37, generator=gen).to(device)
+
+    def grads():
+        out = entropy_bottleneck(y, mats, bias, facs, seed=5, s=0.7, deterministic=True, backend=be)
+        loss = (out.y_hat * g_yhat).sum() + (out.rate.to(dtype) * g_rate.to(dtype)).sum()
+        return torch.autograd.grad(loss, [y] + mats + bias + facs)
+    for force in (False, True):
+        monkeypatch.setattr(_eager, "FORCE_OPS", force)
+        monkeypatch.setattr(eb_ops, "SAVE_Y_HAT", True)
+        a = grads()
+        monkeypatch.setattr(eb_ops, "SAVE_Y_HAT", False)
+        b = grads()
+        assert all(torch.equal(x, z) for x, z in zip(a, b))
+
+
+@pytest.mark.parametrize("be", KERNELS)
 def test_module_equals_reference_module(be, device):
     _skip_unless(be, device)
     torch.manual_seed(0)

@@ -105,10 +105,27 @@ def _(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, of
     return torch.empty_like(y), packed.new_empty((_pack.NUM_GRAD, packed.shape[1]))
 
 
+def _saved_input(y: torch.Tensor, y_hat: torch.Tensor, mode: str, rho: float) -> tuple[torch.Tensor, str]:
+    """What backward re-evaluates the density at, and in which mode. In noise mode
+    without masking and with float32/float64 y, y_hat *is* y + s u at the precision
+    the kernels evaluate the density at, and d y_hat / d y = 1: backward then runs in
+    mode ``none`` on y_hat, the same bits without regenerating the noise (Philox is
+    ~11% of the CPU backward: 60.7 -> 54.2 ms at (4096, 512)). Half-precision y_hat
+    is rounded, and rho > 0 needs the keep flags: those keep y and the noise mode."""
+    if SAVE_Y_HAT and mode == "noise" and rho == 0.0 and y.dtype in (torch.float32, torch.float64):
+        return y_hat, "none"
+    return y, mode
+
+
+# Switch for the tests (the two ways of saving must give the same bits).
+SAVE_Y_HAT = True
+
+
 def _setup_context(ctx, inputs, output):
     y, packed, medians, mode, seed, offset, rho, s, bound, need_lik, deterministic, backend = inputs
-    ctx.save_for_backward(y, packed, medians)
-    ctx.args = (mode, seed, offset, rho, s, bound, deterministic, backend)
+    saved, bwd_mode = _saved_input(y, output[0], mode, rho)
+    ctx.save_for_backward(saved, packed, medians)
+    ctx.args = (bwd_mode, seed, offset, rho, s, bound, deterministic, backend)
     ctx.need_lik = need_lik
 
 
@@ -164,8 +181,9 @@ def _bwd_triton(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.T
 
 def _setup_triton(ctx, inputs, output):
     y, packed, medians, mode, seed, offset, rho, s, bound, need_lik = inputs
-    ctx.save_for_backward(y, packed, medians)
-    ctx.args = (mode, seed, offset, rho, s, bound)
+    saved, bwd_mode = _saved_input(y, output[0], mode, rho)
+    ctx.save_for_backward(saved, packed, medians)
+    ctx.args = (bwd_mode, seed, offset, rho, s, bound)
     ctx.need_lik = need_lik
 
 
