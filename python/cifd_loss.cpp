@@ -163,23 +163,36 @@ const float* group_w_ptr(const at::Tensor& group_w) {
   return group_w.numel() > 0 ? group_w.data_ptr<float>() : nullptr;
 }
 
+// Checks, outputs, then `launch(pr, <the kernels' pointer arguments>)`: the CPU and
+// CUDA kernels share that argument list and differ only in what follows it.
+template <class Launch>
+Outputs run_fwd(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& labels,
+                const at::Tensor& emb, const at::Tensor& target_embs, const at::Tensor& lam,
+                const at::Tensor& keep, const at::Tensor& nvalid, const at::Tensor& group_w,
+                double tau, double lam_ce, double lam_kl, double w_emb, int64_t dist,
+                int64_t ignore_index, Launch launch) {
+  const Checked c = check_args(logits, targets, labels, emb, target_embs, lam, keep, nvalid,
+                               group_w, tau, lam_ce, lam_kl, w_emb, dist, ignore_index);
+  auto [ce, kl, emb_terms, grad_logits, grad_emb] = alloc_outputs(c, logits, emb);
+  const bool e = c.pr.D > 0;
+  launch(c.pr, logits.data_ptr(), targets.data_ptr(), labels.data_ptr<int64_t>(),
+         e ? emb.data_ptr() : nullptr, e ? target_embs.data_ptr() : nullptr, lam.data_ptr<float>(),
+         keep.data_ptr<uint8_t>(), nvalid.data_ptr<float>(), group_w_ptr(group_w),
+         ce.data_ptr<float>(), kl.data_ptr<float>(), emb_terms.data_ptr<float>(),
+         grad_logits.data_ptr(), e ? grad_emb.data_ptr() : nullptr);
+  return {ce, kl, emb_terms, grad_logits, grad_emb};
+}
+
 Outputs fwd_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& labels,
                 const at::Tensor& emb, const at::Tensor& target_embs, const at::Tensor& lam,
                 const at::Tensor& keep, const at::Tensor& nvalid, const at::Tensor& group_w,
                 double tau, double lam_ce, double lam_kl, double w_emb, int64_t dist,
                 int64_t ignore_index) {
   TORCH_CHECK(logits.device().is_cpu(), "logits must be a CPU tensor, got ", logits.device());
-  const Checked c = check_args(logits, targets, labels, emb, target_embs, lam, keep, nvalid,
-                               group_w, tau, lam_ce, lam_kl, w_emb, dist, ignore_index);
-  auto [ce, kl, emb_terms, grad_logits, grad_emb] = alloc_outputs(c, logits, emb);
-  const bool e = c.pr.D > 0;
-  cifd::cpu::cifd_loss_fwd(c.pr, logits.data_ptr(), targets.data_ptr(), labels.data_ptr<int64_t>(),
-                           e ? emb.data_ptr() : nullptr, e ? target_embs.data_ptr() : nullptr,
-                           lam.data_ptr<float>(), keep.data_ptr<uint8_t>(), nvalid.data_ptr<float>(),
-                           group_w_ptr(group_w), ce.data_ptr<float>(), kl.data_ptr<float>(), emb_terms.data_ptr<float>(),
-                           grad_logits.data_ptr(), e ? grad_emb.data_ptr() : nullptr,
-                           at::get_num_threads());
-  return {ce, kl, emb_terms, grad_logits, grad_emb};
+  return run_fwd(logits, targets, labels, emb, target_embs, lam, keep, nvalid, group_w, tau, lam_ce,
+                 lam_kl, w_emb, dist, ignore_index, [](const auto&... a) {
+                   cifd::cpu::cifd_loss_fwd(a..., at::get_num_threads());
+                 });
 }
 
 #ifdef CIFD_WITH_CUDA
@@ -189,22 +202,17 @@ Outputs fwd_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::
                  double tau, double lam_ce, double lam_kl, double w_emb, int64_t dist,
                  int64_t ignore_index) {
   TORCH_CHECK(logits.device().is_cuda(), "logits must be a CUDA tensor, got ", logits.device());
-  const Checked c = check_args(logits, targets, labels, emb, target_embs, lam, keep, nvalid,
-                               group_w, tau, lam_ce, lam_kl, w_emb, dist, ignore_index);
-  TORCH_CHECK(c.pr.M <= cifd::cuda::kCifdLossMaxTargets, "targets: the CUDA kernel takes M <= ",
-              cifd::cuda::kCifdLossMaxTargets, " targets, got ", c.pr.M);
+  TORCH_CHECK(targets.dim() < 1 || targets.size(0) <= cifd::cuda::kCifdLossMaxTargets,
+              "targets: the CUDA kernel takes M <= ", cifd::cuda::kCifdLossMaxTargets,
+              " targets, got ", targets.dim() < 1 ? 0 : targets.size(0));
   const c10::cuda::CUDAGuard guard(logits.device());
-  auto [ce, kl, emb_terms, grad_logits, grad_emb] = alloc_outputs(c, logits, emb);
-  const bool e = c.pr.D > 0;
-  const int err = cifd::cuda::cifd_loss_fwd(
-      c.pr, logits.data_ptr(), targets.data_ptr(), labels.data_ptr<int64_t>(),
-      e ? emb.data_ptr() : nullptr, e ? target_embs.data_ptr() : nullptr, lam.data_ptr<float>(),
-      keep.data_ptr<uint8_t>(), nvalid.data_ptr<float>(), group_w_ptr(group_w), ce.data_ptr<float>(),
-      kl.data_ptr<float>(), emb_terms.data_ptr<float>(), grad_logits.data_ptr(),
-      e ? grad_emb.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream().stream());
-  C10_CUDA_CHECK(static_cast<cudaError_t>(err));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {ce, kl, emb_terms, grad_logits, grad_emb};
+  return run_fwd(logits, targets, labels, emb, target_embs, lam, keep, nvalid, group_w, tau, lam_ce,
+                 lam_kl, w_emb, dist, ignore_index, [](const auto&... a) {
+                   const int err =
+                       cifd::cuda::cifd_loss_fwd(a..., c10::cuda::getCurrentCUDAStream().stream());
+                   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
+                   C10_CUDA_KERNEL_LAUNCH_CHECK();
+                 });
 }
 #endif
 
