@@ -19,6 +19,15 @@
 // an empty tensor (= zero); all contiguous. grad_y: y's dtype and shape;
 // grad_packed [59, C] in the compute dtype (row 58: medians, dequantize mode;
 // zero otherwise).
+//
+//   entropy_bottleneck_fwd_groups(..., need_likelihood, groups)
+//   entropy_bottleneck_bwd_groups(..., deterministic, groups)
+//
+// G problems in one call (the RDM bank's N latents): y [G, N, C, *spatial], group g
+// the problem y[g] on channels g C .. g C + C - 1 of packed [58, G C] (medians
+// [G C]), every element at Philox counter offset + its flat index in y. rate and
+// grad_rate are [G, N]; grad_packed [59, G C]; the rest as above. The kernels run
+// once per group, writing into the outputs in place: the same bits as G calls.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -137,51 +146,29 @@ const void* medians_ptr(const at::Tensor& medians, int64_t mode) {
   return mode == 1 ? medians.data_ptr() : nullptr;
 }
 
-// Forward: checks, outputs allocated.
-struct Fwd {
-  Prepared p;
+// Outputs of one problem: y_hat like y, rate [N], likelihood like y or empty.
+struct FwdOut {
   at::Tensor y_hat, rate, lik;
-  const void* med;
-  void* lik_ptr;  // null unless need_likelihood
 };
 
-Fwd prepare_fwd(const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
-                int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound,
-                bool need_likelihood) {
-  Fwd f;
-  f.p = prepare(y, packed, medians, mode, seed, offset, rho, s, bound);
-  f.y_hat = at::empty(y.sizes(), y.options());
-  f.rate = at::empty({y.size(0)}, y.options().dtype(f.p.cdt));
-  f.lik = at::empty(need_likelihood ? y.sizes() : at::IntArrayRef({0}), y.options().dtype(f.p.cdt));
-  f.med = medians_ptr(medians, mode);
-  f.lik_ptr = need_likelihood ? f.lik.data_ptr() : nullptr;
-  return f;
+FwdOut alloc_fwd(const at::Tensor& y, at::ScalarType cdt, bool need_likelihood) {
+  return {at::empty(y.sizes(), y.options()), at::empty({y.size(0)}, y.options().dtype(cdt)),
+          at::empty(need_likelihood ? y.sizes() : at::IntArrayRef({0}), y.options().dtype(cdt))};
 }
 
-// Backward: checks (forward's and the gradients'), outputs allocated.
-struct Bwd {
-  Prepared p;
-  const void* med;
+// Backward's gradient inputs, checked (null = absent).
+struct BwdIn {
   const void* gyh;
   const void* grate;
   const void* glik;
-  at::Tensor grad_y, grad_packed;
 };
 
-Bwd prepare_bwd(const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
-                const at::Tensor& grad_y_hat, const at::Tensor& grad_rate,
-                const at::Tensor& grad_likelihood, int64_t mode, int64_t seed, int64_t offset,
-                double rho, double s, double bound) {
-  Bwd b;
-  b.p = prepare(y, packed, medians, mode, seed, offset, rho, s, bound);
-  b.med = medians_ptr(medians, mode);
-  b.gyh = opt_grad(grad_y_hat, "grad_y_hat", y, y.sizes(), y.scalar_type());
+BwdIn check_bwd_inputs(const Prepared& p, const at::Tensor& y, const at::Tensor& grad_y_hat,
+                       const at::Tensor& grad_rate, const at::Tensor& grad_likelihood) {
   const int64_t n = y.size(0);
-  b.grate = opt_grad(grad_rate, "grad_rate", y, at::IntArrayRef(&n, 1), b.p.cdt);
-  b.glik = opt_grad(grad_likelihood, "grad_likelihood", y, y.sizes(), b.p.cdt);
-  b.grad_y = at::empty(y.sizes(), y.options());
-  b.grad_packed = at::empty({kNumGrad, y.size(1)}, y.options().dtype(b.p.cdt));
-  return b;
+  return {opt_grad(grad_y_hat, "grad_y_hat", y, y.sizes(), y.scalar_type()),
+          opt_grad(grad_rate, "grad_rate", y, at::IntArrayRef(&n, 1), p.cdt),
+          opt_grad(grad_likelihood, "grad_likelihood", y, y.sizes(), p.cdt)};
 }
 
 template <class T>
@@ -189,49 +176,41 @@ const T* cptr(const void* p) {
   return static_cast<const T*>(p);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& y, const at::Tensor& packed,
-                                                       const at::Tensor& medians, int64_t mode,
-                                                       int64_t seed, int64_t offset, double rho,
-                                                       double s, double bound,
-                                                       bool need_likelihood) {
-  Fwd f = prepare_fwd(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood);
+// One problem's kernels into given outputs (grad_packed: [59, C] contiguous).
+void fwd_kernel_cpu(const Prepared& p, const at::Tensor& y, const at::Tensor& packed,
+                    const at::Tensor& medians, double s, double bound, FwdOut& o) {
+  const void* med = medians_ptr(medians, p.pr.mode);
+  void* lik = o.lik.numel() > 0 ? o.lik.data_ptr() : nullptr;
   const int threads = at::get_num_threads();
-  if (f.p.f64()) {
-    cifd::cpu::entropy_bottleneck_fwd(f.p.pr, s, bound, y.data_ptr<double>(),
-                                      packed.data_ptr<double>(), cptr<double>(f.med),
-                                      f.y_hat.data_ptr<double>(), f.rate.data_ptr<double>(),
-                                      static_cast<double*>(f.lik_ptr), threads);
+  if (p.f64()) {
+    cifd::cpu::entropy_bottleneck_fwd(p.pr, s, bound, y.data_ptr<double>(),
+                                      packed.data_ptr<double>(), cptr<double>(med),
+                                      o.y_hat.data_ptr<double>(), o.rate.data_ptr<double>(),
+                                      static_cast<double*>(lik), threads);
   } else {
-    cifd::cpu::entropy_bottleneck_fwd(f.p.pr, y.data_ptr(), packed.data_ptr<float>(),
-                                      cptr<float>(f.med), f.y_hat.data_ptr(),
-                                      f.rate.data_ptr<float>(), static_cast<float*>(f.lik_ptr),
-                                      threads);
+    cifd::cpu::entropy_bottleneck_fwd(p.pr, y.data_ptr(), packed.data_ptr<float>(),
+                                      cptr<float>(med), o.y_hat.data_ptr(),
+                                      o.rate.data_ptr<float>(), static_cast<float*>(lik), threads);
   }
-  return {f.y_hat, f.rate, f.lik};
 }
 
-std::tuple<at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& y, const at::Tensor& packed,
-                                           const at::Tensor& medians, const at::Tensor& grad_y_hat,
-                                           const at::Tensor& grad_rate,
-                                           const at::Tensor& grad_likelihood, int64_t mode,
-                                           int64_t seed, int64_t offset, double rho, double s,
-                                           double bound, bool deterministic) {
-  Bwd b = prepare_bwd(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed,
-                      offset, rho, s, bound);
+void bwd_kernel_cpu(const Prepared& p, const at::Tensor& y, const at::Tensor& packed,
+                    const at::Tensor& medians, const BwdIn& g, double s, double bound,
+                    bool deterministic, const at::Tensor& grad_y, const at::Tensor& grad_packed) {
+  const void* med = medians_ptr(medians, p.pr.mode);
   const int threads = at::get_num_threads();
-  if (b.p.f64()) {
-    cifd::cpu::entropy_bottleneck_bwd(b.p.pr, s, bound, y.data_ptr<double>(),
-                                      packed.data_ptr<double>(), cptr<double>(b.med),
-                                      cptr<double>(b.gyh), cptr<double>(b.grate),
-                                      cptr<double>(b.glik), b.grad_y.data_ptr<double>(),
-                                      b.grad_packed.data_ptr<double>(), threads);
+  if (p.f64()) {
+    cifd::cpu::entropy_bottleneck_bwd(p.pr, s, bound, y.data_ptr<double>(),
+                                      packed.data_ptr<double>(), cptr<double>(med),
+                                      cptr<double>(g.gyh), cptr<double>(g.grate),
+                                      cptr<double>(g.glik), grad_y.data_ptr<double>(),
+                                      grad_packed.data_ptr<double>(), threads);
   } else {
-    cifd::cpu::entropy_bottleneck_bwd(b.p.pr, y.data_ptr(), packed.data_ptr<float>(),
-                                      cptr<float>(b.med), b.gyh, cptr<float>(b.grate),
-                                      cptr<float>(b.glik), b.grad_y.data_ptr(),
-                                      b.grad_packed.data_ptr<float>(), deterministic, threads);
+    cifd::cpu::entropy_bottleneck_bwd(p.pr, y.data_ptr(), packed.data_ptr<float>(),
+                                      cptr<float>(med), g.gyh, cptr<float>(g.grate),
+                                      cptr<float>(g.glik), grad_y.data_ptr(),
+                                      grad_packed.data_ptr<float>(), deterministic, threads);
   }
-  return {b.grad_y, b.grad_packed};
 }
 
 #ifdef CIFD_WITH_CUDA
@@ -239,45 +218,214 @@ int num_sms(const at::Tensor& y) {
   return at::cuda::getDeviceProperties(y.device().index())->multiProcessorCount;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& y, const at::Tensor& packed,
-                                                        const at::Tensor& medians, int64_t mode,
-                                                        int64_t seed, int64_t offset, double rho,
-                                                        double s, double bound,
-                                                        bool need_likelihood) {
-  const c10::cuda::CUDAGuard guard(y.device());
-  Fwd f = prepare_fwd(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood);
+void fwd_kernel_cuda(const Prepared& p, const at::Tensor& y, const at::Tensor& packed,
+                     const at::Tensor& medians, double /*s*/, double /*bound*/, FwdOut& o) {
   const int sms = num_sms(y);
-  const int64_t ws = cifd::cuda::entropy_bottleneck_fwd_workspace(f.p.pr, sms);
+  const int64_t ws = cifd::cuda::entropy_bottleneck_fwd_workspace(p.pr, sms);
   at::Tensor work = at::empty({ws > 0 ? ws : 1}, y.options().dtype(at::kFloat));
   const int err = cifd::cuda::entropy_bottleneck_fwd(
-      f.p.pr, y.data_ptr(), packed.data_ptr<float>(), cptr<float>(f.med), f.y_hat.data_ptr(),
-      f.rate.data_ptr<float>(), static_cast<float*>(f.lik_ptr), work.data_ptr<float>(), sms,
+      p.pr, y.data_ptr(), packed.data_ptr<float>(), cptr<float>(medians_ptr(medians, p.pr.mode)),
+      o.y_hat.data_ptr(), o.rate.data_ptr<float>(),
+      o.lik.numel() > 0 ? o.lik.data_ptr<float>() : nullptr, work.data_ptr<float>(), sms,
       c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {f.y_hat, f.rate, f.lik};
 }
 
-std::tuple<at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& y, const at::Tensor& packed,
-                                            const at::Tensor& medians, const at::Tensor& grad_y_hat,
-                                            const at::Tensor& grad_rate,
-                                            const at::Tensor& grad_likelihood, int64_t mode,
-                                            int64_t seed, int64_t offset, double rho, double s,
-                                            double bound, bool deterministic) {
-  const c10::cuda::CUDAGuard guard(y.device());
-  Bwd b = prepare_bwd(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed,
-                      offset, rho, s, bound);
+void bwd_kernel_cuda(const Prepared& p, const at::Tensor& y, const at::Tensor& packed,
+                     const at::Tensor& medians, const BwdIn& g, double /*s*/, double /*bound*/,
+                     bool deterministic, const at::Tensor& grad_y, const at::Tensor& grad_packed) {
   const int sms = num_sms(y);
-  const int64_t ws = cifd::cuda::entropy_bottleneck_bwd_workspace(b.p.pr, deterministic, sms);
+  const int64_t ws = cifd::cuda::entropy_bottleneck_bwd_workspace(p.pr, deterministic, sms);
   at::Tensor work = at::empty({ws > 0 ? ws : 1}, y.options().dtype(at::kFloat));
   const int err = cifd::cuda::entropy_bottleneck_bwd(
-      b.p.pr, y.data_ptr(), packed.data_ptr<float>(), cptr<float>(b.med), b.gyh,
-      cptr<float>(b.grate), cptr<float>(b.glik), b.grad_y.data_ptr(),
-      b.grad_packed.data_ptr<float>(), deterministic, work.data_ptr<float>(), sms,
+      p.pr, y.data_ptr(), packed.data_ptr<float>(), cptr<float>(medians_ptr(medians, p.pr.mode)),
+      g.gyh, cptr<float>(g.grate), cptr<float>(g.glik), grad_y.data_ptr(),
+      grad_packed.data_ptr<float>(), deterministic, work.data_ptr<float>(), sms,
       c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {b.grad_y, b.grad_packed};
+}
+#endif
+
+// ------------------------------------------------------------------ one problem
+template <class Kernel>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_one(
+    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians, int64_t mode,
+    int64_t seed, int64_t offset, double rho, double s, double bound, bool need_likelihood,
+    Kernel kernel) {
+  const Prepared p = prepare(y, packed, medians, mode, seed, offset, rho, s, bound);
+  FwdOut o = alloc_fwd(y, p.cdt, need_likelihood);
+  kernel(p, y, packed, medians, s, bound, o);
+  return {o.y_hat, o.rate, o.lik};
+}
+
+template <class Kernel>
+std::tuple<at::Tensor, at::Tensor> bwd_one(
+    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
+    const at::Tensor& grad_y_hat, const at::Tensor& grad_rate, const at::Tensor& grad_likelihood,
+    int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound,
+    bool deterministic, Kernel kernel) {
+  const Prepared p = prepare(y, packed, medians, mode, seed, offset, rho, s, bound);
+  const BwdIn g = check_bwd_inputs(p, y, grad_y_hat, grad_rate, grad_likelihood);
+  at::Tensor grad_y = at::empty(y.sizes(), y.options());
+  at::Tensor grad_packed = at::empty({kNumGrad, y.size(1)}, y.options().dtype(p.cdt));
+  kernel(p, y, packed, medians, g, s, bound, deterministic, grad_y, grad_packed);
+  return {grad_y, grad_packed};
+}
+
+// ------------------------------------------------------------------ groups
+// y [G, N, C, *spatial]: group g is the problem y[g] on channels g C .. g C + C - 1 of
+// packed [58, G C] (medians [G C]), its Philox counters from offset + g y[g].numel()
+// (so every element keeps counter offset + its flat index in y). The kernels run
+// once per group on contiguous views; outputs are written in place.
+struct Groups {
+  int64_t G, C, per;
+  at::Tensor packed;   // [G, 58, C] contiguous
+  at::Tensor medians;  // [G, C] in dequantize mode, else the (ignored) input
+};
+
+Groups split_groups(const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
+                    int64_t mode, int64_t offset, int64_t groups) {
+  TORCH_CHECK(groups >= 1, "groups must be >= 1, got ", groups);
+  TORCH_CHECK(y.dim() >= 3 && y.size(0) == groups,
+              "y must be [G=", groups, ", N, C, *spatial] for groups, got ", y.sizes());
+  TORCH_CHECK(y.is_contiguous(), "y must be contiguous");
+  const int64_t C = y.size(2);
+  TORCH_CHECK(packed.dim() == 2 && packed.size(0) == kNumPacked && packed.size(1) == groups * C,
+              "packed must be [", kNumPacked, ", G*C=", groups * C, "] for groups, got ",
+              packed.sizes());
+  Groups gr{groups, C, groups > 0 ? y.numel() / groups : 0,
+            packed.reshape({kNumPacked, groups, C}).permute({1, 0, 2}).contiguous(), medians};
+  if (mode == 1) {
+    TORCH_CHECK(medians.dim() == 1 && medians.size(0) == groups * C,
+                "medians must be [G*C=", groups * C, "] for groups, got ", medians.sizes());
+    gr.medians = medians.reshape({groups, C});
+  }
+  check_u63(offset, "offset");
+  check_offset_range(offset, y.numel());
+  return gr;
+}
+
+template <class Kernel>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_groups(
+    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians, int64_t mode,
+    int64_t seed, int64_t offset, double rho, double s, double bound, bool need_likelihood,
+    int64_t groups, Kernel kernel) {
+  const Groups gr = split_groups(y, packed, medians, mode, offset, groups);
+  const at::ScalarType cdt = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor y_hat = at::empty(y.sizes(), y.options());
+  at::Tensor rate = at::empty({gr.G, y.size(1)}, y.options().dtype(cdt));
+  at::Tensor lik = at::empty(need_likelihood ? y.sizes() : at::IntArrayRef({0}),
+                             y.options().dtype(cdt));
+  for (int64_t g = 0; g < gr.G; ++g) {
+    const at::Tensor yg = y.select(0, g), pg = gr.packed.select(0, g);
+    const at::Tensor mg = mode == 1 ? gr.medians.select(0, g) : medians;
+    const Prepared p = prepare(yg, pg, mg, mode, seed, offset + g * gr.per, rho, s, bound);
+    FwdOut o{y_hat.select(0, g), rate.select(0, g), need_likelihood ? lik.select(0, g) : lik};
+    kernel(p, yg, pg, mg, s, bound, o);
+  }
+  return {y_hat, rate, lik};
+}
+
+template <class Kernel>
+std::tuple<at::Tensor, at::Tensor> bwd_groups(
+    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
+    const at::Tensor& grad_y_hat, const at::Tensor& grad_rate, const at::Tensor& grad_likelihood,
+    int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound,
+    bool deterministic, int64_t groups, Kernel kernel) {
+  const Groups gr = split_groups(y, packed, medians, mode, offset, groups);
+  const at::ScalarType cdt = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t n = y.size(1);
+  const int64_t rate_shape[2] = {gr.G, n};
+  // whole-tensor checks; each group's slice is then of the one-problem shape
+  opt_grad(grad_y_hat, "grad_y_hat", y, y.sizes(), y.scalar_type());
+  opt_grad(grad_rate, "grad_rate", y, at::IntArrayRef(rate_shape, 2), cdt);
+  opt_grad(grad_likelihood, "grad_likelihood", y, y.sizes(), cdt);
+  at::Tensor grad_y = at::empty(y.sizes(), y.options());
+  at::Tensor grad_packed = at::empty({gr.G, kNumGrad, gr.C}, y.options().dtype(cdt));
+  auto part = [](const at::Tensor& t, int64_t g) { return t.numel() > 0 ? t.select(0, g) : t; };
+  for (int64_t g = 0; g < gr.G; ++g) {
+    const at::Tensor yg = y.select(0, g), pg = gr.packed.select(0, g);
+    const at::Tensor mg = mode == 1 ? gr.medians.select(0, g) : medians;
+    const Prepared p = prepare(yg, pg, mg, mode, seed, offset + g * gr.per, rho, s, bound);
+    const BwdIn gi = check_bwd_inputs(p, yg, part(grad_y_hat, g), part(grad_rate, g),
+                                      part(grad_likelihood, g));
+    kernel(p, yg, pg, mg, gi, s, bound, deterministic, grad_y.select(0, g), grad_packed.select(0, g));
+  }
+  return {grad_y, grad_packed.permute({1, 0, 2}).reshape({kNumGrad, gr.G * gr.C})};
+}
+
+// ------------------------------------------------------------------ registered functions
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
+    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians, int64_t mode,
+    int64_t seed, int64_t offset, double rho, double s, double bound, bool need_likelihood) {
+  return fwd_one(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood,
+                 &fwd_kernel_cpu);
+}
+
+std::tuple<at::Tensor, at::Tensor> bwd_cpu(
+    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
+    const at::Tensor& grad_y_hat, const at::Tensor& grad_rate, const at::Tensor& grad_likelihood,
+    int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound,
+    bool deterministic) {
+  return bwd_one(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset,
+                 rho, s, bound, deterministic, &bwd_kernel_cpu);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_groups_cpu(
+    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians, int64_t mode,
+    int64_t seed, int64_t offset, double rho, double s, double bound, bool need_likelihood,
+    int64_t groups) {
+  return fwd_groups(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, groups,
+                    &fwd_kernel_cpu);
+}
+
+std::tuple<at::Tensor, at::Tensor> bwd_groups_cpu(
+    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
+    const at::Tensor& grad_y_hat, const at::Tensor& grad_rate, const at::Tensor& grad_likelihood,
+    int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound,
+    bool deterministic, int64_t groups) {
+  return bwd_groups(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset,
+                    rho, s, bound, deterministic, groups, &bwd_kernel_cpu);
+}
+
+#ifdef CIFD_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cuda(
+    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians, int64_t mode,
+    int64_t seed, int64_t offset, double rho, double s, double bound, bool need_likelihood) {
+  const c10::cuda::CUDAGuard guard(y.device());
+  return fwd_one(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood,
+                 &fwd_kernel_cuda);
+}
+
+std::tuple<at::Tensor, at::Tensor> bwd_cuda(
+    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
+    const at::Tensor& grad_y_hat, const at::Tensor& grad_rate, const at::Tensor& grad_likelihood,
+    int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound,
+    bool deterministic) {
+  const c10::cuda::CUDAGuard guard(y.device());
+  return bwd_one(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset,
+                 rho, s, bound, deterministic, &bwd_kernel_cuda);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_groups_cuda(
+    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians, int64_t mode,
+    int64_t seed, int64_t offset, double rho, double s, double bound, bool need_likelihood,
+    int64_t groups) {
+  const c10::cuda::CUDAGuard guard(y.device());
+  return fwd_groups(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, groups,
+                    &fwd_kernel_cuda);
+}
+
+std::tuple<at::Tensor, at::Tensor> bwd_groups_cuda(
+    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
+    const at::Tensor& grad_y_hat, const at::Tensor& grad_rate, const at::Tensor& grad_likelihood,
+    int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound,
+    bool deterministic, int64_t groups) {
+  const c10::cuda::CUDAGuard guard(y.device());
+  return bwd_groups(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset,
+                    rho, s, bound, deterministic, groups, &bwd_kernel_cuda);
 }
 #endif
 
@@ -292,16 +440,29 @@ TORCH_LIBRARY_FRAGMENT(cifd_C, m) {
       "entropy_bottleneck_bwd(Tensor y, Tensor packed, Tensor medians, Tensor grad_y_hat, "
       "Tensor grad_rate, Tensor grad_likelihood, int mode, int seed, int offset, float rho, "
       "float s, float bound, bool deterministic) -> (Tensor grad_y, Tensor grad_packed)");
+  m.def(
+      "entropy_bottleneck_fwd_groups(Tensor y, Tensor packed, Tensor medians, int mode, int seed, "
+      "int offset, float rho, float s, float bound, bool need_likelihood, int groups) "
+      "-> (Tensor y_hat, Tensor rate, Tensor likelihood)");
+  m.def(
+      "entropy_bottleneck_bwd_groups(Tensor y, Tensor packed, Tensor medians, Tensor grad_y_hat, "
+      "Tensor grad_rate, Tensor grad_likelihood, int mode, int seed, int offset, float rho, "
+      "float s, float bound, bool deterministic, int groups) -> (Tensor grad_y, "
+      "Tensor grad_packed)");
 }
 
 TORCH_LIBRARY_IMPL(cifd_C, CPU, m) {
   m.impl("entropy_bottleneck_fwd", &fwd_cpu);
   m.impl("entropy_bottleneck_bwd", &bwd_cpu);
+  m.impl("entropy_bottleneck_fwd_groups", &fwd_groups_cpu);
+  m.impl("entropy_bottleneck_bwd_groups", &bwd_groups_cpu);
 }
 
 #ifdef CIFD_WITH_CUDA
 TORCH_LIBRARY_IMPL(cifd_C, CUDA, m) {
   m.impl("entropy_bottleneck_fwd", &fwd_cuda);
   m.impl("entropy_bottleneck_bwd", &bwd_cuda);
+  m.impl("entropy_bottleneck_fwd_groups", &fwd_groups_cuda);
+  m.impl("entropy_bottleneck_bwd_groups", &bwd_groups_cuda);
 }
 #endif

@@ -154,6 +154,58 @@ def test_noncontiguous_x_and_gradient_to_nothing_frozen(be, device):
     assert all(gr is not None and torch.isfinite(gr).all() for gr in got[3])
 
 
+@pytest.mark.parametrize("be", ["cpu", "cuda"])
+@pytest.mark.parametrize("mode", ["noise", "dequantize", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_channel_equals_the_per_rdm_ops(be, mode, dtype, device, monkeypatch):
+    """Eager calls on the C++ backends run the bank's channel as one grouped C++ call each
+    way; it gives the per-RDM custom ops' bits: every output and every gradient."""
+    _skip_unless(be, device)
+    from cifd_kernels.ops import _eager
+    prob = _problem(3, 7, 10, 12, 5, 6, device, seed=21, dtype=dtype)
+    calls = []
+    apply = ob._GroupedChannel.apply
+    monkeypatch.setattr(ob._GroupedChannel, "apply", lambda *a: calls.append(1) or apply(*a))
+    runs = []
+    for force in (False, True):
+        monkeypatch.setattr(_eager, "FORCE_OPS", force)
+        runs.append(_run(be, prob, mode=mode))
+        assert len(calls) == 1  # the grouped call on the eager path only
+    (out_a, loss_a, _, grads_a), (out_b, loss_b, _, grads_b) = runs
+    for name, u, v in zip(ref.RDMBankOutput._fields, out_a, out_b):
+        assert (u is None) == (v is None), name
+        if u is not None:
+            assert torch.equal(u, v), name
+    assert torch.equal(loss_a, loss_b)
+    for i, (u, v) in enumerate(zip(grads_a, grads_b)):
+        assert (u is None) == (v is None), i
+        if u is not None:
+            assert torch.equal(u, v), i
+
+
+def test_grouped_entropy_raw_op_argument_errors():
+    if not _backend.has_ext_op("entropy_bottleneck_fwd_groups"):
+        pytest.skip("the C++ extension is not built")
+    from cifd_kernels.ops.density_pack import pack_density
+    e = eb_ref.init_params(6, (3, 3, 3, 3))
+    packed = pack_density(e["matrices"], e["biases"], e["factors"]).detach()  # [58, 6]
+    z, none = torch.randn(3, 4, 2), torch.empty(0)
+    fwd = torch.ops.cifd_C.entropy_bottleneck_fwd_groups
+    y_hat, rate, lik = fwd(z, packed, none, 0, 1, 0, 0.0, 1.0, 1e-9, True, 3)
+    assert y_hat.shape == lik.shape == (3, 4, 2) and rate.shape == (3, 4)
+    with pytest.raises(RuntimeError, match="y must be \\[G=2, N, C, \\*spatial\\]"):
+        fwd(z, packed, none, 0, 1, 0, 0.0, 1.0, 1e-9, True, 2)
+    with pytest.raises(RuntimeError, match="packed must be \\[58, G\\*C=6\\]"):
+        fwd(z, packed[:, :4], none, 0, 1, 0, 0.0, 1.0, 1e-9, True, 3)
+    with pytest.raises(RuntimeError, match="medians must be \\[G\\*C=6\\]"):
+        fwd(z, packed, torch.zeros(4), 1, 1, 0, 0.0, 1.0, 1e-9, True, 3)
+    with pytest.raises(RuntimeError, match="groups must be >= 1"):
+        fwd(z, packed, none, 0, 1, 0, 0.0, 1.0, 1e-9, True, 0)
+    bwd = torch.ops.cifd_C.entropy_bottleneck_bwd_groups
+    with pytest.raises(RuntimeError, match="grad_rate must have shape \\[3, 4\\]"):
+        bwd(z, packed, none, none, torch.ones(4), none, 0, 1, 0, 0.0, 1.0, 1e-9, True, 3)
+
+
 @pytest.mark.parametrize("be", KERNELS)
 def test_deterministic(be, device):
     _skip_unless(be, device)

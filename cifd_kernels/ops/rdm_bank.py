@@ -57,6 +57,7 @@ from ..reference.philox import check_seed_offset
 from . import _eager
 from . import density_pack as _pack
 from .entropy_bottleneck import OP as _EB_OP
+from .entropy_bottleneck import _saved_input as _eb_saved_input
 from .entropy_bottleneck import run_fused as _eb_run_fused
 from .cifd_loss import grouped_loss as _grouped_loss
 
@@ -250,8 +251,14 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
         logits = rdm_linear(x_hat, p["head.weight"], p["head.bias"], "none", backend=lin_be)
         return _ref.RDMBankOutput(z, z_hat, x_hat, logits, None, None)
 
-    # Channel: one fused rate-kernel call per RDM on its [B, L] block (counter layout above).
+    # Channel: the fused rate kernel on each RDM's [B, L] block (counter layout above).
     packed = _pack.pack_density(matrices, biases, factors)  # [58, N*L]
+    if not _eager.via_ops(z) and be in ("cpu", "cuda") \
+            and _backend.has_ext_op("entropy_bottleneck_fwd_groups"):
+        # eager: all N blocks in one C++ call each way (one autograd node)
+        z_hat, rate, lik = _GroupedChannel.apply(z, packed, med, mode, seed, offset,
+                                                 float(likelihood_bound), bool(need_likelihood))
+        return _decode(p, z, z_hat, act, lin_be, lik if need_likelihood else None, rate)
     z_hats, rates, liks = [], [], []
     # unbind's backward stacks the blocks' gradients in one op (slices would each
     # zero-fill a full-size gradient and add them up)
@@ -265,15 +272,52 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
         z_hats.append(y_hat)
         rates.append(rate)
         liks.append(lik)
-    z_hat = torch.stack(z_hats)
-    rate = torch.stack(rates)
+    return _decode(p, z, torch.stack(z_hats), act, lin_be,
+                   torch.stack(liks) if need_likelihood else None, torch.stack(rates))
 
-    # Decoder and head.
+
+def _decode(p, z, z_hat, act, lin_be, lik, rate) -> _ref.RDMBankOutput:
+    """Decoder and head on the channel's output."""
     h3 = rdm_linear(z_hat, p["dec1.weight"], p["dec1.bias"], act, backend=lin_be)
     x_hat = rdm_linear(h3, p["dec2.weight"], p["dec2.bias"], "none", backend=lin_be)
     logits = rdm_linear(x_hat, p["head.weight"], p["head.bias"], "none", backend=lin_be)
-    return _ref.RDMBankOutput(z, z_hat, x_hat, logits, torch.stack(liks) if need_likelihood else None,
-                              rate)
+    return _ref.RDMBankOutput(z, z_hat, x_hat, logits, lik, rate)
+
+
+class _GroupedChannel(torch.autograd.Function):
+    """The bank's channel on the C++ backends in one call each way:
+    ``cifd_C::entropy_bottleneck_{fwd,bwd}_groups`` over the [N, B, L] latent (RDM n =
+    group n: channels n*L .. n*L + L - 1 of the packed density, Philox counters
+    ``offset`` + the flat index, i.e. the per-RDM calls' bits). The eager path only:
+    under tracing the bank takes the per-RDM ``cifd::entropy_bottleneck`` ops."""
+
+    @staticmethod
+    def forward(ctx, z, packed, med, mode, seed, offset, bound, need_likelihood):
+        ctx.set_materialize_grads(False)
+        none = packed.new_empty((0,))
+        n = z.shape[0]
+        z_hat, rate, lik = torch.ops.cifd_C.entropy_bottleneck_fwd_groups(
+            z.contiguous(), packed.contiguous(), med.contiguous() if med is not None else none,
+            _pack.MODES[mode], seed, offset, 0.0, 1.0, bound, need_likelihood, n)
+        # as the entropy op: in noise mode the density was evaluated at z_hat (fp32/fp64)
+        saved, bwd_mode = _eb_saved_input(z, z_hat, mode, 0.0)
+        ctx.save_for_backward(saved, packed, med)
+        ctx.args = (bwd_mode, seed, offset, bound, n, need_likelihood)
+        return z_hat, rate, lik
+
+    @staticmethod
+    def backward(ctx, g_zhat, g_rate, g_lik):
+        y, packed, med = ctx.saved_tensors
+        mode, seed, offset, bound, n, need_lik = ctx.args
+        none = packed.new_empty((0,))
+        grad_z, gp = torch.ops.cifd_C.entropy_bottleneck_bwd_groups(
+            y.contiguous(), packed.contiguous(), med.contiguous() if med is not None else none,
+            g_zhat.to(y.dtype).contiguous() if g_zhat is not None else none.to(y.dtype),
+            g_rate.to(packed.dtype).contiguous() if g_rate is not None else none,
+            g_lik.to(packed.dtype).contiguous() if (g_lik is not None and need_lik) else none,
+            _pack.MODES[mode], seed, offset, 0.0, 1.0, bound, True, n)
+        g_med = gp[_pack.MEDIAN_ROW] if med is not None else None
+        return grad_z, gp[:_pack.NUM_PACKED], g_med, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- the stage-1 loss
