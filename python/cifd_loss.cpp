@@ -216,12 +216,11 @@ Outputs fwd_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::
 }
 #endif
 
-// The batch-mean terms from the kernels' per-sample ones, in ATen (any device):
-// one call instead of ~15 small torch ops from Python (~60 us on the CPU).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduce(
-    const at::Tensor& ce_b, const at::Tensor& kl_mb, const at::Tensor& emb_mb, const at::Tensor& lam,
-    const at::Tensor& nvalid, const at::Tensor& group_w, double lam_ce, double lam_kl,
-    double w_emb) {
+using Reduced = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+void check_reduce_args(const at::Tensor& ce_b, const at::Tensor& kl_mb, const at::Tensor& emb_mb,
+                       const at::Tensor& lam, const at::Tensor& group_w) {
+  TORCH_CHECK(kl_mb.dim() >= 1, "cifd_loss_reduce: kl must be [M, *], got ", kl_mb.sizes());
   const int64_t M = kl_mb.size(0);
   TORCH_CHECK((ce_b.dim() == 1 || ce_b.dim() == 2) && kl_mb.dim() == ce_b.dim() + 1 &&
                   emb_mb.sizes() == kl_mb.sizes() && kl_mb.sizes().slice(1) == ce_b.sizes() &&
@@ -233,6 +232,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduce(
   TORCH_CHECK(group_w.numel() == 0 || (grouped && group_w.dim() == 1 &&
                                         group_w.size(0) == ce_b.size(0)),
               "cifd_loss_reduce: group_w must be empty or [G], got ", group_w.sizes());
+}
+
+// The batch-mean terms from the kernels' per-sample ones, in ATen (any device):
+// one call instead of ~15 small torch ops from Python.
+Reduced reduce(const at::Tensor& ce_b, const at::Tensor& kl_mb, const at::Tensor& emb_mb,
+               const at::Tensor& lam, const at::Tensor& nvalid, const at::Tensor& group_w,
+               double lam_ce, double lam_kl, double w_emb) {
+  check_reduce_args(ce_b, kl_mb, emb_mb, lam, group_w);
+  const bool grouped = ce_b.dim() == 2;
   const double B = static_cast<double>(ce_b.size(-1));
   // lam_m against [M] or [M, G] means
   const at::Tensor lam_b = grouped ? lam.unsqueeze(1) : lam;
@@ -242,6 +250,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduce(
   at::Tensor emb_loss = (lam_b * emb).sum(0) * w_emb;
   if (group_w.numel() > 0) emb_loss = emb_loss * group_w;
   at::Tensor loss = ce * lam_ce + (lam_b * kl).sum(0) * lam_kl + emb_loss;
+  return {loss, ce, kl, emb};
+}
+
+// The same on the CPU as plain loops (float32 inputs, sums in double): the ATen
+// version's ~10 small ops cost ~70 us of dispatch per call, more than the stage-2
+// loss kernel itself at a student's sizes. Other dtypes or layouts take reduce().
+Reduced reduce_cpu(const at::Tensor& ce_b, const at::Tensor& kl_mb, const at::Tensor& emb_mb,
+                   const at::Tensor& lam, const at::Tensor& nvalid, const at::Tensor& group_w,
+                   double lam_ce, double lam_kl, double w_emb) {
+  check_reduce_args(ce_b, kl_mb, emb_mb, lam, group_w);
+  const auto f32_contig = [](const at::Tensor& t) {
+    return t.scalar_type() == at::kFloat && t.is_contiguous();
+  };
+  if (!(f32_contig(ce_b) && f32_contig(kl_mb) && f32_contig(emb_mb) && f32_contig(lam) &&
+        f32_contig(nvalid) && nvalid.numel() == 1 && (group_w.numel() == 0 || f32_contig(group_w))))
+    return reduce(ce_b, kl_mb, emb_mb, lam, nvalid, group_w, lam_ce, lam_kl, w_emb);
+  const bool grouped = ce_b.dim() == 2;
+  const int64_t G = grouped ? ce_b.size(0) : 1, B = ce_b.size(-1), M = kl_mb.size(0);
+  const auto opts = ce_b.options();
+  at::Tensor loss = grouped ? at::empty({G}, opts) : at::empty({}, opts);
+  at::Tensor ce = grouped ? at::empty({G}, opts) : at::empty({}, opts);
+  at::Tensor kl = grouped ? at::empty({M, G}, opts) : at::empty({M}, opts);
+  at::Tensor emb = grouped ? at::empty({M, G}, opts) : at::empty({M}, opts);
+  const float* pce = ce_b.data_ptr<float>();
+  const float* pkl = kl_mb.data_ptr<float>();
+  const float* pem = emb_mb.data_ptr<float>();
+  const float* plam = lam.data_ptr<float>();
+  const float* pgw = group_w.numel() > 0 ? group_w.data_ptr<float>() : nullptr;
+  const double nv = static_cast<double>(nvalid.data_ptr<float>()[0]);
+  for (int64_t g = 0; g < G; ++g) {
+    double s = 0.0;
+    for (int64_t b = 0; b < B; ++b) s += pce[g * B + b];
+    const double ce_g = s / nv;
+    double kl_sum = 0.0, emb_sum = 0.0;
+    for (int64_t m = 0; m < M; ++m) {
+      double sk = 0.0, se = 0.0;
+      const int64_t row = (m * G + g) * B;
+      for (int64_t b = 0; b < B; ++b) {
+        sk += pkl[row + b];
+        se += pem[row + b];
+      }
+      const float kl_mg = static_cast<float>(sk / static_cast<double>(B));
+      const float emb_mg = static_cast<float>(se / static_cast<double>(B));
+      kl.data_ptr<float>()[m * G + g] = kl_mg;
+      emb.data_ptr<float>()[m * G + g] = emb_mg;
+      kl_sum += static_cast<double>(plam[m]) * kl_mg;
+      emb_sum += static_cast<double>(plam[m]) * emb_mg;
+    }
+    const double w = w_emb * (pgw != nullptr ? static_cast<double>(pgw[g]) : 1.0);
+    ce.data_ptr<float>()[g] = static_cast<float>(ce_g);
+    loss.data_ptr<float>()[g] = static_cast<float>(lam_ce * ce_g + lam_kl * kl_sum + w * emb_sum);
+  }
   return {loss, ce, kl, emb};
 }
 
@@ -259,7 +319,10 @@ TORCH_LIBRARY_FRAGMENT(cifd_C, m) {
       "Tensor emb_terms, Tensor grad_logits, Tensor grad_emb)");
 }
 
-TORCH_LIBRARY_IMPL(cifd_C, CPU, m) { m.impl("cifd_loss_fwd", &fwd_cpu); }
+TORCH_LIBRARY_IMPL(cifd_C, CPU, m) {
+  m.impl("cifd_loss_fwd", &fwd_cpu);
+  m.impl("cifd_loss_reduce", &reduce_cpu);
+}
 
 TORCH_LIBRARY_IMPL(cifd_C, CompositeExplicitAutograd, m) { m.impl("cifd_loss_reduce", &reduce); }
 

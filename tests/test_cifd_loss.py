@@ -488,3 +488,33 @@ def test_embedding_loss_module_uses_kernels_and_errors():
         cifd_embedding_loss(u, x[:0], None, lam_cl=0.0, backend="auto")
     with pytest.raises(BackendUnavailableError, match="frozen targets"):
         cifd_embedding_loss(u, x.requires_grad_(), None, lam_cl=0.0, backend="triton")
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reduce_op_matches_the_formula(grouped, dtype):
+    """cifd_C::cifd_loss_reduce (plain loops on the CPU for float32, ATen otherwise)
+    against the batch-mean formula in torch."""
+    if "cpu" not in _backend.implemented("cifd_loss"):
+        pytest.skip("the C++ loss kernel is not built")
+    g = torch.Generator().manual_seed(7)
+    M, G, B = 3, 4, 33
+    lead = (G, B) if grouped else (B,)
+    ce_b = torch.rand(lead, generator=g, dtype=dtype)
+    kl = torch.rand((M,) + lead, generator=g, dtype=dtype)
+    emb = torch.rand((M,) + lead, generator=g, dtype=dtype)
+    lam = torch.rand(M, generator=g, dtype=dtype)
+    nvalid = torch.tensor(29.0, dtype=dtype)
+    gw = torch.rand(G, generator=g, dtype=dtype) if grouped else torch.empty(0, dtype=dtype)
+    loss, ce, klm, embm = torch.ops.cifd_C.cifd_loss_reduce(ce_b, kl, emb, lam, nvalid, gw, 0.7, 1.3, 2.5)
+    lam_b = lam.view(-1, *([1] * (ce_b.dim() - 1)))
+    want_ce = ce_b.double().sum(-1) / nvalid.double()
+    want_kl = kl.double().sum(-1) / B
+    want_emb = emb.double().sum(-1) / B
+    emb_w = 2.5 * (gw.double() if grouped else 1.0)
+    want = (0.7 * want_ce + 1.3 * (lam_b.double() * want_kl).sum(0)
+            + emb_w * (lam_b.double() * want_emb).sum(0))
+    assert loss.dtype == dtype and loss.shape == ((G,) if grouped else ())
+    for a, b in ((loss, want), (ce, want_ce), (klm, want_kl), (embm, want_emb)):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-6)
