@@ -73,6 +73,11 @@ cifd::EbDtype eb_dtype(const at::Tensor& y) {
   }
 }
 
+// The kernels' compute dtype for y: float64 for float64 y, else float32.
+at::ScalarType compute_dtype(const at::Tensor& y) {
+  return y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // Everything forward and backward share, checked once: the problem and the
 // compute dtype (float64 for float64 y, else float32).
 struct Prepared {
@@ -84,7 +89,7 @@ struct Prepared {
 Prepared prepare(const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
                  int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound) {
   const cifd::EbDtype dt = eb_dtype(y);
-  const at::ScalarType cdt = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType cdt = compute_dtype(y);
   TORCH_CHECK(y.dim() >= 2, "y must be [N, C, *spatial] with at least 2 dims, got ", y.sizes());
   TORCH_CHECK(y.is_contiguous(), "y must be contiguous");
   const int64_t N = y.size(0), C = y.size(1);
@@ -220,6 +225,7 @@ int num_sms(const at::Tensor& y) {
 
 void fwd_kernel_cuda(const Prepared& p, const at::Tensor& y, const at::Tensor& packed,
                      const at::Tensor& medians, double /*s*/, double /*bound*/, FwdOut& o) {
+  const c10::cuda::CUDAGuard guard(y.device());
   const int sms = num_sms(y);
   const int64_t ws = cifd::cuda::entropy_bottleneck_fwd_workspace(p.pr, sms);
   at::Tensor work = at::empty({ws > 0 ? ws : 1}, y.options().dtype(at::kFloat));
@@ -235,6 +241,7 @@ void fwd_kernel_cuda(const Prepared& p, const at::Tensor& y, const at::Tensor& p
 void bwd_kernel_cuda(const Prepared& p, const at::Tensor& y, const at::Tensor& packed,
                      const at::Tensor& medians, const BwdIn& g, double /*s*/, double /*bound*/,
                      bool deterministic, const at::Tensor& grad_y, const at::Tensor& grad_packed) {
+  const c10::cuda::CUDAGuard guard(y.device());
   const int sms = num_sms(y);
   const int64_t ws = cifd::cuda::entropy_bottleneck_bwd_workspace(p.pr, deterministic, sms);
   at::Tensor work = at::empty({ws > 0 ? ws : 1}, y.options().dtype(at::kFloat));
@@ -249,23 +256,23 @@ void bwd_kernel_cuda(const Prepared& p, const at::Tensor& y, const at::Tensor& p
 #endif
 
 // ------------------------------------------------------------------ one problem
-template <class Kernel>
+// Registered directly, one instance per device: kernel is fwd_kernel_cpu or _cuda.
+template <auto kernel>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_one(
     const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians, int64_t mode,
-    int64_t seed, int64_t offset, double rho, double s, double bound, bool need_likelihood,
-    Kernel kernel) {
+    int64_t seed, int64_t offset, double rho, double s, double bound, bool need_likelihood) {
   const Prepared p = prepare(y, packed, medians, mode, seed, offset, rho, s, bound);
   FwdOut o = alloc_fwd(y, p.cdt, need_likelihood);
   kernel(p, y, packed, medians, s, bound, o);
   return {o.y_hat, o.rate, o.lik};
 }
 
-template <class Kernel>
+template <auto kernel>
 std::tuple<at::Tensor, at::Tensor> bwd_one(
     const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
     const at::Tensor& grad_y_hat, const at::Tensor& grad_rate, const at::Tensor& grad_likelihood,
     int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound,
-    bool deterministic, Kernel kernel) {
+    bool deterministic) {
   const Prepared p = prepare(y, packed, medians, mode, seed, offset, rho, s, bound);
   const BwdIn g = check_bwd_inputs(p, y, grad_y_hat, grad_rate, grad_likelihood);
   at::Tensor grad_y = at::empty(y.sizes(), y.options());
@@ -307,13 +314,13 @@ Groups split_groups(const at::Tensor& y, const at::Tensor& packed, const at::Ten
   return gr;
 }
 
-template <class Kernel>
+template <auto kernel>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_groups(
     const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians, int64_t mode,
     int64_t seed, int64_t offset, double rho, double s, double bound, bool need_likelihood,
-    int64_t groups, Kernel kernel) {
+    int64_t groups) {
   const Groups gr = split_groups(y, packed, medians, mode, offset, groups);
-  const at::ScalarType cdt = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType cdt = compute_dtype(y);
   at::Tensor y_hat = at::empty(y.sizes(), y.options());
   at::Tensor rate = at::empty({gr.G, y.size(1)}, y.options().dtype(cdt));
   at::Tensor lik = at::empty(need_likelihood ? y.sizes() : at::IntArrayRef({0}),
@@ -328,14 +335,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_groups(
   return {y_hat, rate, lik};
 }
 
-template <class Kernel>
+template <auto kernel>
 std::tuple<at::Tensor, at::Tensor> bwd_groups(
     const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
     const at::Tensor& grad_y_hat, const at::Tensor& grad_rate, const at::Tensor& grad_likelihood,
     int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound,
-    bool deterministic, int64_t groups, Kernel kernel) {
+    bool deterministic, int64_t groups) {
   const Groups gr = split_groups(y, packed, medians, mode, offset, groups);
-  const at::ScalarType cdt = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType cdt = compute_dtype(y);
   const int64_t n = y.size(1);
   const int64_t rate_shape[2] = {gr.G, n};
   // whole-tensor checks; each group's slice is then of the one-problem shape
@@ -355,79 +362,6 @@ std::tuple<at::Tensor, at::Tensor> bwd_groups(
   }
   return {grad_y, grad_packed.permute({1, 0, 2}).reshape({kNumGrad, gr.G * gr.C})};
 }
-
-// ------------------------------------------------------------------ registered functions
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
-    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians, int64_t mode,
-    int64_t seed, int64_t offset, double rho, double s, double bound, bool need_likelihood) {
-  return fwd_one(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood,
-                 &fwd_kernel_cpu);
-}
-
-std::tuple<at::Tensor, at::Tensor> bwd_cpu(
-    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
-    const at::Tensor& grad_y_hat, const at::Tensor& grad_rate, const at::Tensor& grad_likelihood,
-    int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound,
-    bool deterministic) {
-  return bwd_one(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset,
-                 rho, s, bound, deterministic, &bwd_kernel_cpu);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_groups_cpu(
-    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians, int64_t mode,
-    int64_t seed, int64_t offset, double rho, double s, double bound, bool need_likelihood,
-    int64_t groups) {
-  return fwd_groups(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, groups,
-                    &fwd_kernel_cpu);
-}
-
-std::tuple<at::Tensor, at::Tensor> bwd_groups_cpu(
-    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
-    const at::Tensor& grad_y_hat, const at::Tensor& grad_rate, const at::Tensor& grad_likelihood,
-    int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound,
-    bool deterministic, int64_t groups) {
-  return bwd_groups(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset,
-                    rho, s, bound, deterministic, groups, &bwd_kernel_cpu);
-}
-
-#ifdef CIFD_WITH_CUDA
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cuda(
-    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians, int64_t mode,
-    int64_t seed, int64_t offset, double rho, double s, double bound, bool need_likelihood) {
-  const c10::cuda::CUDAGuard guard(y.device());
-  return fwd_one(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood,
-                 &fwd_kernel_cuda);
-}
-
-std::tuple<at::Tensor, at::Tensor> bwd_cuda(
-    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
-    const at::Tensor& grad_y_hat, const at::Tensor& grad_rate, const at::Tensor& grad_likelihood,
-    int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound,
-    bool deterministic) {
-  const c10::cuda::CUDAGuard guard(y.device());
-  return bwd_one(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset,
-                 rho, s, bound, deterministic, &bwd_kernel_cuda);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_groups_cuda(
-    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians, int64_t mode,
-    int64_t seed, int64_t offset, double rho, double s, double bound, bool need_likelihood,
-    int64_t groups) {
-  const c10::cuda::CUDAGuard guard(y.device());
-  return fwd_groups(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, groups,
-                    &fwd_kernel_cuda);
-}
-
-std::tuple<at::Tensor, at::Tensor> bwd_groups_cuda(
-    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
-    const at::Tensor& grad_y_hat, const at::Tensor& grad_rate, const at::Tensor& grad_likelihood,
-    int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound,
-    bool deterministic, int64_t groups) {
-  const c10::cuda::CUDAGuard guard(y.device());
-  return bwd_groups(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset,
-                    rho, s, bound, deterministic, groups, &bwd_kernel_cuda);
-}
-#endif
 
 }  // namespace
 
@@ -452,17 +386,17 @@ TORCH_LIBRARY_FRAGMENT(cifd_C, m) {
 }
 
 TORCH_LIBRARY_IMPL(cifd_C, CPU, m) {
-  m.impl("entropy_bottleneck_fwd", &fwd_cpu);
-  m.impl("entropy_bottleneck_bwd", &bwd_cpu);
-  m.impl("entropy_bottleneck_fwd_groups", &fwd_groups_cpu);
-  m.impl("entropy_bottleneck_bwd_groups", &bwd_groups_cpu);
+  m.impl("entropy_bottleneck_fwd", &fwd_one<&fwd_kernel_cpu>);
+  m.impl("entropy_bottleneck_bwd", &bwd_one<&bwd_kernel_cpu>);
+  m.impl("entropy_bottleneck_fwd_groups", &fwd_groups<&fwd_kernel_cpu>);
+  m.impl("entropy_bottleneck_bwd_groups", &bwd_groups<&bwd_kernel_cpu>);
 }
 
 #ifdef CIFD_WITH_CUDA
 TORCH_LIBRARY_IMPL(cifd_C, CUDA, m) {
-  m.impl("entropy_bottleneck_fwd", &fwd_cuda);
-  m.impl("entropy_bottleneck_bwd", &bwd_cuda);
-  m.impl("entropy_bottleneck_fwd_groups", &fwd_groups_cuda);
-  m.impl("entropy_bottleneck_bwd_groups", &bwd_groups_cuda);
+  m.impl("entropy_bottleneck_fwd", &fwd_one<&fwd_kernel_cuda>);
+  m.impl("entropy_bottleneck_bwd", &bwd_one<&bwd_kernel_cuda>);
+  m.impl("entropy_bottleneck_fwd_groups", &fwd_groups<&fwd_kernel_cuda>);
+  m.impl("entropy_bottleneck_bwd_groups", &bwd_groups<&bwd_kernel_cuda>);
 }
 #endif
