@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from benchmarks.utils import synchronize, write_results
+from benchmarks.utils import script_args, synchronize, write_results
 
 
 def _interleaved(fns: dict, calls: int, device, warmup: int = 30) -> dict:
@@ -100,15 +100,7 @@ def _bank(device, calls):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", type=int, default=500)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: leave)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=None, help="results folder (default $CIFD_BENCH_OUT or benchmarks/results)")
-    args = ap.parse_args(argv)
-    if args.calls < 20:
-        raise SystemExit("--calls must be at least 20")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    args, device = script_args(ap, argv, "calls", 20)
     runs = [("ibm_step", (128, 32), "eager_function", _ibm(device, args.calls)),
             ("bank_targets", (3, 128, 128, 128, 128, 10), "frozen_targets", _bank(device, args.calls))]
     if device.type == "cpu":

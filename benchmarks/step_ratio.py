@@ -21,7 +21,7 @@ import time
 import torch
 
 from benchmarks.bench_cifd_step import SHAPES, _setup
-from benchmarks.utils import synchronize, write_results
+from benchmarks.utils import script_args, synchronize, write_results
 
 
 def measure(batch: int, online: bool, device: torch.device, rounds: int, warmup: int = 3):
@@ -44,17 +44,9 @@ def measure(batch: int, online: bool, device: torch.device, rounds: int, warmup:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=40)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: leave)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, action="append", default=None,
                     help="only these batch sizes (repeatable; default: all of the benchmark's)")
-    ap.add_argument("--out", default=None, help="results folder (default $CIFD_BENCH_OUT or benchmarks/results)")
-    args = ap.parse_args(argv)
-    if args.rounds < 5:
-        raise SystemExit("--rounds must be at least 5")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    args, device = script_args(ap, argv, "rounds", 5)
     records = []
     for batch, scenario in SHAPES:
         if args.batch and batch not in args.batch:

@@ -521,6 +521,22 @@ class Bench:
 # ---------------------------------------------------------------------------
 # results file
 
+def script_args(ap, argv, count: str, minimum: int):
+    """The stand-alone measurement scripts' shared options (``--threads``, ``--device``,
+    ``--out``) added to ``ap``, parsed, checked (``--<count>`` at least ``minimum``) and
+    applied (torch threads): returns ``(args, device)``."""
+    ap.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: leave)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None,
+                    help="results folder (default $CIFD_BENCH_OUT or benchmarks/results)")
+    args = ap.parse_args(argv)
+    if getattr(args, count) < minimum:
+        raise SystemExit(f"--{count} must be at least {minimum}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args, torch.device(args.device)
+
+
 def write_results(records: list[dict], device: torch.device, out_dir: Optional[os.PathLike] = None) -> Path:
     """Write ``<out_dir>/<device-slug>-<UTC timestamp>.json`` and return its path.
 
