@@ -59,10 +59,29 @@ def _fwd_impl(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Ten
         if lik is None:
             lik = y.new_empty((0,), dtype=torch.float32)
         return y_hat, rate, lik
-    med = medians.contiguous() if medians is not None else packed.new_empty((0,))
     return torch.ops.cifd_C.entropy_bottleneck_fwd(
-        y.contiguous(), packed.contiguous(), med, _pack.MODES[mode], seed, offset, rho, s, bound,
+        *raw_fwd_tensors(y, packed, medians), _pack.MODES[mode], seed, offset, rho, s, bound,
         need_likelihood)
+
+
+def raw_fwd_tensors(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor]):
+    """(y, packed, medians) as the ``cifd_C`` entropy kernels take them: contiguous, an
+    empty tensor for no medians."""
+    return (y.contiguous(), packed.contiguous(),
+            medians.contiguous() if medians is not None else packed.new_empty((0,)))
+
+
+def raw_bwd_tensors(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor],
+                    grad_y_hat: Optional[torch.Tensor], grad_rate: Optional[torch.Tensor],
+                    grad_likelihood: Optional[torch.Tensor]):
+    """:func:`raw_fwd_tensors` plus the output gradients for the backward kernels: in
+    y's dtype (y_hat) or the compute dtype (rate, likelihood), contiguous (autograd
+    may hand over expanded gradients); an empty tensor stands for "no gradient"."""
+    none = packed.new_empty((0,))
+    return raw_fwd_tensors(y, packed, medians) + (
+        grad_y_hat.to(y.dtype).contiguous() if grad_y_hat is not None else y.new_empty((0,)),
+        grad_rate.to(packed.dtype).contiguous() if grad_rate is not None else none,
+        grad_likelihood.to(packed.dtype).contiguous() if grad_likelihood is not None else none)
 
 
 _fwd_op = torch.library.custom_op("cifd::entropy_bottleneck", mutates_args=())(_fwd_impl)
@@ -85,14 +104,8 @@ def _bwd_impl(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Ten
             bound, True)
         row = gmed if gmed is not None else gp.new_zeros(gp.shape[1])
         return grad_y, torch.cat([gp, row[None]], 0)
-    # The raw kernels take contiguous tensors (autograd may hand over expanded
-    # gradients); an empty tensor stands for "no gradient".
-    none = packed.new_empty((0,))
     return torch.ops.cifd_C.entropy_bottleneck_bwd(
-        y.contiguous(), packed.contiguous(), medians.contiguous() if medians is not None else none,
-        grad_y_hat.to(y.dtype).contiguous() if grad_y_hat is not None else y.new_empty((0,)),
-        grad_rate.to(packed.dtype).contiguous() if grad_rate is not None else none,
-        grad_likelihood.to(packed.dtype).contiguous() if grad_likelihood is not None else none,
+        *raw_bwd_tensors(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood),
         _pack.MODES[mode], seed, offset, rho, s, bound, deterministic)
 
 

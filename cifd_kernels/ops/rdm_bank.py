@@ -58,6 +58,8 @@ from . import _eager
 from . import density_pack as _pack
 from .entropy_bottleneck import OP as _EB_OP
 from .entropy_bottleneck import _saved_input as _eb_saved_input
+from .entropy_bottleneck import raw_bwd_tensors as _eb_raw_bwd
+from .entropy_bottleneck import raw_fwd_tensors as _eb_raw_fwd
 from .entropy_bottleneck import run_fused as _eb_run_fused
 from .cifd_loss import grouped_loss as _grouped_loss
 
@@ -294,11 +296,10 @@ class _GroupedChannel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, packed, med, mode, seed, offset, bound, need_likelihood):
         ctx.set_materialize_grads(False)
-        none = packed.new_empty((0,))
         n = z.shape[0]
         z_hat, rate, lik = torch.ops.cifd_C.entropy_bottleneck_fwd_groups(
-            z.contiguous(), packed.contiguous(), med.contiguous() if med is not None else none,
-            _pack.MODES[mode], seed, offset, 0.0, 1.0, bound, need_likelihood, n)
+            *_eb_raw_fwd(z, packed, med), _pack.MODES[mode], seed, offset, 0.0, 1.0, bound,
+            need_likelihood, n)
         # as the entropy op: in noise mode the density was evaluated at z_hat (fp32/fp64)
         saved, bwd_mode = _eb_saved_input(z, z_hat, mode, 0.0)
         ctx.save_for_backward(saved, packed, med)
@@ -309,12 +310,8 @@ class _GroupedChannel(torch.autograd.Function):
     def backward(ctx, g_zhat, g_rate, g_lik):
         y, packed, med = ctx.saved_tensors
         mode, seed, offset, bound, n, need_lik = ctx.args
-        none = packed.new_empty((0,))
         grad_z, gp = torch.ops.cifd_C.entropy_bottleneck_bwd_groups(
-            y.contiguous(), packed.contiguous(), med.contiguous() if med is not None else none,
-            g_zhat.to(y.dtype).contiguous() if g_zhat is not None else none.to(y.dtype),
-            g_rate.to(packed.dtype).contiguous() if g_rate is not None else none,
-            g_lik.to(packed.dtype).contiguous() if (g_lik is not None and need_lik) else none,
+            *_eb_raw_bwd(y, packed, med, g_zhat, g_rate, g_lik if need_lik else None),
             _pack.MODES[mode], seed, offset, 0.0, 1.0, bound, True, n)
         g_med = gp[_pack.MEDIAN_ROW] if med is not None else None
         return grad_z, gp[:_pack.NUM_PACKED], g_med, None, None, None, None, None
