@@ -439,3 +439,121 @@ def test_cuda_deterministic_and_half():
             fc = ops.entropy_bottleneck_fwd(y.cpu(), packed.cpu(), torch.empty(0), 0, 1, 0, 0.1, 1.0, BOUND, True)
             assert torch.equal(fc[0], f[0][0].cpu())
             _close(f[0][1].cpu(), fc[1])
+
+
+# ----------------------------------------------------------------------------- the fused op
+# cifd_C::entropy_bottleneck_fused (python/eb_fused.cpp): what eager "cpu" calls of the
+# public op take; its autograd is C++. It must give the bits of the two Python
+# autograd.Functions it replaces (pack_density + the entropy op), which the tests
+# above check against the reference.
+def _eb_module():
+    import importlib
+    return importlib.import_module("cifd_kernels.ops.entropy_bottleneck")
+
+
+def _fused_or_skip():
+    _ops()
+    if not hasattr(torch.ops.cifd_C, "entropy_bottleneck_fused"):
+        pytest.skip("_C built without entropy_bottleneck_fused")
+
+
+def _public(y, mats, biases, factors, medians, mode, rho, s, need_lik, out_grads):
+    from cifd_kernels.ops import entropy_bottleneck
+    out = entropy_bottleneck(y, mats, biases, factors, medians if mode == "dequantize" else None,
+                             mode=mode, seed=21, offset=5, rho=rho, s=s, need_likelihood=need_lik,
+                             backend="cpu")
+    loss = 0
+    for t, g in zip((out.y_hat, out.rate, out.likelihood), out_grads):
+        if g is not None and t is not None:
+            loss = loss + (t.double() * g).sum()
+    wrt = [y] + mats + biases + factors + ([medians] if mode == "dequantize" else [])
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    return [t for t in out if t is not None] + list(grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("mode,rho,s", [("noise", 0.0, 1.0), ("noise", 0.25, 0.5), ("dequantize", 0.0, 1.0),
+                                        ("none", 0.0, 1.0)])
+@pytest.mark.parametrize("need_lik", [False, True])
+@pytest.mark.parametrize("which", ["all", "rate", "y_hat"])
+def test_fused_op_equals_python_functions(dtype, mode, rho, s, need_lik, which, monkeypatch):
+    """Every output and gradient bit for bit against the pack + entropy Functions, with
+    gradients on all outputs or on one (the others reach backward as None)."""
+    _fused_or_skip()
+    eb = _eb_module()
+    mats, biases, factors, medians = _params(7, seed=4)
+    cast = (lambda ts: [t.detach().to(torch.float64).requires_grad_() for t in ts]) \
+        if dtype == torch.float64 else (lambda ts: ts)
+    mats, biases, factors = cast(mats), cast(biases), cast(factors)
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    med = medians.detach().to(cdt).requires_grad_()
+    g = torch.Generator().manual_seed(2)
+    y = (3 * torch.randn(13, 7, generator=g)).to(dtype).requires_grad_()
+    out_grads = [torch.randn(13, 7, generator=g, dtype=torch.float64) if which in ("all", "y_hat") else None,
+                 torch.randn(13, generator=g, dtype=torch.float64) if which in ("all", "rate") else None,
+                 torch.randn(13, 7, generator=g, dtype=torch.float64) if which == "all" else None]
+    calls = []
+    real = eb._fused_cpu_op()
+    monkeypatch.setattr(eb, "_fused_cpu_op", lambda: (lambda *a: calls.append(1) or real(*a)))
+    fused = _public(y, mats, biases, factors, med, mode, rho, s, need_lik, out_grads)
+    assert calls == [1]  # the fused op was taken
+    monkeypatch.setattr(eb, "FUSED_CPU", False)
+    python = _public(y, mats, biases, factors, med, mode, rho, s, need_lik, out_grads)
+    assert calls == [1]
+    assert len(fused) == len(python)
+    for a, b in zip(fused, python):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert torch.equal(a, b)
+
+
+def test_fused_op_without_autograd_and_odd_inputs():
+    """Inference mode (no autograd key), no_grad, a non-contiguous y and an empty batch
+    through the fused op: the values of the Python path."""
+    _fused_or_skip()
+    eb = _eb_module()
+    from cifd_kernels.ops import entropy_bottleneck
+    mats, biases, factors, _ = _params(5, seed=1)
+    y = 2 * torch.randn(5, 9)
+
+    def run(yy):
+        out = entropy_bottleneck(yy, mats, biases, factors, seed=3, need_likelihood=True, backend="cpu")
+        return out.y_hat, out.rate, out.likelihood
+    eb.FUSED_CPU = False
+    try:
+        want = run(y.t())
+        want_empty = run(torch.zeros(0, 5))
+    finally:
+        eb.FUSED_CPU = True
+    with torch.inference_mode():
+        got = run(y.t())
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with torch.no_grad():
+        got = run(y.t())
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert got[0].grad_fn is None
+    got = run(torch.zeros(0, 5))
+    assert all(a.shape == b.shape for a, b in zip(got, want_empty))
+    loss = got[1].sum() + got[0].sum()
+    grads = torch.autograd.grad(loss, mats + biases + factors)
+    assert all(torch.equal(gr, torch.zeros_like(p)) for gr, p in zip(grads, mats + biases + factors))
+
+
+def test_fused_op_argument_errors():
+    """Called directly, the fused op rejects what its kernels reject, naming the argument."""
+    _fused_or_skip()
+    ops = _ops()
+    mats, biases, factors, _ = _params(4)
+    params = [t.detach() for k in range(5) for t in ([mats[k], biases[k]] + ([factors[k]] if k < 4 else []))]
+    y = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="params must hold the 14"):
+        ops.entropy_bottleneck_fused(y, params[:13], None, 0, 1, 0, 0.0, 1.0, 1e-9, False, False, False)
+    with pytest.raises(RuntimeError, match="mode must be"):
+        ops.entropy_bottleneck_fused(y, params, None, 7, 1, 0, 0.0, 1.0, 1e-9, False, False, False)
+    with pytest.raises(RuntimeError, match="seed"):
+        ops.entropy_bottleneck_fused(y, params, None, 0, -1, 0, 0.0, 1.0, 1e-9, False, False, False)
+    with pytest.raises(RuntimeError, match="medians must be"):
+        ops.entropy_bottleneck_fused(y, params, torch.zeros(3), 1, 1, 0, 0.0, 1.0, 1e-9, False, False, False)
+    with pytest.raises(RuntimeError, match="y must be"):
+        ops.entropy_bottleneck_fused(y.int(), params, None, 0, 1, 0, 0.0, 1.0, 1e-9, False, False, False)

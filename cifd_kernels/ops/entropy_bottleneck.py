@@ -22,6 +22,7 @@ by itself.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -118,14 +119,19 @@ def _(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, of
     return torch.empty_like(y), packed.new_empty((_pack.NUM_GRAD, packed.shape[1]))
 
 
+def _saves_y_hat(mode: str, rho: float, dtype: torch.dtype) -> bool:
+    """Whether backward re-evaluates the density at the saved y_hat in mode ``none``
+    instead of at y. In noise mode without masking and with float32/float64 y, y_hat
+    *is* y + s u at the precision the kernels evaluate the density at, and
+    d y_hat / d y = 1: the same bits without regenerating the noise (Philox is ~11% of
+    the CPU backward: 60.7 -> 54.2 ms at (4096, 512)). Half-precision y_hat is
+    rounded, and rho > 0 needs the keep flags: those keep y and the noise mode."""
+    return SAVE_Y_HAT and mode == "noise" and rho == 0.0 and dtype in (torch.float32, torch.float64)
+
+
 def _saved_input(y: torch.Tensor, y_hat: torch.Tensor, mode: str, rho: float) -> tuple[torch.Tensor, str]:
-    """What backward re-evaluates the density at, and in which mode. In noise mode
-    without masking and with float32/float64 y, y_hat *is* y + s u at the precision
-    the kernels evaluate the density at, and d y_hat / d y = 1: backward then runs in
-    mode ``none`` on y_hat, the same bits without regenerating the noise (Philox is
-    ~11% of the CPU backward: 60.7 -> 54.2 ms at (4096, 512)). Half-precision y_hat
-    is rounded, and rho > 0 needs the keep flags: those keep y and the noise mode."""
-    if SAVE_Y_HAT and mode == "noise" and rho == 0.0 and y.dtype in (torch.float32, torch.float64):
+    """What backward re-evaluates the density at, and in which mode (:func:`_saves_y_hat`)."""
+    if _saves_y_hat(mode, rho, y.dtype):
         return y_hat, "none"
     return y, mode
 
@@ -319,10 +325,29 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
     else:
         med = None
     _ref_check_seed(seed, offset, y.numel())
+    if be == "cpu" and FUSED_CPU and not _eager.via_ops(y) and _fused_cpu_op() is not None:
+        y_hat, rate, lik = _fused_cpu_op()(
+            y.contiguous(), _pack._flat(matrices, biases, factors), med, _pack.MODES[mode], seed, offset,
+            float(rho), float(s), float(bound), bool(need_likelihood), bool(deterministic),
+            _saves_y_hat(mode, rho, y.dtype))
+        return EntropyBottleneckOutput(y_hat, rate, lik if need_likelihood else None)
     packed = _pack.pack_density(matrices, biases, factors, dtype=cdt)
     y_hat, rate, lik = run_fused(y.contiguous(), packed, med, mode, seed, offset, float(rho), float(s),
                                  float(bound), bool(need_likelihood), bool(deterministic), be)
     return EntropyBottleneckOutput(y_hat, rate, lik if need_likelihood else None)
+
+
+# Eager calls on the "cpu" backend take cifd_C::entropy_bottleneck_fused
+# (python/eb_fused.cpp): density packing, the kernels and both backward steps in one
+# op whose autograd is C++, the same ops and bits as the two Python autograd.Functions
+# (pack_density + run_fused), without their host time. Switch for the tests.
+FUSED_CPU = True
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_cpu_op():
+    """``torch.ops.cifd_C.entropy_bottleneck_fused``, or None for a ``_C`` without it."""
+    return torch.ops.cifd_C.entropy_bottleneck_fused if _backend.has_ext_op("entropy_bottleneck_fused") else None
 
 
 def _ref_check_seed(seed, offset, numel):

@@ -1,0 +1,192 @@
+// SPDX-License-Identifier: Apache-2.0
+// cifd_C::entropy_bottleneck_fused: the entropy bottleneck from the CompressAI-layout
+// density parameters to (y_hat, rate, likelihood), with its autograd in C++ (CPU).
+//
+//   entropy_bottleneck_fused(y, params, medians, mode, seed, offset, rho, s, bound,
+//                            need_likelihood, deterministic, save_y_hat)
+//                            -> (y_hat, rate, likelihood)
+//
+// One call does what the eager Python path does in two autograd.Functions
+// (cifd_kernels/ops/density_pack.py, ops/entropy_bottleneck.py): density_pack, then
+// entropy_bottleneck_fwd; its backward node runs entropy_bottleneck_bwd, then
+// density_unpack_grad, and hands the gradients to y, to each of the 14 parameters
+// (H0 b0 a0 ... H4 b4) and to the medians. Same ops, same bits; what goes is the
+// Python around them: at the IBM's size ([128, 32]) the two Functions' Python
+// forward and backward cost more host time than the two kernels.
+//
+// y: contiguous, float32/float16/bfloat16/float64 (entropy_bottleneck_fwd's rules);
+// params: the 14 CPU tensors (density_pack's); medians: [C] in the compute dtype in
+// mode 1 (dequantize), else None. save_y_hat (the caller's rule,
+// ops/entropy_bottleneck.py:_saved_input): backward re-evaluates the density at the
+// saved y_hat in mode 2 (none) instead of at y, regenerating nothing. Gradients are
+// not materialized: an output without a gradient costs its kernel nothing.
+//
+// Registered for CPU (a plain forward: inference mode, no autograd) and AutogradCPU.
+// The kernels are reached through the dispatcher below autograd, so this file
+// depends on their schemas only. Tracing (torch.compile, make_fx) never reaches this
+// op: it goes through the registered cifd:: custom ops.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr int64_t kNumPacked = 58;  // row 58 of the packed gradient: the medians'
+
+using Fwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, double,
+    double, double, bool);
+using Bwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, const at::Tensor&, int64_t,
+                                               int64_t, int64_t, double, double, double, bool);
+
+const c10::TypedOperatorHandle<at::Tensor(at::TensorList, bool)>& pack_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cifd_C::density_pack", "")
+                             .typed<at::Tensor(at::TensorList, bool)>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<std::vector<at::Tensor>(const at::Tensor&, at::TensorList)>&
+unpack_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("cifd_C::density_unpack_grad", "")
+          .typed<std::vector<at::Tensor>(const at::Tensor&, at::TensorList)>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<Fwd>& fwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cifd_C::entropy_bottleneck_fwd", "")
+                             .typed<Fwd>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<Bwd>& bwd_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cifd_C::entropy_bottleneck_bwd", "")
+                             .typed<Bwd>();
+  return op;
+}
+
+// The kernels' medians argument: the tensor in dequantize mode, else an empty one.
+at::Tensor medians_arg(const std::optional<at::Tensor>& medians, const at::Tensor& packed) {
+  return medians.has_value() && medians->defined() ? *medians : at::empty({0}, packed.options());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(
+    const at::Tensor& y, at::TensorList params, const at::Tensor& packed,
+    const at::Tensor& medians, int64_t mode, int64_t seed, int64_t offset, double rho, double s,
+    double bound, bool need_likelihood) {
+  return fwd_op().call(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood);
+}
+
+at::Tensor pack(const at::Tensor& y, at::TensorList params) {
+  return pack_op().call(params, y.scalar_type() == at::kDouble);
+}
+
+// CPU key: no autograd (inference mode, or below autograd).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_plain(
+    const at::Tensor& y, at::TensorList params, const std::optional<at::Tensor>& medians,
+    int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound,
+    bool need_likelihood, bool /*deterministic*/, bool /*save_y_hat*/) {
+  const at::Tensor packed = pack(y, params);
+  return run_forward(y, params, packed, medians_arg(medians, packed), mode, seed, offset, rho, s,
+                     bound, need_likelihood);
+}
+
+struct Fused : public torch::autograd::Function<Fused> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& y, at::TensorList params,
+                               const std::optional<at::Tensor>& medians, int64_t mode,
+                               int64_t seed, int64_t offset, double rho, double s, double bound,
+                               bool need_likelihood, bool deterministic, bool save_y_hat) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const at::Tensor packed = pack(y, params);
+    const at::Tensor med = medians_arg(medians, packed);
+    auto [y_hat, rate, lik] =
+        run_forward(y, params, packed, med, mode, seed, offset, rho, s, bound, need_likelihood);
+    ctx->set_materialize_grads(false);
+    variable_list saved{save_y_hat ? y_hat : y, packed, med};
+    saved.insert(saved.end(), params.begin(), params.end());
+    ctx->save_for_backward(std::move(saved));
+    ctx->saved_data["mode"] = save_y_hat ? int64_t{2} : mode;
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["offset"] = offset;
+    ctx->saved_data["rho"] = rho;
+    ctx->saved_data["s"] = s;
+    ctx->saved_data["bound"] = bound;
+    ctx->saved_data["need_likelihood"] = need_likelihood;
+    ctx->saved_data["deterministic"] = deterministic;
+    ctx->saved_data["has_medians"] = medians.has_value() && medians->defined();
+    if (!need_likelihood) ctx->mark_non_differentiable({lik});
+    return {y_hat, rate, lik};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& y = saved[0];
+    const at::Tensor& packed = saved[1];
+    const at::Tensor& med = saved[2];
+    const std::vector<at::Tensor> params(saved.begin() + 3, saved.end());
+    const auto& d = ctx->saved_data;
+    const at::Tensor none = at::empty({0}, packed.options());
+    // Output gradients in the kernels' dtypes, contiguous (autograd may hand over
+    // expanded ones); absent = an empty tensor (zero).
+    const at::Tensor gyh =
+        grads[0].defined() ? grads[0].to(y.scalar_type()).contiguous() : at::empty({0}, y.options());
+    const at::Tensor grate =
+        grads[1].defined() ? grads[1].to(packed.scalar_type()).contiguous() : none;
+    const at::Tensor glik = d.at("need_likelihood").toBool() && grads[2].defined()
+                                ? grads[2].to(packed.scalar_type()).contiguous()
+                                : none;
+    auto [grad_y, grad_packed] =
+        bwd_op().call(y, packed, med, gyh, grate, glik, d.at("mode").toInt(),
+                      d.at("seed").toInt(), d.at("offset").toInt(), d.at("rho").toDouble(),
+                      d.at("s").toDouble(), d.at("bound").toDouble(),
+                      d.at("deterministic").toBool());
+    const std::vector<at::Tensor> gparams = unpack_op().call(grad_packed, params);
+    variable_list out;
+    out.reserve(1 + gparams.size() + 1 + 9);
+    out.push_back(grad_y);
+    out.insert(out.end(), gparams.begin(), gparams.end());
+    out.push_back(d.at("has_medians").toBool() ? grad_packed.select(0, kNumPacked) : at::Tensor());
+    out.resize(out.size() + 9);  // mode .. save_y_hat: not differentiable
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_autograd(
+    const at::Tensor& y, at::TensorList params, const std::optional<at::Tensor>& medians,
+    int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound,
+    bool need_likelihood, bool deterministic, bool save_y_hat) {
+  variable_list out = Fused::apply(y, params, medians, mode, seed, offset, rho, s, bound,
+                                   need_likelihood, deterministic, save_y_hat);
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(cifd_C, m) {
+  m.def(
+      "entropy_bottleneck_fused(Tensor y, Tensor[] params, Tensor? medians, int mode, int seed, "
+      "int offset, float rho, float s, float bound, bool need_likelihood, bool deterministic, "
+      "bool save_y_hat) -> (Tensor y_hat, Tensor rate, Tensor likelihood)");
+}
+
+TORCH_LIBRARY_IMPL(cifd_C, CPU, m) { m.impl("entropy_bottleneck_fused", &fused_plain); }
+
+TORCH_LIBRARY_IMPL(cifd_C, AutogradCPU, m) {
+  m.impl("entropy_bottleneck_fused", &fused_autograd);
+}
