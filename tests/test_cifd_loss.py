@@ -518,3 +518,104 @@ def test_reduce_op_matches_the_formula(grouped, dtype):
     for a, b in ((loss, want), (ce, want_ce), (klm, want_kl), (embm, want_emb)):
         assert a.shape == b.shape
         torch.testing.assert_close(a.double(), b, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the fused op
+# cifd_C::cifd_loss_fused (python/cifd_loss_fused.cpp): what eager "cpu" calls of
+# cifd_loss take; its autograd is C++. It must give the bits of the Python path it
+# replaces (the tests above hold that path to the reference).
+def _loss_module():
+    import importlib
+    return importlib.import_module("cifd_kernels.ops.cifd_loss")
+
+
+def _fused_or_skip():
+    import cifd_kernels._C  # noqa: F401
+    if not hasattr(torch.ops.cifd_C, "cifd_loss_fused"):
+        pytest.skip("_C built without cifd_loss_fused")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("emb", [True, False])
+@pytest.mark.parametrize("rate", [None, torch.float32, torch.float64])
+@pytest.mark.parametrize("p_drop,dist", [(0.0, "mse"), (0.5, "smooth_l1")])
+@pytest.mark.parametrize("use", ["loss", "loss+rate", "rate"])
+def test_fused_op_equals_python_path(dtype, emb, rate, p_drop, dist, use, monkeypatch):
+    """Loss, every term and every gradient (logits, embedding, IBM rate) bit for bit
+    against the Python path, with the gradient through the loss, the rate term, or both."""
+    _fused_or_skip()
+    if use != "loss" and rate is None:
+        pytest.skip("no rate to differentiate")
+    L = _loss_module()
+    inp, lam = _inputs(4, 9, 7, 5, "cpu", dtype=dtype, seed=3, emb=emb)
+    g = torch.Generator().manual_seed(4)
+    ibm_rate = None if rate is None else (5 * torch.rand(9, generator=g)).to(rate).requires_grad_()
+    wrt = [inp["student_logits"]] + ([inp["student_emb"]] if emb else []) + \
+        ([ibm_rate] if rate is not None else [])
+
+    def run():
+        loss, terms = cifd_loss(**inp, lam=lam, tau=1.5, p_drop=p_drop, seed=77, offset=3, dist=dist,
+                                ibm_rate=ibm_rate, lam_I=0.37, w_emb=2.5, backend="cpu")
+        out = {"loss": 1.7 * loss} if use == "loss" else {"rate": 0.6 * terms["rate"]}
+        if use == "loss+rate":
+            out["loss"] = 1.7 * loss
+        grads = torch.autograd.grad(sum(out.values()), wrt, allow_unused=True)
+        return loss, terms, grads
+    calls = []
+    real = L._fused_cpu_op()
+    monkeypatch.setattr(L, "_fused_cpu_op", lambda: (lambda *a: calls.append(1) or real(*a)))
+    got = run()
+    assert calls == [1]
+    monkeypatch.setattr(L, "FUSED_CPU", False)
+    want = run()
+    assert calls == [1]
+    assert torch.equal(got[0], want[0]) and got[0].dtype == want[0].dtype
+    assert set(got[1]) == set(want[1])
+    for k in want[1]:
+        assert torch.equal(got[1][k], want[1][k]), k
+        assert got[1][k].requires_grad == want[1][k].requires_grad, k
+    for a, b in zip(got[2], want[2]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_fused_op_ignored_labels_inference_and_module():
+    """All labels ignored, inference mode (no autograd key) and the CIFDLoss module in
+    train mode (KD-dropout drawn per call): the Python path's values."""
+    _fused_or_skip()
+    L = _loss_module()
+    inp, lam = _inputs(3, 6, 7, 4, "cpu", seed=5)
+    inp["labels"] = torch.full((6,), IGNORE)
+    module = CIFDLoss(lam=lam, p_drop=0.3, w_emb=0.5).train()
+
+    def run():
+        a = cifd_loss(**inp, lam=lam, seed=2, backend="cpu")
+        with torch.inference_mode():
+            b = cifd_loss(**inp, lam=lam, seed=2, backend="cpu")
+        c = module(inp["student_logits"], inp["target_logits"], inp["labels"], inp["student_emb"],
+                   inp["target_embs"], seed=11)
+        return [a[0], *a[1].values(), b[0], *b[1].values(), c[0], *c[1].values()]
+    got = run()
+    L.FUSED_CPU = False
+    try:
+        want = run()
+    finally:
+        L.FUSED_CPU = True
+    assert len(got) == len(want)
+    assert all(torch.equal(x, y) for x, y in zip(got, want))
+    assert got[1].item() == 0.0  # ce over no labels
+
+
+def test_fused_op_argument_errors():
+    """Called directly, the fused op names what is wrong."""
+    _fused_or_skip()
+    z, t, y = torch.randn(3, 5), torch.randn(2, 3, 5), torch.zeros(3, dtype=torch.long)
+    lam = torch.ones(2)
+    op = torch.ops.cifd_C.cifd_loss_fused
+    with pytest.raises(RuntimeError, match="student_logits must be"):
+        op(z[0], t, y, None, None, lam, None, 2.0, 0.0, 0, 0, 1.0, 1.0, 1.0, 0.0, 0, -100)
+    with pytest.raises(RuntimeError, match="go together"):
+        op(z, t, y, torch.randn(3, 4), None, lam, None, 2.0, 0.0, 0, 0, 1.0, 1.0, 1.0, 0.0, 0, -100)
+    with pytest.raises(RuntimeError, match="targets"):
+        op(z, t[:, :2], y, None, None, lam, None, 2.0, 0.0, 0, 0, 1.0, 1.0, 1.0, 0.0, 0, -100)

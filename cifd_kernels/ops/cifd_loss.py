@@ -29,6 +29,7 @@ The GPU benchmark (benchmarks/bench_cifd_loss.py, providers ``cuda`` and
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Union
 
 import torch
@@ -236,8 +237,14 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
     check_seed_offset(seed, offset, m)
 
     lam_t = _ref._check_lam(lam, m, ref.device, torch.float32).detach()
-    keep = _keep_flags(m, seed, offset, p_drop, ref.device)
     t_embs = target_embs.detach() if target_embs is not None else None
+    if be == "cpu" and FUSED_CPU and not _eager.via_ops(student_logits) and _fused_cpu_op() is not None:
+        loss, ce, kl, emb, keep, rate = _fused_cpu_op()(
+            student_logits, target_logits.detach(), labels, student_emb, t_embs, lam_t, ibm_rate,
+            float(tau), float(p_drop), int(seed), int(offset), float(lam_ce), float(lam_kl), float(w_emb),
+            float(lam_I), _DIST_CODES[dist], int(ignore_index))
+        return loss, {"ce": ce, "kl": kl, "emb": emb, "keep": keep, "rate": rate, "loss": loss}
+    keep = _keep_flags(m, seed, offset, p_drop, ref.device)
     loss, ce, kl, emb, _, _ = _eager.call(
         _fwd_op, _EagerFunction, student_logits, target_logits.detach(), labels, student_emb, t_embs,
         lam_t, keep, None, float(tau), float(lam_ce), float(lam_kl), float(w_emb), dist, int(ignore_index), be)
@@ -249,6 +256,19 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
     terms = {"ce": ce.detach(), "kl": kl.detach(), "emb": emb.detach(), "keep": keep, "rate": rate,
              "loss": loss}
     return loss, terms
+
+
+# Eager calls on the "cpu" backend take cifd_C::cifd_loss_fused (python/cifd_loss_fused.cpp):
+# keep flags, kernel, batch means and the IBM rate term in one op whose autograd is C++,
+# the same ops and bits as the Python path below it, without its host time. Switch for
+# the tests.
+FUSED_CPU = True
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_cpu_op():
+    """``torch.ops.cifd_C.cifd_loss_fused``, or None for a ``_C`` without it."""
+    return torch.ops.cifd_C.cifd_loss_fused if _backend.has_ext_op("cifd_loss_fused") else None
 
 
 def grouped_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
