@@ -6,9 +6,10 @@
 Three measurements, each side in the same run, interleaved call by call:
 
 * ``ibm_step``: one IBM fwd+bwd at [128, 32] (the stage-2 student's embedding)
-  through the module, eager calls as one autograd.Function per op
-  (provider ``eager_function``) against the registered custom ops
-  (``custom_ops``, i.e. ``CIFD_EAGER_VIA_OPS=1``);
+  through the module, on the eager path (provider ``eager_function``: on the
+  CPU since session 5 the one C++ op ``cifd_C::entropy_bottleneck_fused`` with
+  C++ autograd, before that one Python autograd.Function per op) against the
+  registered custom ops (``custom_ops``, i.e. ``CIFD_EAGER_VIA_OPS=1``);
 * ``bank_targets``: the frozen bank's stage-2 targets at the Fashion-MNIST recipe
   size (N = 3, B = 128, D = H = L = 128, K = 10): the eval forward
   (``eval_forward``: x_hat, logits, rates and losses) against

@@ -3,7 +3,7 @@
 // density parameters to (y_hat, rate, likelihood), with its autograd in C++ (CPU).
 //
 //   entropy_bottleneck_fused(y, params, medians, mode, seed, offset, rho, s, bound,
-//                            need_likelihood, deterministic, save_y_hat)
+//                            need_likelihood, deterministic, save_y_hat, groups=0)
 //                            -> (y_hat, rate, likelihood)
 //
 // One call does what the eager Python path does in two autograd.Functions
@@ -20,6 +20,8 @@
 // ops/entropy_bottleneck.py:_saved_input): backward re-evaluates the density at the
 // saved y_hat in mode 2 (none) instead of at y, regenerating nothing. Gradients are
 // not materialized: an output without a gradient costs its kernel nothing.
+// groups = G >= 1: the RDM bank's channel, y [G, N, C] against params of G C channels
+// through entropy_bottleneck_{fwd,bwd}_groups (rate [G, N]); 0: one problem.
 //
 // Registered for CPU (a plain forward: inference mode, no autograd) and AutogradCPU.
 // The kernels are reached through the dispatcher below autograd, so this file
@@ -66,6 +68,29 @@ unpack_op() {
   return op;
 }
 
+using FwdG = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, double,
+    double, double, bool, int64_t);
+using BwdG = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, const at::Tensor&, int64_t,
+                                                int64_t, int64_t, double, double, double, bool,
+                                                int64_t);
+
+const c10::TypedOperatorHandle<FwdG>& fwd_groups_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cifd_C::entropy_bottleneck_fwd_groups", "")
+                             .typed<FwdG>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<BwdG>& bwd_groups_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("cifd_C::entropy_bottleneck_bwd_groups", "")
+                             .typed<BwdG>();
+  return op;
+}
+
 const c10::TypedOperatorHandle<Fwd>& fwd_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("cifd_C::entropy_bottleneck_fwd", "")
@@ -86,9 +111,14 @@ at::Tensor medians_arg(const std::optional<at::Tensor>& medians, const at::Tenso
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(
-    const at::Tensor& y, at::TensorList params, const at::Tensor& packed,
-    const at::Tensor& medians, int64_t mode, int64_t seed, int64_t offset, double rho, double s,
-    double bound, bool need_likelihood) {
+    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians, int64_t mode,
+    int64_t seed, int64_t offset, double rho, double s, double bound, bool need_likelihood,
+    int64_t groups) {
+  TORCH_CHECK(groups >= 0, "groups must be >= 0 (0: one problem), got ", groups);
+  if (groups > 0) {
+    return fwd_groups_op().call(y, packed, medians, mode, seed, offset, rho, s, bound,
+                                need_likelihood, groups);
+  }
   return fwd_op().call(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood);
 }
 
@@ -100,22 +130,23 @@ at::Tensor pack(const at::Tensor& y, at::TensorList params) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_plain(
     const at::Tensor& y, at::TensorList params, const std::optional<at::Tensor>& medians,
     int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound,
-    bool need_likelihood, bool /*deterministic*/, bool /*save_y_hat*/) {
+    bool need_likelihood, bool /*deterministic*/, bool /*save_y_hat*/, int64_t groups) {
   const at::Tensor packed = pack(y, params);
-  return run_forward(y, params, packed, medians_arg(medians, packed), mode, seed, offset, rho, s,
-                     bound, need_likelihood);
+  return run_forward(y, packed, medians_arg(medians, packed), mode, seed, offset, rho, s, bound,
+                     need_likelihood, groups);
 }
 
 struct Fused : public torch::autograd::Function<Fused> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& y, at::TensorList params,
                                const std::optional<at::Tensor>& medians, int64_t mode,
                                int64_t seed, int64_t offset, double rho, double s, double bound,
-                               bool need_likelihood, bool deterministic, bool save_y_hat) {
+                               bool need_likelihood, bool deterministic, bool save_y_hat,
+                               int64_t groups) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const at::Tensor packed = pack(y, params);
     const at::Tensor med = medians_arg(medians, packed);
-    auto [y_hat, rate, lik] =
-        run_forward(y, params, packed, med, mode, seed, offset, rho, s, bound, need_likelihood);
+    auto [y_hat, rate, lik] = run_forward(y, packed, med, mode, seed, offset, rho, s, bound,
+                                          need_likelihood, groups);
     ctx->set_materialize_grads(false);
     variable_list saved{save_y_hat ? y_hat : y, packed, med};
     saved.insert(saved.end(), params.begin(), params.end());
@@ -129,6 +160,7 @@ struct Fused : public torch::autograd::Function<Fused> {
     ctx->saved_data["need_likelihood"] = need_likelihood;
     ctx->saved_data["deterministic"] = deterministic;
     ctx->saved_data["has_medians"] = medians.has_value() && medians->defined();
+    ctx->saved_data["groups"] = groups;
     if (!need_likelihood) ctx->mark_non_differentiable({lik});
     return {y_hat, rate, lik};
   }
@@ -151,18 +183,23 @@ struct Fused : public torch::autograd::Function<Fused> {
     const at::Tensor glik = d.at("need_likelihood").toBool() && grads[2].defined()
                                 ? grads[2].to(packed.scalar_type()).contiguous()
                                 : none;
+    const int64_t mode = d.at("mode").toInt(), seed = d.at("seed").toInt(),
+                  offset = d.at("offset").toInt(), groups = d.at("groups").toInt();
+    const double rho = d.at("rho").toDouble(), s = d.at("s").toDouble(),
+                 bound = d.at("bound").toDouble();
+    const bool det = d.at("deterministic").toBool();
     auto [grad_y, grad_packed] =
-        bwd_op().call(y, packed, med, gyh, grate, glik, d.at("mode").toInt(),
-                      d.at("seed").toInt(), d.at("offset").toInt(), d.at("rho").toDouble(),
-                      d.at("s").toDouble(), d.at("bound").toDouble(),
-                      d.at("deterministic").toBool());
+        groups > 0 ? bwd_groups_op().call(y, packed, med, gyh, grate, glik, mode, seed, offset,
+                                          rho, s, bound, det, groups)
+                   : bwd_op().call(y, packed, med, gyh, grate, glik, mode, seed, offset, rho, s,
+                                   bound, det);
     const std::vector<at::Tensor> gparams = unpack_op().call(grad_packed, params);
     variable_list out;
-    out.reserve(1 + gparams.size() + 1 + 9);
+    out.reserve(1 + gparams.size() + 1 + 10);
     out.push_back(grad_y);
     out.insert(out.end(), gparams.begin(), gparams.end());
     out.push_back(d.at("has_medians").toBool() ? grad_packed.select(0, kNumPacked) : at::Tensor());
-    out.resize(out.size() + 9);  // mode .. save_y_hat: not differentiable
+    out.resize(out.size() + 10);  // mode .. groups: not differentiable
     return out;
   }
 };
@@ -170,9 +207,9 @@ struct Fused : public torch::autograd::Function<Fused> {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_autograd(
     const at::Tensor& y, at::TensorList params, const std::optional<at::Tensor>& medians,
     int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound,
-    bool need_likelihood, bool deterministic, bool save_y_hat) {
+    bool need_likelihood, bool deterministic, bool save_y_hat, int64_t groups) {
   variable_list out = Fused::apply(y, params, medians, mode, seed, offset, rho, s, bound,
-                                   need_likelihood, deterministic, save_y_hat);
+                                   need_likelihood, deterministic, save_y_hat, groups);
   return {out[0], out[1], out[2]};
 }
 
@@ -182,7 +219,7 @@ TORCH_LIBRARY_FRAGMENT(cifd_C, m) {
   m.def(
       "entropy_bottleneck_fused(Tensor y, Tensor[] params, Tensor? medians, int mode, int seed, "
       "int offset, float rho, float s, float bound, bool need_likelihood, bool deterministic, "
-      "bool save_y_hat) -> (Tensor y_hat, Tensor rate, Tensor likelihood)");
+      "bool save_y_hat, int groups=0) -> (Tensor y_hat, Tensor rate, Tensor likelihood)");
 }
 
 TORCH_LIBRARY_IMPL(cifd_C, CPU, m) { m.impl("entropy_bottleneck_fused", &fused_plain); }

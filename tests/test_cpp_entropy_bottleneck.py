@@ -557,3 +557,7 @@ def test_fused_op_argument_errors():
         ops.entropy_bottleneck_fused(y, params, torch.zeros(3), 1, 1, 0, 0.0, 1.0, 1e-9, False, False, False)
     with pytest.raises(RuntimeError, match="y must be"):
         ops.entropy_bottleneck_fused(y.int(), params, None, 0, 1, 0, 0.0, 1.0, 1e-9, False, False, False)
+    with pytest.raises(RuntimeError, match="groups must be >= 0"):
+        ops.entropy_bottleneck_fused(y, params, None, 0, 1, 0, 0.0, 1.0, 1e-9, False, False, False, -1)
+    with pytest.raises(RuntimeError, match=r"y must be \[G=2"):  # groups: y [G, N, C]
+        ops.entropy_bottleneck_fused(y, params, None, 0, 1, 0, 0.0, 1.0, 1e-9, False, False, False, 2)

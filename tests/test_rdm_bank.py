@@ -157,20 +157,32 @@ def test_noncontiguous_x_and_gradient_to_nothing_frozen(be, device):
 @pytest.mark.parametrize("be", ["cpu", "cuda"])
 @pytest.mark.parametrize("mode", ["noise", "dequantize", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_channel_equals_the_per_rdm_ops(be, mode, dtype, device, monkeypatch):
+@pytest.mark.parametrize("fused", [True, False])
+def test_grouped_channel_equals_the_per_rdm_ops(be, mode, dtype, fused, device, monkeypatch):
     """Eager calls on the C++ backends run the bank's channel as one grouped C++ call each
-    way; it gives the per-RDM custom ops' bits: every output and every gradient."""
+    way (on the CPU the fused op with C++ autograd, cifd_C::entropy_bottleneck_fused with
+    groups; else, or with FUSED_CPU off, the _GroupedChannel Function); either gives the
+    per-RDM custom ops' bits: every output and every gradient."""
     _skip_unless(be, device)
+    import importlib
     from cifd_kernels.ops import _eager
+    eb_ops = importlib.import_module("cifd_kernels.ops.entropy_bottleneck")
+    real = eb_ops._fused_cpu_op()
+    if fused and (be != "cpu" or real is None):
+        pytest.skip("the fused op serves the cpu backend of a _C that has it")
+    monkeypatch.setattr(eb_ops, "FUSED_CPU", fused)
     prob = _problem(3, 7, 10, 12, 5, 6, device, seed=21, dtype=dtype)
     calls = []
     apply = ob._GroupedChannel.apply
-    monkeypatch.setattr(ob._GroupedChannel, "apply", lambda *a: calls.append(1) or apply(*a))
+    monkeypatch.setattr(ob._GroupedChannel, "apply", lambda *a: calls.append("function") or apply(*a))
+    if real is not None:
+        monkeypatch.setattr(eb_ops, "_fused_cpu_op", lambda: (lambda *a: calls.append("fused") or real(*a)))
     runs = []
     for force in (False, True):
         monkeypatch.setattr(_eager, "FORCE_OPS", force)
         runs.append(_run(be, prob, mode=mode))
-        assert len(calls) == 1  # the grouped call on the eager path only
+        # the grouped call on the eager path only
+        assert calls == ["fused" if fused else "function"]
     (out_a, loss_a, _, grads_a), (out_b, loss_b, _, grads_b) = runs
     for name, u, v in zip(ref.RDMBankOutput._fields, out_a, out_b):
         assert (u is None) == (v is None), name

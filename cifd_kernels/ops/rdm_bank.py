@@ -44,6 +44,7 @@ host sync).
 """
 from __future__ import annotations
 
+import importlib
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
@@ -62,6 +63,9 @@ from .entropy_bottleneck import raw_bwd_tensors as _eb_raw_bwd
 from .entropy_bottleneck import raw_fwd_tensors as _eb_raw_fwd
 from .entropy_bottleneck import run_fused as _eb_run_fused
 from .cifd_loss import grouped_loss as _grouped_loss
+
+# The module (``from . import entropy_bottleneck`` gives the function ops/__init__ exports).
+_eb_ops = importlib.import_module(".entropy_bottleneck", __package__)
 
 OP = "rdm_bank"
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -254,6 +258,14 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
         return _ref.RDMBankOutput(z, z_hat, x_hat, logits, None, None)
 
     # Channel: the fused rate kernel on each RDM's [B, L] block (counter layout above).
+    if be == "cpu" and _eb_ops.FUSED_CPU and not _eager.via_ops(z) and _eb_ops._fused_cpu_op() is not None:
+        # eager cpu: density pack, all N blocks and both backward steps in one op with C++
+        # autograd (cifd_C::entropy_bottleneck_fused, groups = N): _GroupedChannel's bits
+        z_hat, rate, lik = _eb_ops._fused_cpu_op()(
+            z.contiguous(), _pack._flat(matrices, biases, factors), med, _pack.MODES[mode], seed, offset,
+            0.0, 1.0, float(likelihood_bound), bool(need_likelihood), True,
+            _eb_ops._saves_y_hat(mode, 0.0, z.dtype), n)
+        return _decode(p, z, z_hat, act, lin_be, lik if need_likelihood else None, rate)
     packed = _pack.pack_density(matrices, biases, factors)  # [58, N*L]
     if not _eager.via_ops(z) and be in ("cpu", "cuda") \
             and _backend.has_ext_op("entropy_bottleneck_fwd_groups"):
