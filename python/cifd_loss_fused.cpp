@@ -23,13 +23,17 @@
 // logits, emb and ibm_rate); ce 0-dim, kl and emb_terms [M], float32, not
 // differentiable; keep [M] bool; rate 0-dim float32, mean(ibm_rate) (differentiable),
 // zero without ibm_rate. Registered for CPU (no autograd: inference mode) and
-// AutogradCPU; the kernels are reached through the dispatcher below autograd.
+// AutogradCPU (and CUDA, AutogradCUDA in CUDA builds); the kernels are reached
+// through the dispatcher below autograd.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/TensorOperators.h>
+#include <ATen/ops/clamp_min.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/ne.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -96,10 +100,15 @@ Outputs run(const at::Tensor& logits, const at::Tensor& targets, const at::Tenso
     keep_op().call(o.keep, seed, offset, p_drop);
   }
   const at::Tensor lab = labels.to(at::kLong).contiguous();
-  int64_t n = 0;
-  const int64_t* lp = lab.data_ptr<int64_t>();
-  for (int64_t i = 0; i < lab.numel(); ++i) n += lp[i] != ignore_index;
-  const at::Tensor nvalid = at::scalar_tensor(static_cast<double>(n > 0 ? n : 1), f32);
+  at::Tensor nvalid;  // #labels != ignore_index, at least 1, as a 0-dim float32
+  if (lab.device().is_cpu()) {
+    int64_t n = 0;
+    const int64_t* lp = lab.data_ptr<int64_t>();
+    for (int64_t i = 0; i < lab.numel(); ++i) n += lp[i] != ignore_index;
+    nvalid = at::scalar_tensor(static_cast<double>(n > 0 ? n : 1), f32);
+  } else {  // on the device, no host sync (the Python path's ops)
+    nvalid = (labels != ignore_index).sum().clamp_min(1).to(at::kFloat);
+  }
   const at::Tensor none = at::empty({0}, f32);
   const at::Tensor e = given(emb) ? emb->contiguous() : none;
   const at::Tensor te =
@@ -216,3 +225,11 @@ TORCH_LIBRARY_FRAGMENT(cifd_C, m) {
 TORCH_LIBRARY_IMPL(cifd_C, CPU, m) { m.impl("cifd_loss_fused", &fused_plain); }
 
 TORCH_LIBRARY_IMPL(cifd_C, AutogradCPU, m) { m.impl("cifd_loss_fused", &fused_autograd); }
+
+// CUDA: the same op over the CUDA loss kernel. Not yet run on a GPU: cifd_kernels takes
+// it only with CIFD_FUSED_CUDA=1 (ops/cifd_loss.py).
+#ifdef CIFD_WITH_CUDA
+TORCH_LIBRARY_IMPL(cifd_C, CUDA, m) { m.impl("cifd_loss_fused", &fused_plain); }
+
+TORCH_LIBRARY_IMPL(cifd_C, AutogradCUDA, m) { m.impl("cifd_loss_fused", &fused_autograd); }
+#endif

@@ -16,14 +16,15 @@
 //
 // y: contiguous, float32/float16/bfloat16/float64 (entropy_bottleneck_fwd's rules);
 // params: the 14 CPU tensors (density_pack's); medians: [C] in the compute dtype in
-// mode 1 (dequantize), else None. save_y_hat (the caller's rule,
+// mode 1 (dequantize), any strides, else None. save_y_hat (the caller's rule,
 // ops/entropy_bottleneck.py:_saved_input): backward re-evaluates the density at the
 // saved y_hat in mode 2 (none) instead of at y, regenerating nothing. Gradients are
 // not materialized: an output without a gradient costs its kernel nothing.
 // groups = G >= 1: the RDM bank's channel, y [G, N, C] against params of G C channels
 // through entropy_bottleneck_{fwd,bwd}_groups (rate [G, N]); 0: one problem.
 //
-// Registered for CPU (a plain forward: inference mode, no autograd) and AutogradCPU.
+// Registered for CPU (a plain forward: inference mode, no autograd) and AutogradCPU,
+// and in CUDA builds for CUDA and AutogradCUDA (see the end of the file).
 // The kernels are reached through the dispatcher below autograd, so this file
 // depends on their schemas only. Tracing (torch.compile, make_fx) never reaches this
 // op: it goes through the registered cifd:: custom ops.
@@ -105,9 +106,11 @@ const c10::TypedOperatorHandle<Bwd>& bwd_op() {
   return op;
 }
 
-// The kernels' medians argument: the tensor in dequantize mode, else an empty one.
+// The kernels' medians argument: the tensor (contiguous) in dequantize mode, else an
+// empty one.
 at::Tensor medians_arg(const std::optional<at::Tensor>& medians, const at::Tensor& packed) {
-  return medians.has_value() && medians->defined() ? *medians : at::empty({0}, packed.options());
+  return medians.has_value() && medians->defined() ? medians->contiguous()
+                                                   : at::empty({0}, packed.options());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(
@@ -227,3 +230,13 @@ TORCH_LIBRARY_IMPL(cifd_C, CPU, m) { m.impl("entropy_bottleneck_fused", &fused_p
 TORCH_LIBRARY_IMPL(cifd_C, AutogradCPU, m) {
   m.impl("entropy_bottleneck_fused", &fused_autograd);
 }
+
+// CUDA: the same op over the CUDA kernels and the generic (ATen) density pack. Not yet
+// run on a GPU: cifd_kernels takes it only with CIFD_FUSED_CUDA=1 (ops/entropy_bottleneck.py).
+#ifdef CIFD_WITH_CUDA
+TORCH_LIBRARY_IMPL(cifd_C, CUDA, m) { m.impl("entropy_bottleneck_fused", &fused_plain); }
+
+TORCH_LIBRARY_IMPL(cifd_C, AutogradCUDA, m) {
+  m.impl("entropy_bottleneck_fused", &fused_autograd);
+}
+#endif

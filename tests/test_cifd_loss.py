@@ -540,22 +540,28 @@ def _fused_or_skip():
 @pytest.mark.parametrize("rate", [None, torch.float32, torch.float64])
 @pytest.mark.parametrize("p_drop,dist", [(0.0, "mse"), (0.5, "smooth_l1")])
 @pytest.mark.parametrize("use", ["loss", "loss+rate", "rate"])
-def test_fused_op_equals_python_path(dtype, emb, rate, p_drop, dist, use, monkeypatch):
+def test_fused_op_equals_python_path(dtype, emb, rate, p_drop, dist, use, device, monkeypatch):
     """Loss, every term and every gradient (logits, embedding, IBM rate) bit for bit
-    against the Python path, with the gradient through the loss, the rate term, or both."""
+    against the Python path, with the gradient through the loss, the rate term, or both.
+    On a GPU: the op's CUDA registration, switched on as CIFD_FUSED_CUDA=1 does."""
     _fused_or_skip()
     if use != "loss" and rate is None:
         pytest.skip("no rate to differentiate")
     L = _loss_module()
-    inp, lam = _inputs(4, 9, 7, 5, "cpu", dtype=dtype, seed=3, emb=emb)
+    be = "cpu"
+    if device == "cuda":
+        _skip_unless("cuda", device)
+        monkeypatch.setattr(L, "FUSED_CUDA", True)
+        be = "cuda"
+    inp, lam = _inputs(4, 9, 7, 5, device, dtype=dtype, seed=3, emb=emb)
     g = torch.Generator().manual_seed(4)
-    ibm_rate = None if rate is None else (5 * torch.rand(9, generator=g)).to(rate).requires_grad_()
+    ibm_rate = None if rate is None else (5 * torch.rand(9, generator=g)).to(device, rate).requires_grad_()
     wrt = [inp["student_logits"]] + ([inp["student_emb"]] if emb else []) + \
         ([ibm_rate] if rate is not None else [])
 
     def run():
         loss, terms = cifd_loss(**inp, lam=lam, tau=1.5, p_drop=p_drop, seed=77, offset=3, dist=dist,
-                                ibm_rate=ibm_rate, lam_I=0.37, w_emb=2.5, backend="cpu")
+                                ibm_rate=ibm_rate, lam_I=0.37, w_emb=2.5, backend=be)
         out = {"loss": 1.7 * loss} if use == "loss" else {"rate": 0.6 * terms["rate"]}
         if use == "loss+rate":
             out["loss"] = 1.7 * loss
@@ -567,6 +573,7 @@ def test_fused_op_equals_python_path(dtype, emb, rate, p_drop, dist, use, monkey
     got = run()
     assert calls == [1]
     monkeypatch.setattr(L, "FUSED_CPU", False)
+    monkeypatch.setattr(L, "FUSED_CUDA", False)
     want = run()
     assert calls == [1]
     assert torch.equal(got[0], want[0]) and got[0].dtype == want[0].dtype

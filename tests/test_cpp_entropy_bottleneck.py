@@ -457,11 +457,21 @@ def _fused_or_skip():
         pytest.skip("_C built without entropy_bottleneck_fused")
 
 
-def _public(y, mats, biases, factors, medians, mode, rho, s, need_lik, out_grads):
+def _fused_on(device, monkeypatch):
+    """The backend whose eager calls take the fused op on ``device`` (cuda: switched on
+    with FUSED_CUDA, as CIFD_FUSED_CUDA=1 does)."""
+    if device == "cuda":
+        backend_or_skip("cuda", "cuda")
+        monkeypatch.setattr(_eb_module(), "FUSED_CUDA", True)
+        return "cuda"
+    return "cpu"
+
+
+def _public(y, mats, biases, factors, medians, mode, rho, s, need_lik, out_grads, be="cpu"):
     from cifd_kernels.ops import entropy_bottleneck
     out = entropy_bottleneck(y, mats, biases, factors, medians if mode == "dequantize" else None,
                              mode=mode, seed=21, offset=5, rho=rho, s=s, need_likelihood=need_lik,
-                             backend="cpu")
+                             backend=be)
     loss = 0
     for t, g in zip((out.y_hat, out.rate, out.likelihood), out_grads):
         if g is not None and t is not None:
@@ -476,29 +486,34 @@ def _public(y, mats, biases, factors, medians, mode, rho, s, need_lik, out_grads
                                         ("none", 0.0, 1.0)])
 @pytest.mark.parametrize("need_lik", [False, True])
 @pytest.mark.parametrize("which", ["all", "rate", "y_hat"])
-def test_fused_op_equals_python_functions(dtype, mode, rho, s, need_lik, which, monkeypatch):
+def test_fused_op_equals_python_functions(dtype, mode, rho, s, need_lik, which, device, monkeypatch):
     """Every output and gradient bit for bit against the pack + entropy Functions, with
     gradients on all outputs or on one (the others reach backward as None)."""
     _fused_or_skip()
     eb = _eb_module()
-    mats, biases, factors, medians = _params(7, seed=4)
+    be = _fused_on(device, monkeypatch)
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("float64 runs on the C++ CPU kernel only")
+    mats, biases, factors, medians = _params(7, seed=4, device=device)
     cast = (lambda ts: [t.detach().to(torch.float64).requires_grad_() for t in ts]) \
         if dtype == torch.float64 else (lambda ts: ts)
     mats, biases, factors = cast(mats), cast(biases), cast(factors)
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
-    med = medians.detach().to(cdt).requires_grad_()
+    med = medians.detach().to(device, cdt).requires_grad_()
     g = torch.Generator().manual_seed(2)
-    y = (3 * torch.randn(13, 7, generator=g)).to(dtype).requires_grad_()
+    y = (3 * torch.randn(13, 7, generator=g)).to(device, dtype).requires_grad_()
     out_grads = [torch.randn(13, 7, generator=g, dtype=torch.float64) if which in ("all", "y_hat") else None,
                  torch.randn(13, generator=g, dtype=torch.float64) if which in ("all", "rate") else None,
                  torch.randn(13, 7, generator=g, dtype=torch.float64) if which == "all" else None]
+    out_grads = [t.to(device) if t is not None else None for t in out_grads]
     calls = []
     real = eb._fused_cpu_op()
     monkeypatch.setattr(eb, "_fused_cpu_op", lambda: (lambda *a: calls.append(1) or real(*a)))
-    fused = _public(y, mats, biases, factors, med, mode, rho, s, need_lik, out_grads)
+    fused = _public(y, mats, biases, factors, med, mode, rho, s, need_lik, out_grads, be)
     assert calls == [1]  # the fused op was taken
     monkeypatch.setattr(eb, "FUSED_CPU", False)
-    python = _public(y, mats, biases, factors, med, mode, rho, s, need_lik, out_grads)
+    monkeypatch.setattr(eb, "FUSED_CUDA", False)
+    python = _public(y, mats, biases, factors, med, mode, rho, s, need_lik, out_grads, be)
     assert calls == [1]
     assert len(fused) == len(python)
     for a, b in zip(fused, python):
@@ -561,3 +576,24 @@ def test_fused_op_argument_errors():
         ops.entropy_bottleneck_fused(y, params, None, 0, 1, 0, 0.0, 1.0, 1e-9, False, False, False, -1)
     with pytest.raises(RuntimeError, match=r"y must be \[G=2"):  # groups: y [G, N, C]
         ops.entropy_bottleneck_fused(y, params, None, 0, 1, 0, 0.0, 1.0, 1e-9, False, False, False, 2)
+
+
+def test_fused_op_takes_strided_medians():
+    """Dequantize mode with medians that are a strided view (the RDM bank's eval path
+    hands over the quantiles' middle column): the values and the medians' gradient of
+    the same medians made contiguous."""
+    _fused_or_skip()
+    ops = _ops()
+    mats, biases, factors, _ = _params(6, seed=8)
+    params = [t.detach() for k in range(5) for t in ([mats[k], biases[k]] + ([factors[k]] if k < 4 else []))]
+    quant = torch.randn(6, 1, 3, generator=torch.Generator().manual_seed(1))
+    y = 3 * torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
+
+    def run(med):
+        out = ops.entropy_bottleneck_fused(y, params, med, 1, 0, 0, 0.0, 1.0, 1e-9, True, True, False)
+        return list(out) + list(torch.autograd.grad(out[1].sum() + out[2].sum(), med))
+    strided = quant[:, 0, 1].requires_grad_()
+    assert not strided.is_contiguous()
+    got = run(strided)
+    want = run(quant[:, 0, 1].contiguous().requires_grad_())
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

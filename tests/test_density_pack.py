@@ -211,3 +211,33 @@ def test_gpu_pack_op_uses_triton_and_matches_cpu():
     exp = torch.autograd.grad((want * g).sum(), mats + bias + facs)
     for a, b in zip(got, exp):
         torch.testing.assert_close(a.cpu(), b, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("float64", [False, True])
+def test_generic_pack_ops_match_the_cpu_kernels(float64, device):
+    """cifd_C::density_pack_generic / density_unpack_grad_generic: the ATen versions the
+    CUDA build registers for density_pack / density_unpack_grad on CUDA tensors (the
+    fused C++ entropy op packs through them on a GPU), against the C++ CPU kernels."""
+    import cifd_kernels._C  # noqa: F401
+    if not hasattr(torch.ops.cifd_C, "density_pack_generic"):
+        pytest.skip("_C built without the generic pack ops")
+    if device == "cuda":
+        backend_or_skip("cuda", "cuda")
+    mats, bias, facs = _params(37)
+    params = [t.detach() for t in P._flat(mats, bias, facs)]
+    want = torch.ops.cifd_C.density_pack(params, float64)
+    dev = [p.to(device) for p in params]
+    got = torch.ops.cifd_C.density_pack_generic(dev, float64)
+    assert got.dtype == want.dtype and got.shape == want.shape and got.is_contiguous()
+    torch.testing.assert_close(got.cpu(), want, rtol=2e-6, atol=1e-7)
+    if device == "cuda":  # what the fused op dispatches to there
+        torch.testing.assert_close(torch.ops.cifd_C.density_pack(dev, float64).cpu(), want,
+                                   rtol=2e-6, atol=1e-7)
+    g = torch.randn(59, 37, generator=torch.Generator().manual_seed(2), dtype=want.dtype)
+    want_g = torch.ops.cifd_C.density_unpack_grad(g, params)
+    got_g = torch.ops.cifd_C.density_unpack_grad_generic(g.to(device), dev)
+    for a, b, p in zip(got_g, want_g, params):
+        assert a.shape == p.shape and a.dtype == p.dtype
+        torch.testing.assert_close(a.cpu(), b, rtol=2e-6, atol=1e-7)
+    with pytest.raises(RuntimeError, match="params must hold the 14"):
+        torch.ops.cifd_C.density_pack_generic(dev[:5], float64)

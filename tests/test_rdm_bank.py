@@ -160,17 +160,18 @@ def test_noncontiguous_x_and_gradient_to_nothing_frozen(be, device):
 @pytest.mark.parametrize("fused", [True, False])
 def test_grouped_channel_equals_the_per_rdm_ops(be, mode, dtype, fused, device, monkeypatch):
     """Eager calls on the C++ backends run the bank's channel as one grouped C++ call each
-    way (on the CPU the fused op with C++ autograd, cifd_C::entropy_bottleneck_fused with
-    groups; else, or with FUSED_CPU off, the _GroupedChannel Function); either gives the
-    per-RDM custom ops' bits: every output and every gradient."""
+    way (the fused op with C++ autograd, cifd_C::entropy_bottleneck_fused with groups: on
+    by default on the CPU, with CIFD_FUSED_CUDA=1 on a GPU; else the _GroupedChannel
+    Function); either gives the per-RDM custom ops' bits: every output and gradient."""
     _skip_unless(be, device)
     import importlib
     from cifd_kernels.ops import _eager
     eb_ops = importlib.import_module("cifd_kernels.ops.entropy_bottleneck")
     real = eb_ops._fused_cpu_op()
-    if fused and (be != "cpu" or real is None):
-        pytest.skip("the fused op serves the cpu backend of a _C that has it")
-    monkeypatch.setattr(eb_ops, "FUSED_CPU", fused)
+    if fused and real is None:
+        pytest.skip("_C built without entropy_bottleneck_fused")
+    # cpu: on by default; cuda: CIFD_FUSED_CUDA=1's switch
+    monkeypatch.setattr(eb_ops, "FUSED_CPU" if be == "cpu" else "FUSED_CUDA", fused)
     prob = _problem(3, 7, 10, 12, 5, 6, device, seed=21, dtype=dtype)
     calls = []
     apply = ob._GroupedChannel.apply

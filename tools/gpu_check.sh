@@ -54,6 +54,11 @@ if [ "${GPU_STEP_RATIO:-1}" = "1" ]; then
   python3 -m benchmarks.step_ratio --device cuda --rounds ${GPU_STEP_ROUNDS:-40} --out "$OUTDIR" 2>&1 \
     | tee "$OUTDIR/step_ratio.log" | tail -5
   rc_ratio=${PIPESTATUS[0]}
+  # the fused C++ ops (C++ autograd) on the CUDA backend, off by default until measured here
+  stamp "stage-2 step ratio with CIFD_FUSED_CUDA=1"
+  CIFD_FUSED_CUDA=1 python3 -m benchmarks.step_ratio --device cuda --rounds ${GPU_STEP_ROUNDS:-40} \
+    --out "$OUTDIR" 2>&1 | tee "$OUTDIR/step_ratio_fused_cuda.log" | tail -5
+  [ "${PIPESTATUS[0]}" = "0" ] || rc_ratio=1
 fi
 for j in "$OUTDIR"/*.json; do
   python3 benchmarks/plot.py "$j" --out "$OUTDIR/plots" > /dev/null 2>&1 || echo "plot failed for $j"

@@ -30,6 +30,7 @@ The GPU benchmark (benchmarks/bench_cifd_loss.py, providers ``cuda`` and
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional, Sequence, Union
 
 import torch
@@ -238,7 +239,8 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
 
     lam_t = _ref._check_lam(lam, m, ref.device, torch.float32).detach()
     t_embs = target_embs.detach() if target_embs is not None else None
-    if be == "cpu" and FUSED_CPU and not _eager.via_ops(student_logits) and _fused_cpu_op() is not None:
+    if ((be == "cpu" and FUSED_CPU) or (be == "cuda" and FUSED_CUDA)) \
+            and not _eager.via_ops(student_logits) and _fused_cpu_op() is not None:
         loss, ce, kl, emb, keep, rate = _fused_cpu_op()(
             student_logits, target_logits.detach(), labels, student_emb, t_embs, lam_t, ibm_rate,
             float(tau), float(p_drop), int(seed), int(offset), float(lam_ce), float(lam_kl), float(w_emb),
@@ -263,6 +265,9 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
 # the same ops and bits as the Python path below it, without its host time. Switch for
 # the tests.
 FUSED_CPU = True
+# The same op on the "cuda" backend (the CUDA loss kernel): written and compiled, not yet
+# run on a GPU, so off unless CIFD_FUSED_CUDA=1 (tools/gpu_check.sh measures both ways).
+FUSED_CUDA = os.environ.get("CIFD_FUSED_CUDA", "0") == "1"
 
 
 @functools.lru_cache(maxsize=None)

@@ -23,6 +23,7 @@ by itself.
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -325,7 +326,7 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
     else:
         med = None
     _ref_check_seed(seed, offset, y.numel())
-    if be == "cpu" and FUSED_CPU and not _eager.via_ops(y) and _fused_cpu_op() is not None:
+    if use_fused(be, y):
         y_hat, rate, lik = _fused_cpu_op()(
             y.contiguous(), _pack._flat(matrices, biases, factors), med, _pack.MODES[mode], seed, offset,
             float(rho), float(s), float(bound), bool(need_likelihood), bool(deterministic),
@@ -342,6 +343,16 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
 # op whose autograd is C++, the same ops and bits as the two Python autograd.Functions
 # (pack_density + run_fused), without their host time. Switch for the tests.
 FUSED_CPU = True
+# The same op on the "cuda" backend (the CUDA kernels, the density pack as ATen ops):
+# written and compiled, not yet run on a GPU, so off unless CIFD_FUSED_CUDA=1
+# (tools/gpu_check.sh measures both ways).
+FUSED_CUDA = os.environ.get("CIFD_FUSED_CUDA", "0") == "1"
+
+
+def use_fused(be: str, t: torch.Tensor) -> bool:
+    """Whether an eager call on backend ``be`` (tensor ``t``) takes the fused C++ op."""
+    return ((be == "cpu" and FUSED_CPU) or (be == "cuda" and FUSED_CUDA)) \
+        and not _eager.via_ops(t) and _fused_cpu_op() is not None
 
 
 @functools.lru_cache(maxsize=None)

@@ -258,9 +258,10 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
         return _ref.RDMBankOutput(z, z_hat, x_hat, logits, None, None)
 
     # Channel: the fused rate kernel on each RDM's [B, L] block (counter layout above).
-    if be == "cpu" and _eb_ops.FUSED_CPU and not _eager.via_ops(z) and _eb_ops._fused_cpu_op() is not None:
-        # eager cpu: density pack, all N blocks and both backward steps in one op with C++
-        # autograd (cifd_C::entropy_bottleneck_fused, groups = N): _GroupedChannel's bits
+    if _eb_ops.use_fused(be, z):
+        # eager cpu (cuda with CIFD_FUSED_CUDA=1): density pack, all N blocks and both
+        # backward steps in one op with C++ autograd (cifd_C::entropy_bottleneck_fused,
+        # groups = N): _GroupedChannel's bits
         z_hat, rate, lik = _eb_ops._fused_cpu_op()(
             z.contiguous(), _pack._flat(matrices, biases, factors), med, _pack.MODES[mode], seed, offset,
             0.0, 1.0, float(likelihood_bound), bool(need_likelihood), True,
