@@ -56,6 +56,15 @@ def info_text() -> str:
                                     if _eager.FORCE_OPS else
                                     "one autograd.Function per op (CIFD_EAGER_VIA_OPS=0); "
                                     "custom ops under tracing"))
+    if not _eager.FORCE_OPS:
+        import importlib
+        eb = importlib.import_module("cifd_kernels.ops.entropy_bottleneck")
+        has = eb._fused_cpu_op() is not None
+        lines.append("  entropy op and cifd_loss as one op with C++ autograd: "
+                     f"cpu: {'yes' if has and eb.FUSED_CPU else 'no'}, cuda: "
+                     + ("yes (CIFD_FUSED_CUDA=1)" if has and eb.FUSED_CUDA
+                        else "no (CIFD_FUSED_CUDA=1 turns it on; not yet run on a GPU)")
+                     + ("" if has else " (no _C with cifd_C::entropy_bottleneck_fused)"))
     lines.append("ops (implemented backends; auto picks on cpu / cuda):")
     from . import ops  # noqa: F401  (registers the ops)
     for op in sorted(backend._IMPLEMENTED):

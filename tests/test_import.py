@@ -42,6 +42,7 @@ LEAN = textwrap.dedent(r"""
     from cifd_kernels.__main__ import info_text
     text = info_text()
     assert "_C           not loaded" in text and "triton       not available" in text, text
+    assert "C++ autograd: cpu: no, cuda: no" in text, text
     print("LEAN-OK")
 """)
 
@@ -58,7 +59,7 @@ def test_info_command_runs():
     r = subprocess.run([sys.executable, "-m", "cifd_kernels", "info"], capture_output=True, text=True,
                        timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
     assert r.returncode == 0, r.stderr
-    for needle in ("cifd_kernels", "torch", "backends", "philox_uniform"):
+    for needle in ("cifd_kernels", "torch", "backends", "philox_uniform", "C++ autograd: cpu: "):
         assert needle in r.stdout
 
 
