@@ -3,8 +3,8 @@
 // student's outputs to (loss, terms), with its autograd in C++ (CPU).
 //
 //   cifd_loss_fused(logits, targets, labels, emb, target_embs, lam, ibm_rate, tau, p_drop,
-//                   seed, offset, lam_ce, lam_kl, w_emb, lam_I, dist, ignore_index)
-//                   -> (loss, ce, kl, emb_terms, keep, rate)
+//                   seed, offset, lam_ce, lam_kl, w_emb, lam_I, dist, ignore_index,
+//                   group_w=None) -> (loss, ce, kl, emb_terms, keep, rate)
 //
 // One call does what the eager Python path of cifd_kernels.ops.cifd_loss.cifd_loss does
 // after its argument checks: the KD-dropout keep flags (cifd_C::philox_keep_mask_out,
@@ -25,6 +25,11 @@
 // zero without ibm_rate. Registered for CPU (no autograd: inference mode) and
 // AutogradCPU (and CUDA, AutogradCUDA in CUDA builds); the kernels are reached
 // through the dispatcher below autograd.
+//
+// With group_w [G] (the RDM bank's stage-1 losses, cifd_kernels.ops.cifd_loss.grouped_loss):
+// logits [G, B, K] and emb [G, B, D], group g's embedding term weighted by group_w[g];
+// loss and ce are [G], kl and emb_terms [M, G], and each group's rows of the gradients
+// scale by its loss's gradient.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/TensorOperators.h>
@@ -40,6 +45,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -85,8 +91,10 @@ Outputs run(const at::Tensor& logits, const at::Tensor& targets, const at::Tenso
             const std::optional<at::Tensor>& emb, const std::optional<at::Tensor>& target_embs,
             const at::Tensor& lam, const std::optional<at::Tensor>& ibm_rate, double tau,
             double p_drop, int64_t seed, int64_t offset, double lam_ce, double lam_kl,
-            double w_emb, double lam_I, int64_t dist, int64_t ignore_index) {
-  TORCH_CHECK(logits.dim() == 2, "student_logits must be [B, K], got ", logits.sizes());
+            double w_emb, double lam_I, int64_t dist, int64_t ignore_index,
+            const std::optional<at::Tensor>& group_w) {
+  TORCH_CHECK(logits.dim() == 2 || (logits.dim() == 3 && given(group_w)),
+              "student_logits must be [B, K] (or [G, B, K] with group_w), got ", logits.sizes());
   TORCH_CHECK(targets.dim() == 3, "target_logits must be [M, B, K], got ", targets.sizes());
   TORCH_CHECK(given(emb) == given(target_embs),
               "student_emb and target_embs go together: pass both or neither");
@@ -110,15 +118,16 @@ Outputs run(const at::Tensor& logits, const at::Tensor& targets, const at::Tenso
     nvalid = (labels != ignore_index).sum().clamp_min(1).to(at::kFloat);
   }
   const at::Tensor none = at::empty({0}, f32);
+  const at::Tensor gw = given(group_w) ? group_w->to(at::kFloat).contiguous() : none;
   const at::Tensor e = given(emb) ? emb->contiguous() : none;
   const at::Tensor te =
       given(emb) ? target_embs->to(emb->scalar_type()).contiguous() : none;
   auto [ce_b, kl_mb, emb_mb, gz, gu] = fwd_op().call(
       logits.contiguous(), targets.to(logits.scalar_type()).contiguous(), lab, e, te,
-      lam.to(at::kFloat).contiguous(), o.keep.to(at::kByte), nvalid, none, tau, lam_ce, lam_kl,
+      lam.to(at::kFloat).contiguous(), o.keep.to(at::kByte), nvalid, gw, tau, lam_ce, lam_kl,
       w_emb, dist, ignore_index);
   auto [loss, ce, kl, emb_terms] =
-      reduce_op().call(ce_b, kl_mb, emb_mb, lam, nvalid, none, lam_ce, lam_kl, w_emb);
+      reduce_op().call(ce_b, kl_mb, emb_mb, lam, nvalid, gw, lam_ce, lam_kl, w_emb);
   if (given(ibm_rate)) {
     o.rate = ibm_rate->to(at::kFloat).mean();
     o.loss = loss + o.rate * lam_I;
@@ -142,9 +151,10 @@ Result fused_plain(const at::Tensor& logits, const at::Tensor& targets, const at
                    const std::optional<at::Tensor>& target_embs, const at::Tensor& lam,
                    const std::optional<at::Tensor>& ibm_rate, double tau, double p_drop,
                    int64_t seed, int64_t offset, double lam_ce, double lam_kl, double w_emb,
-                   double lam_I, int64_t dist, int64_t ignore_index) {
+                   double lam_I, int64_t dist, int64_t ignore_index,
+                   const std::optional<at::Tensor>& group_w) {
   Outputs o = run(logits, targets, labels, emb, target_embs, lam, ibm_rate, tau, p_drop, seed,
-                  offset, lam_ce, lam_kl, w_emb, lam_I, dist, ignore_index);
+                  offset, lam_ce, lam_kl, w_emb, lam_I, dist, ignore_index, group_w);
   return {o.loss, o.ce, o.kl, o.emb, o.keep, o.rate};
 }
 
@@ -156,10 +166,11 @@ struct Fused : public torch::autograd::Function<Fused> {
                                const at::Tensor& lam, const std::optional<at::Tensor>& ibm_rate,
                                double tau, double p_drop, int64_t seed, int64_t offset,
                                double lam_ce, double lam_kl, double w_emb, double lam_I,
-                               int64_t dist, int64_t ignore_index) {
+                               int64_t dist, int64_t ignore_index,
+                               const std::optional<at::Tensor>& group_w) {
     at::AutoDispatchBelowADInplaceOrView guard;
     Outputs o = run(logits, targets, labels, emb, target_embs, lam, ibm_rate, tau, p_drop, seed,
-                    offset, lam_ce, lam_kl, w_emb, lam_I, dist, ignore_index);
+                    offset, lam_ce, lam_kl, w_emb, lam_I, dist, ignore_index, group_w);
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({o.grad_logits, o.grad_emb});
     ctx->saved_data["lam_I"] = lam_I;
@@ -183,10 +194,14 @@ struct Fused : public torch::autograd::Function<Fused> {
     const at::Tensor& gu = saved[1];
     const at::Tensor& g = grads[0];
     const at::Tensor& g_rate = grads[5];
-    variable_list out(17);
+    variable_list out(18);
     if (g.defined()) {
-      out[0] = gz * g.to(gz.scalar_type());
-      if (ctx->saved_data["has_emb"].toBool()) out[3] = gu * g.to(gu.scalar_type());
+      // g: 0-dim, or [G] with groups (group g's rows scale by g[g])
+      std::vector<int64_t> shape(g.sizes().begin(), g.sizes().end());
+      shape.insert(shape.end(), {1, 1});
+      const at::Tensor gs = g.reshape(shape);
+      out[0] = gz * gs.to(gz.scalar_type());
+      if (ctx->saved_data["has_emb"].toBool()) out[3] = gu * gs.to(gu.scalar_type());
     }
     const int64_t rate_batch = ctx->saved_data["rate_batch"].toInt();
     if (rate_batch >= 0 && (g.defined() || g_rate.defined())) {
@@ -204,10 +219,11 @@ Result fused_autograd(const at::Tensor& logits, const at::Tensor& targets,
                       const std::optional<at::Tensor>& target_embs, const at::Tensor& lam,
                       const std::optional<at::Tensor>& ibm_rate, double tau, double p_drop,
                       int64_t seed, int64_t offset, double lam_ce, double lam_kl, double w_emb,
-                      double lam_I, int64_t dist, int64_t ignore_index) {
+                      double lam_I, int64_t dist, int64_t ignore_index,
+                      const std::optional<at::Tensor>& group_w) {
   variable_list o = Fused::apply(logits, targets, labels, emb, target_embs, lam, ibm_rate, tau,
                                  p_drop, seed, offset, lam_ce, lam_kl, w_emb, lam_I, dist,
-                                 ignore_index);
+                                 ignore_index, group_w);
   return {o[0], o[1], o[2], o[3], o[4], o[5]};
 }
 
@@ -218,8 +234,8 @@ TORCH_LIBRARY_FRAGMENT(cifd_C, m) {
       "cifd_loss_fused(Tensor logits, Tensor targets, Tensor labels, Tensor? emb, "
       "Tensor? target_embs, Tensor lam, Tensor? ibm_rate, float tau, float p_drop, int seed, "
       "int offset, float lam_ce, float lam_kl, float w_emb, float lam_I, int dist, "
-      "int ignore_index) -> (Tensor loss, Tensor ce, Tensor kl, Tensor emb_terms, Tensor keep, "
-      "Tensor rate)");
+      "int ignore_index, Tensor? group_w=None) -> (Tensor loss, Tensor ce, Tensor kl, "
+      "Tensor emb_terms, Tensor keep, Tensor rate)");
 }
 
 TORCH_LIBRARY_IMPL(cifd_C, CPU, m) { m.impl("cifd_loss_fused", &fused_plain); }

@@ -535,6 +535,32 @@ def _fused_or_skip():
         pytest.skip("_C built without cifd_loss_fused")
 
 
+def _fused_backend(device, monkeypatch) -> str:
+    """The backend whose eager calls take the fused op on ``device`` (cuda: switched on
+    with FUSED_CUDA, as CIFD_FUSED_CUDA=1 does)."""
+    if device == "cuda":
+        _skip_unless("cuda", device)
+        monkeypatch.setattr(_loss_module(), "FUSED_CUDA", True)
+        return "cuda"
+    return "cpu"
+
+
+def _fused_then_python(run, monkeypatch):
+    """``run()`` through the fused op (asserting that it was taken, once), then through the
+    Python path: ``(fused, python)``."""
+    L = _loss_module()
+    calls = []
+    real = L._fused_cpu_op()
+    monkeypatch.setattr(L, "_fused_cpu_op", lambda: (lambda *a: calls.append(1) or real(*a)))
+    got = run()
+    assert calls == [1]
+    monkeypatch.setattr(L, "FUSED_CPU", False)
+    monkeypatch.setattr(L, "FUSED_CUDA", False)
+    want = run()
+    assert calls == [1]
+    return got, want
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("emb", [True, False])
 @pytest.mark.parametrize("rate", [None, torch.float32, torch.float64])
@@ -547,12 +573,7 @@ def test_fused_op_equals_python_path(dtype, emb, rate, p_drop, dist, use, device
     _fused_or_skip()
     if use != "loss" and rate is None:
         pytest.skip("no rate to differentiate")
-    L = _loss_module()
-    be = "cpu"
-    if device == "cuda":
-        _skip_unless("cuda", device)
-        monkeypatch.setattr(L, "FUSED_CUDA", True)
-        be = "cuda"
+    be = _fused_backend(device, monkeypatch)
     inp, lam = _inputs(4, 9, 7, 5, device, dtype=dtype, seed=3, emb=emb)
     g = torch.Generator().manual_seed(4)
     ibm_rate = None if rate is None else (5 * torch.rand(9, generator=g)).to(device, rate).requires_grad_()
@@ -567,15 +588,7 @@ def test_fused_op_equals_python_path(dtype, emb, rate, p_drop, dist, use, device
             out["loss"] = 1.7 * loss
         grads = torch.autograd.grad(sum(out.values()), wrt, allow_unused=True)
         return loss, terms, grads
-    calls = []
-    real = L._fused_cpu_op()
-    monkeypatch.setattr(L, "_fused_cpu_op", lambda: (lambda *a: calls.append(1) or real(*a)))
-    got = run()
-    assert calls == [1]
-    monkeypatch.setattr(L, "FUSED_CPU", False)
-    monkeypatch.setattr(L, "FUSED_CUDA", False)
-    want = run()
-    assert calls == [1]
+    got, want = _fused_then_python(run, monkeypatch)
     assert torch.equal(got[0], want[0]) and got[0].dtype == want[0].dtype
     assert set(got[1]) == set(want[1])
     for k in want[1]:
@@ -626,3 +639,26 @@ def test_fused_op_argument_errors():
         op(z, t, y, torch.randn(3, 4), None, lam, None, 2.0, 0.0, 0, 0, 1.0, 1.0, 1.0, 0.0, 0, -100)
     with pytest.raises(RuntimeError, match="targets"):
         op(z, t[:, :2], y, None, None, lam, None, 2.0, 0.0, 0, 0, 1.0, 1.0, 1.0, 0.0, 0, -100)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dist", ref.DISTORTIONS)
+def test_fused_op_grouped_equals_python_path(dtype, dist, device, monkeypatch):
+    """grouped_loss (the RDM bank's stage 1) through the fused op with group_w: loss,
+    terms and gradients bit for bit against the Python path."""
+    _fused_or_skip()
+    from cifd_kernels.ops.cifd_loss import grouped_loss
+    be = _fused_backend(device, monkeypatch)
+    z, t, y, u, x, gw = _grouped_inputs(3, 4, 6, 7, 5, device, seed=2)
+    z, u = (v.detach().to(dtype).requires_grad_() for v in (z, u))
+    t, x = t.to(dtype), x.to(dtype)
+    g_out = torch.randn(3, generator=torch.Generator().manual_seed(4)).to(device)
+    kw = dict(tau=1.5, lam_ce=0.7, lam_kl=1.3, dist=dist, ignore_index=IGNORE, backend=be)
+
+    def run():
+        loss, ce, kl, emb = grouped_loss(z, t, y, u, x, gw, **kw)
+        return [loss, ce, kl, emb] + list(torch.autograd.grad((loss * g_out).sum(), [z, u]))
+    got, want = _fused_then_python(run, monkeypatch)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    assert not any(v.requires_grad for v in got[1:4])  # the terms come detached

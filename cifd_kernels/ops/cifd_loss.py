@@ -239,8 +239,7 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
 
     lam_t = _ref._check_lam(lam, m, ref.device, torch.float32).detach()
     t_embs = target_embs.detach() if target_embs is not None else None
-    if ((be == "cpu" and FUSED_CPU) or (be == "cuda" and FUSED_CUDA)) \
-            and not _eager.via_ops(student_logits) and _fused_cpu_op() is not None:
+    if _use_fused(be, student_logits):
         loss, ce, kl, emb, keep, rate = _fused_cpu_op()(
             student_logits, target_logits.detach(), labels, student_emb, t_embs, lam_t, ibm_rate,
             float(tau), float(p_drop), int(seed), int(offset), float(lam_ce), float(lam_kl), float(w_emb),
@@ -276,6 +275,12 @@ def _fused_cpu_op():
     return torch.ops.cifd_C.cifd_loss_fused if _backend.has_ext_op("cifd_loss_fused") else None
 
 
+def _use_fused(be: str, t: torch.Tensor) -> bool:
+    """Whether an eager call on backend ``be`` (tensor ``t``) takes the fused C++ op."""
+    return ((be == "cpu" and FUSED_CPU) or (be == "cuda" and FUSED_CUDA)) \
+        and not _eager.via_ops(t) and _fused_cpu_op() is not None
+
+
 def grouped_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
                  student_emb: torch.Tensor, target_embs: torch.Tensor, group_w: torch.Tensor, *,
                  tau: float, lam_ce: float, lam_kl: float, dist: str, ignore_index: int,
@@ -298,6 +303,12 @@ def grouped_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labe
             "grouped_loss runs on the loss kernels only (cpu, cuda or triton); none fits here")
     m = target_logits.shape[0]
     lam_t = torch.ones(m, dtype=torch.float32, device=student_logits.device)
+    if _use_fused(be, student_logits):  # one op with C++ autograd; the terms come detached
+        loss, ce, kl, emb, _, _ = _fused_cpu_op()(
+            student_logits, target_logits.detach(), labels, student_emb, target_embs.detach(), lam_t,
+            None, float(tau), 0.0, 0, 0, float(lam_ce), float(lam_kl), 1.0, 0.0, _DIST_CODES[dist],
+            int(ignore_index), group_w)
+        return loss, ce, kl, emb
     keep = torch.ones(m, dtype=torch.bool, device=student_logits.device)
     loss, ce, kl, emb, _, _ = _eager.call(
         _fwd_op, _EagerFunction, student_logits, target_logits.detach(), labels, student_emb,

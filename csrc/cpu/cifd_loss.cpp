@@ -1,11 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0
-// Fused stage-2 CIFD loss on the CPU (math in cifd/losses.h): OpenMP over rows
-// (samples; G B of them with groups, kernels.h); per row the student's logits and
-// the kept targets' rows are converted once into float32 scratch, then
-// `#pragma omp simd` loops make two sweeps over K (max and sum of exp; then
-// log-probs, KL and the gradient) and one over D. exp/log are density.h's polynomial exp_f/log_f, which vectorise. The row
-// loop is compiled for baseline x86-64 and for AVX2 + FMA, picked at run time.
-// Each row's result depends only on that row, so it never depends on num_threads.
+// Fused stage-2 CIFD loss on the CPU (math in cifd/losses.h): OpenMP over chunks of
+// 8 rows (samples; G B of them with groups, kernels.h). The logits' part: for
+// K <= kSmallK the chunk's rows go through block_logits, a row per vector lane over
+// [K][8] float32 scratch; for larger K row by row, the student's and the kept targets'
+// rows converted once into float32 scratch and `#pragma omp simd` loops making two
+// sweeps over K (max and sum of exp; then log-probs, KL and the gradient). The
+// embedding part: row by row, one sweep over D. exp/log are density.h's polynomial
+// exp_f/log_f, which vectorise. The loops are compiled for baseline x86-64 and for
+// AVX2 + FMA, picked at run time. Each row's result depends only on that row, so it
+// never depends on num_threads.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
@@ -142,34 +145,32 @@ CIFD_HDI void row_emb(const Ctx& c, int64_t r, const Scratch& sc) {
   const int64_t B = pr.B, D = pr.D, M = pr.M, R = c.rows;
   const int64_t b = r % B;
   float* acc = sc.acc;
-  {
-    float* u = sc.u;
-    float* x = sc.x;
-    to_float<EE>(static_cast<const TE*>(c.emb) + r * D, u, D);
+  float* u = sc.u;
+  float* x = sc.x;
+  to_float<EE>(static_cast<const TE*>(c.emb) + r * D, u, D);
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f;
-    const int kind = pr.dist;
-    for (int64_t m = 0; m < M; ++m) {
-      if (!c.keep[m]) {
-        c.emb_terms[m * R + r] = 0.0f;
-        continue;
-      }
-      to_float<EE>(static_cast<const TE*>(c.target_embs) + (m * B + b) * D, x, D);
-      const float wm = c.w[m];
-      float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t d = 0; d < D; ++d) {
-        const float diff = u[d] - x[d];
-        s += losses::dist_value(diff, kind);
-        acc[d] += wm * losses::dist_grad(diff, kind);
-      }
-      c.emb_terms[m * R + r] = s;
+  for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f;
+  const int kind = pr.dist;
+  for (int64_t m = 0; m < M; ++m) {
+    if (!c.keep[m]) {
+      c.emb_terms[m * R + r] = 0.0f;
+      continue;
     }
-    const float c_emb = c.group_w ? pr.c_emb * c.group_w[r / B] : pr.c_emb;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) acc[d] *= c_emb;
-    from_float<EE>(acc, static_cast<TE*>(c.grad_emb) + r * D, D);
+    to_float<EE>(static_cast<const TE*>(c.target_embs) + (m * B + b) * D, x, D);
+    const float wm = c.w[m];
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t d = 0; d < D; ++d) {
+      const float diff = u[d] - x[d];
+      s += losses::dist_value(diff, kind);
+      acc[d] += wm * losses::dist_grad(diff, kind);
+    }
+    c.emb_terms[m * R + r] = s;
   }
+  const float c_emb = c.group_w ? pr.c_emb * c.group_w[r / B] : pr.c_emb;
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) acc[d] *= c_emb;
+  from_float<EE>(acc, static_cast<TE*>(c.grad_emb) + r * D, D);
 }
 
 // ------------------------------------------------------------------ small K
