@@ -59,7 +59,7 @@ def info_text() -> str:
     if not _eager.FORCE_OPS:
         import importlib
         eb = importlib.import_module("cifd_kernels.ops.entropy_bottleneck")
-        has = eb._fused_cpu_op() is not None
+        has = eb._fused_op() is not None
         lines.append("  entropy op and cifd_loss as one op with C++ autograd: "
                      f"cpu: {'yes' if has and eb.FUSED_CPU else 'no'}, cuda: "
                      + ("yes (CIFD_FUSED_CUDA=1)" if has and eb.FUSED_CUDA

@@ -30,7 +30,6 @@
 // logits [G, B, K] and emb [G, B, D], group g's embedding term weighted by group_w[g];
 // loss and ce are [G], kl and emb_terms [M, G], and each group's rows of the gradients
 // scale by its loss's gradient.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/clamp_min.h>
@@ -47,6 +46,8 @@
 #include <tuple>
 #include <vector>
 
+#include "dispatch.h"
+
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -61,24 +62,19 @@ using ReduceSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, double, double, double);
 using KeepSig = void(at::Tensor&, int64_t, int64_t, double);
 
-template <class Sig>
-c10::TypedOperatorHandle<Sig> find(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
+// The ops this one is made of, looked up once.
+struct Ops {
+  c10::TypedOperatorHandle<FwdSig> fwd;
+  c10::TypedOperatorHandle<ReduceSig> reduce;
+  c10::TypedOperatorHandle<KeepSig> keep;
+};
 
-const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
-  static const auto op = find<FwdSig>("cifd_C::cifd_loss_fwd");
-  return op;
-}
-
-const c10::TypedOperatorHandle<ReduceSig>& reduce_op() {
-  static const auto op = find<ReduceSig>("cifd_C::cifd_loss_reduce");
-  return op;
-}
-
-const c10::TypedOperatorHandle<KeepSig>& keep_op() {
-  static const auto op = find<KeepSig>("cifd_C::philox_keep_mask_out");
-  return op;
+const Ops& ops() {
+  using cifd_bind::find_op;
+  static const Ops o{find_op<FwdSig>("cifd_C::cifd_loss_fwd"),
+                     find_op<ReduceSig>("cifd_C::cifd_loss_reduce"),
+                     find_op<KeepSig>("cifd_C::philox_keep_mask_out")};
+  return o;
 }
 
 bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
@@ -105,7 +101,7 @@ Outputs run(const at::Tensor& logits, const at::Tensor& targets, const at::Tenso
     o.keep = at::ones({M}, logits.options().dtype(at::kBool));
   } else {
     o.keep = at::empty({M}, logits.options().dtype(at::kBool));
-    keep_op().call(o.keep, seed, offset, p_drop);
+    ops().keep.call(o.keep, seed, offset, p_drop);
   }
   const at::Tensor lab = labels.to(at::kLong).contiguous();
   at::Tensor nvalid;  // #labels != ignore_index, at least 1, as a 0-dim float32
@@ -122,12 +118,12 @@ Outputs run(const at::Tensor& logits, const at::Tensor& targets, const at::Tenso
   const at::Tensor e = given(emb) ? emb->contiguous() : none;
   const at::Tensor te =
       given(emb) ? target_embs->to(emb->scalar_type()).contiguous() : none;
-  auto [ce_b, kl_mb, emb_mb, gz, gu] = fwd_op().call(
+  auto [ce_b, kl_mb, emb_mb, gz, gu] = ops().fwd.call(
       logits.contiguous(), targets.to(logits.scalar_type()).contiguous(), lab, e, te,
       lam.to(at::kFloat).contiguous(), o.keep.to(at::kByte), nvalid, gw, tau, lam_ce, lam_kl,
       w_emb, dist, ignore_index);
   auto [loss, ce, kl, emb_terms] =
-      reduce_op().call(ce_b, kl_mb, emb_mb, lam, nvalid, gw, lam_ce, lam_kl, w_emb);
+      ops().reduce.call(ce_b, kl_mb, emb_mb, lam, nvalid, gw, lam_ce, lam_kl, w_emb);
   if (given(ibm_rate)) {
     o.rate = ibm_rate->to(at::kFloat).mean();
     o.loss = loss + o.rate * lam_I;

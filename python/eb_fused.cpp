@@ -28,7 +28,6 @@
 // The kernels are reached through the dispatcher below autograd, so this file
 // depends on their schemas only. Tracing (torch.compile, make_fx) never reaches this
 // op: it goes through the registered cifd:: custom ops.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -38,6 +37,8 @@
 #include <tuple>
 #include <vector>
 
+#include "dispatch.h"
+
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -45,65 +46,44 @@ using torch::autograd::variable_list;
 
 constexpr int64_t kNumPacked = 58;  // row 58 of the packed gradient: the medians'
 
-using Fwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+using PackSig = at::Tensor(at::TensorList, bool);
+using UnpackSig = std::vector<at::Tensor>(const at::Tensor&, at::TensorList);
+using FwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, double,
     double, double, bool);
-using Bwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, const at::Tensor&, int64_t,
-                                               int64_t, int64_t, double, double, double, bool);
-
-const c10::TypedOperatorHandle<at::Tensor(at::TensorList, bool)>& pack_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("cifd_C::density_pack", "")
-                             .typed<at::Tensor(at::TensorList, bool)>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<std::vector<at::Tensor>(const at::Tensor&, at::TensorList)>&
-unpack_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("cifd_C::density_unpack_grad", "")
-          .typed<std::vector<at::Tensor>(const at::Tensor&, at::TensorList)>();
-  return op;
-}
-
-using FwdG = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+using BwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                  const at::Tensor&, const at::Tensor&,
+                                                  const at::Tensor&, const at::Tensor&, int64_t,
+                                                  int64_t, int64_t, double, double, double, bool);
+// The grouped entry points take one more argument, groups.
+using FwdGSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, double,
     double, double, bool, int64_t);
-using BwdG = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                const at::Tensor&, const at::Tensor&,
-                                                const at::Tensor&, const at::Tensor&, int64_t,
-                                                int64_t, int64_t, double, double, double, bool,
-                                                int64_t);
+using BwdGSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                   const at::Tensor&, const at::Tensor&,
+                                                   const at::Tensor&, const at::Tensor&, int64_t,
+                                                   int64_t, int64_t, double, double, double, bool,
+                                                   int64_t);
 
-const c10::TypedOperatorHandle<FwdG>& fwd_groups_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("cifd_C::entropy_bottleneck_fwd_groups", "")
-                             .typed<FwdG>();
-  return op;
-}
+// The ops this one is made of, looked up once.
+struct Ops {
+  c10::TypedOperatorHandle<PackSig> pack;
+  c10::TypedOperatorHandle<UnpackSig> unpack;
+  c10::TypedOperatorHandle<FwdSig> fwd;
+  c10::TypedOperatorHandle<BwdSig> bwd;
+  c10::TypedOperatorHandle<FwdGSig> fwd_groups;
+  c10::TypedOperatorHandle<BwdGSig> bwd_groups;
+};
 
-const c10::TypedOperatorHandle<BwdG>& bwd_groups_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("cifd_C::entropy_bottleneck_bwd_groups", "")
-                             .typed<BwdG>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<Fwd>& fwd_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("cifd_C::entropy_bottleneck_fwd", "")
-                             .typed<Fwd>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<Bwd>& bwd_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("cifd_C::entropy_bottleneck_bwd", "")
-                             .typed<Bwd>();
-  return op;
+const Ops& ops() {
+  using cifd_bind::find_op;
+  static const Ops o{find_op<PackSig>("cifd_C::density_pack"),
+                     find_op<UnpackSig>("cifd_C::density_unpack_grad"),
+                     find_op<FwdSig>("cifd_C::entropy_bottleneck_fwd"),
+                     find_op<BwdSig>("cifd_C::entropy_bottleneck_bwd"),
+                     find_op<FwdGSig>("cifd_C::entropy_bottleneck_fwd_groups"),
+                     find_op<BwdGSig>("cifd_C::entropy_bottleneck_bwd_groups")};
+  return o;
 }
 
 // The kernels' medians argument: the tensor (contiguous) in dequantize mode, else an
@@ -119,14 +99,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(
     int64_t groups) {
   TORCH_CHECK(groups >= 0, "groups must be >= 0 (0: one problem), got ", groups);
   if (groups > 0) {
-    return fwd_groups_op().call(y, packed, medians, mode, seed, offset, rho, s, bound,
+    return ops().fwd_groups.call(y, packed, medians, mode, seed, offset, rho, s, bound,
                                 need_likelihood, groups);
   }
-  return fwd_op().call(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood);
+  return ops().fwd.call(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood);
 }
 
 at::Tensor pack(const at::Tensor& y, at::TensorList params) {
-  return pack_op().call(params, y.scalar_type() == at::kDouble);
+  return ops().pack.call(params, y.scalar_type() == at::kDouble);
 }
 
 // CPU key: no autograd (inference mode, or below autograd).
@@ -192,11 +172,11 @@ struct Fused : public torch::autograd::Function<Fused> {
                  bound = d.at("bound").toDouble();
     const bool det = d.at("deterministic").toBool();
     auto [grad_y, grad_packed] =
-        groups > 0 ? bwd_groups_op().call(y, packed, med, gyh, grate, glik, mode, seed, offset,
+        groups > 0 ? ops().bwd_groups.call(y, packed, med, gyh, grate, glik, mode, seed, offset,
                                           rho, s, bound, det, groups)
-                   : bwd_op().call(y, packed, med, gyh, grate, glik, mode, seed, offset, rho, s,
+                   : ops().bwd.call(y, packed, med, gyh, grate, glik, mode, seed, offset, rho, s,
                                    bound, det);
-    const std::vector<at::Tensor> gparams = unpack_op().call(grad_packed, params);
+    const std::vector<at::Tensor> gparams = ops().unpack.call(grad_packed, params);
     variable_list out;
     out.reserve(1 + gparams.size() + 1 + 10);
     out.push_back(grad_y);

@@ -550,8 +550,8 @@ def _fused_then_python(run, monkeypatch):
     Python path: ``(fused, python)``."""
     L = _loss_module()
     calls = []
-    real = L._fused_cpu_op()
-    monkeypatch.setattr(L, "_fused_cpu_op", lambda: (lambda *a: calls.append(1) or real(*a)))
+    real = L._fused_op()
+    monkeypatch.setattr(L, "_fused_op", lambda: (lambda *a: calls.append(1) or real(*a)))
     got = run()
     assert calls == [1]
     monkeypatch.setattr(L, "FUSED_CPU", False)

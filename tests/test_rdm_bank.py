@@ -167,7 +167,7 @@ def test_grouped_channel_equals_the_per_rdm_ops(be, mode, dtype, fused, device, 
     import importlib
     from cifd_kernels.ops import _eager
     eb_ops = importlib.import_module("cifd_kernels.ops.entropy_bottleneck")
-    real = eb_ops._fused_cpu_op()
+    real = eb_ops._fused_op()
     if fused and real is None:
         pytest.skip("_C built without entropy_bottleneck_fused")
     # cpu: on by default; cuda: CIFD_FUSED_CUDA=1's switch
@@ -177,7 +177,7 @@ def test_grouped_channel_equals_the_per_rdm_ops(be, mode, dtype, fused, device, 
     apply = ob._GroupedChannel.apply
     monkeypatch.setattr(ob._GroupedChannel, "apply", lambda *a: calls.append("function") or apply(*a))
     if real is not None:
-        monkeypatch.setattr(eb_ops, "_fused_cpu_op", lambda: (lambda *a: calls.append("fused") or real(*a)))
+        monkeypatch.setattr(eb_ops, "_fused_op", lambda: (lambda *a: calls.append("fused") or real(*a)))
     runs = []
     for force in (False, True):
         monkeypatch.setattr(_eager, "FORCE_OPS", force)

@@ -23,6 +23,10 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 FORCE_OPS = os.environ.get("CIFD_EAGER_VIA_OPS", "0") == "1"
+# The fused C++-autograd ops (python/eb_fused.cpp, python/cifd_loss_fused.cpp) on the
+# "cuda" backend: written and compiled, not yet run on a GPU, so off unless
+# CIFD_FUSED_CUDA=1 (tools/gpu_check.sh measures both ways). On "cpu" they are on.
+FUSED_CUDA_DEFAULT = os.environ.get("CIFD_FUSED_CUDA", "0") == "1"
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -63,3 +67,12 @@ def call(op: Callable, function: type[torch.autograd.Function], *args):
     if via_ops(args[0]):
         return op(*args)
     return function.apply(*args)
+
+
+def takes_fused(be: str, t: torch.Tensor, on_cpu: bool, on_cuda: bool, find_op: Callable) -> bool:
+    """Whether an eager call on the resolved backend ``be`` (first tensor ``t``) takes a
+    fused C++-autograd op: the backend's switch is on, nothing traces (:func:`via_ops`),
+    and ``find_op()`` finds the op (a ``_C`` that registers it). In that order: under
+    ``torch.compile`` the lookup is never reached."""
+    return ((be == "cpu" and on_cpu) or (be == "cuda" and on_cuda)) and not via_ops(t) \
+        and find_op() is not None

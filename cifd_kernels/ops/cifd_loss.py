@@ -30,7 +30,6 @@ The GPU benchmark (benchmarks/bench_cifd_loss.py, providers ``cuda`` and
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional, Sequence, Union
 
 import torch
@@ -239,8 +238,8 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
 
     lam_t = _ref._check_lam(lam, m, ref.device, torch.float32).detach()
     t_embs = target_embs.detach() if target_embs is not None else None
-    if _use_fused(be, student_logits):
-        loss, ce, kl, emb, keep, rate = _fused_cpu_op()(
+    if use_fused(be, student_logits):
+        loss, ce, kl, emb, keep, rate = _fused_op()(
             student_logits, target_logits.detach(), labels, student_emb, t_embs, lam_t, ibm_rate,
             float(tau), float(p_drop), int(seed), int(offset), float(lam_ce), float(lam_kl), float(w_emb),
             float(lam_I), _DIST_CODES[dist], int(ignore_index))
@@ -261,24 +260,21 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
 
 # Eager calls on the "cpu" backend take cifd_C::cifd_loss_fused (python/cifd_loss_fused.cpp):
 # keep flags, kernel, batch means and the IBM rate term in one op whose autograd is C++,
-# the same ops and bits as the Python path below it, without its host time. Switch for
-# the tests.
+# the same ops and bits as the Python path below it, without its host time. On "cuda"
+# only with CIFD_FUSED_CUDA=1 (:data:`._eager.FUSED_CUDA_DEFAULT`). Switches for the tests.
 FUSED_CPU = True
-# The same op on the "cuda" backend (the CUDA loss kernel): written and compiled, not yet
-# run on a GPU, so off unless CIFD_FUSED_CUDA=1 (tools/gpu_check.sh measures both ways).
-FUSED_CUDA = os.environ.get("CIFD_FUSED_CUDA", "0") == "1"
+FUSED_CUDA = _eager.FUSED_CUDA_DEFAULT
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_cpu_op():
+def _fused_op():
     """``torch.ops.cifd_C.cifd_loss_fused``, or None for a ``_C`` without it."""
     return torch.ops.cifd_C.cifd_loss_fused if _backend.has_ext_op("cifd_loss_fused") else None
 
 
-def _use_fused(be: str, t: torch.Tensor) -> bool:
+def use_fused(be: str, t: torch.Tensor) -> bool:
     """Whether an eager call on backend ``be`` (tensor ``t``) takes the fused C++ op."""
-    return ((be == "cpu" and FUSED_CPU) or (be == "cuda" and FUSED_CUDA)) \
-        and not _eager.via_ops(t) and _fused_cpu_op() is not None
+    return _eager.takes_fused(be, t, FUSED_CPU, FUSED_CUDA, _fused_op)
 
 
 def grouped_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
@@ -303,8 +299,8 @@ def grouped_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labe
             "grouped_loss runs on the loss kernels only (cpu, cuda or triton); none fits here")
     m = target_logits.shape[0]
     lam_t = torch.ones(m, dtype=torch.float32, device=student_logits.device)
-    if _use_fused(be, student_logits):  # one op with C++ autograd; the terms come detached
-        loss, ce, kl, emb, _, _ = _fused_cpu_op()(
+    if use_fused(be, student_logits):  # one op with C++ autograd; the terms come detached
+        loss, ce, kl, emb, _, _ = _fused_op()(
             student_logits, target_logits.detach(), labels, student_emb, target_embs.detach(), lam_t,
             None, float(tau), 0.0, 0, 0, float(lam_ce), float(lam_kl), 1.0, 0.0, _DIST_CODES[dist],
             int(ignore_index), group_w)

@@ -23,7 +23,6 @@ by itself.
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -327,7 +326,7 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
         med = None
     _ref_check_seed(seed, offset, y.numel())
     if use_fused(be, y):
-        y_hat, rate, lik = _fused_cpu_op()(
+        y_hat, rate, lik = _fused_op()(
             y.contiguous(), _pack._flat(matrices, biases, factors), med, _pack.MODES[mode], seed, offset,
             float(rho), float(s), float(bound), bool(need_likelihood), bool(deterministic),
             _saves_y_hat(mode, rho, y.dtype))
@@ -341,22 +340,19 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
 # Eager calls on the "cpu" backend take cifd_C::entropy_bottleneck_fused
 # (python/eb_fused.cpp): density packing, the kernels and both backward steps in one
 # op whose autograd is C++, the same ops and bits as the two Python autograd.Functions
-# (pack_density + run_fused), without their host time. Switch for the tests.
+# (pack_density + run_fused), without their host time. On "cuda" only with
+# CIFD_FUSED_CUDA=1 (:data:`._eager.FUSED_CUDA_DEFAULT`). Switches for the tests.
 FUSED_CPU = True
-# The same op on the "cuda" backend (the CUDA kernels, the density pack as ATen ops):
-# written and compiled, not yet run on a GPU, so off unless CIFD_FUSED_CUDA=1
-# (tools/gpu_check.sh measures both ways).
-FUSED_CUDA = os.environ.get("CIFD_FUSED_CUDA", "0") == "1"
+FUSED_CUDA = _eager.FUSED_CUDA_DEFAULT
 
 
 def use_fused(be: str, t: torch.Tensor) -> bool:
     """Whether an eager call on backend ``be`` (tensor ``t``) takes the fused C++ op."""
-    return ((be == "cpu" and FUSED_CPU) or (be == "cuda" and FUSED_CUDA)) \
-        and not _eager.via_ops(t) and _fused_cpu_op() is not None
+    return _eager.takes_fused(be, t, FUSED_CPU, FUSED_CUDA, _fused_op)
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_cpu_op():
+def _fused_op():
     """``torch.ops.cifd_C.entropy_bottleneck_fused``, or None for a ``_C`` without it."""
     return torch.ops.cifd_C.entropy_bottleneck_fused if _backend.has_ext_op("entropy_bottleneck_fused") else None
 

@@ -262,7 +262,7 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
         # eager cpu (cuda with CIFD_FUSED_CUDA=1): density pack, all N blocks and both
         # backward steps in one op with C++ autograd (cifd_C::entropy_bottleneck_fused,
         # groups = N): _GroupedChannel's bits
-        z_hat, rate, lik = _eb_ops._fused_cpu_op()(
+        z_hat, rate, lik = _eb_ops._fused_op()(
             z.contiguous(), _pack._flat(matrices, biases, factors), med, _pack.MODES[mode], seed, offset,
             0.0, 1.0, float(likelihood_bound), bool(need_likelihood), True,
             _eb_ops._saves_y_hat(mode, 0.0, z.dtype), n)
