@@ -196,6 +196,84 @@ def test_grouped_channel_equals_the_per_rdm_ops(be, mode, dtype, fused, device, 
             assert torch.equal(u, v), i
 
 
+@pytest.mark.parametrize("mode", ["noise", "dequantize", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_grouped_channel_equals_the_per_rdm_ops(mode, dtype, device, monkeypatch):
+    """Eager Triton calls run the bank's channel as one launch of each entropy kernel
+    (groups = N, through _GroupedChannel); that gives the per-RDM custom ops' bits (N
+    launches each way): every output and gradient."""
+    _skip_unless("triton", device)
+    from cifd_kernels.ops import _eager
+    prob = _problem(3, 7, 10, 12, 5, 6, device, seed=22, dtype=dtype)
+    calls = []
+    apply = ob._GroupedChannel.apply
+    monkeypatch.setattr(ob._GroupedChannel, "apply", lambda *a: calls.append(a[-1]) or apply(*a))
+    runs = []
+    for force in (False, True):
+        monkeypatch.setattr(_eager, "FORCE_OPS", force)
+        runs.append(_run("triton", prob, mode=mode))
+        assert calls == [True]  # the grouped Triton launch, on the eager path only
+    (out_a, loss_a, _, grads_a), (out_b, loss_b, _, grads_b) = runs
+    for name, u, v in zip(ref.RDMBankOutput._fields, out_a, out_b):
+        assert (u is None) == (v is None), name
+        if u is not None:
+            assert torch.equal(u, v), name
+    assert torch.equal(loss_a, loss_b)
+    for i, (u, v) in enumerate(zip(grads_a, grads_b)):
+        assert (u is None) == (v is None), i
+        if u is not None:
+            assert torch.equal(u, v), i
+
+
+def test_triton_grouped_entropy_launcher(device):
+    """The Triton launchers' groups argument: G problems in one launch give the bits of G
+    calls on the blocks (every mode, both reductions), and bad shapes name the argument."""
+    backend_or_skip("triton", device)
+    from cifd_kernels._triton import entropy_bottleneck as tk
+    from cifd_kernels.ops.density_pack import pack_density
+    G, N, C = 3, 37, 20
+    e = eb_ref.init_params(G * C, (3, 3, 3, 3), generator=_g(40))
+    g = _g(41)
+    lists = [[(t + 0.3 * torch.randn(t.shape, generator=g)) for t in e[key]]
+             for key in ("matrices", "biases", "factors")]
+    packed = pack_density(*lists).detach().to(device).contiguous()
+    med = (0.1 * torch.randn(G * C, generator=g)).to(device)
+    y = (3 * torch.randn(G, N, C, generator=g)).to(device)
+    gyh, gl = torch.randn(G, N, C, generator=g).to(device), torch.randn(G, N, C, generator=g).to(device)
+    gr = torch.randn(G, N, generator=g).to(device)
+    for mode in ("noise", "dequantize", "none"):
+        m = med if mode == "dequantize" else None
+        rho = 0.25 if mode == "noise" else 0.0
+        for det in (True, False):
+            yh, r, lik = tk.entropy_bottleneck_fwd(y, packed, m, mode, 5, 11, rho, 1.0, 1e-9, True, det,
+                                                   groups=G)
+            gy, gp, gm = tk.entropy_bottleneck_bwd(y, packed, m, gyh, gr, gl, mode, 5, 11, rho, 1.0, 1e-9,
+                                                   det, groups=G)
+            assert r.shape == (G, N) and gp.shape == (58, G * C)
+            for k in range(G):
+                cols = slice(k * C, (k + 1) * C)
+                pk, mk = packed[:, cols].contiguous(), (m[cols] if m is not None else None)
+                a, b, c = tk.entropy_bottleneck_fwd(y[k], pk, mk, mode, 5, 11 + k * N * C, rho, 1.0, 1e-9,
+                                                    True, det)
+                assert torch.equal(a, yh[k]) and torch.equal(b, r[k]) and torch.equal(c, lik[k])
+                d, e_, f = tk.entropy_bottleneck_bwd(y[k], pk, mk, gyh[k], gr[k], gl[k], mode, 5,
+                                                     11 + k * N * C, rho, 1.0, 1e-9, det)
+                assert torch.equal(d, gy[k]) and torch.equal(e_, gp[:, cols])
+                assert (f is None) == (gm is None) and (f is None or torch.equal(f, gm[cols]))
+    with pytest.raises(ValueError, match=r"y must be \[groups, N, C\] = \[2, N, C\]"):
+        tk.entropy_bottleneck_fwd(y, packed, None, "noise", groups=2)
+    with pytest.raises(ValueError, match=r"y must be \[groups, N, C\] = \[3, N, C\]"):
+        tk.entropy_bottleneck_fwd(y[0], packed, None, "noise", groups=3)
+    y1, r1, _ = tk.entropy_bottleneck_fwd(y[:1], packed[:, :C].contiguous(), None, "noise", groups=1)
+    assert r1.shape == (1, N)  # one group: [1, N, C], not a spatial input
+    with pytest.raises(ValueError, match=r"packed must be a contiguous float32 \[58, 60\]"):
+        tk.entropy_bottleneck_fwd(y, packed[:, :C].contiguous(), None, "noise", groups=G)
+    with pytest.raises(ValueError, match="groups must be >= 1"):
+        tk.entropy_bottleneck_fwd(y, packed, None, "noise", groups=0)
+    with pytest.raises(ValueError, match="grad_rate must have 111 elements"):
+        tk.entropy_bottleneck_bwd(y, packed, None, gyh, gr[0], None, "noise", groups=G)
+
+
 def test_grouped_entropy_raw_op_argument_errors():
     if not _backend.has_ext_op("entropy_bottleneck_fwd_groups"):
         pytest.skip("the C++ extension is not built")

@@ -301,11 +301,15 @@ def _flush(out, base: tl.constexpr, C, A, K: tl.constexpr, SPATIAL: tl.constexpr
 @triton.jit
 def _tile(pid0, pid1, pid2, it, N, C, S, BA: tl.constexpr, BB: tl.constexpr, SPATIAL: tl.constexpr,
           ROWS_PER_PROG):
-    """Element indices of one [BA, BB] tile: (idx, in-bounds mask, n, channel index, channel mask).
+    """Element indices of one [BA, BB] tile: (idx, in-bounds mask, n, parameter column,
+    channel mask).
 
-    S == 1: rows n on axis 0, channels on axis 1 (contiguous). S > 1: channels on
-    axis 0, spatial positions on axis 1 (contiguous), one sample n per tile.
-    Channel tensors come back 3-D, broadcastable against joined (lower, upper) tiles.
+    S == 1: rows n on axis 0, channels on axis 1 (contiguous); program axis 2 is the
+    group g (``groups`` > 1: y is [G, N, C], group g's channel c is column g*C + c of
+    the packed density). S > 1: channels on axis 0, spatial positions on axis 1
+    (contiguous), one sample n per tile; axis 2 the position block. n is the row
+    within the group. Channel tensors come back 3-D, broadcastable against joined
+    (lower, upper) tiles.
     """
     if SPATIAL:
         n = pid0 * ROWS_PER_PROG + it
@@ -320,7 +324,8 @@ def _tile(pid0, pid1, pid2, it, N, C, S, BA: tl.constexpr, BB: tl.constexpr, SPA
         c = pid1 * BB + tl.arange(0, BB)[None, :]
         cmask = c < C
         m = cmask & (n_el < N)
-        idx = n_el * C + c
+        idx = (pid2 * N + n_el) * C + c
+        c = pid2 * C + c
     return idx, m, n_el, c[:, :, None], cmask[:, :, None]
 
 
@@ -332,7 +337,7 @@ def _tile(pid0, pid1, pid2, it, N, C, S, BA: tl.constexpr, BB: tl.constexpr, SPA
 @triton.jit
 def _entropy_bottleneck_fwd_kernel(
         y_ptr, yhat_ptr, lik_ptr, rate_ptr, pp, med_ptr,
-        N, C, S, seed, offset, rho, s_noise, bound,
+        N, C, S, CP, seed, offset, rho, s_noise, bound,
         MODE: tl.constexpr, SPATIAL: tl.constexpr, STORE_LIK: tl.constexpr,
         DETERMINISTIC: tl.constexpr, INTERPRET: tl.constexpr, BF16_RNE: tl.constexpr,
         BA: tl.constexpr, BB: tl.constexpr):
@@ -349,11 +354,11 @@ def _entropy_bottleneck_fwd_kernel(
     tl.store(yhat_ptr + idx, _to_out(yh, yhat_ptr, BF16_RNE), mask=m)
 
     x = tl.join(yh - 0.5, yh + 0.5)
-    h0, h1, h2, _, _, _ = _first_fwd(x, _load_first(pp, C, cix, cm))
-    h0, h1, h2, _, _, _ = _hidden_fwd(h0, h1, h2, _load_hidden(pp, 9, C, cix, cm))
-    h0, h1, h2, _, _, _ = _hidden_fwd(h0, h1, h2, _load_hidden(pp, 24, C, cix, cm))
-    h0, h1, h2, _, _, _ = _hidden_fwd(h0, h1, h2, _load_hidden(pp, 39, C, cix, cm))
-    f = _last_fwd(h0, h1, h2, _load_last(pp, C, cix, cm))
+    h0, h1, h2, _, _, _ = _first_fwd(x, _load_first(pp, CP, cix, cm))
+    h0, h1, h2, _, _, _ = _hidden_fwd(h0, h1, h2, _load_hidden(pp, 9, CP, cix, cm))
+    h0, h1, h2, _, _, _ = _hidden_fwd(h0, h1, h2, _load_hidden(pp, 24, CP, cix, cm))
+    h0, h1, h2, _, _, _ = _hidden_fwd(h0, h1, h2, _load_hidden(pp, 39, CP, cix, cm))
+    f = _last_fwd(h0, h1, h2, _load_last(pp, CP, cix, cm))
     p, _ = _bin_mass(f)
     pb = tl.where(p < bound, bound, p)  # NaN stays NaN, as clamp_min
     if STORE_LIK:
@@ -368,10 +373,11 @@ def _entropy_bottleneck_fwd_kernel(
     else:
         part = tl.sum(nll, axis=1)
         rows = pid0 * BA + tl.arange(0, BA)
+        out_rows = pid2 * N + rows  # group g's rows
         if DETERMINISTIC:
-            tl.store(rate_ptr + pid1 * N + rows, part, mask=rows < N)
+            tl.store(rate_ptr + pid1 * (tl.num_programs(2) * N) + out_rows, part, mask=rows < N)
         else:
-            tl.atomic_add(rate_ptr + rows, part, mask=rows < N)
+            tl.atomic_add(rate_ptr + out_rows, part, mask=rows < N)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -384,7 +390,7 @@ def _entropy_bottleneck_fwd_kernel(
 @triton.jit
 def _entropy_bottleneck_bwd_kernel(
         y_ptr, gyh_ptr, grate_ptr, glik_ptr, gy_ptr, gp_ptr, pp, med_ptr,
-        N, C, S, seed, offset, rho, s_noise, bound, ROWS_PER_PROG, ITERS,
+        N, C, S, CP, seed, offset, rho, s_noise, bound, ROWS_PER_PROG, ITERS,
         MODE: tl.constexpr, SPATIAL: tl.constexpr, HAS_GRATE: tl.constexpr, HAS_GLIK: tl.constexpr,
         DETERMINISTIC: tl.constexpr, INTERPRET: tl.constexpr, BF16_RNE: tl.constexpr,
         BA: tl.constexpr, BB: tl.constexpr):
@@ -392,11 +398,11 @@ def _entropy_bottleneck_bwd_kernel(
     pid1 = tl.program_id(1).to(tl.int64)
     pid2 = tl.program_id(2).to(tl.int64)
     _i0, _m0, _n0, cix, cm = _tile(pid0, pid1, pid2, 0, N, C, S, BA, BB, SPATIAL, ROWS_PER_PROG)
-    P0 = _load_first(pp, C, cix, cm)
-    P1 = _load_hidden(pp, 9, C, cix, cm)
-    P2 = _load_hidden(pp, 24, C, cix, cm)
-    P3 = _load_hidden(pp, 39, C, cix, cm)
-    P4 = _load_last(pp, C, cix, cm)
+    P0 = _load_first(pp, CP, cix, cm)
+    P1 = _load_hidden(pp, 9, CP, cix, cm)
+    P2 = _load_hidden(pp, 24, CP, cix, cm)
+    P3 = _load_hidden(pp, 39, CP, cix, cm)
+    P4 = _load_last(pp, CP, cix, cm)
     med = 0.0
     if MODE == 1:
         med = tl.load(med_ptr + cix, mask=cm, other=0.0)
@@ -426,7 +432,10 @@ def _entropy_bottleneck_bwd_kernel(
         if HAS_GLIK:
             g = tl.load(glik_ptr + idx, mask=m, other=0.0).to(tl.float32)
         if HAS_GRATE:
-            gr = tl.load(grate_ptr + n, mask=n < N, other=0.0).to(tl.float32)
+            if SPATIAL:
+                gr = tl.load(grate_ptr + n, mask=n < N, other=0.0).to(tl.float32)
+            else:
+                gr = tl.load(grate_ptr + pid2 * N + n, mask=n < N, other=0.0).to(tl.float32)
             g = g - tl.where(keep, gr * _rcp(pb), 0.0)
         g = tl.where(((p >= bound) | (g < 0.0)) & m, g, 0.0)  # LowerBound rule; zero outside
         # back through the MLP, both logits at once
@@ -448,22 +457,24 @@ def _entropy_bottleneck_bwd_kernel(
     # reduce over the rows of the tile and write one value per (parameter, channel)
     if SPATIAL:
         cvec = pid1 * BA + tl.arange(0, BA)
+        col = cvec
         prog = pid0 * tl.num_programs(2) + pid2
     else:
         cvec = pid1 * BB + tl.arange(0, BB)
+        col = pid2 * C + cvec  # group g's parameter columns
         prog = pid0
     cmv = cvec < C
     if DETERMINISTIC:
-        out = gp_ptr + prog * (59 * C) + cvec
+        out = gp_ptr + prog * (59 * CP) + col
     else:
-        out = gp_ptr + cvec
-    _flush(out, 0, C, A0, 9, SPATIAL, cmv, DETERMINISTIC)
-    _flush(out, 9, C, A1, 15, SPATIAL, cmv, DETERMINISTIC)
-    _flush(out, 24, C, A2, 15, SPATIAL, cmv, DETERMINISTIC)
-    _flush(out, 39, C, A3, 15, SPATIAL, cmv, DETERMINISTIC)
-    _flush(out, 54, C, A4, 4, SPATIAL, cmv, DETERMINISTIC)
+        out = gp_ptr + col
+    _flush(out, 0, CP, A0, 9, SPATIAL, cmv, DETERMINISTIC)
+    _flush(out, 9, CP, A1, 15, SPATIAL, cmv, DETERMINISTIC)
+    _flush(out, 24, CP, A2, 15, SPATIAL, cmv, DETERMINISTIC)
+    _flush(out, 39, CP, A3, 15, SPATIAL, cmv, DETERMINISTIC)
+    _flush(out, 54, CP, A4, 4, SPATIAL, cmv, DETERMINISTIC)
     if MODE == 1:
-        _flush(out, 58, C, (Am,), 1, SPATIAL, cmv, DETERMINISTIC)
+        _flush(out, 58, CP, (Am,), 1, SPATIAL, cmv, DETERMINISTIC)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -498,20 +509,30 @@ _GPU_FWD, _GPU_BWD = (512, 32, 4), (128, 32, 4)
 _INTERP_FWD, _INTERP_BWD = (16384, 256, 4), (16384, 256, 4)
 
 
-def _common(y, packed, medians, mode, seed, offset):
+def _common(y, packed, medians, mode, seed, offset, groups=None):
+    """Checks; (contiguous y, N, C, S, medians or a dummy) with N, C per group."""
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {tuple(_MODES)}, got {mode!r}")
+    if groups is not None:
+        if groups < 1:
+            raise ValueError(f"groups must be >= 1, got {groups}")
+        if y.dim() != 3 or y.shape[0] != groups:
+            raise ValueError(f"y must be [groups, N, C] = [{groups}, N, C], got shape {tuple(y.shape)}")
     if y.dim() < 2:
         raise ValueError(f"y must be [N, C, *spatial], got shape {tuple(y.shape)}")
     if y.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"y must be float32/float16/bfloat16, got {y.dtype}")
-    N, C = y.shape[0], y.shape[1]
-    S = y.numel() // max(1, N * C) if N * C > 0 else 1
-    if tuple(packed.shape) != (NUM_PACKED, C) or packed.dtype != torch.float32 or not packed.is_contiguous():
-        raise ValueError(f"packed must be a contiguous float32 [{NUM_PACKED}, {C}] tensor (pack_density)")
+    if groups is not None:
+        N, C, S = y.shape[1], y.shape[2], 1
+    else:
+        N, C = y.shape[0], y.shape[1]
+        S = y.numel() // max(1, N * C) if N * C > 0 else 1
+    CP = (groups or 1) * C  # parameter columns
+    if tuple(packed.shape) != (NUM_PACKED, CP) or packed.dtype != torch.float32 or not packed.is_contiguous():
+        raise ValueError(f"packed must be a contiguous float32 [{NUM_PACKED}, {CP}] tensor (pack_density)")
     if mode == "dequantize":
-        if medians is None or tuple(medians.shape) != (C,):
-            raise ValueError(f'mode="dequantize" needs medians [{C}]')
+        if medians is None or tuple(medians.shape) != (CP,):
+            raise ValueError(f'mode="dequantize" needs medians [{CP}]')
         medians = medians.float().contiguous()
     else:
         medians = packed  # never read
@@ -523,7 +544,7 @@ def _common(y, packed, medians, mode, seed, offset):
 def entropy_bottleneck_fwd(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor] = None,
                            mode: str = "noise", seed: int = 0, offset: int = 0, rho: float = 0.0,
                            s: float = 1.0, bound: float = 1e-9, need_likelihood: bool = False,
-                           deterministic: bool = False):
+                           deterministic: bool = False, groups: Optional[int] = None):
     """Fused forward.
 
     Args:
@@ -536,28 +557,37 @@ def entropy_bottleneck_fwd(y: torch.Tensor, packed: torch.Tensor, medians: Optio
             keep = U(word 1) >= rho). s: noise scale (noise mode only). bound: likelihood floor.
         need_likelihood: also return the per-element likelihoods.
         deterministic: per-program partial rates summed by torch instead of float atomics.
+        groups: G runs G independent [N, C] problems in one launch (the RDM bank's
+            channel): y is [G, N, C], packed [58, G*C] (group g's channel c is column
+            g*C + c), medians [G*C], counters ``offset`` + the flat index of y (so the
+            bits are those of G calls on y[g] with columns g*C.. and offset + g*N*C).
+            None (default): one problem, y [N, C, *spatial].
 
     Returns:
-        (y_hat in y.dtype and shape, rate [N] float32 nats over kept elements,
-        likelihood float32 in y's shape or None). Dropped elements' likelihood is p(0).
+        (y_hat in y.dtype and shape, rate [N] ([G, N] with groups) float32 nats over kept
+        elements, likelihood float32 in y's shape or None). Dropped elements'
+        likelihood is p(0).
     """
-    y3, N, C, S, med = _common(y, packed, medians, mode, seed, offset)
+    y3, N, C, S, med = _common(y, packed, medians, mode, seed, offset, groups)
     y_hat = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     lik = torch.empty(y.shape, dtype=torch.float32, device=y.device) if need_likelihood else None
+    rate_shape = (groups, N) if groups is not None else (N,)
+    groups = groups or 1
     if y.numel() == 0:
-        return y_hat, torch.zeros(N, dtype=torch.float32, device=y.device), lik
+        return y_hat, torch.zeros(rate_shape, dtype=torch.float32, device=y.device), lik
     spatial = S > 1
     tile, max_c, warps = _INTERP_FWD if _interpret() else _GPU_FWD
     BA, BB = _tiles(C, S, tile, max_c)
-    grid = (N, triton.cdiv(C, BA), triton.cdiv(S, BB)) if spatial else (triton.cdiv(N, BA), triton.cdiv(C, BB), 1)
+    grid = (N, triton.cdiv(C, BA), triton.cdiv(S, BB)) if spatial else \
+        (triton.cdiv(N, BA), triton.cdiv(C, BB), groups)
     if deterministic:
-        rate_buf = torch.empty((grid[1] * grid[2], N) if not spatial else (N, grid[1] * grid[2]),
+        rate_buf = torch.empty((grid[1], groups * N) if not spatial else (N, grid[1] * grid[2]),
                                dtype=torch.float32, device=y.device)
     else:
-        rate_buf = torch.zeros(N, dtype=torch.float32, device=y.device)
+        rate_buf = torch.zeros(groups * N, dtype=torch.float32, device=y.device)
     wrap_triton(_entropy_bottleneck_fwd_kernel)[grid](
         y3, y_hat, lik if lik is not None else y_hat, rate_buf, packed, med,
-        N, C, S, seed, offset, float(rho), float(s), float(bound),
+        N, C, S, groups * C, seed, offset, float(rho), float(s), float(bound),
         MODE=_MODES[mode], SPATIAL=spatial, STORE_LIK=need_likelihood, DETERMINISTIC=deterministic,
         INTERPRET=_interpret(), BF16_RNE=_interpret() and y.dtype == torch.bfloat16,
         BA=BA, BB=BB, num_warps=warps)
@@ -565,7 +595,7 @@ def entropy_bottleneck_fwd(y: torch.Tensor, packed: torch.Tensor, medians: Optio
         rate = rate_buf.sum(0) if not spatial else rate_buf.sum(1)
     else:
         rate = rate_buf
-    return y_hat, rate, lik
+    return y_hat, rate.view(rate_shape), lik
 
 
 def entropy_bottleneck_bwd(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor],
@@ -573,7 +603,7 @@ def entropy_bottleneck_bwd(y: torch.Tensor, packed: torch.Tensor, medians: Optio
                            grad_likelihood: Optional[torch.Tensor] = None, mode: str = "noise",
                            seed: int = 0, offset: int = 0, rho: float = 0.0, s: float = 1.0,
                            bound: float = 1e-9, deterministic: bool = False,
-                           row_programs: Optional[int] = None):
+                           row_programs: Optional[int] = None, groups: Optional[int] = None):
     """Fused backward of :func:`entropy_bottleneck_fwd` (same arguments), recomputing noise,
     masks and the density MLP.
 
@@ -584,16 +614,23 @@ def entropy_bottleneck_bwd(y: torch.Tensor, packed: torch.Tensor, medians: Optio
             order (bit-reproducible) instead of float atomics.
         row_programs: how many programs share each channel block (default: enough to fill
             the GPU, 1 under the interpreter); results agree to rounding whatever it is.
+        groups: as :func:`entropy_bottleneck_fwd` (grad_rate [G, N]); each group gets
+            the row programs one call on its [N, C] block would, so the bits are those
+            of G calls.
 
     Returns:
         (grad_y in y.dtype and shape, grad_packed [58, C] float32 (chain it with
-        :func:`unpack_density_grad`), grad_medians [C] float32 (dequantize mode) or None).
+        :func:`unpack_density_grad`), grad_medians [C] float32 (dequantize mode) or None);
+        C is G*C with groups.
     """
-    y3, N, C, S, med = _common(y, packed, medians, mode, seed, offset)
+    y3, N, C, S, med = _common(y, packed, medians, mode, seed, offset, groups)
+    groups = groups or 1
     dev = y.device
     grad_y = torch.empty(y.shape, dtype=y.dtype, device=dev)
+    if grad_rate is not None and grad_rate.numel() != groups * N:
+        raise ValueError(f"grad_rate must have {groups * N} elements, got {tuple(grad_rate.shape)}")
     if y.numel() == 0:
-        gp = torch.zeros(NUM_GRAD, C, dtype=torch.float32, device=dev)
+        gp = torch.zeros(NUM_GRAD, groups * C, dtype=torch.float32, device=dev)
         return grad_y, gp[:NUM_PACKED], (gp[_MEDIAN_ROW] if mode == "dequantize" else None)
     if grad_y_hat is None:
         gyh = torch.zeros(y.shape, dtype=torch.float32, device=dev)
@@ -625,15 +662,15 @@ def entropy_bottleneck_bwd(y: torch.Tensor, packed: torch.Tensor, medians: Optio
             nprog = max(1, min(nrb, row_programs))
         iters = triton.cdiv(nrb, nprog)
         rpp = iters * BA
-        grid = (triton.cdiv(N, rpp), ncb, 1)
+        grid = (triton.cdiv(N, rpp), ncb, groups)
         nparts = grid[0]
     if deterministic:
-        gbuf = torch.empty((nparts, NUM_GRAD, C), dtype=torch.float32, device=dev)
+        gbuf = torch.empty((nparts, NUM_GRAD, groups * C), dtype=torch.float32, device=dev)
     else:
-        gbuf = torch.zeros((NUM_GRAD, C), dtype=torch.float32, device=dev)
+        gbuf = torch.zeros((NUM_GRAD, groups * C), dtype=torch.float32, device=dev)
     wrap_triton(_entropy_bottleneck_bwd_kernel)[grid](
         y3, gyh, grate, glik, grad_y, gbuf, packed, med,
-        N, C, S, seed, offset, float(rho), float(s), float(bound), rpp, iters,
+        N, C, S, groups * C, seed, offset, float(rho), float(s), float(bound), rpp, iters,
         MODE=_MODES[mode], SPATIAL=spatial, HAS_GRATE=grad_rate is not None,
         HAS_GLIK=grad_likelihood is not None, DETERMINISTIC=deterministic,
         INTERPRET=_interpret(), BF16_RNE=_interpret() and y.dtype == torch.bfloat16,

@@ -268,11 +268,12 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
             _eb_ops._saves_y_hat(mode, 0.0, z.dtype), n)
         return _decode(p, z, z_hat, act, lin_be, lik if need_likelihood else None, rate)
     packed = _pack.pack_density(matrices, biases, factors)  # [58, N*L]
-    if not _eager.via_ops(z) and be in ("cpu", "cuda") \
-            and _backend.has_ext_op("entropy_bottleneck_fwd_groups"):
-        # eager: all N blocks in one C++ call each way (one autograd node)
+    if not _eager.via_ops(z) and (be == "triton" or (
+            be in ("cpu", "cuda") and _backend.has_ext_op("entropy_bottleneck_fwd_groups"))):
+        # eager: all N blocks in one C++ call (one Triton launch) each way, one autograd node
         z_hat, rate, lik = _GroupedChannel.apply(z, packed, med, mode, seed, offset,
-                                                 float(likelihood_bound), bool(need_likelihood))
+                                                 float(likelihood_bound), bool(need_likelihood),
+                                                 be == "triton")
         return _decode(p, z, z_hat, act, lin_be, lik if need_likelihood else None, rate)
     z_hats, rates, liks = [], [], []
     # unbind's backward stacks the blocks' gradients in one op (slices would each
@@ -300,34 +301,44 @@ def _decode(p, z, z_hat, act, lin_be, lik, rate) -> _ref.RDMBankOutput:
 
 
 class _GroupedChannel(torch.autograd.Function):
-    """The bank's channel on the C++ backends in one call each way:
-    ``cifd_C::entropy_bottleneck_{fwd,bwd}_groups`` over the [N, B, L] latent (RDM n =
-    group n: channels n*L .. n*L + L - 1 of the packed density, Philox counters
-    ``offset`` + the flat index, i.e. the per-RDM calls' bits). The eager path only:
-    under tracing the bank takes the per-RDM ``cifd::entropy_bottleneck`` ops."""
+    """The bank's channel in one call each way: ``cifd_C::entropy_bottleneck_{fwd,bwd}_groups``
+    on the C++ backends, or one launch of each Triton kernel with ``groups = N``
+    (``triton=True``), over the [N, B, L] latent (RDM n = group n: channels n*L .. n*L +
+    L - 1 of the packed density, Philox counters ``offset`` + the flat index, i.e. the
+    per-RDM calls' bits). The eager path only: under tracing the bank takes the per-RDM
+    ``cifd::entropy_bottleneck`` ops."""
 
     @staticmethod
-    def forward(ctx, z, packed, med, mode, seed, offset, bound, need_likelihood):
+    def forward(ctx, z, packed, med, mode, seed, offset, bound, need_likelihood, triton=False):
         ctx.set_materialize_grads(False)
         n = z.shape[0]
-        z_hat, rate, lik = torch.ops.cifd_C.entropy_bottleneck_fwd_groups(
-            *_eb_raw_fwd(z, packed, med), _pack.MODES[mode], seed, offset, 0.0, 1.0, bound,
-            need_likelihood, n)
+        if triton:
+            z_hat, rate, lik = _eb_ops._triton().entropy_bottleneck_fwd(
+                z, packed, med, mode, seed, offset, 0.0, 1.0, bound, need_likelihood, True, groups=n)
+        else:
+            z_hat, rate, lik = torch.ops.cifd_C.entropy_bottleneck_fwd_groups(
+                *_eb_raw_fwd(z, packed, med), _pack.MODES[mode], seed, offset, 0.0, 1.0, bound,
+                need_likelihood, n)
         # as the entropy op: in noise mode the density was evaluated at z_hat (fp32/fp64)
         saved, bwd_mode = _eb_saved_input(z, z_hat, mode, 0.0)
         ctx.save_for_backward(saved, packed, med)
-        ctx.args = (bwd_mode, seed, offset, bound, n, need_likelihood)
+        ctx.args = (bwd_mode, seed, offset, bound, n, need_likelihood, triton)
         return z_hat, rate, lik
 
     @staticmethod
     def backward(ctx, g_zhat, g_rate, g_lik):
         y, packed, med = ctx.saved_tensors
-        mode, seed, offset, bound, n, need_lik = ctx.args
+        mode, seed, offset, bound, n, need_lik, triton = ctx.args
+        if triton:
+            grad_z, gp, g_med = _eb_ops._triton().entropy_bottleneck_bwd(
+                y, packed, med, g_zhat, g_rate, g_lik if need_lik else None, mode, seed, offset,
+                0.0, 1.0, bound, True, groups=n)
+            return grad_z, gp, g_med, None, None, None, None, None, None
         grad_z, gp = torch.ops.cifd_C.entropy_bottleneck_bwd_groups(
             *_eb_raw_bwd(y, packed, med, g_zhat, g_rate, g_lik if need_lik else None),
             _pack.MODES[mode], seed, offset, 0.0, 1.0, bound, True, n)
         g_med = gp[_pack.MEDIAN_ROW] if med is not None else None
-        return grad_z, gp[:_pack.NUM_PACKED], g_med, None, None, None, None, None
+        return grad_z, gp[:_pack.NUM_PACKED], g_med, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- the stage-1 loss
