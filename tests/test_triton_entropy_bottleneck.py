@@ -259,3 +259,31 @@ def test_rejects_what_it_does_not_handle(device):
         T.entropy_bottleneck_fwd(_y((2, 3), device), packed, mode="dequantize")  # no medians
     with pytest.raises(ValueError):
         T.entropy_bottleneck_fwd(_y((2, 3), device), packed, mode="round")
+
+
+def test_backward_register_cap_knob(device, monkeypatch):
+    """$CIFD_TRITON_BWD_MAXNREG (the GPU check's register-cap experiment): unset adds no
+    launch option, a valid cap becomes Triton's maxnreg on a GPU (nothing under the
+    interpreter), anything else is an error naming the variable; with a cap the backward
+    still gives the uncapped bits."""
+    T = _T(device)
+    monkeypatch.delenv("CIFD_TRITON_BWD_MAXNREG", raising=False)
+    assert T._bwd_launch_options() == {}
+    monkeypatch.setenv("CIFD_TRITON_BWD_MAXNREG", "168")
+    monkeypatch.setattr(T, "_interpret", lambda: False)
+    assert T._bwd_launch_options() == {"maxnreg": 168}
+    monkeypatch.setattr(T, "_interpret", lambda: True)
+    assert T._bwd_launch_options() == {}
+    for bad in ("abc", "16", "300", "-1"):
+        monkeypatch.setenv("CIFD_TRITON_BWD_MAXNREG", bad)
+        with pytest.raises(ValueError, match="CIFD_TRITON_BWD_MAXNREG"):
+            T._bwd_launch_options()
+    monkeypatch.undo()
+    P = _params(5, device)
+    packed = T.pack_density(P["matrices"], P["biases"], P["factors"])
+    y, g = _y((9, 5), device), _y((9, 5), device, seed=2)
+    gr = torch.ones(9, device=device)
+    base = T.entropy_bottleneck_bwd(y, packed, None, g, gr, None, "noise", 3, 4)
+    monkeypatch.setenv("CIFD_TRITON_BWD_MAXNREG", "128")
+    capped = T.entropy_bottleneck_bwd(y, packed, None, g, gr, None, "noise", 3, 4)
+    assert torch.equal(base[0], capped[0]) and torch.equal(base[1], capped[1])

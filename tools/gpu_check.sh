@@ -48,6 +48,17 @@ stamp "benchmarks"
 CIFD_BENCH_OUT="$OUTDIR" CIFD_BENCH_FULL=1 timeout -s INT ${GPU_BENCH_TIMEOUT:-0} python3 -m pytest ${GPU_BENCH:-benchmarks} ${GPU_BENCH_K:+-k "$GPU_BENCH_K"} -q -p no:cacheprovider \
   --benchmark-columns=median,rounds 2>&1 | tee "$OUTDIR/bench.log" | tail -40
 rc_bench=${PIPESTATUS[0]}
+# The Triton backward's register cap (CIFD_TRITON_BWD_MAXNREG; default uncapped, 222 on
+# sm_90): fwd+bwd at (65536, 320) for each cap in GPU_MAXNREG, each into its own JSON
+# (set GPU_MAXNREG="" to skip). Static SASS: 168 adds 2% instructions and no spills
+# for 3 programs an SM instead of 2; 128 adds 12% (spills) for 4.
+for cap in ${GPU_MAXNREG-168 128}; do
+  stamp "Triton backward with maxnreg=$cap"
+  mkdir -p "$OUTDIR/maxnreg$cap"
+  CIFD_TRITON_BWD_MAXNREG=$cap CIFD_BENCH_OUT="$OUTDIR/maxnreg$cap" CIFD_BENCH_FULL=1 python3 -m pytest \
+    benchmarks/bench_entropy_bottleneck.py -k "full and 65536x320 and triton" -q -p no:cacheprovider \
+    --benchmark-columns=median,rounds 2>&1 | tail -4
+done
 rc_ratio=0
 if [ "${GPU_STEP_RATIO:-1}" = "1" ]; then
   stamp "stage-2 step ratio (KD vs CIFD interleaved)"

@@ -509,6 +509,21 @@ _GPU_FWD, _GPU_BWD = (512, 32, 4), (128, 32, 4)
 _INTERP_FWD, _INTERP_BWD = (16384, 256, 4), (16384, 256, 4)
 
 
+def _bwd_launch_options() -> dict:
+    """Extra launch options of the backward kernel. ``$CIFD_TRITON_BWD_MAXNREG`` caps its
+    registers per thread (Triton's ``maxnreg``): an experiment for the GPU check, unset
+    by default (the compiler's choice). Static SASS for sm_90 (``tools/sass_stats.py``,
+    Triton 3.8): uncapped 222 registers (2 programs of 4 warps per SM), 803
+    instructions an element; 168: no spills, 820 (3 programs); 128: 42 spill stores
+    and loads an element, 900 (4 programs). Which is fastest is for the GPU to say."""
+    cap = os.environ.get("CIFD_TRITON_BWD_MAXNREG", "").strip()
+    if not cap:
+        return {}
+    if not cap.isdigit() or not 32 <= int(cap) <= 255:
+        raise ValueError(f"CIFD_TRITON_BWD_MAXNREG must be an integer in [32, 255], got {cap!r}")
+    return {} if _interpret() else {"maxnreg": int(cap)}  # the interpreter has no registers
+
+
 def _common(y, packed, medians, mode, seed, offset, groups=None):
     """Checks; (contiguous y, N, C, S, medians or a dummy) with N, C per group."""
     if mode not in _MODES:
@@ -674,6 +689,6 @@ def entropy_bottleneck_bwd(y: torch.Tensor, packed: torch.Tensor, medians: Optio
         MODE=_MODES[mode], SPATIAL=spatial, HAS_GRATE=grad_rate is not None,
         HAS_GLIK=grad_likelihood is not None, DETERMINISTIC=deterministic,
         INTERPRET=_interpret(), BF16_RNE=_interpret() and y.dtype == torch.bfloat16,
-        BA=BA, BB=BB, num_warps=warps)
+        BA=BA, BB=BB, num_warps=warps, **_bwd_launch_options())
     gp = gbuf.sum(0) if deterministic else gbuf  # fixed-order sum of the partials
     return grad_y, gp[:NUM_PACKED], (gp[_MEDIAN_ROW] if mode == "dequantize" else None)
