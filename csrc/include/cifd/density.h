@@ -182,6 +182,32 @@ inline void by_dtype(EbDtype dt, F&& f) {
 }
 
 // ------------------------------------------------------------------ exp, log, tanh
+// 1 / b where b is known to lie in [1, 2^126]: IEEE division on the host; on the
+// GPU the SFU reciprocal alone (rcp.approx, within 1 ulp; no subnormal can occur
+// for such b, so .ftz changes nothing) instead of div.rn's multi-instruction
+// sequence with its slow-path branch. __fdividef(a, b) is a * rcp.approx(b) plus
+// a guard for |b| > 2^126 (a compare and two predicated multiplies), which such b
+// never needs.
+CIFD_HDI float rcp_q(float b) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(b));
+  return r;
+#else
+  return 1.0f / b;
+#endif
+}
+
+// a / b for b in [1, 2^126]: IEEE on the host, a * rcp_q(b) on the GPU (within 2
+// ulp). Used by tanh_f, whose Q(x^2) >= 1, and by log_f (m + 1 in [1.7, 2.5]).
+CIFD_HDI float div_q(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return a * rcp_q(b);
+#else
+  return a / b;
+#endif
+}
+
 // exp(x) = 2^k exp(r), k = rne(x / ln 2), r = x - k ln 2 in [-ln2/2, ln2/2],
 // exp(r) = 1 + r + r^2 P(r) (relative error of P's fit 3e-9). 2^k is applied as
 // two factors so subnormal results round once. Below -104 the result is 0,
@@ -218,7 +244,7 @@ CIFD_HDI float log_f(float x) {
   const int32_t e = static_cast<int32_t>(u - 0x3f3504f3u) >> 23;  // 0x3f3504f3 = sqrt(1/2)
   const float m = u2f(u - (static_cast<uint32_t>(e) << 23));
   const float f = m - 1.0f;
-  const float s = f / (m + 1.0f);
+  const float s = div_q(f, m + 1.0f);
   const float z = s * s;
   float r = 0.298709571f;
   r = r * z + 0.399775743f;
@@ -230,18 +256,6 @@ CIFD_HDI float log_f(float x) {
   const float special = x == 0.0f ? -inf : (x < 0.0f ? u2f(0x7fc00000u) : x);  // inf, NaN stay
   const bool finite_pos = x > 0.0f && x < inf;
   return finite_pos ? res : special;
-}
-
-// a / b where b is known to lie in [1, 2^126]: IEEE division on the host; on the
-// GPU __fdividef (the SFU reciprocal and one multiply, within 2 ulp for such b)
-// instead of div.rn's multi-instruction sequence with its slow-path branch. Used
-// by tanh_f, whose Q(x^2) >= 1.
-CIFD_HDI float div_q(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fdividef(a, b);
-#else
-  return a / b;
-#endif
 }
 
 // tanh(x) = x P(x^2) / Q(x^2), P and Q of degree 4 (fit relative error 2e-8;
@@ -376,7 +390,7 @@ CIFD_HDI float bin_mass(float lo, float up, float* dl = nullptr, float* du = nul
   const float g = lo + up > 0.0f ? -1.0f : 1.0f;
   const float zl = g * lo, zu = g * up;
   const float el = exp_f(-abs_f(zl)), eu = exp_f(-abs_f(zu));
-  const float rl = 1.0f / (1.0f + el), ru = 1.0f / (1.0f + eu);
+  const float rl = rcp_q(1.0f + el), ru = rcp_q(1.0f + eu);  // 1 + e in [1, 2]
   const float sl = zl >= 0.0f ? rl : el * rl;
   const float su = zu >= 0.0f ? ru : eu * ru;
   const float d = su - sl;
