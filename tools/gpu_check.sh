@@ -59,6 +59,15 @@ for cap in ${GPU_MAXNREG-168 128}; do
     benchmarks/bench_entropy_bottleneck.py -k "full and 65536x320 and triton" -q -p no:cacheprovider \
     --benchmark-columns=median,rounds 2>&1 | tail -4
 done
+# The CUDA backward compiled for two blocks an SM (128 registers, ~50 spills an element;
+# CIFD_CUDA_EB_BWD_MINBLOCKS=2, float32 only) against the default (one block, ~195).
+if [ "${GPU_MINBLOCKS:-1}" = "1" ]; then
+  stamp "CUDA backward with CIFD_CUDA_EB_BWD_MINBLOCKS=2"
+  mkdir -p "$OUTDIR/minblocks2"
+  CIFD_CUDA_EB_BWD_MINBLOCKS=2 CIFD_BENCH_OUT="$OUTDIR/minblocks2" CIFD_BENCH_FULL=1 python3 -m pytest \
+    benchmarks/bench_entropy_bottleneck.py -k "full and 65536x320 and cuda" -q -p no:cacheprovider \
+    --benchmark-columns=median,rounds 2>&1 | tail -4
+fi
 rc_ratio=0
 if [ "${GPU_STEP_RATIO:-1}" = "1" ]; then
   stamp "stage-2 step ratio (KD vs CIFD interleaved)"

@@ -6,7 +6,8 @@ and the Triton kernels (``cifd_kernels/_triton/entropy_bottleneck.py``, Triton's
 compiler for an sm_90 target) and prints, per kernel: registers, local memory (spills),
 the instruction count of the per-element loop body (the largest loop; for the Triton
 forward, which has no loop, the kernel over its elements per thread), and how many of
-those are special-function (MUFU) instructions.
+those are special-function (MUFU) instructions. Stack bytes are where spilled
+registers go (their STL/LDL instructions show in the counts).
 
 Instruction counts are what an H100/H200 issues per element per thread, so they bound
 throughput from below (one warp instruction per cycle per scheduler); registers set
@@ -83,7 +84,7 @@ def _resources(cubin: str) -> dict[str, tuple[int, int]]:
         m = re.search(r"Function (\S+):", line)
         if m:
             name = m.group(1)
-        m = re.search(r"REG:(\d+).*LOCAL:(\d+)", line)
+        m = re.search(r"REG:(\d+) STACK:(\d+)", line)
         if m and name:
             out[name] = (int(m.group(1)), int(m.group(2)))
     return out
@@ -98,9 +99,9 @@ def _report(label, cubin, pick, per_thread=lambda name: 1):
         if short is None:
             continue
         st = _stats(insns, per_thread(short))
-        regs, local = res.get(name, (-1, -1))
+        regs, stack = res.get(name, (-1, -1))
         where = "loop body" if st["loop"] else f"kernel / {per_thread(short)}"
-        print(f"{label:7s} {short:34s} regs {regs:3d} local {local:4d}  per element ({where}): "
+        print(f"{label:7s} {short:34s} regs {regs:3d} stack {stack:4d} B  per element ({where}): "
               f"{st['insns']:5d} insns, {st['mufu']:5.1f} MUFU   top {st['top']}")
 
 
@@ -111,10 +112,11 @@ def cuda(keep: str) -> None:
                     "-I", os.path.join(ROOT, "csrc", "include"),
                     os.path.join(ROOT, "csrc", "cuda", "entropy_bottleneck.cu"), "-o", cubin], check=True)
 
-    def pick(name):  # float32, noise mode (template argument 0)
+    def pick(name):  # float32, noise mode (template argument 0); the backward's MINB variants
         for k in ("fwd_kernel", "bwd_rows_kernel", "bwd_spatial_kernel"):
-            if k in name and "F32ELi0E" in name:
-                return k
+            m = re.search(r"F32ELi0E(?:Li(\d+)E)?", name)
+            if k in name and m:
+                return k + (f" (MINB={m.group(1)})" if m.group(1) else "")
         return None
     _report("cuda", cubin, pick)
 

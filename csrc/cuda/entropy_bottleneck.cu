@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include "cifd/density.h"
@@ -130,8 +131,12 @@ __device__ __forceinline__ void emit(float* out, bool deterministic, int64_t par
   }
 }
 
-template <class D, int MODE>
-__global__ void __launch_bounds__(kTileC* kTileN)
+// MINB: __launch_bounds__'s minimum blocks per SM. 1 (the default) lets ptxas use
+// ~195 registers (one 256-thread block an SM); 2 caps them at 128 (two blocks, with
+// ~50 spill stores and loads an element): the $CIFD_CUDA_EB_BWD_MINBLOCKS
+// experiment (float32 only), for a GPU to time.
+template <class D, int MODE, int MINB>
+__global__ void __launch_bounds__(kTileC* kTileN, MINB)
     entropy_bottleneck_bwd_rows_kernel(const EbProblem pr, const typename D::T* __restrict__ y,
                                        const float* __restrict__ packed,
                                        const float* __restrict__ med,
@@ -183,8 +188,8 @@ __global__ void __launch_bounds__(kTileC* kTileN)
   }
 }
 
-template <class D, int MODE>
-__global__ void __launch_bounds__(kThreads)
+template <class D, int MODE, int MINB>
+__global__ void __launch_bounds__(kThreads, MINB)
     entropy_bottleneck_bwd_spatial_kernel(const EbProblem pr, const typename D::T* __restrict__ y,
                                           const float* __restrict__ packed,
                                           const float* __restrict__ med,
@@ -287,25 +292,46 @@ void launch_fwd(const EbProblem& pr, const void* y, const float* packed, const f
   if (g.col_blocks > 1) rate_reduce_kernel<<<grid_1d(pr.N), kThreads, 0, st>>>(work, rate, pr.N, g.col_blocks);
 }
 
-template <class D, int MODE>
-void launch_bwd(const EbProblem& pr, const void* y, const float* packed, const float* med,
-                const void* gyh, const float* grate, const float* glik, void* gy, float* grad,
-                bool deterministic, float* work, int num_sms, cudaStream_t st) {
+// $CIFD_CUDA_EB_BWD_MINBLOCKS=2 selects the backward kernels compiled for two blocks
+// an SM (see MINB above); anything else, or unset, the default.
+int bwd_min_blocks() {
+  const char* v = std::getenv("CIFD_CUDA_EB_BWD_MINBLOCKS");
+  return (v != nullptr && v[0] == '2' && v[1] == '\0') ? 2 : 1;
+}
+
+template <class D, int MODE, int MINB>
+void launch_bwd_kernel(const BwdGeom& g, const EbProblem& pr, const void* y, const float* packed,
+                       const float* med, const void* gyh, const float* grate, const float* glik,
+                       void* gy, float* out, bool deterministic, cudaStream_t st) {
   using T = typename D::T;
-  const BwdGeom g = bwd_geom(pr, num_sms);
-  float* out = deterministic ? work : grad;
-  if (!deterministic) cudaMemsetAsync(grad, 0, sizeof(float) * kNumGrad * pr.C, st);
   if (g.rows) {
-    entropy_bottleneck_bwd_rows_kernel<D, MODE>
+    entropy_bottleneck_bwd_rows_kernel<D, MODE, MINB>
         <<<dim3(static_cast<unsigned>(g.gx), static_cast<unsigned>(g.gy)), dim3(kTileC, kTileN), 0, st>>>(
             pr, static_cast<const T*>(y), packed, med, static_cast<const T*>(gyh), grate, glik,
             static_cast<T*>(gy), out, deterministic);
   } else {
-    entropy_bottleneck_bwd_spatial_kernel<D, MODE>
+    entropy_bottleneck_bwd_spatial_kernel<D, MODE, MINB>
         <<<dim3(static_cast<unsigned>(g.gx), static_cast<unsigned>(g.gy)), kThreads, 0, st>>>(
             pr, static_cast<const T*>(y), packed, med, static_cast<const T*>(gyh), grate, glik,
             static_cast<T*>(gy), out, deterministic);
   }
+}
+
+template <class D, int MODE>
+void launch_bwd(const EbProblem& pr, const void* y, const float* packed, const float* med,
+                const void* gyh, const float* grate, const float* glik, void* gy, float* grad,
+                bool deterministic, float* work, int num_sms, cudaStream_t st) {
+  const BwdGeom g = bwd_geom(pr, num_sms);
+  float* out = deterministic ? work : grad;
+  if (!deterministic) cudaMemsetAsync(grad, 0, sizeof(float) * kNumGrad * pr.C, st);
+  bool two = false;
+  if constexpr (std::is_same<D, F32>::value) two = bwd_min_blocks() == 2;
+  if constexpr (std::is_same<D, F32>::value) {
+    if (two) {
+      launch_bwd_kernel<D, MODE, 2>(g, pr, y, packed, med, gyh, grate, glik, gy, out, deterministic, st);
+    }
+  }
+  if (!two) launch_bwd_kernel<D, MODE, 1>(g, pr, y, packed, med, gyh, grate, glik, gy, out, deterministic, st);
   if (deterministic)
     grad_reduce_kernel<<<grid_1d(kNumGrad * pr.C), kThreads, 0, st>>>(work, grad, kNumGrad * pr.C, g.gy);
 }
