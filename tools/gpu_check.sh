@@ -7,6 +7,11 @@
 # benchmarks, and writes JSON, plots and logs to OUTDIR (< 8 minutes).
 # Optional: wheels in .whl/ (e.g. compressai for the CompressAI provider) are
 # installed to /tmp/site first, without dependencies.
+# Knobs for short device time (each section prints its start time):
+#   GPU_TESTS, GPU_TESTS_K, GPU_BENCH, GPU_BENCH_K, GPU_BENCH_TIMEOUT  narrow tests/benchmarks
+#   GPU_MAXNREG="168 128" (default; "" skips)  Triton backward register caps, ~30 s each
+#   GPU_MINBLOCKS=1 (default; 0 skips)         CUDA backward at two blocks an SM, ~30 s
+#   GPU_STEP_RATIO=1 (default; 0 skips), GPU_STEP_ROUNDS  the KD/CIFD step ratio, twice
 set -uo pipefail
 OUTDIR=${1:?usage: tools/gpu_check.sh OUTDIR}
 mkdir -p "$OUTDIR"
