@@ -16,7 +16,9 @@
 // channel, 256 threads over (n, s), reduced by warp shuffles. Block sums go to
 // grad_packed with atomicAdd, or (deterministic) to per-block-row partials summed
 // in a fixed order by a second kernel.
+#ifndef CIFD_CUDA_EMULATION  // csrc/tests/cuda_emu.h runs this file on the CPU
 #include <cuda_runtime.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -25,6 +27,13 @@
 
 #include "cifd/density.h"
 #include "cifd/kernels.h"
+
+// kernel<<<grid, block, smem, stream>>>, spelled so that the CPU emulation of the
+// C++ tests (csrc/tests/cuda_emu.h) can stand in for it. `kernel` is one token:
+// a kernel or a pointer to one.
+#ifndef CIFD_LAUNCH
+#define CIFD_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#endif
 
 namespace cifd {
 namespace cuda {
@@ -286,10 +295,11 @@ void launch_fwd(const EbProblem& pr, const void* y, const float* packed, const f
   using T = typename D::T;
   const FwdGeom g = fwd_geom(pr, num_sms);
   float* out = g.col_blocks > 1 ? work : rate;
-  entropy_bottleneck_fwd_kernel<D, MODE>
-      <<<dim3(static_cast<unsigned>(g.col_blocks), static_cast<unsigned>(g.rows)), kFwdCols, 0, st>>>(
-          pr, static_cast<const T*>(y), packed, med, static_cast<T*>(yhat), out, lik);
-  if (g.col_blocks > 1) rate_reduce_kernel<<<grid_1d(pr.N), kThreads, 0, st>>>(work, rate, pr.N, g.col_blocks);
+  const auto fwd = entropy_bottleneck_fwd_kernel<D, MODE>;
+  CIFD_LAUNCH(fwd, dim3(static_cast<unsigned>(g.col_blocks), static_cast<unsigned>(g.rows)), kFwdCols, 0,
+              st)(pr, static_cast<const T*>(y), packed, med, static_cast<T*>(yhat), out, lik);
+  if (g.col_blocks > 1)
+    CIFD_LAUNCH(rate_reduce_kernel, grid_1d(pr.N), kThreads, 0, st)(work, rate, pr.N, g.col_blocks);
 }
 
 // $CIFD_CUDA_EB_BWD_MINBLOCKS=2 selects the backward kernels compiled for two blocks
@@ -304,16 +314,17 @@ void launch_bwd_kernel(const BwdGeom& g, const EbProblem& pr, const void* y, con
                        const float* med, const void* gyh, const float* grate, const float* glik,
                        void* gy, float* out, bool deterministic, cudaStream_t st) {
   using T = typename D::T;
+  const dim3 grid(static_cast<unsigned>(g.gx), static_cast<unsigned>(g.gy));
   if (g.rows) {
-    entropy_bottleneck_bwd_rows_kernel<D, MODE, MINB>
-        <<<dim3(static_cast<unsigned>(g.gx), static_cast<unsigned>(g.gy)), dim3(kTileC, kTileN), 0, st>>>(
-            pr, static_cast<const T*>(y), packed, med, static_cast<const T*>(gyh), grate, glik,
-            static_cast<T*>(gy), out, deterministic);
+    const auto bwd = entropy_bottleneck_bwd_rows_kernel<D, MODE, MINB>;
+    CIFD_LAUNCH(bwd, grid, dim3(kTileC, kTileN), 0, st)(
+        pr, static_cast<const T*>(y), packed, med, static_cast<const T*>(gyh), grate, glik,
+        static_cast<T*>(gy), out, deterministic);
   } else {
-    entropy_bottleneck_bwd_spatial_kernel<D, MODE, MINB>
-        <<<dim3(static_cast<unsigned>(g.gx), static_cast<unsigned>(g.gy)), kThreads, 0, st>>>(
-            pr, static_cast<const T*>(y), packed, med, static_cast<const T*>(gyh), grate, glik,
-            static_cast<T*>(gy), out, deterministic);
+    const auto bwd = entropy_bottleneck_bwd_spatial_kernel<D, MODE, MINB>;
+    CIFD_LAUNCH(bwd, grid, kThreads, 0, st)(
+        pr, static_cast<const T*>(y), packed, med, static_cast<const T*>(gyh), grate, glik,
+        static_cast<T*>(gy), out, deterministic);
   }
 }
 
@@ -333,7 +344,8 @@ void launch_bwd(const EbProblem& pr, const void* y, const float* packed, const f
   }
   if (!two) launch_bwd_kernel<D, MODE, 1>(g, pr, y, packed, med, gyh, grate, glik, gy, out, deterministic, st);
   if (deterministic)
-    grad_reduce_kernel<<<grid_1d(kNumGrad * pr.C), kThreads, 0, st>>>(work, grad, kNumGrad * pr.C, g.gy);
+    CIFD_LAUNCH(grad_reduce_kernel, grid_1d(kNumGrad * pr.C), kThreads, 0, st)(work, grad, kNumGrad * pr.C,
+                                                                               g.gy);
 }
 
 template <class D, class F>

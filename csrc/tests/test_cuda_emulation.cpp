@@ -1,0 +1,162 @@
+// SPDX-License-Identifier: Apache-2.0
+// The CUDA entropy-bottleneck launchers and kernels (csrc/cuda/entropy_bottleneck.cu),
+// run on the CPU through cuda_emu.h, against the C++ CPU kernels: launch geometry,
+// indexing, grid-stride loops, the block reductions, warp shuffles, the partial-rate
+// reduction, atomics against deterministic partials, the MINB=2 instance, every
+// mode, float32 and bfloat16, [N, C] and spatial inputs. The per-element math runs
+// as host code here (see cuda_emu.h), so y_hat must match bit for bit and the rest
+// to float32 rounding of different summation orders.
+#include "cuda_emu.h"  // first: it defines what the .cu file expects of CUDA
+
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "../cuda/entropy_bottleneck.cu"
+#include "check.h"
+#include "cifd/density.h"
+#include "cifd/kernels.h"
+
+using cifd::EbDtype;
+using cifd::EbProblem;
+
+namespace {
+
+std::vector<float> random_packed(int64_t C, std::mt19937& g) {
+  namespace d = cifd::density;
+  std::normal_distribution<float> nb(0.0f, 0.5f);
+  std::uniform_real_distribution<float> w(0.2f, 1.5f), a(-0.9f, 0.9f);
+  std::vector<float> p(static_cast<size_t>(d::kNumPacked) * C);
+  auto row = [&](int r, auto& dist) {
+    for (int64_t c = 0; c < C; ++c) p[r * C + c] = dist(g);
+  };
+  for (int r = 0; r < d::kNumPacked; ++r) row(r, nb);  // biases
+  for (int j = 0; j < 3; ++j) {
+    row(d::kW0 + j, w);
+    row(d::kA0 + j, a);
+    row(d::kW4 + j, w);
+  }
+  const int hw[3] = {d::Hidden<1>::W, d::Hidden<2>::W, d::Hidden<3>::W};
+  const int ha[3] = {d::Hidden<1>::A, d::Hidden<2>::A, d::Hidden<3>::A};
+  for (int k = 0; k < 3; ++k) {
+    for (int i = 0; i < 9; ++i) row(hw[k] + i, w);
+    for (int j = 0; j < 3; ++j) row(ha[k] + j, a);
+  }
+  return p;
+}
+
+uint16_t to_bf16(float f) { return cifd::density::BF16::store(f); }
+
+struct Case {
+  int64_t N, C, S;
+  int mode;
+  float rho;
+  EbDtype dtype;
+};
+
+// One case: forward and backward through the emulated CUDA launchers and the CPU
+// kernels, compared; the backward both ways (atomics, deterministic) and, for
+// float32, with the MINB=2 instance too.
+void run_case(const Case& k, int num_sms) {
+  std::mt19937 g(static_cast<unsigned>(k.N * 131 + k.C * 7 + k.S + k.mode * 1000 + static_cast<int>(k.dtype)));
+  EbProblem pr;
+  pr.N = k.N;
+  pr.C = k.C;
+  pr.S = k.S;
+  pr.mode = k.mode;
+  pr.dtype = k.dtype;
+  pr.seed = (1ULL << 40) + 7;
+  pr.offset = (1ULL << 32) - 50;  // the counter's low word carries
+  pr.rho = k.rho;
+  pr.s = 1.0f;
+  const int64_t n = k.N * k.C * k.S;
+  const bool bf = k.dtype == EbDtype::kBFloat16;
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  std::vector<float> yf(n), gyf(n), glik(n), grate(k.N), med(k.C);
+  for (auto& v : yf) v = nd(g);
+  for (auto& v : gyf) v = nd(g) / 3.0f;
+  for (auto& v : glik) v = nd(g) / 3.0f;
+  for (auto& v : grate) v = 1.0f + nd(g) / 10.0f;
+  for (auto& v : med) v = nd(g) / 30.0f;
+  std::vector<uint16_t> yb(n), gyb(n);
+  for (int64_t i = 0; i < n; ++i) {
+    yb[i] = to_bf16(yf[i]);
+    gyb[i] = to_bf16(gyf[i]);
+  }
+  const void* y = bf ? static_cast<const void*>(yb.data()) : yf.data();
+  const void* gy_in = bf ? static_cast<const void*>(gyb.data()) : gyf.data();
+  const size_t esz = bf ? 2 : 4;
+  const std::vector<float> packed = random_packed(k.C, g);
+
+  // forward
+  std::vector<unsigned char> yh_cpu(n * esz), yh_emu(n * esz);
+  std::vector<float> rate_cpu(k.N), rate_emu(k.N, -1.0f), lik_cpu(n), lik_emu(n);
+  cifd::cpu::entropy_bottleneck_fwd(pr, y, packed.data(), med.data(), yh_cpu.data(), rate_cpu.data(),
+                                    lik_cpu.data(), 1);
+  std::vector<float> work(std::max<int64_t>(1, cifd::cuda::entropy_bottleneck_fwd_workspace(pr, num_sms)));
+  CHECK(cifd::cuda::entropy_bottleneck_fwd(pr, y, packed.data(), med.data(), yh_emu.data(), rate_emu.data(),
+                                           lik_emu.data(), work.data(), num_sms, nullptr) == 0);
+  CHECK_MSG(yh_cpu == yh_emu, "y_hat bits, N=%lld C=%lld S=%lld mode %d", (long long)k.N, (long long)k.C,
+            (long long)k.S, k.mode);
+  for (int64_t i = 0; i < n; ++i) CHECK_CLOSE(lik_emu[i], lik_cpu[i], 1e-5, 1e-8);
+  for (int64_t r = 0; r < k.N; ++r) CHECK_CLOSE(rate_emu[r], rate_cpu[r], 1e-5, 1e-4);
+
+  // backward
+  const int64_t ng = cifd::density::kNumGrad * k.C;
+  std::vector<unsigned char> gy_cpu(n * esz);
+  std::vector<float> gp_cpu(ng);
+  cifd::cpu::entropy_bottleneck_bwd(pr, y, packed.data(), med.data(), gy_in, grate.data(), glik.data(),
+                                    gy_cpu.data(), gp_cpu.data(), true, 1);
+  float gscale = 0.0f;
+  for (float v : gp_cpu) gscale = std::max(gscale, std::fabs(v));
+  for (int minb : {1, 2}) {
+    if (minb == 2 && bf) continue;  // the MINB=2 instance is float32 only
+    setenv("CIFD_CUDA_EB_BWD_MINBLOCKS", minb == 2 ? "2" : "1", 1);
+    for (bool det : {true, false}) {
+      std::vector<unsigned char> gy_emu(n * esz);
+      std::vector<float> gp_emu(ng, -7.0f);
+      std::vector<float> bw(std::max<int64_t>(1, cifd::cuda::entropy_bottleneck_bwd_workspace(pr, det, num_sms)));
+      CHECK(cifd::cuda::entropy_bottleneck_bwd(pr, y, packed.data(), med.data(), gy_in, grate.data(),
+                                               glik.data(), gy_emu.data(), gp_emu.data(), det, bw.data(),
+                                               num_sms, nullptr) == 0);
+      for (int64_t i = 0; i < n; ++i) {
+        float a, b;
+        if (bf) {
+          uint16_t ua, ub;
+          std::memcpy(&ua, &gy_emu[2 * i], 2);
+          std::memcpy(&ub, &gy_cpu[2 * i], 2);
+          a = cifd::density::BF16::load(ua);
+          b = cifd::density::BF16::load(ub);
+          CHECK_CLOSE(a, b, 1e-2, 1e-3);  // bfloat16 outputs: a rounding step apart at most
+        } else {
+          std::memcpy(&a, &gy_emu[4 * i], 4);
+          std::memcpy(&b, &gy_cpu[4 * i], 4);
+          CHECK_CLOSE(a, b, 2e-4, 1e-5);  // the CPU kernel contracts into FMAs, this does not
+        }
+      }
+      for (int64_t r = 0; r < ng; ++r) CHECK_CLOSE(gp_emu[r], gp_cpu[r], 1e-4, 1e-5 * gscale);
+    }
+  }
+  unsetenv("CIFD_CUDA_EB_BWD_MINBLOCKS");
+}
+
+}  // namespace
+
+int main() {
+  const EbDtype f32 = EbDtype::kFloat32, b16 = EbDtype::kBFloat16;
+  const Case cases[] = {
+      {37, 300, 1, 0, 0.25f, f32},  // [N, C], three forward column blocks (the rate reduction)
+      {37, 300, 1, 1, 0.0f, f32},   // dequantize: the medians' gradient row
+      {37, 300, 1, 2, 0.0f, f32},
+      {9, 70, 1, 0, 0.0f, b16},     // bfloat16 storage
+      {3, 5, 40, 0, 0.25f, f32},    // spatial: the per-channel backward, two column blocks
+      {3, 5, 40, 1, 0.0f, f32},
+      {2, 3, 100, 2, 0.0f, b16},
+      {1, 1, 1, 0, 0.0f, f32},      // a single element
+  };
+  for (const Case& k : cases) {
+    for (int sms : {1, 3}) run_case(k, sms);  // different grids, same results
+  }
+  if (failures == 0) std::printf("test_cuda_emulation: all passed\n");
+  return failures;
+}
