@@ -26,7 +26,9 @@
 //
 // Dropped targets (keep 0) are never read. Labels are not range-checked (no
 // host sync): an out-of-range label gives z_y = 0 and no one-hot, as on the CPU.
+#ifndef CIFD_CUDA_EMULATION  // csrc/tests/cuda_emu.h runs this file on the CPU
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 
@@ -307,7 +309,7 @@ __device__ __forceinline__ void emb_sweep(const Args& a, const Block& bk, int64_
 // at most kMaxThreads.
 template <class EL, class EE>
 __global__ void __launch_bounds__(kMaxThreads) cifd_loss_fwd_kernel(const Args a) {
-  extern __shared__ float dyn[];
+  CIFD_DYNAMIC_SHARED(float, dyn);
   __shared__ float red[kMaxWarps * kRedWidth];
   const CifdLossProblem& pr = a.pr;
   const int64_t B = pr.B, K = pr.K, M = pr.M;
@@ -388,7 +390,8 @@ int cifd_loss_fwd(const CifdLossProblem& pr, const void* logits, const void* tar
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   by_dtype(pr.logits_dtype, [&](auto l) {
     by_dtype(pr.emb_dtype, [&](auto e) {
-      cifd_loss_fwd_kernel<decltype(l), decltype(e)><<<grid, threads, smem, st>>>(a);
+      const auto kernel = cifd_loss_fwd_kernel<decltype(l), decltype(e)>;
+      CIFD_LAUNCH(kernel, grid, threads, smem, st)(a);
     });
   });
   return static_cast<int>(cudaGetLastError());

@@ -28,13 +28,6 @@
 #include "cifd/density.h"
 #include "cifd/kernels.h"
 
-// kernel<<<grid, block, smem, stream>>>, spelled so that the CPU emulation of the
-// C++ tests (csrc/tests/cuda_emu.h) can stand in for it. `kernel` is one token:
-// a kernel or a pointer to one.
-#ifndef CIFD_LAUNCH
-#define CIFD_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
-#endif
-
 namespace cifd {
 namespace cuda {
 

@@ -2,7 +2,9 @@
 // Philox uniforms and keep masks on the GPU: one thread per element (each
 // Philox call yields the four words of one counter; the contract gives each
 // element its own counter).
+#ifndef CIFD_CUDA_EMULATION  // csrc/tests/cuda_emu.h runs this file on the CPU
 #include <cuda_runtime.h>
+#endif
 
 #include "cifd/kernels.h"
 #include "cifd/philox.h"
@@ -38,7 +40,7 @@ unsigned grid_for(int64_t n) {
 
 int philox_uniform(float* out, int64_t n, uint64_t seed, uint64_t offset, void* stream) {
   if (n <= 0) return cudaSuccess;
-  philox_uniform_kernel<<<grid_for(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+  CIFD_LAUNCH(philox_uniform_kernel, grid_for(n), kThreads, 0, static_cast<cudaStream_t>(stream))(
       out, n, seed, offset);
   return static_cast<int>(cudaGetLastError());
 }
@@ -46,7 +48,7 @@ int philox_uniform(float* out, int64_t n, uint64_t seed, uint64_t offset, void* 
 int philox_keep_mask(uint8_t* out, int64_t n, uint64_t seed, uint64_t offset, float rho,
                      void* stream) {
   if (n <= 0) return cudaSuccess;
-  philox_keep_mask_kernel<<<grid_for(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+  CIFD_LAUNCH(philox_keep_mask_kernel, grid_for(n), kThreads, 0, static_cast<cudaStream_t>(stream))(
       out, n, seed, offset, rho);
   return static_cast<int>(cudaGetLastError());
 }

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // A CPU emulation of the small CUDA subset that csrc/cuda/*.cu use, so that the
 // C++ tests can run those files' kernels and launchers on a machine without a GPU
-// (test_cuda_emulation.cpp). What it checks is the CUDA code's own logic: launch
+// (test_cuda_emu_*.cpp). What it checks is the CUDA code's own logic: launch
 // geometry, indexing, grid-stride loops, shared-memory reductions, warp shuffles,
 // the atomic and the deterministic (partials + fixed-order sum) paths. The
 // per-element math compiles as host code here (no __CUDA_ARCH__), i.e. density.h's
@@ -66,6 +66,7 @@ struct Ctx {
   int lane = 0;
 };
 inline Ctx ctx;                 // the running coroutine's (set by launch() at each switch)
+inline std::vector<unsigned char> dynamic_smem;  // the running launch's dynamic shared memory
 inline std::vector<Ctx> ctxs;   // every thread's of the running block
 
 inline void syncthreads() { ctx.block->wait(); }
@@ -94,12 +95,19 @@ inline float atomic_add(float* p, float v) {  // coroutines never interleave ins
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...) as launch(kernel, grid, block, smem, stream)(args...).
+template <class T>
+T* dynamic_shared() {
+  return reinterpret_cast<T*>(dynamic_smem.data());
+}
+
 template <class K>
 struct Launcher {
   K kernel;
   dim3 grid, block;
+  size_t smem;
   template <class... A>
   void operator()(A... args) const {
+    dynamic_smem.assign(smem + 16, 0xcd);  // garbage, as on a GPU
     const int nt = static_cast<int>(block.x * block.y * block.z);
     const int nw = (nt + 31) / 32;
     constexpr size_t kStack = 128 * 1024;
@@ -164,8 +172,8 @@ struct Launcher {
 };
 
 template <class K>
-Launcher<K> launch(K kernel, dim3 grid, dim3 block, size_t /*smem*/, void* /*stream*/) {
-  return Launcher<K>{kernel, grid, block};
+Launcher<K> launch(K kernel, dim3 grid, dim3 block, size_t smem, void* /*stream*/) {
+  return Launcher<K>{kernel, grid, block, smem};
 }
 
 }  // namespace emu
@@ -175,6 +183,7 @@ using dim3 = emu::dim3;
 using cudaStream_t = void*;
 using cudaError_t = int;
 constexpr int cudaSuccess = 0;
+constexpr int cudaErrorInvalidValue = 1;
 inline int cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) {
   std::memset(p, v, n);
   return 0;
@@ -196,3 +205,4 @@ inline float atomicAdd(float* p, float v) { return emu::atomic_add(p, v); }
 #define __syncthreads() emu::syncthreads()
 #define __shfl_xor_sync(mask, v, o) emu::shfl_xor(mask, v, o)
 #define CIFD_LAUNCH(kernel, grid, block, smem, stream) emu::launch(kernel, grid, block, smem, stream)
+#define CIFD_DYNAMIC_SHARED(type, name) type* name = emu::dynamic_shared<type>()

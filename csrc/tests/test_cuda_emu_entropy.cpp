@@ -157,6 +157,6 @@ int main() {
   for (const Case& k : cases) {
     for (int sms : {1, 3}) run_case(k, sms);  // different grids, same results
   }
-  if (failures == 0) std::printf("test_cuda_emulation: all passed\n");
+  if (failures == 0) std::printf("test_cuda_emu_entropy: all passed\n");
   return failures;
 }
