@@ -26,8 +26,9 @@
 // G problems in one call (the RDM bank's N latents): y [G, N, C, *spatial], group g
 // the problem y[g] on channels g C .. g C + C - 1 of packed [58, G C] (medians
 // [G C]), every element at Philox counter offset + its flat index in y. rate and
-// grad_rate are [G, N]; grad_packed [59, G C]; the rest as above. The kernels run
-// once per group, writing into the outputs in place: the same bits as G calls.
+// grad_rate are [G, N]; grad_packed [59, G C]; the rest as above. On the CPU the
+// kernels run once per group, writing into the outputs in place; on CUDA one launch
+// each way covers all groups (EbProblem::G). Either way the bits of G calls.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -86,18 +87,29 @@ struct Prepared {
   bool f64() const { return cdt == at::kDouble; }
 };
 
+// groups > 0: y is [G, N, C, *spatial] (G = groups) and packed / medians cover G C
+// channels: the problem of the CUDA kernels' one-launch groups (EbProblem::G).
 Prepared prepare(const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
-                 int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound) {
+                 int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound,
+                 int64_t groups = 0) {
   const cifd::EbDtype dt = eb_dtype(y);
   const at::ScalarType cdt = compute_dtype(y);
-  TORCH_CHECK(y.dim() >= 2, "y must be [N, C, *spatial] with at least 2 dims, got ", y.sizes());
+  const int64_t lead = groups > 0 ? 1 : 0;  // y's dims before [N, C, ...]
+  if (groups > 0) {
+    TORCH_CHECK(y.dim() >= 3 && y.size(0) == groups,
+                "y must be [G=", groups, ", N, C, *spatial] for groups, got ", y.sizes());
+  } else {
+    TORCH_CHECK(y.dim() >= 2, "y must be [N, C, *spatial] with at least 2 dims, got ", y.sizes());
+  }
   TORCH_CHECK(y.is_contiguous(), "y must be contiguous");
-  const int64_t N = y.size(0), C = y.size(1);
+  const int64_t G = groups > 0 ? groups : 1;
+  const int64_t N = y.size(lead), C = y.size(lead + 1);
   const char* cdt_name = cdt == at::kDouble ? "float64" : "float32";
   TORCH_CHECK(packed.scalar_type() == cdt, "packed must be ", cdt_name, " (the compute dtype of ",
               y.scalar_type(), " y), got ", packed.scalar_type());
-  TORCH_CHECK(packed.dim() == 2 && packed.size(0) == kNumPacked && packed.size(1) == C,
-              "packed must be [", kNumPacked, ", ", C, "] (pack_density), got ", packed.sizes());
+  TORCH_CHECK(packed.dim() == 2 && packed.size(0) == kNumPacked && packed.size(1) == G * C,
+              "packed must be [", kNumPacked, ", ", groups > 0 ? "G*C=" : "", G * C,
+              "] (pack_density), got ", packed.sizes());
   TORCH_CHECK(packed.is_contiguous(), "packed must be contiguous");
   TORCH_CHECK(packed.device() == y.device(), "packed is on ", packed.device(), " but y is on ",
               y.device());
@@ -106,8 +118,8 @@ Prepared prepare(const at::Tensor& y, const at::Tensor& packed, const at::Tensor
   if (mode == 1) {
     TORCH_CHECK(medians.scalar_type() == cdt, "medians must be ", cdt_name, ", got ",
                 medians.scalar_type());
-    TORCH_CHECK(medians.dim() == 1 && medians.size(0) == C, "medians must be [", C, "], got ",
-                medians.sizes());
+    TORCH_CHECK(medians.dim() == 1 && medians.size(0) == G * C, "medians must be [",
+                groups > 0 ? "G*C=" : "", G * C, "], got ", medians.sizes());
     TORCH_CHECK(medians.is_contiguous(), "medians must be contiguous");
     TORCH_CHECK(medians.device() == y.device(), "medians is on ", medians.device(),
                 " but y is on ", y.device());
@@ -122,7 +134,8 @@ Prepared prepare(const at::Tensor& y, const at::Tensor& packed, const at::Tensor
   cifd::EbProblem& pr = out.pr;
   pr.N = N;
   pr.C = C;
-  pr.S = (N > 0 && C > 0) ? y.numel() / (N * C) : 1;
+  pr.S = (N > 0 && C > 0) ? y.numel() / (G * N * C) : 1;
+  pr.G = G;
   pr.mode = static_cast<int>(mode);
   pr.dtype = dt;
   pr.seed = static_cast<uint64_t>(seed);
@@ -363,6 +376,41 @@ std::tuple<at::Tensor, at::Tensor> bwd_groups(
   return {grad_y, grad_packed.permute({1, 0, 2}).reshape({kNumGrad, gr.G * gr.C})};
 }
 
+#ifdef CIFD_WITH_CUDA
+// On CUDA all groups run in one launch each way (EbProblem::G, grid z) on the whole
+// tensors and the unsplit packed [58, G C]: the per-group launches' bits
+// (csrc/tests/test_cuda_emu_entropy.cpp), without G launches and the packed transpose.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_groups_cuda(
+    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians, int64_t mode,
+    int64_t seed, int64_t offset, double rho, double s, double bound, bool need_likelihood,
+    int64_t groups) {
+  TORCH_CHECK(groups >= 1, "groups must be >= 1, got ", groups);
+  const Prepared p = prepare(y, packed, medians, mode, seed, offset, rho, s, bound, groups);
+  FwdOut o{at::empty(y.sizes(), y.options()),
+           at::empty({groups, y.size(1)}, y.options().dtype(p.cdt)),
+           at::empty(need_likelihood ? y.sizes() : at::IntArrayRef({0}), y.options().dtype(p.cdt))};
+  fwd_kernel_cuda(p, y, packed, medians, s, bound, o);
+  return {o.y_hat, o.rate, o.lik};
+}
+
+std::tuple<at::Tensor, at::Tensor> bwd_groups_cuda(
+    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
+    const at::Tensor& grad_y_hat, const at::Tensor& grad_rate, const at::Tensor& grad_likelihood,
+    int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound,
+    bool deterministic, int64_t groups) {
+  TORCH_CHECK(groups >= 1, "groups must be >= 1, got ", groups);
+  const Prepared p = prepare(y, packed, medians, mode, seed, offset, rho, s, bound, groups);
+  const int64_t rate_shape[2] = {groups, y.size(1)};
+  const BwdIn gi{opt_grad(grad_y_hat, "grad_y_hat", y, y.sizes(), y.scalar_type()),
+                 opt_grad(grad_rate, "grad_rate", y, at::IntArrayRef(rate_shape, 2), p.cdt),
+                 opt_grad(grad_likelihood, "grad_likelihood", y, y.sizes(), p.cdt)};
+  at::Tensor grad_y = at::empty(y.sizes(), y.options());
+  at::Tensor grad_packed = at::empty({kNumGrad, groups * y.size(2)}, y.options().dtype(p.cdt));
+  bwd_kernel_cuda(p, y, packed, medians, gi, s, bound, deterministic, grad_y, grad_packed);
+  return {grad_y, grad_packed};
+}
+#endif
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cifd_C, m) {
@@ -396,7 +444,7 @@ TORCH_LIBRARY_IMPL(cifd_C, CPU, m) {
 TORCH_LIBRARY_IMPL(cifd_C, CUDA, m) {
   m.impl("entropy_bottleneck_fwd", &fwd_one<&fwd_kernel_cuda>);
   m.impl("entropy_bottleneck_bwd", &bwd_one<&bwd_kernel_cuda>);
-  m.impl("entropy_bottleneck_fwd_groups", &fwd_groups<&fwd_kernel_cuda>);
-  m.impl("entropy_bottleneck_bwd_groups", &bwd_groups<&bwd_kernel_cuda>);
+  m.impl("entropy_bottleneck_fwd_groups", &fwd_groups_cuda);
+  m.impl("entropy_bottleneck_bwd_groups", &bwd_groups_cuda);
 }
 #endif

@@ -9,6 +9,9 @@
 // kernel (so the rate is deterministic; with one column block it is written
 // directly).
 //
+// Groups (EbProblem::G, the RDM bank's channel): grid z is the group; each group
+// gets the blocks one call on its block would, so the bits are the same.
+//
 // Backward: each thread keeps one channel for its whole grid-stride loop and
 // accumulates that channel's 59 parameter gradients in registers. S == 1: a
 // block is 32 channels x 8 row lanes, the channels' packed parameters in shared
@@ -66,6 +69,7 @@ __global__ void __launch_bounds__(kFwdCols)
   __shared__ float sp[kNumPacked * kFwdCols];
   __shared__ float red[kFwdCols / 32];
   const int64_t M = pr.C * pr.S, S = pr.S;
+  const int64_t grp = blockIdx.z, CT = pr.G * pr.C;  // group; packed's row stride
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kFwdCols;
   const int64_t j = j0 + threadIdx.x;
   const int64_t cfirst = j0 / S;
@@ -73,19 +77,19 @@ __global__ void __launch_bounds__(kFwdCols)
   const int64_t ncols = (jend - 1) / S - cfirst + 1;  // channels of this block, <= kFwdCols
   for (int k = threadIdx.x; k < kNumPacked * kFwdCols; k += kFwdCols) {
     const int cc = k % kFwdCols;
-    sp[k] = cc < ncols ? packed[(k / kFwdCols) * pr.C + cfirst + cc] : 0.0f;
+    sp[k] = cc < ncols ? packed[(k / kFwdCols) * CT + grp * pr.C + cfirst + cc] : 0.0f;
   }
   __syncthreads();
   Scalars sc = make_scalars(pr);
   sc.mode = MODE;
   const bool active = j < M;
   const int64_t c = active ? j / S : cfirst;
-  const float m = MODE == kDequantize && active ? med[c] : 0.0f;
+  const float m = MODE == kDequantize && active ? med[grp * pr.C + c] : 0.0f;
   const float* p = sp + (c - cfirst);
   for (int64_t n = blockIdx.y; n < pr.N; n += gridDim.y) {
     float nll = 0.0f;
     if (active) {
-      const int64_t i = n * M + j;
+      const int64_t i = (grp * pr.N + n) * M + j;
       const uint64_t ctr = pr.offset + static_cast<uint64_t>(i);
       float yh, pb;
       nll = element_forward(sc, D::load(y[i]), m, static_cast<uint32_t>(ctr),
@@ -100,7 +104,7 @@ __global__ void __launch_bounds__(kFwdCols)
       float t = 0.0f;
 #pragma unroll
       for (int w = 0; w < kFwdCols / 32; ++w) t += red[w];
-      rate_out[static_cast<int64_t>(blockIdx.x) * pr.N + n] = t;
+      rate_out[static_cast<int64_t>(blockIdx.x) * (pr.G * pr.N) + grp * pr.N + n] = t;
     }
     __syncthreads();
   }
@@ -122,8 +126,8 @@ __global__ void rate_reduce_kernel(const float* __restrict__ part, float* __rest
 // through the MLP for both logits (density.h). dy = keep (g_yhat + dL/dy_hat) |
 // 0 (medians take the sum) | the sum. Parameter gradients: registers, then blocks.
 
-// Block result of parameter row r for channel c: atomically added to
-// grad_packed, or stored as the partial of block row `part_row`.
+// Block result of parameter row r for parameter column c (of C): atomically added
+// to grad_packed, or stored as the partial of block row `part_row`.
 __device__ __forceinline__ void emit(float* out, bool deterministic, int64_t part_row, int r,
                                      int64_t C, int64_t c, float v) {
   if (deterministic) {
@@ -151,10 +155,11 @@ __global__ void __launch_bounds__(kTileC* kTileN, MINB)
   __shared__ float red[kTileN][kTileC + 1];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t C = pr.C;
+  const int64_t grp = blockIdx.z, CT = pr.G * C, gc = grp * C;  // group, packed's row stride, its columns
   const int64_t cbase = static_cast<int64_t>(blockIdx.x) * kTileC;
   for (int k = ty * kTileC + tx; k < kNumPacked * kTileC; k += kTileC * kTileN) {
     const int64_t cc = cbase + (k % kTileC);
-    sp[k] = cc < C ? packed[(k / kTileC) * C + cc] : 0.0f;
+    sp[k] = cc < C ? packed[(k / kTileC) * CT + gc + cc] : 0.0f;
   }
   __syncthreads();
   Scalars sc = make_scalars(pr);
@@ -164,15 +169,15 @@ __global__ void __launch_bounds__(kTileC* kTileN, MINB)
 #pragma unroll
   for (int r = 0; r < kNumGrad; ++r) acc[r] = 0.0f;
   if (c < C) {
-    const float m = MODE == kDequantize ? med[c] : 0.0f;
+    const float m = MODE == kDequantize ? med[gc + c] : 0.0f;
     for (int64_t n = static_cast<int64_t>(blockIdx.y) * kTileN + ty; n < pr.N;
          n += static_cast<int64_t>(gridDim.y) * kTileN) {
-      const int64_t i = n * C + c;
+      const int64_t i = (grp * pr.N + n) * C + c;
       const uint64_t ctr = pr.offset + static_cast<uint64_t>(i);
       const float g = element_backward(
           sc, D::load(y[i]), m, static_cast<uint32_t>(ctr), static_cast<uint32_t>(ctr >> 32),
           gyh != nullptr ? D::load(gyh[i]) : 0.0f, glik != nullptr ? glik[i] : 0.0f,
-          grate != nullptr ? grate[n] : 0.0f, sp + tx, kTileC, acc, 1);
+          grate != nullptr ? grate[grp * pr.N + n] : 0.0f, sp + tx, kTileC, acc, 1);
       gy[i] = D::store(g);
     }
   }
@@ -184,7 +189,7 @@ __global__ void __launch_bounds__(kTileC* kTileN, MINB)
       float t = 0.0f;
 #pragma unroll
       for (int k = 0; k < kTileN; ++k) t += red[k][tx];
-      emit(out, deterministic, blockIdx.y, r, C, c, t);
+      emit(out, deterministic, blockIdx.y, r, CT, gc + c, t);
     }
     __syncthreads();
   }
@@ -203,11 +208,12 @@ __global__ void __launch_bounds__(kThreads, MINB)
   __shared__ float sp[kNumPacked];
   __shared__ float red[kThreads / 32][kNumGrad];
   const int64_t C = pr.C, S = pr.S, c = blockIdx.x;
-  if (threadIdx.x < kNumPacked) sp[threadIdx.x] = packed[threadIdx.x * C + c];
+  const int64_t grp = blockIdx.z, CT = pr.G * C, gc = grp * C;  // group, packed's row stride, its columns
+  if (threadIdx.x < kNumPacked) sp[threadIdx.x] = packed[threadIdx.x * CT + gc + c];
   __syncthreads();
   Scalars sc = make_scalars(pr);
   sc.mode = MODE;
-  const float m = MODE == kDequantize ? med[c] : 0.0f;
+  const float m = MODE == kDequantize ? med[gc + c] : 0.0f;
   float acc[kNumGrad];
 #pragma unroll
   for (int r = 0; r < kNumGrad; ++r) acc[r] = 0.0f;
@@ -215,12 +221,12 @@ __global__ void __launch_bounds__(kThreads, MINB)
   for (int64_t jj = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x; jj < total;
        jj += static_cast<int64_t>(gridDim.y) * kThreads) {
     const int64_t n = jj / S;
-    const int64_t i = (n * C + c) * S + (jj - n * S);
+    const int64_t i = ((grp * pr.N + n) * C + c) * S + (jj - n * S);
     const uint64_t ctr = pr.offset + static_cast<uint64_t>(i);
     const float g = element_backward(
         sc, D::load(y[i]), m, static_cast<uint32_t>(ctr), static_cast<uint32_t>(ctr >> 32),
         gyh != nullptr ? D::load(gyh[i]) : 0.0f, glik != nullptr ? glik[i] : 0.0f,
-        grate != nullptr ? grate[n] : 0.0f, sp, 1, acc, 1);
+        grate != nullptr ? grate[grp * pr.N + n] : 0.0f, sp, 1, acc, 1);
     gy[i] = D::store(g);
   }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -234,7 +240,7 @@ __global__ void __launch_bounds__(kThreads, MINB)
     float t = 0.0f;
 #pragma unroll
     for (int w = 0; w < kThreads / 32; ++w) t += red[w][threadIdx.x];
-    emit(out, deterministic, blockIdx.y, threadIdx.x, C, c, t);
+    emit(out, deterministic, blockIdx.y, threadIdx.x, CT, gc + c, t);
   }
 }
 
@@ -280,7 +286,7 @@ BwdGeom bwd_geom(const EbProblem& pr, int num_sms) {
   return {false, pr.C, std::max<int64_t>(1, gy)};
 }
 
-bool empty_problem(const EbProblem& pr) { return pr.N <= 0 || pr.C <= 0 || pr.S <= 0; }
+bool empty_problem(const EbProblem& pr) { return pr.N <= 0 || pr.C <= 0 || pr.S <= 0 || pr.G <= 0; }
 
 template <class D, int MODE>
 void launch_fwd(const EbProblem& pr, const void* y, const float* packed, const float* med,
@@ -289,10 +295,13 @@ void launch_fwd(const EbProblem& pr, const void* y, const float* packed, const f
   const FwdGeom g = fwd_geom(pr, num_sms);
   float* out = g.col_blocks > 1 ? work : rate;
   const auto fwd = entropy_bottleneck_fwd_kernel<D, MODE>;
-  CIFD_LAUNCH(fwd, dim3(static_cast<unsigned>(g.col_blocks), static_cast<unsigned>(g.rows)), kFwdCols, 0,
-              st)(pr, static_cast<const T*>(y), packed, med, static_cast<T*>(yhat), out, lik);
+  const dim3 grid(static_cast<unsigned>(g.col_blocks), static_cast<unsigned>(g.rows),
+                  static_cast<unsigned>(pr.G));
+  CIFD_LAUNCH(fwd, grid, kFwdCols, 0, st)(pr, static_cast<const T*>(y), packed, med,
+                                          static_cast<T*>(yhat), out, lik);
   if (g.col_blocks > 1)
-    CIFD_LAUNCH(rate_reduce_kernel, grid_1d(pr.N), kThreads, 0, st)(work, rate, pr.N, g.col_blocks);
+    CIFD_LAUNCH(rate_reduce_kernel, grid_1d(pr.G * pr.N), kThreads, 0, st)(work, rate, pr.G * pr.N,
+                                                                          g.col_blocks);
 }
 
 // $CIFD_CUDA_EB_BWD_MINBLOCKS=2 selects the backward kernels compiled for two blocks
@@ -307,7 +316,7 @@ void launch_bwd_kernel(const BwdGeom& g, const EbProblem& pr, const void* y, con
                        const float* med, const void* gyh, const float* grate, const float* glik,
                        void* gy, float* out, bool deterministic, cudaStream_t st) {
   using T = typename D::T;
-  const dim3 grid(static_cast<unsigned>(g.gx), static_cast<unsigned>(g.gy));
+  const dim3 grid(static_cast<unsigned>(g.gx), static_cast<unsigned>(g.gy), static_cast<unsigned>(pr.G));
   if (g.rows) {
     const auto bwd = entropy_bottleneck_bwd_rows_kernel<D, MODE, MINB>;
     CIFD_LAUNCH(bwd, grid, dim3(kTileC, kTileN), 0, st)(
@@ -327,7 +336,7 @@ void launch_bwd(const EbProblem& pr, const void* y, const float* packed, const f
                 bool deterministic, float* work, int num_sms, cudaStream_t st) {
   const BwdGeom g = bwd_geom(pr, num_sms);
   float* out = deterministic ? work : grad;
-  if (!deterministic) cudaMemsetAsync(grad, 0, sizeof(float) * kNumGrad * pr.C, st);
+  if (!deterministic) cudaMemsetAsync(grad, 0, sizeof(float) * kNumGrad * pr.G * pr.C, st);
   bool two = false;
   if constexpr (std::is_same<D, F32>::value) two = bwd_min_blocks() == 2;
   if constexpr (std::is_same<D, F32>::value) {
@@ -335,10 +344,11 @@ void launch_bwd(const EbProblem& pr, const void* y, const float* packed, const f
       launch_bwd_kernel<D, MODE, 2>(g, pr, y, packed, med, gyh, grate, glik, gy, out, deterministic, st);
     }
   }
-  if (!two) launch_bwd_kernel<D, MODE, 1>(g, pr, y, packed, med, gyh, grate, glik, gy, out, deterministic, st);
+  if (!two)
+    launch_bwd_kernel<D, MODE, 1>(g, pr, y, packed, med, gyh, grate, glik, gy, out, deterministic, st);
   if (deterministic)
-    CIFD_LAUNCH(grad_reduce_kernel, grid_1d(kNumGrad * pr.C), kThreads, 0, st)(work, grad, kNumGrad * pr.C,
-                                                                               g.gy);
+    CIFD_LAUNCH(grad_reduce_kernel, grid_1d(kNumGrad * pr.G * pr.C), kThreads, 0, st)(
+        work, grad, kNumGrad * pr.G * pr.C, g.gy);
 }
 
 template <class D, class F>
@@ -355,12 +365,12 @@ void by_mode(int mode, F&& f) {
 int64_t entropy_bottleneck_fwd_workspace(const EbProblem& pr, int num_sms) {
   if (empty_problem(pr)) return 0;
   const FwdGeom g = fwd_geom(pr, num_sms);
-  return g.col_blocks > 1 ? g.col_blocks * pr.N : 0;
+  return g.col_blocks > 1 ? g.col_blocks * pr.G * pr.N : 0;
 }
 
 int64_t entropy_bottleneck_bwd_workspace(const EbProblem& pr, bool deterministic, int num_sms) {
   if (empty_problem(pr) || !deterministic) return 0;
-  return bwd_geom(pr, num_sms).gy * kNumGrad * pr.C;
+  return bwd_geom(pr, num_sms).gy * kNumGrad * pr.G * pr.C;
 }
 
 int entropy_bottleneck_fwd(const EbProblem& pr, const void* y, const float* packed,
@@ -368,7 +378,7 @@ int entropy_bottleneck_fwd(const EbProblem& pr, const void* y, const float* pack
                            float* workspace, int num_sms, void* stream) {
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   if (pr.N <= 0) return cudaSuccess;
-  if (empty_problem(pr)) return static_cast<int>(cudaMemsetAsync(rate, 0, sizeof(float) * pr.N, st));
+  if (empty_problem(pr)) return static_cast<int>(cudaMemsetAsync(rate, 0, sizeof(float) * pr.G * pr.N, st));
   by_dtype(pr.dtype, [&](auto d) {
     using D = decltype(d);
     by_mode<D>(pr.mode, [&](auto m) {
@@ -386,7 +396,7 @@ int entropy_bottleneck_bwd(const EbProblem& pr, const void* y, const float* pack
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   if (pr.C <= 0) return cudaSuccess;
   if (empty_problem(pr))
-    return static_cast<int>(cudaMemsetAsync(grad_packed, 0, sizeof(float) * kNumGrad * pr.C, st));
+    return static_cast<int>(cudaMemsetAsync(grad_packed, 0, sizeof(float) * kNumGrad * pr.G * pr.C, st));
   by_dtype(pr.dtype, [&](auto d) {
     using D = decltype(d);
     by_mode<D>(pr.mode, [&](auto m) {

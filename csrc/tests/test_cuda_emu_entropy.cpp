@@ -8,6 +8,7 @@
 // to float32 rounding of different summation orders.
 #include "cuda_emu.h"  // first: it defines what the .cu file expects of CUDA
 
+#include <algorithm>
 #include <cstdlib>
 #include <random>
 #include <vector>
@@ -58,7 +59,8 @@ struct Case {
 // kernels, compared; the backward both ways (atomics, deterministic) and, for
 // float32, with the MINB=2 instance too.
 void run_case(const Case& k, int num_sms) {
-  std::mt19937 g(static_cast<unsigned>(k.N * 131 + k.C * 7 + k.S + k.mode * 1000 + static_cast<int>(k.dtype)));
+  std::mt19937 g(
+      static_cast<unsigned>(k.N * 131 + k.C * 7 + k.S + k.mode * 1000 + static_cast<int>(k.dtype)));
   EbProblem pr;
   pr.N = k.N;
   pr.C = k.C;
@@ -115,7 +117,8 @@ void run_case(const Case& k, int num_sms) {
     for (bool det : {true, false}) {
       std::vector<unsigned char> gy_emu(n * esz);
       std::vector<float> gp_emu(ng, -7.0f);
-      std::vector<float> bw(std::max<int64_t>(1, cifd::cuda::entropy_bottleneck_bwd_workspace(pr, det, num_sms)));
+      std::vector<float> bw(
+          std::max<int64_t>(1, cifd::cuda::entropy_bottleneck_bwd_workspace(pr, det, num_sms)));
       CHECK(cifd::cuda::entropy_bottleneck_bwd(pr, y, packed.data(), med.data(), gy_in, grate.data(),
                                                glik.data(), gy_emu.data(), gp_emu.data(), det, bw.data(),
                                                num_sms, nullptr) == 0);
@@ -140,6 +143,72 @@ void run_case(const Case& k, int num_sms) {
   unsetenv("CIFD_CUDA_EB_BWD_MINBLOCKS");
 }
 
+// G problems in one launch (EbProblem::G, grid z: the RDM bank's channel) against G
+// launches on the groups' blocks (columns g C.., offset + g N C S): the same bits.
+void run_groups(int64_t G, int64_t N, int64_t C, int64_t S, int mode, float rho, int num_sms) {
+  namespace d = cifd::density;
+  std::mt19937 g(static_cast<unsigned>(G * 7 + N * 3 + C + S * 11 + mode));
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  EbProblem pr;
+  pr.N = N;
+  pr.C = C;
+  pr.S = S;
+  pr.G = G;
+  pr.mode = mode;
+  pr.seed = 99;
+  pr.offset = (1ULL << 32) - 77;
+  pr.rho = rho;
+  const int64_t per = N * C * S, n = G * per;
+  std::vector<float> y(n), gyh(n), glik(n), grate(G * N), med(G * C);
+  for (auto& v : y) v = nd(g);
+  for (auto& v : gyh) v = nd(g) / 3.0f;
+  for (auto& v : glik) v = nd(g) / 3.0f;
+  for (auto& v : grate) v = 1.0f + nd(g) / 10.0f;
+  for (auto& v : med) v = nd(g) / 30.0f;
+  const std::vector<float> packed = random_packed(G * C, g);
+  std::vector<float> yh(n), rate(G * N), lik(n);
+  std::vector<float> fw(std::max<int64_t>(1, cifd::cuda::entropy_bottleneck_fwd_workspace(pr, num_sms)));
+  CHECK(cifd::cuda::entropy_bottleneck_fwd(pr, y.data(), packed.data(), med.data(), yh.data(), rate.data(),
+                                           lik.data(), fw.data(), num_sms, nullptr) == 0);
+  for (bool det : {true, false}) {
+    std::vector<float> gy(n), gp(d::kNumGrad * G * C, -3.0f);
+    std::vector<float> bw(
+        std::max<int64_t>(1, cifd::cuda::entropy_bottleneck_bwd_workspace(pr, det, num_sms)));
+    CHECK(cifd::cuda::entropy_bottleneck_bwd(pr, y.data(), packed.data(), med.data(), gyh.data(),
+                                             grate.data(), glik.data(), gy.data(), gp.data(), det, bw.data(),
+                                             num_sms, nullptr) == 0);
+    for (int64_t k = 0; k < G; ++k) {
+      EbProblem p1 = pr;
+      p1.G = 1;
+      p1.offset = pr.offset + static_cast<uint64_t>(k * per);
+      std::vector<float> pk(d::kNumPacked * C);
+      for (int r = 0; r < d::kNumPacked; ++r)
+        for (int64_t c = 0; c < C; ++c) pk[r * C + c] = packed[r * G * C + k * C + c];
+      const float* yk = y.data() + k * per;
+      std::vector<float> yh1(per), rate1(N), lik1(per), gy1(per), gp1(d::kNumGrad * C);
+      std::vector<float> fw1(std::max<int64_t>(1, cifd::cuda::entropy_bottleneck_fwd_workspace(p1, num_sms)));
+      std::vector<float> bw1(
+          std::max<int64_t>(1, cifd::cuda::entropy_bottleneck_bwd_workspace(p1, det, num_sms)));
+      CHECK(cifd::cuda::entropy_bottleneck_fwd(p1, yk, pk.data(), med.data() + k * C, yh1.data(),
+                                               rate1.data(), lik1.data(), fw1.data(), num_sms, nullptr) == 0);
+      CHECK(cifd::cuda::entropy_bottleneck_bwd(p1, yk, pk.data(), med.data() + k * C, gyh.data() + k * per,
+                                               grate.data() + k * N, glik.data() + k * per, gy1.data(),
+                                               gp1.data(), det, bw1.data(), num_sms, nullptr) == 0);
+      const bool same_fwd = std::equal(yh1.begin(), yh1.end(), yh.begin() + k * per) &&
+                            std::equal(rate1.begin(), rate1.end(), rate.begin() + k * N) &&
+                            std::equal(lik1.begin(), lik1.end(), lik.begin() + k * per);
+      CHECK_MSG(same_fwd, "groups forward, group %lld of G=%lld, S=%lld", (long long)k, (long long)G,
+                (long long)S);
+      CHECK_MSG(std::equal(gy1.begin(), gy1.end(), gy.begin() + k * per), "groups grad_y, group %lld",
+                (long long)k);
+      bool same_gp = true;
+      for (int r = 0; r < d::kNumGrad; ++r)
+        for (int64_t c = 0; c < C; ++c) same_gp = same_gp && gp1[r * C + c] == gp[r * G * C + k * C + c];
+      CHECK_MSG(same_gp, "groups grad_packed, group %lld, deterministic %d", (long long)k, det ? 1 : 0);
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -157,6 +226,10 @@ int main() {
   for (const Case& k : cases) {
     for (int sms : {1, 3}) run_case(k, sms);  // different grids, same results
   }
+  run_groups(3, 37, 300, 1, 0, 0.25f, 1);  // [N, C] blocks: three column blocks each
+  run_groups(3, 7, 20, 1, 1, 0.0f, 3);     // dequantize: per-group medians
+  run_groups(2, 3, 5, 40, 2, 0.0f, 1);     // spatial
+  run_groups(1, 5, 9, 1, 0, 0.0f, 1);      // G = 1 through the same code
   if (failures == 0) std::printf("test_cuda_emu_entropy: all passed\n");
   return failures;
 }

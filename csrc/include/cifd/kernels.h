@@ -43,6 +43,12 @@ struct EbProblem {
   float rho = 0.0f;    // drop probability (noise mode)
   float s = 1.0f;      // noise scale (noise mode)
   float bound = 1e-9f; // likelihood lower bound
+  // Independent problems in one launch (CUDA kernels only; the CPU kernels take
+  // G = 1): y, y_hat, likelihood, grad_y are [G, N, C, S], rate and grad_rate
+  // [G, N], packed [58, G C] and grad_packed [59, G C] (group g's channel c is
+  // column g C + c), medians [G C]; element i of the whole tensor has counter
+  // offset + i, so the bits are those of G calls on the groups' blocks.
+  int64_t G = 1;
 };
 
 namespace cpu {
