@@ -3,15 +3,16 @@
 # package registry (the lent one: torch 2.11 cu130, triton 3.6, Python 3.12):
 #   tools/gpu_check.sh OUTDIR
 # builds cifd_kernels._C in place against that torch (no build isolation, no
-# dependency installs), runs the GPU tests with CIFD_REQUIRE_GPU=1, runs the
-# benchmarks, and writes JSON, plots and logs to OUTDIR (< 8 minutes).
+# dependency installs), then runs the stages below (default: the GPU tests with
+# CIFD_REQUIRE_GPU=1 and the issues' target benchmarks, ~10 minutes at most with
+# the build) and writes JSON, plots and logs to OUTDIR (JSON in one subfolder per
+# benchmark stage).
 # Optional: wheels in .whl/ (e.g. compressai for the CompressAI provider) are
 # installed to /tmp/site first, without dependencies.
-# Knobs for short device time (each section prints its start time):
-#   GPU_TESTS, GPU_TESTS_K, GPU_BENCH, GPU_BENCH_K, GPU_BENCH_TIMEOUT  narrow tests/benchmarks
-#   GPU_MAXNREG="168 128" (default; "" skips)  Triton backward register caps, ~30 s each
-#   GPU_MINBLOCKS=1 (default; 0 skips)         CUDA backward at two blocks an SM, ~30 s
-#   GPU_STEP_RATIO=1 (default; 0 skips), GPU_STEP_ROUNDS  the KD/CIFD step ratio, twice
+# Knobs (each section prints its start time): GPU_STAGES and the time limits below;
+#   GPU_TESTS, GPU_TESTS_K    narrow the tests; GPU_BENCH, GPU_BENCH_K narrow "rest"
+#   GPU_MAXNREG, GPU_MINBLOCKS the experiments; GPU_STEP_ROUNDS the ratio's rounds
+#   GPU_SKIP_BUILD=1          reuse a build already in place (a second call on a warm machine)
 set -uo pipefail
 OUTDIR=${1:?usage: tools/gpu_check.sh OUTDIR}
 mkdir -p "$OUTDIR"
@@ -33,48 +34,72 @@ export CIFD_COMMIT=${CIFD_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unkno
 echo "commit $CIFD_COMMIT" | tee -a "$OUTDIR/device.txt"
 
 stamp "build in place"
-cc=$(python3 -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))")
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-${cc:0:1}.${cc:1}}" MAX_JOBS=${MAX_JOBS:-16}
-CIFD_BUILD_EXT=1 CIFD_WITH_CUDA=1 python3 setup.py -q build_ext --inplace > "$OUTDIR/build.log" 2>&1
-rc_build=$?
-tail -3 "$OUTDIR/build.log"
+if [ "${GPU_SKIP_BUILD:-0}" = "1" ]; then
+  rc_build=0; echo "build skipped (GPU_SKIP_BUILD=1)"
+else
+  cc=$(python3 -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))")
+  export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-${cc:0:1}.${cc:1}}" MAX_JOBS=${MAX_JOBS:-16}
+  CIFD_BUILD_EXT=1 CIFD_WITH_CUDA=1 python3 setup.py -q build_ext --inplace > "$OUTDIR/build.log" 2>&1
+  rc_build=$?
+fi
+[ -f "$OUTDIR/build.log" ] && tail -3 "$OUTDIR/build.log"
 python3 -m cifd_kernels info | tee -a "$OUTDIR/device.txt"
 
-stamp "GPU tests"
-# GPU_TESTS / GPU_TESTS_K / GPU_BENCH / GPU_BENCH_K narrow the selection when device
-# time is short, e.g. GPU_TESTS="tests/test_philox.py" GPU_BENCH_K="full and 65536x320";
-# GPU_STEP_RATIO=0 skips the interleaved KD/CIFD step measurement (GPU_STEP_ROUNDS rounds).
-python3 -m pytest ${GPU_TESTS:-tests} -m gpu ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} -q -p no:cacheprovider -rs 2>&1 \
-  | tee "$OUTDIR/pytest_gpu.log" | tail -15
-rc_gpu=${PIPESTATUS[0]}
+# Stages, in priority order; GPU_STAGES picks them (default "tests targets": what fits
+# one 10-minute device call with the build). Each stage is interrupted (SIGINT, so
+# pytest still writes its results JSON) at its time limit.
+#   tests        GPU tests, CIFD_REQUIRE_GPU=1                       GPU_TESTS_TIMEOUT (240 s)
+#   targets      the issues' rows: fwd+bwd at (65536, 320), the two banks, the loss,
+#                every provider                                      GPU_TARGETS_TIMEOUT (300 s)
+#   experiments  register caps (GPU_MAXNREG, default "168 128") and the CUDA
+#                backward at two blocks an SM (GPU_MINBLOCKS=1)      ~30 s each
+#   rest         every other benchmark row                           GPU_BENCH_TIMEOUT (180 s)
+#   ratio        the KD/CIFD step ratio, with and without CIFD_FUSED_CUDA (GPU_STEP_ROUNDS)
+# e.g. a second call: GPU_STAGES="experiments ratio rest" tools/gpu_check.sh OUT2
+STAGES=" ${GPU_STAGES:-tests targets} "
+TARGETS_K="full and (65536x320 or 3x1024x512x512x512x1000 or 3x256x256x256x256x100 or 4x1024x1000x512)"
+rc_gpu=0 rc_bench=0 rc_ratio=0
+bench() {  # bench OUTSUBDIR TIMEOUT PYTEST-ARGS...: benchmarks into $OUTDIR/OUTSUBDIR
+  local sub=$1 lim=$2; shift 2
+  mkdir -p "$OUTDIR/$sub"
+  CIFD_BENCH_OUT="$OUTDIR/$sub" CIFD_BENCH_FULL=1 timeout -s INT "$lim" python3 -m pytest "$@" -q \
+    -p no:cacheprovider --benchmark-columns=median,rounds 2>&1 | tee -a "$OUTDIR/bench.log" | tail -30
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = "0" ] || rc_bench=$rc
+}
 
-stamp "benchmarks"
-# GPU_BENCH_TIMEOUT (s): interrupt (SIGINT) so pytest still writes the results JSON.
-CIFD_BENCH_OUT="$OUTDIR" CIFD_BENCH_FULL=1 timeout -s INT ${GPU_BENCH_TIMEOUT:-0} python3 -m pytest ${GPU_BENCH:-benchmarks} ${GPU_BENCH_K:+-k "$GPU_BENCH_K"} -q -p no:cacheprovider \
-  --benchmark-columns=median,rounds 2>&1 | tee "$OUTDIR/bench.log" | tail -40
-rc_bench=${PIPESTATUS[0]}
-# The Triton backward's register cap (CIFD_TRITON_BWD_MAXNREG; default uncapped, 222 on
-# sm_90): fwd+bwd at (65536, 320) for each cap in GPU_MAXNREG, each into its own JSON
-# (set GPU_MAXNREG="" to skip). Static SASS: 168 adds 2% instructions and no spills
-# for 3 programs an SM instead of 2; 128 adds 12% (spills) for 4.
-for cap in ${GPU_MAXNREG-168 128}; do
-  stamp "Triton backward with maxnreg=$cap"
-  mkdir -p "$OUTDIR/maxnreg$cap"
-  CIFD_TRITON_BWD_MAXNREG=$cap CIFD_BENCH_OUT="$OUTDIR/maxnreg$cap" CIFD_BENCH_FULL=1 python3 -m pytest \
-    benchmarks/bench_entropy_bottleneck.py -k "full and 65536x320 and triton" -q -p no:cacheprovider \
-    --benchmark-columns=median,rounds 2>&1 | tail -4
-done
-# The CUDA backward compiled for two blocks an SM (128 registers, ~50 spills an element;
-# CIFD_CUDA_EB_BWD_MINBLOCKS=2, float32 only) against the default (one block, ~195).
-if [ "${GPU_MINBLOCKS:-1}" = "1" ]; then
-  stamp "CUDA backward with CIFD_CUDA_EB_BWD_MINBLOCKS=2"
-  mkdir -p "$OUTDIR/minblocks2"
-  CIFD_CUDA_EB_BWD_MINBLOCKS=2 CIFD_BENCH_OUT="$OUTDIR/minblocks2" CIFD_BENCH_FULL=1 python3 -m pytest \
-    benchmarks/bench_entropy_bottleneck.py -k "full and 65536x320 and cuda" -q -p no:cacheprovider \
-    --benchmark-columns=median,rounds 2>&1 | tail -4
+if [[ $STAGES == *" tests "* ]]; then
+  stamp "GPU tests"
+  timeout -s INT ${GPU_TESTS_TIMEOUT:-240} python3 -m pytest ${GPU_TESTS:-tests} -m gpu \
+    ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} -q -p no:cacheprovider -rs 2>&1 | tee "$OUTDIR/pytest_gpu.log" | tail -15
+  rc_gpu=${PIPESTATUS[0]}
 fi
-rc_ratio=0
-if [ "${GPU_STEP_RATIO:-1}" = "1" ]; then
+if [[ $STAGES == *" targets "* ]]; then
+  stamp "benchmarks: the targets"
+  bench targets ${GPU_TARGETS_TIMEOUT:-300} benchmarks -k "$TARGETS_K"
+fi
+if [[ $STAGES == *" experiments "* ]]; then
+  # The Triton backward's register cap (CIFD_TRITON_BWD_MAXNREG; uncapped: 222 on sm_90) and
+  # the CUDA backward compiled for two blocks an SM (CIFD_CUDA_EB_BWD_MINBLOCKS=2, float32):
+  # fwd+bwd at (65536, 320). Static SASS (tools/sass_stats.py): cap 168 adds 2% instructions
+  # and no spills for 3 programs an SM instead of 2; 128 adds 12% (spills) for 4; MINB=2
+  # adds 10% (spills) for 2 blocks instead of 1.
+  for cap in ${GPU_MAXNREG-168 128}; do
+    stamp "Triton backward with maxnreg=$cap"
+    CIFD_TRITON_BWD_MAXNREG=$cap bench "maxnreg$cap" 120 benchmarks/bench_entropy_bottleneck.py \
+      -k "full and 65536x320 and triton"
+  done
+  if [ "${GPU_MINBLOCKS:-1}" = "1" ]; then
+    stamp "CUDA backward with CIFD_CUDA_EB_BWD_MINBLOCKS=2"
+    CIFD_CUDA_EB_BWD_MINBLOCKS=2 bench minblocks2 120 benchmarks/bench_entropy_bottleneck.py \
+      -k "full and 65536x320 and cuda"
+  fi
+fi
+if [[ $STAGES == *" rest "* ]]; then
+  stamp "benchmarks: the rest"
+  bench rest ${GPU_BENCH_TIMEOUT:-180} ${GPU_BENCH:-benchmarks} -k "not ($TARGETS_K)${GPU_BENCH_K:+ and ($GPU_BENCH_K)}"
+fi
+if [[ $STAGES == *" ratio "* ]]; then
   stamp "stage-2 step ratio (KD vs CIFD interleaved)"
   python3 -m benchmarks.step_ratio --device cuda --rounds ${GPU_STEP_ROUNDS:-40} --out "$OUTDIR" 2>&1 \
     | tee "$OUTDIR/step_ratio.log" | tail -5
@@ -85,7 +110,8 @@ if [ "${GPU_STEP_RATIO:-1}" = "1" ]; then
     --out "$OUTDIR" 2>&1 | tee "$OUTDIR/step_ratio_fused_cuda.log" | tail -5
   [ "${PIPESTATUS[0]}" = "0" ] || rc_ratio=1
 fi
-for j in "$OUTDIR"/*.json; do
+for j in "$OUTDIR"/*.json "$OUTDIR"/*/*.json; do
+  [ -e "$j" ] || continue
   python3 benchmarks/plot.py "$j" --out "$OUTDIR/plots" > /dev/null 2>&1 || echo "plot failed for $j"
   # The roofline needs the entropy-bottleneck full rows at (65536, 320); files without them are skipped.
   python3 benchmarks/roofline.py "$j" --out "$OUTDIR/plots/$(basename "$j" .json)-roofline.png" \
