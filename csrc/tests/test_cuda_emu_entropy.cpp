@@ -3,7 +3,8 @@
 // run on the CPU through cuda_emu.h, against the C++ CPU kernels: launch geometry,
 // indexing, grid-stride loops, the block reductions, warp shuffles, the partial-rate
 // reduction, atomics against deterministic partials, the MINB=2 instance, every
-// mode, float32 and bfloat16, [N, C] and spatial inputs. The per-element math runs
+// mode, float32, bfloat16 and float16, [N, C] and spatial inputs, G groups in one
+// launch against G launches. The per-element math runs
 // as host code here (see cuda_emu.h), so y_hat must match bit for bit and the rest
 // to float32 rounding of different summation orders.
 #include "cuda_emu.h"  // first: it defines what the .cu file expects of CUDA
@@ -46,7 +47,13 @@ std::vector<float> random_packed(int64_t C, std::mt19937& g) {
   return p;
 }
 
-uint16_t to_bf16(float f) { return cifd::density::BF16::store(f); }
+// 16-bit storage: float16 or bfloat16 bits, through density.h's conversions.
+uint16_t to_half(float f, EbDtype dt) {
+  return dt == EbDtype::kFloat16 ? cifd::density::F16::store(f) : cifd::density::BF16::store(f);
+}
+float from_half(uint16_t u, EbDtype dt) {
+  return dt == EbDtype::kFloat16 ? cifd::density::F16::load(u) : cifd::density::BF16::load(u);
+}
 
 struct Case {
   int64_t N, C, S;
@@ -72,7 +79,7 @@ void run_case(const Case& k, int num_sms) {
   pr.rho = k.rho;
   pr.s = 1.0f;
   const int64_t n = k.N * k.C * k.S;
-  const bool bf = k.dtype == EbDtype::kBFloat16;
+  const bool bf = k.dtype != EbDtype::kFloat32;  // 16-bit storage
   std::normal_distribution<float> nd(0.0f, 3.0f);
   std::vector<float> yf(n), gyf(n), glik(n), grate(k.N), med(k.C);
   for (auto& v : yf) v = nd(g);
@@ -82,8 +89,8 @@ void run_case(const Case& k, int num_sms) {
   for (auto& v : med) v = nd(g) / 30.0f;
   std::vector<uint16_t> yb(n), gyb(n);
   for (int64_t i = 0; i < n; ++i) {
-    yb[i] = to_bf16(yf[i]);
-    gyb[i] = to_bf16(gyf[i]);
+    yb[i] = to_half(yf[i], k.dtype);
+    gyb[i] = to_half(gyf[i], k.dtype);
   }
   const void* y = bf ? static_cast<const void*>(yb.data()) : yf.data();
   const void* gy_in = bf ? static_cast<const void*>(gyb.data()) : gyf.data();
@@ -128,9 +135,9 @@ void run_case(const Case& k, int num_sms) {
           uint16_t ua, ub;
           std::memcpy(&ua, &gy_emu[2 * i], 2);
           std::memcpy(&ub, &gy_cpu[2 * i], 2);
-          a = cifd::density::BF16::load(ua);
-          b = cifd::density::BF16::load(ub);
-          CHECK_CLOSE(a, b, 1e-2, 1e-3);  // bfloat16 outputs: a rounding step apart at most
+          a = from_half(ua, k.dtype);
+          b = from_half(ub, k.dtype);
+          CHECK_CLOSE(a, b, 1e-2, 1e-3);  // 16-bit outputs: a rounding step apart at most
         } else {
           std::memcpy(&a, &gy_emu[4 * i], 4);
           std::memcpy(&b, &gy_cpu[4 * i], 4);
@@ -212,12 +219,13 @@ void run_groups(int64_t G, int64_t N, int64_t C, int64_t S, int mode, float rho,
 }  // namespace
 
 int main() {
-  const EbDtype f32 = EbDtype::kFloat32, b16 = EbDtype::kBFloat16;
+  const EbDtype f32 = EbDtype::kFloat32, b16 = EbDtype::kBFloat16, f16 = EbDtype::kFloat16;
   const Case cases[] = {
       {37, 300, 1, 0, 0.25f, f32},  // [N, C], three forward column blocks (the rate reduction)
       {37, 300, 1, 1, 0.0f, f32},   // dequantize: the medians' gradient row
       {37, 300, 1, 2, 0.0f, f32},
       {9, 70, 1, 0, 0.0f, b16},     // bfloat16 storage
+      {9, 70, 1, 1, 0.0f, f16},     // float16 storage
       {3, 5, 40, 0, 0.25f, f32},    // spatial: the per-channel backward, two column blocks
       {3, 5, 40, 1, 0.0f, f32},
       {2, 3, 100, 2, 0.0f, b16},
