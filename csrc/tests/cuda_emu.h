@@ -9,7 +9,8 @@
 // what runs; those are covered by the GPU tests.
 //
 // Model: blocks run one after another; the threads of a block are coroutines
-// (ucontext) run round-robin, each until it waits at a barrier: the block's
+// (ucontext), resumed in a shuffled order every round, each running until it waits
+// at a barrier: the block's
 // (__syncthreads) or its warp's (__shfl_xor_sync's exchange). __shared__ variables
 // become function statics: one copy per kernel instance, which is right because
 // blocks never overlap. Grids must be small: this is for tests.
@@ -20,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <random>
 #include <vector>
 
 namespace emu {
@@ -71,6 +73,11 @@ inline std::vector<Ctx> ctxs;   // every thread's of the running block
 
 inline void syncthreads() { ctx.block->wait(); }
 
+inline std::mt19937& rng() {
+  static std::mt19937 g(12345);
+  return g;
+}
+
 template <class T>
 T shfl_xor(unsigned /*mask*/, T v, int lane_mask) {
   static_assert(sizeof(T) == 4, "32-bit shuffles only");
@@ -89,6 +96,8 @@ T shfl_xor(unsigned /*mask*/, T v, int lane_mask) {
 }
 
 inline float atomic_add(float* p, float v) {  // coroutines never interleave inside this
+  // (the order of a block's atomic adds follows the shuffled schedule, as on a GPU
+  // it follows the hardware's)
   const float old = *p;
   *p = old + v;
   return old;
@@ -150,9 +159,14 @@ struct Launcher {
           }
           Sched* outer = sched;
           sched = &s;
+          // Each round resumes the threads in a fresh pseudo-random order (fixed seed,
+          // so runs repeat): a missing barrier shows up whichever side it is on.
+          std::vector<int> order(nt);
+          for (int t = 0; t < nt; ++t) order[t] = t;
           for (int left = nt; left > 0;) {
             left = 0;
-            for (int t = 0; t < nt; ++t) {
+            std::shuffle(order.begin(), order.end(), rng());
+            for (int t : order) {
               if (done[t]) continue;
               s.current = t;
               ctx = ctxs[t];
