@@ -154,6 +154,29 @@ def test_noncontiguous_x_and_gradient_to_nothing_frozen(be, device):
     assert all(gr is not None and torch.isfinite(gr).all() for gr in got[3])
 
 
+def _assert_eager_equals_ops(be, prob, mode, monkeypatch, grouped_called):
+    """Run the bank on the eager path (the grouped channel) and through the per-RDM custom
+    ops (FORCE_OPS), checking after each run that the grouped call was made exactly
+    once, on the eager path only (``grouped_called()``); every output, the loss and
+    every gradient must have the same bits."""
+    from cifd_kernels.ops import _eager
+    runs = []
+    for force in (False, True):
+        monkeypatch.setattr(_eager, "FORCE_OPS", force)
+        runs.append(_run(be, prob, mode=mode))
+        assert grouped_called()
+    (out_a, loss_a, _, grads_a), (out_b, loss_b, _, grads_b) = runs
+    for name, u, v in zip(ref.RDMBankOutput._fields, out_a, out_b):
+        assert (u is None) == (v is None), name
+        if u is not None:
+            assert torch.equal(u, v), name
+    assert torch.equal(loss_a, loss_b)
+    for i, (u, v) in enumerate(zip(grads_a, grads_b)):
+        assert (u is None) == (v is None), i
+        if u is not None:
+            assert torch.equal(u, v), i
+
+
 @pytest.mark.parametrize("be", ["cpu", "cuda"])
 @pytest.mark.parametrize("mode", ["noise", "dequantize", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -165,7 +188,6 @@ def test_grouped_channel_equals_the_per_rdm_ops(be, mode, dtype, fused, device, 
     Function); either gives the per-RDM custom ops' bits: every output and gradient."""
     _skip_unless(be, device)
     import importlib
-    from cifd_kernels.ops import _eager
     eb_ops = importlib.import_module("cifd_kernels.ops.entropy_bottleneck")
     real = eb_ops._fused_op()
     if fused and real is None:
@@ -178,22 +200,8 @@ def test_grouped_channel_equals_the_per_rdm_ops(be, mode, dtype, fused, device, 
     monkeypatch.setattr(ob._GroupedChannel, "apply", lambda *a: calls.append("function") or apply(*a))
     if real is not None:
         monkeypatch.setattr(eb_ops, "_fused_op", lambda: (lambda *a: calls.append("fused") or real(*a)))
-    runs = []
-    for force in (False, True):
-        monkeypatch.setattr(_eager, "FORCE_OPS", force)
-        runs.append(_run(be, prob, mode=mode))
-        # the grouped call on the eager path only
-        assert calls == ["fused" if fused else "function"]
-    (out_a, loss_a, _, grads_a), (out_b, loss_b, _, grads_b) = runs
-    for name, u, v in zip(ref.RDMBankOutput._fields, out_a, out_b):
-        assert (u is None) == (v is None), name
-        if u is not None:
-            assert torch.equal(u, v), name
-    assert torch.equal(loss_a, loss_b)
-    for i, (u, v) in enumerate(zip(grads_a, grads_b)):
-        assert (u is None) == (v is None), i
-        if u is not None:
-            assert torch.equal(u, v), i
+    _assert_eager_equals_ops(be, prob, mode, monkeypatch,
+                             lambda: calls == ["fused" if fused else "function"])
 
 
 @pytest.mark.parametrize("mode", ["noise", "dequantize", "none"])
@@ -203,26 +211,11 @@ def test_triton_grouped_channel_equals_the_per_rdm_ops(mode, dtype, device, monk
     (groups = N, through _GroupedChannel); that gives the per-RDM custom ops' bits (N
     launches each way): every output and gradient."""
     _skip_unless("triton", device)
-    from cifd_kernels.ops import _eager
     prob = _problem(3, 7, 10, 12, 5, 6, device, seed=22, dtype=dtype)
     calls = []
     apply = ob._GroupedChannel.apply
     monkeypatch.setattr(ob._GroupedChannel, "apply", lambda *a: calls.append(a[-1]) or apply(*a))
-    runs = []
-    for force in (False, True):
-        monkeypatch.setattr(_eager, "FORCE_OPS", force)
-        runs.append(_run("triton", prob, mode=mode))
-        assert calls == [True]  # the grouped Triton launch, on the eager path only
-    (out_a, loss_a, _, grads_a), (out_b, loss_b, _, grads_b) = runs
-    for name, u, v in zip(ref.RDMBankOutput._fields, out_a, out_b):
-        assert (u is None) == (v is None), name
-        if u is not None:
-            assert torch.equal(u, v), name
-    assert torch.equal(loss_a, loss_b)
-    for i, (u, v) in enumerate(zip(grads_a, grads_b)):
-        assert (u is None) == (v is None), i
-        if u is not None:
-            assert torch.equal(u, v), i
+    _assert_eager_equals_ops("triton", prob, mode, monkeypatch, lambda: calls == [True])
 
 
 def test_triton_grouped_entropy_launcher(device):

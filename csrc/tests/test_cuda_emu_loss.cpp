@@ -30,20 +30,6 @@ struct Case {
   bool drop;  // drop target 1
 };
 
-template <class T>
-std::vector<T> copy_of(const std::vector<float>& v, bool bf) {
-  std::vector<T> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    if constexpr (sizeof(T) == 2) {
-      out[i] = cifd::density::BF16::store(v[i]);
-    } else {
-      out[i] = v[i];
-    }
-  }
-  (void)bf;
-  return out;
-}
-
 float load(const std::vector<unsigned char>& buf, int64_t i, bool bf) {
   if (bf) {
     uint16_t u;
@@ -94,11 +80,13 @@ void run_case(const Case& k) {
   std::vector<unsigned char> lg(logits.size() * esz), tg(targets.size() * esz), em(emb.size() * esz),
       te(temb.size() * esz);
   auto fill = [&](std::vector<unsigned char>& dst, const std::vector<float>& src) {
-    if (bf) {
-      auto v = copy_of<uint16_t>(src, true);
-      std::memcpy(dst.data(), v.data(), dst.size());
-    } else {
+    if (!bf) {
       std::memcpy(dst.data(), src.data(), dst.size());
+      return;
+    }
+    for (size_t i = 0; i < src.size(); ++i) {
+      const uint16_t h = cifd::density::BF16::store(src[i]);
+      std::memcpy(&dst[2 * i], &h, 2);
     }
   };
   fill(lg, logits);
