@@ -195,3 +195,86 @@ def test_teacher_of_another_dataset_is_a_one_line_error(teacher_run, tmp_path, c
                "--out-dir", str(tmp_path), "--no-progress", "data.val_size=10",
                "--teacher", str(teacher_run / "fmnist" / "teacher")])
     one_line_error(capsys, rc, "trained on fashion_mnist (10 classes), not cifar100")
+
+
+# ------------------------------------------------- damaged and foreign files
+def _torch_bytes(obj):
+    import io
+    import torch
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def files_of(d):
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(Path(d).rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("blob,needle", [
+    (bytes(range(256)) * 8, "is not a readable cifd model file ("),
+    (b"just some text\n", "is not a readable cifd model file ("),
+    (b"", "is not a readable cifd model file (an empty file)"),
+    (_torch_bytes({"weights": [1, 2]}), "is not a cifd model file (no arch, state_dict"),
+    (_torch_bytes(["a", "list"]), "is not a cifd model file (it holds a list)"),
+    (_torch_bytes({"format_version": 7, "arch": "cnn99"}), "newer cifd_kernels"),
+])
+def test_eval_of_a_file_that_is_not_a_model(tmp_path, fake_dir, capsys, blob, needle):
+    p = tmp_path / "junk.pt"
+    p.write_bytes(blob)
+    rc = main(["eval", str(p), "--data-dir", str(fake_dir), "--no-progress"])
+    one_line_error(capsys, rc, f"cifd eval: error: {p} ", needle)
+    assert p.read_bytes() == blob
+
+
+def test_eval_of_a_checkpoint_says_to_pass_the_model(teacher_run, fake_dir, capsys):
+    ck = teacher_run / "fmnist" / "teacher" / "checkpoint.pt"
+    rc = main(["eval", str(ck), "--data-dir", str(fake_dir), "--no-progress"])
+    one_line_error(capsys, rc, f"{ck} is not a cifd model file", "not a checkpoint.pt")
+
+
+def test_truncated_dataset_is_a_one_line_error(tmp_path, fake_dir, capsys):
+    import shutil
+    d = tmp_path / "bad"
+    shutil.copytree(fake_dir, d)
+    gz = d / "train-images-idx3-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:1000])
+    before = files_of(d)
+    rc = main(["train-teacher", *common(d, tmp_path / "out")])
+    one_line_error(capsys, rc, f"{gz} is not a readable IDX file (EOFError",
+                   "cifd download-data")
+    assert files_of(d) == before and not (tmp_path / "out").exists()
+
+
+def test_resume_of_a_damaged_run_changes_nothing(teacher_run, fake_dir, tmp_path, capsys):
+    """A truncated checkpoint, then a truncated teacher-output cache, then a
+    damaged RDM bank: each refused with one line naming it; no file changes."""
+    import shutil
+    out = tmp_path / "runs"
+    shutil.copytree(teacher_run, out)
+    root = out / "fmnist"
+    ck = root / "teacher" / "checkpoint.pt"
+    ck.write_bytes(ck.read_bytes()[:5000])
+    before = files_of(out)
+    rc = main(["train-teacher", *common(fake_dir, out), "model.arch=cnn4", "--resume"])
+    one_line_error(capsys, rc, f"{ck} is not a readable checkpoint", "--overwrite")
+    assert files_of(out) == before
+
+    assert main(["cache-teacher", "--data-dir", str(fake_dir), "--out-dir", str(out),
+                 "--threads", "1", "data.val_size=40", "--splits", "train"]) == 0
+    cache = root / "teacher" / "cache" / "teacher_outputs_train.pt"
+    cache.write_bytes(cache.read_bytes()[:4000])
+    before = files_of(out)
+    rc = main(["train-rdms", *common(fake_dir, out), "rdm.epochs=1"])
+    one_line_error(capsys, rc, f"{cache} is not a readable teacher-output cache",
+                   "cifd cache-teacher --refresh")
+    assert files_of(out) == before
+
+    bank = tmp_path / "bank.pt"
+    bank.write_bytes(_torch_bytes({"hparams": {"n": 1}, "state_dict": {}, "weights_hash": "h",
+                                   "teacher_weights": "t"}))
+    rc = main(["distill", "--method", "cifd", *common(fake_dir, out), "teacher.arch=cnn4",
+               f"cifd.bank={bank}"])
+    one_line_error(capsys, rc, f"{bank} is not a readable RDM bank file (KeyError",
+                   "cifd train-rdms --overwrite")
+    assert files_of(out) == before

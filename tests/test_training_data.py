@@ -142,6 +142,78 @@ def test_imagefolder(tmp_path):
         data.ImageFolderDataset(tmp_path / "missing", train=True)
 
 
+# ----------------------------------------------------------- damaged files
+def snapshot(d):
+    """{relative path: bytes} of every file under ``d``: what must stay as it was."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _truncate(p):
+    p.write_bytes(p.read_bytes()[:len(p.read_bytes()) // 2])
+
+
+@pytest.mark.parametrize("name,damage,needle", [
+    ("train-images-idx3-ubyte.gz", _truncate, "EOFError"),  # cut short mid-download
+    ("t10k-labels-idx1-ubyte.gz", lambda p: p.write_bytes(b"\x1f\x8b\x08garbage"), "("),
+    ("train-labels-idx1-ubyte.gz", lambda p: p.write_bytes(b"not gzip at all"), "BadGzipFile"),
+    ("t10k-images-idx3-ubyte.gz", lambda p: p.write_bytes(b""), "bad magic"),
+    ("train-images-idx3-ubyte", _truncate, "but the file holds"),
+])
+def test_damaged_idx_file_is_named(tmp_path, name, damage, needle):
+    write_fake_fmnist(tmp_path, gz=name.endswith(".gz"))
+    damage(tmp_path / name)
+    before = snapshot(tmp_path)
+    with pytest.raises(data.DatasetFormatError) as e:
+        data.load_fashion_mnist(tmp_path, val_size=20)
+    msg = str(e.value)
+    assert str(tmp_path / name) in msg and needle in msg, msg
+    assert f"cifd download-data --data-dir {tmp_path}" in msg and "\n" not in msg
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("name,blob,needle", [
+    ("train", None, "UnpicklingError"),  # truncated
+    ("test", b"", "(an empty file)"),
+    ("train", pickle.dumps([1, 2, 3]), "TypeError"),  # a pickle of something else
+    ("test", "rows of 100 bytes", "RuntimeError: shape '[-1, 3, 32, 32]' is invalid"),
+    ("meta", b"\x80\x04junk", "("),
+])
+def test_damaged_cifar100_pickle_is_named(tmp_path, name, blob, needle):
+    d = data.write_synthetic_cifar100(tmp_path / "c", 20, 10)
+    p = d / name
+    if blob == "rows of 100 bytes":
+        import numpy as np
+        blob = pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"fine_labels": [1, 2]})
+    p.write_bytes(p.read_bytes()[:200] if blob is None else blob)
+    before = snapshot(d)
+    with pytest.raises(data.DatasetFormatError) as e:
+        data.load_cifar100(d, val_size=5)
+    msg = str(e.value)
+    assert f"{p} is not a readable CIFAR-100 pickle" in msg and needle in msg, msg
+    assert "cifar-100-python.tar.gz" in msg and "\n" not in msg
+    assert snapshot(d) == before
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_damaged_image_is_named(tmp_path, num_workers):
+    pytest.importorskip("torchvision")
+    root = data.write_synthetic_imagefolder(tmp_path / "inet", 2, 4, 1, size=12)
+    bad = sorted((root / "train" / "n00000001").iterdir())[0]
+    _truncate(bad)
+    (root / "val" / "n00000000" / "fake.png").write_text("not an image")
+    before = snapshot(root)
+    ds = data.load_imagefolder(root, val_size=0, image_size=8)
+    it = data.make_batches(ds.train, 4, mean=ds.mean, std=ds.std, num_workers=num_workers)
+    with pytest.raises(data.DatasetFormatError) as e:
+        list(it)
+    msg = str(e.value)
+    assert msg.startswith(f"{bad} is not a readable image (") and "Replace or delete" in msg
+    assert "\n" not in msg and "Traceback" not in msg, msg
+    with pytest.raises(data.DatasetFormatError, match="fake.png is not a readable image"):
+        data.ImageFolderDataset(root / "val", train=False, image_size=8)[0]
+    assert snapshot(root) == before
+
+
 # ----------------------------------------------------------- augmentation
 def test_random_crop_flip_is_a_crop_of_the_padded_image():
     x = torch.randint(1, 255, (16, 2, 7, 9), dtype=torch.uint8)

@@ -100,6 +100,95 @@ def test_metrics_log_drops_records_past_the_checkpoint(tmp_path):
     assert [r["epoch"] for r in engine.read_metrics(tmp_path / "m.jsonl")] == [1, 2]
 
 
+def test_metrics_log_drops_a_torn_last_line_and_refuses_a_damaged_one(tmp_path):
+    p = tmp_path / "m.jsonl"
+    log = engine.MetricsLog(p)
+    for e in (1, 2):
+        log.log(epoch=e)
+    with open(p, "a") as f:
+        f.write('{"epoch": 3, "val_')  # a crash while logging epoch 3
+    assert [r["epoch"] for r in engine.read_metrics(p)] == [1, 2]
+    engine.MetricsLog(p, keep_through=2)
+    assert [r["epoch"] for r in engine.read_metrics(p)] == [1, 2]
+    p.write_text(p.read_text().replace('"epoch": 1', '"epo\x00'))
+    before = p.read_bytes()
+    with pytest.raises(engine.RunFileError, match=r"m.jsonl: line 1 is not a JSON record"):
+        engine.MetricsLog(p, keep_through=2)
+    assert p.read_bytes() == before
+
+
+# ------------------------------------------------------------ damaged files
+class NotAllowed:  # weights_only=True refuses to build it: no code runs on load
+    pass
+
+
+def _torch_bytes(obj):
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+GOOD = {"format_version": engine.FORMAT_VERSION, "modules": {}, "optimizer": {}, "scheduler": {}, "data": {},
+        "epoch": 1, "config_hash": "x"}
+
+
+@pytest.mark.parametrize("blob,needles", [
+    (bytes(range(256)) * 4, ["is not a readable checkpoint ("]),
+    (b"model: cnn4\nepochs: 3\n", ["is not a readable checkpoint ("]),
+    (b"", ["is not a readable checkpoint (an empty file)"]),
+    (_torch_bytes(GOOD)[:300], ["is not a readable checkpoint ("]),  # truncated
+    (_torch_bytes([1, 2, 3]), ["is not a checkpoint (it holds a list)"]),
+    (_torch_bytes({"state_dict": {}}), ["is not a checkpoint (no modules, optimizer"]),
+    (_torch_bytes({"x": NotAllowed()}), ["(UnpicklingError: Unsupported global", "NotAllowed"]),
+    (_torch_bytes({**GOOD, "format_version": engine.FORMAT_VERSION + 1}),
+     [f"written by a newer cifd_kernels (checkpoint format {engine.FORMAT_VERSION + 1}; this "
+      f"one reads up to {engine.FORMAT_VERSION})",
+      "upgrade cifd_kernels"]),
+])
+def test_load_file_names_a_damaged_or_foreign_file(tmp_path, blob, needles):
+    p = tmp_path / "checkpoint.pt"
+    p.write_bytes(blob)
+    with pytest.raises(engine.RunFileError) as e:
+        engine.load_checkpoint(p)
+    msg = str(e.value)
+    assert msg.startswith(str(p)) and "\n" not in msg and len(msg) < 500, msg
+    for n in needles:
+        assert n in msg, (n, msg)
+    assert p.read_bytes() == blob
+    if "newer" not in msg:
+        assert "--overwrite" in msg
+
+
+def test_files_without_a_version_are_read(tmp_path):
+    p = tmp_path / "checkpoint.pt"
+    torch.save({k: v for k, v in GOOD.items() if k != "format_version"}, p)
+    assert engine.load_checkpoint(p)["epoch"] == 1
+
+
+def test_resume_from_a_damaged_checkpoint_changes_nothing(fake_dir, tmp_path):
+    """Neither a truncated checkpoint nor one from a newer version is replaced
+    by a fresh run when resuming."""
+    part = teacher.train_teacher(tiny_cfg(fake_dir, tmp_path, "run.stop_after=1"))
+    ck = Path(part["checkpoint_path"])
+    good, state = ck.read_bytes(), state_of(ck)
+    assert state["format_version"] == engine.FORMAT_VERSION
+    assert state_of(part["model_path"])["format_version"] == engine.FORMAT_VERSION
+    run = ck.parent
+    for blob, match in ((good[:len(good) // 2], "is not a readable checkpoint"),
+                        (_torch_bytes({**state, "format_version": 99}), "newer")):
+        ck.write_bytes(blob)
+        before = {p.name: p.read_bytes() for p in run.iterdir()}
+        with pytest.raises(engine.RunFileError, match=match):
+            teacher.train_teacher(tiny_cfg(fake_dir, tmp_path), resume=True)
+        assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    # A checkpoint whose tensors do not fit the model: refused the same way.
+    ck.write_bytes(_torch_bytes({**state, "modules": {"w": torch.zeros(1)}}))
+    with pytest.raises(engine.RunFileError, match="checkpoint.pt is not a readable "
+                                                   "checkpoint \\(RuntimeError"):
+        teacher.train_teacher(tiny_cfg(fake_dir, tmp_path), resume=True)
+
+
 # ------------------------------------------------------------- output cache
 def test_teacher_output_cache(fake_dir, tmp_path):
     torch.manual_seed(0)
@@ -131,8 +220,15 @@ def test_teacher_output_cache(fake_dir, tmp_path):
     assert teacher.teacher_outputs(model, "cnn4", ds, "val", cache).from_cache
     assert not teacher.teacher_outputs(model, "cnn4", ds, "val", cache,
                                        refresh=True).from_cache
-    (cache / "teacher_outputs_val.pt").write_bytes(b"garbage")  # unreadable: recompute
-    assert not teacher.teacher_outputs(model, "cnn4", ds, "val", cache).from_cache
+    # Damaged: refused (it may say the disk is failing), kept; --refresh recomputes.
+    (cache / "teacher_outputs_val.pt").write_bytes(b"garbage")
+    with pytest.raises(engine.RunFileError, match="teacher_outputs_val.pt is not a readable "
+                                                   "teacher-output cache .*--refresh"):
+        teacher.teacher_outputs(model, "cnn4", ds, "val", cache)
+    assert (cache / "teacher_outputs_val.pt").read_bytes() == b"garbage"
+    assert not teacher.teacher_outputs(model, "cnn4", ds, "val", cache,
+                                       refresh=True).from_cache
+    assert teacher.teacher_outputs(model, "cnn4", ds, "val", cache).from_cache
 
 
 # ---------------------------------------------------------------- KD loss

@@ -235,19 +235,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``cifd`` and ``python -m cifd_kernels <command>``.
-    Returns the exit status (0 ok, 2 for a usage, config, data, checkpoint or
-    torchrun-environment error, which is printed on one line without a
-    traceback unless CIFD_TRACEBACK=1)."""
+    Returns the exit status (0 ok, 2 for a usage, config, data, checkpoint,
+    damaged-file or torchrun-environment error, which is printed on one line
+    without a traceback unless CIFD_TRACEBACK=1)."""
     from .data import DatasetFormatError, DatasetNotFoundError
     from .distill import NotWiredError
     from .distributed import DistributedSetupError, context
-    from .engine import CheckpointMismatchError
+    from .engine import CheckpointMismatchError, RunFileError
     args = parse_args(argv)
     stdout = sys.stdout
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DatasetNotFoundError, DatasetFormatError, CheckpointMismatchError,
-            NotWiredError, DistributedSetupError, FileExistsError, FileNotFoundError) as e:
+            RunFileError, NotWiredError, DistributedSetupError, FileExistsError,
+            FileNotFoundError) as e:
         if os.environ.get("CIFD_TRACEBACK") == "1":
             raise
         rank = context().rank

@@ -21,6 +21,7 @@ starting at ``r``), so the same code serves DDP.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
@@ -51,6 +52,35 @@ class DatasetNotFoundError(FileNotFoundError):
 
 class DatasetFormatError(ValueError):
     """A dataset's files are there but not in the expected format."""
+
+
+def _reason(e: BaseException) -> str:
+    """``Type: first line of the message``, short: torch's and DataLoader's
+    messages run to dozens of lines."""
+    first = (str(e).strip().splitlines() or [""])[0].rstrip(".")
+    return f"{type(e).__name__}: {first[:160]}" if first else type(e).__name__
+
+
+@contextlib.contextmanager
+def guard_read(path: str | os.PathLike, what: str, fix: str,
+               error: type[Exception] = DatasetFormatError) -> Iterator[None]:
+    """Read and decode a user's file inside ``with guard_read(...)``: any failure
+    (truncated, corrupt, of another kind, unreadable) becomes one ``error``
+    naming ``path``, saying it is not a readable ``what``, then ``fix`` (what to
+    do). An ``error`` raised inside keeps its message and gains ``fix``. The
+    cause stays chained (``CIFD_TRACEBACK=1`` shows it).
+
+    The net is wide on purpose: decoders raise EOFError, OSError, zlib.error,
+    pickle.UnpicklingError, RuntimeError, KeyError, ... on bad bytes, and
+    inside the block every one of them means the file cannot be used."""
+    try:
+        yield
+    except error as e:
+        raise error(f"{e}. {fix}") from e
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        why = "an empty file" if os.path.isfile(path) and os.path.getsize(path) == 0 \
+            else _reason(e)
+        raise error(f"{path} is not a readable {what} ({why}). {fix}") from e
 
 
 # --------------------------------------------------------------------------- IDX
@@ -301,16 +331,22 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None, *,
             f"holding the four IDX files (train-images-idx3-ubyte, "
             f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, "
             f"raw or .gz), or download them: `cifd download-data --data-dir DIR`.")
+    fix = ("Replace it with a good copy: `apt-get install --reinstall dataset-fashion-mnist`"
+           if data_dir == Path(FASHION_MNIST_DIR) else
+           f"Replace it with a good copy: `cifd download-data --data-dir {data_dir}` "
+           f"downloads the four files and verifies their checksums")
     splits = {}
     for split, (img_stem, lbl_stem) in _FMNIST_FILES.items():
-        images = read_idx(found[img_stem])
-        labels = read_idx(found[lbl_stem])
-        if images.dim() != 3 or images.dtype != torch.uint8:
-            raise DatasetFormatError(f"{found[img_stem]}: expected uint8 [N, H, W] images, "
-                             f"got {images.dtype} {tuple(images.shape)}")
-        if labels.shape != images.shape[:1]:
-            raise DatasetFormatError(f"{found[lbl_stem]}: {labels.shape[0]} labels for "
-                             f"{images.shape[0]} images")
+        with guard_read(found[img_stem], "IDX file", fix):
+            images = read_idx(found[img_stem])
+            if images.dim() != 3 or images.dtype != torch.uint8:
+                raise DatasetFormatError(f"{found[img_stem]}: expected uint8 [N, H, W] images, "
+                                         f"got {images.dtype} {tuple(images.shape)}")
+        with guard_read(found[lbl_stem], "IDX file", fix):
+            labels = read_idx(found[lbl_stem])
+            if labels.shape != images.shape[:1]:
+                raise DatasetFormatError(f"{found[lbl_stem]}: {labels.shape[0]} labels for "
+                                         f"{images.shape[0]} images")
         splits[split] = Split(images.unsqueeze(1).contiguous(), labels.long(),
                               torch.arange(images.shape[0]))
     train, val = train_val_split(splits["train"], val_size, split_seed)
@@ -359,23 +395,28 @@ def load_cifar100(data_dir: str | os.PathLike | None = None, *,
             f"https://www.cs.toronto.edu/~kriz/cifar.html, unpack it, and point "
             f"--data-dir (data.dir=DIR) at the cifar-100-python directory.")
 
+    fix = (f"Replace {data_dir} with a fresh copy: download cifar-100-python.tar.gz from "
+           f"https://www.cs.toronto.edu/~kriz/cifar.html and unpack it")
+
     def load(name):
-        with open(data_dir / name, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        import numpy as np  # the pickles hold numpy arrays
-        data = torch.from_numpy(np.ascontiguousarray(d[b"data"], dtype=np.uint8))
-        labels = torch.as_tensor(list(d[b"fine_labels"]), dtype=torch.long)
-        images = data.reshape(-1, 3, 32, 32).contiguous()
-        if images.shape[0] != labels.shape[0]:
-            raise DatasetFormatError(f"{data_dir / name}: {labels.shape[0]} labels for "
-                             f"{images.shape[0]} images")
+        with guard_read(data_dir / name, "CIFAR-100 pickle", fix):
+            with open(data_dir / name, "rb") as f:
+                d = pickle.load(f, encoding="bytes")
+            import numpy as np  # the pickles hold numpy arrays
+            data = torch.from_numpy(np.ascontiguousarray(d[b"data"], dtype=np.uint8))
+            labels = torch.as_tensor(list(d[b"fine_labels"]), dtype=torch.long)
+            images = data.reshape(-1, 3, 32, 32).contiguous()
+            if images.shape[0] != labels.shape[0]:
+                raise DatasetFormatError(f"{data_dir / name}: {labels.shape[0]} labels for "
+                                         f"{images.shape[0]} images")
         return Split(images, labels, torch.arange(labels.shape[0]))
 
     classes: tuple[str, ...] = ()
     if (data_dir / "meta").is_file():
-        with open(data_dir / "meta", "rb") as f:
-            meta = pickle.load(f, encoding="bytes")
-        classes = tuple(n.decode() for n in meta.get(b"fine_label_names", ()))
+        with guard_read(data_dir / "meta", "CIFAR-100 pickle", fix):
+            with open(data_dir / "meta", "rb") as f:
+                meta = pickle.load(f, encoding="bytes")
+            classes = tuple(n.decode() for n in meta.get(b"fine_label_names", ()))
     full, test = load("train"), load("test")
     train, val = train_val_split(full, val_size, split_seed)
     return Dataset("cifar100", train, val, test, 100, CIFAR100_MEAN, CIFAR100_STD,
@@ -619,10 +660,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image  # torchvision.io's decoders are deprecated
         path, label = self.samples[i]
-        with Image.open(path) as img:
-            return self.transform(img.convert("RGB")), label
+        return self.transform(open_rgb(path)), label
 
     def fingerprint(self) -> str:
         """sha256 over (relative path, size, label) of every sample: cheap, and
@@ -632,6 +671,16 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             h.update(f"{os.path.relpath(path, self.root)}\0{os.path.getsize(path)}\0"
                      f"{label}\n".encode())
         return h.hexdigest()[:16]
+
+
+def open_rgb(path: str | os.PathLike):
+    """The image at ``path`` as an RGB PIL image, decoded now; a file that is
+    not a readable image raises :class:`DatasetFormatError` naming it."""
+    from PIL import Image  # torchvision.io's decoders are deprecated
+    with guard_read(path, "image", "Replace or delete it (a class folder may hold any number "
+                                   "of images)"):
+        with Image.open(path) as img:
+            return img.convert("RGB")
 
 
 def folder_transform(train: bool, image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
@@ -712,10 +761,8 @@ class _FolderItems(torch.utils.data.Dataset):
         return len(self.split)
 
     def __getitem__(self, i: int):
-        from PIL import Image
         path, label = self.split.samples[i]
-        with Image.open(path) as img:
-            return self.transform(img.convert("RGB")), label, i
+        return self.transform(open_rgb(path)), label, i
 
 
 class FolderBatchIterator(BatchIterator):
@@ -747,11 +794,17 @@ class FolderBatchIterator(BatchIterator):
             self.items, batch_sampler=[p.tolist() for p, _, _ in plan],
             num_workers=self.num_workers, generator=self.loader_gen,
             pin_memory=self.device.type == "cuda")
-        for (pos, row0, _), (x, y, _) in zip(plan, loader):
-            non_blocking = self.device.type == "cuda"
-            yield Batch(x.to(self.device, non_blocking=non_blocking)
-                        .contiguous(memory_format=self.memory_format),
-                        y.to(self.device, non_blocking=non_blocking), pos, row0)
+        try:
+            for (pos, row0, _), (x, y, _) in zip(plan, loader):
+                non_blocking = self.device.type == "cuda"
+                yield Batch(x.to(self.device, non_blocking=non_blocking)
+                            .contiguous(memory_format=self.memory_format),
+                            y.to(self.device, non_blocking=non_blocking), pos, row0)
+        except DatasetFormatError as e:
+            # From a worker process the message is "Caught DatasetFormatError in
+            # DataLoader worker ... Original Traceback ...": keep its last line.
+            msg = str(e).rstrip().splitlines()[-1].split("DatasetFormatError: ", 1)[-1]
+            raise DatasetFormatError(msg) from e
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "loader_gen": self.loader_gen.get_state()}

@@ -17,6 +17,12 @@ the epoch and the best validation accuracy, and the config hash; resuming
 from it continues to the same final weights as an uninterrupted run (same
 machine, same thread count). A checkpoint written under another config hash
 is refused, with the keys that differ.
+
+The torch files of a run (checkpoint.pt, model.pt, the RDM bank's bank.pt,
+the teacher-output cache) carry ``format_version`` (:data:`FORMAT_VERSION`)
+and are read back by :func:`load_file`: with ``weights_only=True``, and a file
+that is damaged, of another kind or from a newer cifd_kernels is refused by
+one :class:`RunFileError` naming it (files without a version are version 0).
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -36,10 +43,49 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import TrainConfig, diff_items
+from .data import guard_read
 
 
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint belongs to another configuration (or another model)."""
+
+
+class RunFileError(RuntimeError):
+    """A file of a run (checkpoint, model, RDM bank, teacher-output cache,
+    metrics log) is damaged, holds something else, or comes from a newer
+    cifd_kernels."""
+
+
+# The layout of the torch files written here; a reader refuses a newer one.
+FORMAT_VERSION = 1
+
+
+def load_file(path: str | os.PathLike, kind: str, fix: str, keys: Iterable[str] = (),
+              map_location="cpu") -> dict:
+    """The dict saved in ``path`` by this package (``kind``: "checkpoint",
+    "cifd model file", ...), loaded with ``torch.load(weights_only=True)``
+    (tensors and plain containers, no code runs). Raises :class:`RunFileError`
+    naming ``path``, followed by ``fix`` (what to do), when the file cannot be
+    read (truncated, corrupt, not a torch file, not a dict with ``keys``) or
+    its ``format_version`` is newer than :data:`FORMAT_VERSION`."""
+    with guard_read(path, kind, fix, RunFileError):
+        try:
+            blob = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            # torch's refusal is a page of advice; keep the line that says what it refused.
+            said = str(e).split("WeightsUnpickler error:", 1)[-1].strip()
+            raise pickle.UnpicklingError(said.splitlines()[0].split(". ")[0]) from e
+    if not isinstance(blob, dict):
+        raise RunFileError(f"{path} is not a {kind} (it holds a {type(blob).__name__}). {fix}")
+    version = blob.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise RunFileError(
+            f"{path} was written by a newer cifd_kernels ({kind} format {version!r}; this "
+            f"one reads up to {FORMAT_VERSION}): upgrade cifd_kernels to read it")
+    missing = [k for k in keys if k not in blob]
+    if missing:
+        raise RunFileError(f"{path} is not a {kind} (no {', '.join(missing)}). {fix}")
+    return blob
 
 
 # ------------------------------------------------------------------ helpers
@@ -128,9 +174,8 @@ class MetricsLog:
         if keep_through is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("epoch", 0) <= keep_through]
-            atomic_write_text("".join(line + "\n" for line in kept), self.path)
+            kept = [r for r in read_metrics(self.path) if r.get("epoch", 0) <= keep_through]
+            atomic_write_text("".join(json.dumps(r) + "\n" for r in kept), self.path)
 
     def log(self, **record) -> None:
         record.setdefault("time", round(time.time(), 3))
@@ -142,7 +187,23 @@ class MetricsLog:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl. A last line cut short (a crash while
+    logging, before that epoch's checkpoint) is dropped; a damaged line before
+    it raises :class:`RunFileError`."""
+    lines = [ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+            if isinstance(rec, dict):
+                out.append(rec)
+                continue
+        except json.JSONDecodeError:
+            pass
+        if i < len(lines) - 1:
+            raise RunFileError(f"{path}: line {i + 1} is not a JSON record: repair or delete "
+                               f"that line, or start the run again with --overwrite")
+    return out
 
 
 def progress_enabled(flag: bool) -> bool:
@@ -256,9 +317,17 @@ class RunIdentity:
     config: dict
 
 
+RESUME_FIX = ("It cannot be resumed: start the run again with --overwrite (which replaces "
+              "it), or restore a good copy")
+
+
 def load_checkpoint(path: str | os.PathLike, ident: Optional[RunIdentity] = None,
                     map_location="cpu") -> dict:
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    """A checkpoint.pt (:func:`load_file`), refused when written under another
+    config hash than ``ident``'s."""
+    ckpt = load_file(path, "checkpoint", RESUME_FIX,
+                     ("modules", "optimizer", "scheduler", "data", "epoch", "config_hash"),
+                     map_location)
     if ident is not None and ckpt.get("config_hash") != ident.config_hash:
         diffs = diff_items(ckpt.get("config_items", {}), ident.items)
         raise CheckpointMismatchError(
@@ -308,12 +377,13 @@ def fit(*, run_dir: str | os.PathLike, modules: nn.Module, model: nn.Module, ste
                 f"{ckpt_path} was written by a run of {saved_world} process(es), this one "
                 f"has {ctx.world_size}: resume with the same torchrun --nproc_per_node "
                 f"(per-rank random states are in the checkpoint), or start a new run")
-        modules.load_state_dict(ckpt["modules"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        train_iter.load_state_dict(ckpt["data"])
-        set_rng_state(ckpt["rank_rng"][ctx.rank] if "rank_rng" in ckpt else ckpt["rng"])
-        start_epoch, best = ckpt["epoch"], ckpt["best"]
+        with guard_read(ckpt_path, "checkpoint", RESUME_FIX, RunFileError):
+            modules.load_state_dict(ckpt["modules"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            train_iter.load_state_dict(ckpt["data"])
+            set_rng_state(ckpt["rank_rng"][ctx.rank] if "rank_rng" in ckpt else ckpt["rng"])
+            start_epoch, best = ckpt["epoch"], ckpt["best"]
         if main:
             print(f"{log_prefix}resuming {run_dir} after epoch {start_epoch}/{epochs}",
                   flush=True)
@@ -376,14 +446,16 @@ def fit(*, run_dir: str | os.PathLike, modules: nn.Module, model: nn.Module, ste
         if main:
             if improved:
                 state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-                atomic_save({**model_meta, "state_dict": state,
-                             "weights_hash": weights_hash(state), "epoch": epoch + 1,
+                atomic_save({**model_meta, "format_version": FORMAT_VERSION,
+                             "state_dict": state, "weights_hash": weights_hash(state),
+                             "epoch": epoch + 1,
                              "val_acc": val["acc"], "config": ident.config,
                              "config_hash": ident.config_hash}, best_path)
             # Log first, checkpoint second: a crash between the two leaves an extra
             # log record, which resume drops (MetricsLog keep_through).
             log.log(**record)
-            ckpt = {"modules": modules.state_dict(), "optimizer": optimizer.state_dict(),
+            ckpt = {"format_version": FORMAT_VERSION,
+                    "modules": modules.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "data": train_iter.state_dict(),
                     "rng": rng_state(), "epoch": epoch + 1, "best": best,
                     "config_hash": ident.config_hash, "config_items": ident.items,

@@ -32,9 +32,11 @@ from pathlib import Path
 import torch
 
 from .config import Config, config_hash, hashed_items, to_dict
-from .engine import (LRSchedule, MetricsLog, RunIdentity, atomic_save, atomic_write_text,
-                     derive_seed, fused_kwargs, load_checkpoint, rng_state, select_device, set_rng_state,
+from .engine import (FORMAT_VERSION, RESUME_FIX, LRSchedule, MetricsLog, RunFileError,
+                     RunIdentity, atomic_save, atomic_write_text, derive_seed, fused_kwargs,
+                     load_checkpoint, load_file, rng_state, select_device, set_rng_state,
                      set_threads, weights_hash)
+from .data import guard_read
 from .teacher import (check_teacher_data, default_teacher_checkpoint, load_data,
                       load_model_file, run_root, teacher_outputs)
 
@@ -77,11 +79,15 @@ def load_bank(path: str | Path, device: torch.device | str = "cpu"):
     if not path.is_file():
         raise FileNotFoundError(f"RDM bank {path} not found: run `cifd train-rdms` first "
                                 f"(same run.name / run.out_dir), or set cifd.bank=PATH")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    hp = dict(blob["hparams"])
-    n, D, H, L, K, R = (hp.pop(k) for k in ("n", "D", "H", "L", "K", "R"))
-    bank = RDMBank(n, D, H, L, K, R=R, **hp)
-    bank.load_state_dict(blob["state_dict"])
+    fix = ("Train it again (`cifd train-rdms --overwrite`), or set cifd.bank=PATH to a "
+           "good bank.pt")
+    blob = load_file(path, "RDM bank file", fix,
+                     ("hparams", "state_dict", "weights_hash", "teacher_weights"))
+    with guard_read(path, "RDM bank file", fix, RunFileError):
+        hp = dict(blob["hparams"])
+        n, D, H, L, K, R = (hp.pop(k) for k in ("n", "D", "H", "L", "K", "R"))
+        bank = RDMBank(n, D, H, L, K, R=R, **hp)
+        bank.load_state_dict(blob["state_dict"])
     bank.to(device).eval()
     for p in bank.parameters():
         p.requires_grad_(False)
@@ -219,12 +225,13 @@ def _train_rdms(cfg: Config, *, resume: bool, overwrite: bool) -> dict:
     start = 0
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, ident)
-        bank.load_state_dict(ckpt["modules"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        order_gen.set_state(ckpt["data"]["order_gen"])
-        set_rng_state(ckpt["rng"])
-        start = ckpt["epoch"]
+        with guard_read(ckpt_path, "checkpoint", RESUME_FIX, RunFileError):
+            bank.load_state_dict(ckpt["modules"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            order_gen.set_state(ckpt["data"]["order_gen"])
+            set_rng_state(ckpt["rng"])
+            start = ckpt["epoch"]
         print(f"[rdms] resuming {run_dir} after epoch {start}/{cfg.rdm.epochs}", flush=True)
     log = MetricsLog(run_dir / "metrics.jsonl", keep_through=start if (resume and start) else None)
     from .config import dump_yaml
@@ -256,7 +263,8 @@ def _train_rdms(cfg: Config, *, resume: bool, overwrite: bool) -> dict:
         log.log(epoch=epoch + 1, train_loss=loss_sum.item() / n_train,
                 epoch_time_s=round(train_time, 3),
                 val=[{k: v for k, v in r.items()} for r in val])
-        atomic_save({"modules": bank.state_dict(), "optimizer": opt.state_dict(),
+        atomic_save({"format_version": FORMAT_VERSION,
+                     "modules": bank.state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(),
                      "data": {"order_gen": order_gen.get_state()}, "rng": rng_state(),
                      "epoch": epoch + 1, "config_hash": ident.config_hash,
@@ -273,8 +281,9 @@ def _train_rdms(cfg: Config, *, resume: bool, overwrite: bool) -> dict:
     # ---- the trained bank, evaluated frozen, and its files
     state = {k: v.detach().cpu() for k, v in bank.state_dict().items()}
     bank_file = run_dir / "bank.pt"
-    atomic_save({"hparams": bank_hparams(bank), "state_dict": state,
-                 "weights_hash": weights_hash(state), "teacher_weights": tmeta["weights_hash"],
+    atomic_save({"format_version": FORMAT_VERSION, "hparams": bank_hparams(bank),
+                 "state_dict": state, "weights_hash": weights_hash(state),
+                 "teacher_weights": tmeta["weights_hash"],
                  "teacher_path": tmeta["path"], "config": ident.config,
                  "config_hash": ident.config_hash}, bank_file)
     evals = {s: evaluate_bank(bank, *(t.to(device) for t in (

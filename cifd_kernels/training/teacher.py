@@ -20,9 +20,10 @@ import torch.nn.functional as F
 
 from . import data as data_mod
 from .config import Config, config_hash, hashed_items, to_dict
-from .engine import (MetricsLog, RunIdentity, atomic_save, atomic_write_text,
-                     build_optimizer, build_scheduler, evaluate, fit, seed_everything,
-                     select_device, set_threads, weights_hash)
+from .engine import (FORMAT_VERSION, MetricsLog, RunFileError, RunIdentity, atomic_save,
+                     atomic_write_text, build_optimizer, build_scheduler, evaluate, fit,
+                     load_file, read_metrics, seed_everything, select_device, set_threads,
+                     weights_hash)
 from .distributed import seed_per_rank, wrap_ddp
 from .models import build_model
 
@@ -96,14 +97,15 @@ def load_model_file(path: str | Path, device: torch.device | str = "cpu") -> tup
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} not found (train it first, e.g. "
                                 f"`cifd train-teacher`, or set teacher.checkpoint=PATH)")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    if "state_dict" not in blob or "arch" not in blob:
-        from .engine import CheckpointMismatchError
-        raise CheckpointMismatchError(f"{path} is not a cifd model file (no arch/state_dict); "
-                                      f"pass a model.pt, not a checkpoint.pt")
-    model = build_model(blob["arch"], blob["num_classes"], in_channels=blob["in_channels"],
-                        image_size=blob["image_size"], embed_dim=blob.get("embed_dim", 0))
-    model.load_state_dict(blob["state_dict"])
+    fix = ("Pass the model.pt of a finished run (or its run directory), not a "
+           "checkpoint.pt; a damaged one is made again by training with --overwrite")
+    blob = load_file(path, "cifd model file", fix, ("arch", "state_dict", "num_classes",
+                                                   "in_channels", "image_size",
+                                                   "weights_hash", "config"))
+    with data_mod.guard_read(path, "cifd model file", fix, RunFileError):
+        model = build_model(blob["arch"], blob["num_classes"], in_channels=blob["in_channels"],
+                            image_size=blob["image_size"], embed_dim=blob.get("embed_dim", 0))
+        model.load_state_dict(blob["state_dict"])
     model.to(device).eval()
     meta = {k: v for k, v in blob.items() if k != "state_dict"}
     meta["path"] = str(path)
@@ -151,8 +153,7 @@ def finish_run(run_dir: Path, cfg: Config, ds: data_mod.Dataset, summary: dict,
                "weights_hash": meta["weights_hash"], **(extra or {})}
     if context().enabled:
         summary["processes"] = context().world_size
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-               if line.strip()]
+    records = read_metrics(run_dir / "metrics.jsonl")
     epochs = [r for r in records if "epoch_time_s" in r]
     if epochs:
         summary["mean_epoch_time_s"] = sum(r["epoch_time_s"] for r in epochs) / len(epochs)
@@ -251,15 +252,17 @@ def teacher_outputs(model: nn.Module, arch: str, ds: data_mod.Dataset, split: st
                     refresh: bool = False, num_workers: int = 0) -> TeacherOutputs:
     """The teacher's embeddings and logits on ``split`` of ``ds``, from
     ``cache_dir/teacher_outputs_<split>.pt`` when its key (weights hash,
-    data fingerprint, transform) matches, else computed and cached. Under DDP
-    rank 0 computes and writes the cache while the others wait, then read it."""
-    from .distributed import barrier, context
+    data fingerprint, transform) matches, else computed and cached; a damaged
+    cache file raises :class:`RunFileError` (``refresh=True`` recomputes it).
+    Under DDP rank 0 computes and writes the cache while the others wait, then
+    read it."""
+    from .distributed import context, on_main
     if context().enabled:
-        if context().is_main:
+        def write_cache():  # a damaged cache raises on every rank, not on rank 0 alone
             _teacher_outputs(model, arch, ds, split, cache_dir, batch_size=batch_size,
                              device=device, channels_last=channels_last, refresh=refresh,
                              num_workers=num_workers)
-        barrier()
+        on_main(write_cache)
         return _teacher_outputs(model, arch, ds, split, cache_dir, batch_size=batch_size,
                                 device=device, channels_last=channels_last, refresh=False,
                                 num_workers=num_workers)
@@ -275,16 +278,16 @@ def _teacher_outputs(model: nn.Module, arch: str, ds: data_mod.Dataset, split: s
     key = cache_key(model, arch, sp, ds.mean, ds.std)
     path = Path(cache_dir) / f"teacher_outputs_{split}.pt"
     if path.exists() and not refresh:
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # unreadable or foreign file: recompute
-            blob = None
-        if blob is not None and blob.get("key") == key:
+        # A damaged cache is an error, not a silent recompute: it may say the disk is failing.
+        blob = load_file(path, "teacher-output cache",
+                         "Delete it (it is recomputed), or run `cifd cache-teacher --refresh`",
+                         ("key", "embeddings", "logits", "labels"))
+        if blob["key"] == key:  # else stale: other weights, data or transform
             return TeacherOutputs(blob["embeddings"], blob["logits"], blob["labels"], key,
                                   from_cache=True)
     it = data_mod.make_batches(sp, batch_size, mean=ds.mean, std=ds.std, device=device,
                                channels_last=channels_last, num_workers=num_workers)
     emb, logits = compute_teacher_outputs(model, it)
-    atomic_save({"key": key, "embeddings": emb, "logits": logits, "labels": sp.labels.clone()},
-                path)
+    atomic_save({"format_version": FORMAT_VERSION, "key": key, "embeddings": emb,
+                 "logits": logits, "labels": sp.labels.clone()}, path)
     return TeacherOutputs(emb, logits, sp.labels.clone(), key, from_cache=False)
