@@ -5,6 +5,16 @@ holding their hyperparameters (CIFD_METHOD.md section 4).
 KD-dropout is a training-time regulariser: in ``train()`` mode the keep flags are
 drawn with ``p_drop`` (one Philox draw of M flags per call, i.e. per step); in
 ``eval()`` mode every target is kept (``p_drop`` = 0), like ``nn.Dropout``.
+
+Hyperparameters are validated in the constructors (:mod:`cifd_kernels.reference._checks`;
+TypeError for a wrong type, bool included, ValueError naming the argument, the
+class and, in ``lam``, the element): ``tau``, ``temperature`` finite and > 0;
+``p_drop`` in [0, 1) (1 would drop every target at every step: KD switched off
+for good, not a setting; the functionals accept it as a degenerate call); every
+weight (each ``lam_m``, ``lam_ce``, ``lam_kl``, ``w_emb``, ``lam_I``, ``lam_cl``)
+finite and >= 0: the loss is minimised, so a negative weight would reward the
+distance it names, and 0 switches a term off; ``lam`` non-empty (its length must
+be M, the number of targets, which only the forward sees: a mismatch raises there).
 """
 from __future__ import annotations
 
@@ -15,19 +25,18 @@ from torch import nn
 
 from .. import backend as _backend
 from ..ops import cifd_loss as _ops
+from ..reference import _checks
 from ..reference import cifd_loss as _ref
 from ..reference.philox import draw_seed
 
 __all__ = ["CIFDLoss", "CIFDEmbeddingLoss"]
 
 
-def _lam(lam) -> Optional[tuple[float, ...]]:
+def _lam(lam, where: str) -> Optional[tuple[float, ...]]:
+    """M >= 1 target weights (teacher first), each finite and >= 0, or None."""
     if lam is None:
         return None
-    lam = tuple(float(v) for v in lam)
-    if len(lam) == 0:
-        raise ValueError("lam must hold M >= 1 weights (teacher first) or be None")
-    return lam
+    return _checks.check_sequence("lam", lam, _checks.check_finite_nonneg, where)
 
 
 def _dropout_args(module: nn.Module, seed: Optional[int]) -> tuple[float, int]:
@@ -46,12 +55,13 @@ class CIFDLoss(nn.Module):
     MSE distortion (ImageNet: ``dist="smooth_l1"``, ``lam_I = 0.001``).
 
     Args:
-        lam: M target weights, teacher first (None = all ones, M taken from the inputs).
-        tau: KD temperature; the KL is scaled by ``tau^2``.
-        p_drop: KD-dropout probability per target per step (training mode only).
-        lam_ce, lam_kl, w_emb, lam_I: term weights.
+        lam: M target weights, teacher first, each finite and >= 0 (None = all ones,
+            M taken from the inputs; a length other than M raises in the forward).
+        tau: KD temperature, finite and > 0; the KL is scaled by ``tau^2``.
+        p_drop: KD-dropout probability per target per step (training mode only), in [0, 1).
+        lam_ce, lam_kl, w_emb, lam_I: term weights, finite and >= 0.
         dist: ``"mse"`` | ``"smooth_l1"`` (per-sample sum over D).
-        ignore_index: label value left out of CE.
+        ignore_index: label value left out of CE (an int).
         backend: ``auto|cuda|triton|cpu|reference``: the fused kernels of
             :func:`cifd_kernels.ops.cifd_loss.cifd_loss` where they apply (auto falls
             back to the reference for float64 or targets requiring grad), else the reference.
@@ -61,15 +71,16 @@ class CIFDLoss(nn.Module):
                  lam_ce: float = 1.0, lam_kl: float = 1.0, w_emb: float = 100.0, lam_I: float = 0.005,
                  dist: str = "mse", ignore_index: int = -100, backend: Optional[str] = None):
         super().__init__()
-        _ref.check_tau(tau)
-        _ref.check_prob(p_drop)
-        _ref.check_dist(dist)
-        self.lam = _lam(lam)
-        self.tau, self.p_drop = float(tau), float(p_drop)
-        self.lam_ce, self.lam_kl = float(lam_ce), float(lam_kl)
-        self.w_emb, self.lam_I = float(w_emb), float(lam_I)
-        self.dist = dist
-        self.ignore_index = int(ignore_index)
+        where = type(self).__name__
+        self.lam = _lam(lam, where)
+        self.tau = _checks.check_positive("tau", tau, where)
+        self.p_drop = _checks.check_prob("p_drop", p_drop, where)
+        self.lam_ce = _checks.check_finite_nonneg("lam_ce", lam_ce, where)
+        self.lam_kl = _checks.check_finite_nonneg("lam_kl", lam_kl, where)
+        self.w_emb = _checks.check_finite_nonneg("w_emb", w_emb, where)
+        self.lam_I = _checks.check_finite_nonneg("lam_I", lam_I, where)
+        self.dist = _ref.check_dist(dist, where)
+        self.ignore_index = _checks.check_int("ignore_index", ignore_index, where, lo=None)
         self.backend = None if backend is None else _backend.check_backend_name(backend)
 
     def forward(self, student_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
@@ -107,20 +118,22 @@ class CIFDEmbeddingLoss(nn.Module):
     Defaults: ``w_emb = 1``, ``p_drop = 0`` (the paper's formula has no KD-dropout
     here), ``lam_cl = 0.005`` (paper), ``lam_I = 0.005`` (the paper gives no CLIP
     value; CIFAR's), InfoNCE temperature 0.07 (CLIP's initial value), symmetric.
+    Validated as :class:`CIFDLoss`: ``lam`` and the weights ``w_emb``, ``lam_I``,
+    ``lam_cl`` finite and >= 0, ``p_drop`` in [0, 1), ``temperature`` finite and > 0.
     """
 
     def __init__(self, lam: Optional[Sequence[float]] = None, dist: str = "mse", w_emb: float = 1.0,
                  p_drop: float = 0.0, lam_I: float = 0.005, lam_cl: float = 0.005,
                  temperature: float = 0.07, backend: Optional[str] = None):
         super().__init__()
-        _ref.check_prob(p_drop)
-        _ref.check_dist(dist)
-        _ref.check_tau(temperature, "temperature")
-        self.lam = _lam(lam)
-        self.dist = dist
-        self.w_emb, self.p_drop = float(w_emb), float(p_drop)
-        self.lam_I, self.lam_cl = float(lam_I), float(lam_cl)
-        self.temperature = float(temperature)
+        where = type(self).__name__
+        self.lam = _lam(lam, where)
+        self.dist = _ref.check_dist(dist, where)
+        self.w_emb = _checks.check_finite_nonneg("w_emb", w_emb, where)
+        self.p_drop = _checks.check_prob("p_drop", p_drop, where)
+        self.lam_I = _checks.check_finite_nonneg("lam_I", lam_I, where)
+        self.lam_cl = _checks.check_finite_nonneg("lam_cl", lam_cl, where)
+        self.temperature = _checks.check_positive("temperature", temperature, where)
         self.backend = None if backend is None else _backend.check_backend_name(backend)
 
     def forward(self, student_emb: torch.Tensor, target_embs: torch.Tensor,

@@ -22,6 +22,14 @@ State dicts::
 The distortion weights ``R`` are hyperparameters, not state (``module.R``, a
 tuple; the math reads a non-persistent buffer ``R_tensor`` [N] that follows
 ``.to()``).
+
+Hyperparameters are validated in the constructors (:mod:`cifd_kernels.reference._checks`;
+TypeError for a wrong type, bool included, ValueError naming the argument, the
+class and, in a sequence, the element): n, D, H, L, K and every ``filters`` width
+ints >= 1; each ``R_n`` finite and >= 0, ``len(R) == n``; ``tau``, ``init_scale``
+finite and > 0; ``lam_ce``, ``lam_kl``, ``likelihood_bound`` finite and >= 0
+(a bound of 0 switches it off, as CompressAI); ``tail_mass`` in (0, 1);
+``act``, ``dist``, ``backend`` among their names; ``ignore_index`` an int.
 """
 from __future__ import annotations
 
@@ -32,8 +40,9 @@ import torch
 from torch import nn
 
 from .. import backend as _backend
+from ..reference import _checks
 from ..reference import rdm as _ref
-from ..reference.cifd_loss import check_dist, check_tau
+from ..reference.cifd_loss import DISTORTIONS
 from ..ops import rdm_bank as _ops
 from ..reference.philox import draw_seed
 from .entropy_bottleneck import EntropyBottleneck
@@ -77,28 +86,31 @@ class _StackedLinear(nn.Module):
         return f"n={n}, in_features={i}, out_features={o}"
 
 
-def _check_hparams(act: str, dist: str, tau: float) -> None:
-    if act not in _ref.ACTIVATIONS:
-        raise ValueError(f"act must be one of {_ref.ACTIVATIONS}, got {act!r}")
-    check_dist(dist)
-    check_tau(tau)
-
-
 class _RDMCommon(nn.Module):
     """Hyperparameters and the forward shared by RDM and RDMBank."""
 
     def _init_common(self, n, D, H, L, K, R, act, dist, lam_ce, lam_kl, tau, filters, init_scale,
                      tail_mass, likelihood_bound, ignore_index, backend):
-        for name, v in (("D", D), ("H", H), ("L", L), ("K", K)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        _check_hparams(act, dist, tau)
+        """Validate and store the hyperparameters (``n`` and ``R`` already checked by
+        the subclass, which knows their form)."""
+        where = type(self).__name__
+        D, H, L, K = (_checks.check_int(name, v, where)
+                      for name, v in (("D", D), ("H", H), ("L", L), ("K", K)))
         self.n, self.D, self.H, self.L, self.K = n, D, H, L, K
-        self.act, self.dist = act, dist
-        self.lam_ce, self.lam_kl, self.tau = float(lam_ce), float(lam_kl), float(tau)
-        self.ignore_index = int(ignore_index)
+        self.act = _checks.check_choice("act", act, _ref.ACTIVATIONS, where)
+        self.dist = _checks.check_choice("dist", dist, DISTORTIONS, where)
+        self.lam_ce = _checks.check_finite_nonneg("lam_ce", lam_ce, where)
+        self.lam_kl = _checks.check_finite_nonneg("lam_kl", lam_kl, where)
+        self.tau = _checks.check_positive("tau", tau, where)
+        self.ignore_index = _checks.check_int("ignore_index", ignore_index, where, lo=None)
+        if isinstance(filters, (str, bytes)) or not isinstance(filters, Sequence):
+            raise TypeError(f"filters must be a sequence of ints, got {type(filters).__name__} ({where})")
+        filters = tuple(_checks.check_int("filters", f, where, index=i) for i, f in enumerate(filters))
+        init_scale = _checks.check_positive("init_scale", init_scale, where)
+        tail_mass = _checks.check_prob("tail_mass", tail_mass, where, lo_closed=False, hi_closed=False)
+        likelihood_bound = _checks.check_finite_nonneg("likelihood_bound", likelihood_bound, where)
         self.backend = None if backend is None else _backend.check_backend_name(backend)
-        self._R = tuple(float(r) for r in R)
+        self._R = tuple(R)
         # The math reads R from a device buffer (no host-to-device copy per step);
         # the exact Python values stay in ``R``.
         self.register_buffer("R_tensor", torch.tensor(self._R, dtype=torch.float32), persistent=False)
@@ -182,16 +194,20 @@ class RDMBank(_RDMCommon):
     """N Rate-Distortion Modules on the same teacher embedding, trained in one pass.
 
     Args:
-        n: number of RDMs N.
-        D, H, L, K: embedding, hidden, latent widths and class count.
-        R: N distortion weights (sequence; None = all 1.0). Paper: CIFAR-100
-            (1.0, 0.8, 0.6), ImageNet (1e4, 5e3, 1e3) with smooth-L1.
+        n: number of RDMs N (int >= 1).
+        D, H, L, K: embedding, hidden, latent widths and class count (ints >= 1).
+        R: N distortion weights (sequence; None = all 1.0), each finite and >= 0.
+            ``R = 0`` is allowed: a degenerate "rate only" RDM (``rate + CE + KL``,
+            the reconstruction unweighted); negative R would reward distortion.
+            Paper: CIFAR-100 (1.0, 0.8, 0.6), ImageNet (1e4, 5e3, 1e3) with smooth-L1.
         act: ``"relu"`` (project default) or ``"gelu"``.
         dist: ``"mse"`` or ``"smooth_l1"`` (per-sample sum over D).
-        lam_ce, lam_kl: CE and KL weights; tau: temperature (KL scaled by tau^2).
+        lam_ce, lam_kl: CE and KL weights, finite and >= 0 (0 leaves the term out);
+            tau: temperature, finite and > 0 (KL scaled by tau^2).
             The paper gives no stage-1 tau; the default 2.0 is its stage-2 value.
-        filters, init_scale, tail_mass, likelihood_bound: the entropy model's.
-        ignore_index: label value left out of CE.
+        filters, init_scale, tail_mass, likelihood_bound: the entropy model's
+            (widths ints >= 1; init_scale > 0; tail_mass in (0, 1); bound >= 0).
+        ignore_index: label value left out of CE (an int).
         backend: ``auto|cuda|triton|cpu|reference`` (default ``$CIFD_BACKEND``/auto):
             the fused bank (:mod:`cifd_kernels.ops.rdm_bank`) on the kernel backends,
             the eager reference otherwise.
@@ -204,11 +220,12 @@ class RDMBank(_RDMCommon):
                  tail_mass: float = 1e-9, likelihood_bound: float = 1e-9, ignore_index: int = -100,
                  backend: Optional[str] = None):
         super().__init__()
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
-        R = [1.0] * n if R is None else list(R)
-        if len(R) != n:
-            raise ValueError(f"len(R) = {len(R)} but n = {n}")
+        where = type(self).__name__
+        n = _checks.check_int("n", n, where)
+        if R is None:
+            R = (1.0,) * n
+        else:
+            R = _checks.check_sequence("R", R, _checks.check_finite_nonneg, where, length=n, what="n")
         self._init_common(n, D, H, L, K, R, act, dist, lam_ce, lam_kl, tau, filters, init_scale,
                           tail_mass, likelihood_bound, ignore_index, backend)
         self.enc1 = _StackedLinear(n, D, H)
@@ -303,8 +320,8 @@ class RDMBank(_RDMCommon):
 class RDM(_RDMCommon):
     """One Rate-Distortion Module: the N = 1 case of :class:`RDMBank` with
     ``nn.Linear`` layers (``enc1``, ``enc2``, ``dec1``, ``dec2``, ``head``) and an
-    ``EntropyBottleneck(L)``. Arguments as :class:`RDMBank`, with ``R`` one
-    number (default 1.0). Outputs lose the N dim: x_hat ``[B, D]``, logits
+    ``EntropyBottleneck(L)``. Arguments as :class:`RDMBank` (and validated alike),
+    with ``R`` one number, finite and >= 0 (default 1.0). Outputs lose the N dim: x_hat ``[B, D]``, logits
     ``[B, K]``, rate ``[B]``, likelihoods ``[B, L]``, 0-dim terms. Training
     noise: sample b, latent l uses counter ``offset + b*L + l``."""
 
@@ -314,9 +331,8 @@ class RDM(_RDMCommon):
                  tail_mass: float = 1e-9, likelihood_bound: float = 1e-9, ignore_index: int = -100,
                  backend: Optional[str] = None):
         super().__init__()
-        if isinstance(R, bool) or not isinstance(R, (int, float)):
-            raise TypeError(f"R must be a number for one RDM, got {type(R).__name__}")
-        self._init_common(1, D, H, L, K, [R], act, dist, lam_ce, lam_kl, tau, filters, init_scale,
+        R = _checks.check_finite_nonneg("R", R, type(self).__name__)  # one number: RDMBank takes sequences
+        self._init_common(1, D, H, L, K, (R,), act, dist, lam_ce, lam_kl, tau, filters, init_scale,
                           tail_mass, likelihood_bound, ignore_index, backend)
         self.enc1 = nn.Linear(D, H)
         self.enc2 = nn.Linear(H, L)

@@ -23,15 +23,24 @@ into NaN); the per-sample functions return empty tensors for it.
 Nothing here syncs with the host: checks read shapes, dtypes and devices only.
 Label values are not range-checked here (that would need a sync);
 ``cross_entropy`` raises on the CPU and asserts on CUDA for out-of-range labels.
+
+Hyperparameters are checked where they enter, with :mod:`._checks` (TypeError for
+a non-number, bool included; ValueError naming the argument and the function):
+``tau``, ``temperature`` finite and > 0; ``p_drop`` in [0, 1] (1 drops every
+target: a well-defined call, used to pin KD-dropout's semantics; the modules,
+which hold it as a training setting, require [0, 1)); every term weight
+(``lam_ce``, ``lam_kl``, ``w_emb``, ``lam_I``, ``lam_cl`` and each ``lam_m``) finite
+and >= 0: the loss is minimised, so a negative weight would reward the distance it
+names, and 0 switches a term off. ``lam`` as a tensor is checked for shape only.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
+from . import _checks
 from .philox import philox_keep_mask
 
 DISTORTIONS = ("mse", "smooth_l1")
@@ -77,19 +86,45 @@ def check_dim(name: str, size: int, expected: int, what: str) -> None:
         raise ValueError(f"{name}: {what} is {size}, expected {expected}")
 
 
-def check_tau(tau: float, name: str = "tau") -> None:
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {tau!r}")
+def check_tau(tau: float, name: str = "tau", where: Optional[str] = None) -> float:
+    """A temperature: finite and > 0."""
+    return _checks.check_positive(name, tau, where)
 
 
-def check_prob(p: float, name: str = "p_drop") -> None:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {p!r}")
+def check_prob(p: float, name: str = "p_drop", where: Optional[str] = None) -> float:
+    """A KD-dropout probability as the functions take it: in [0, 1] (1 drops every
+    target, a well-defined call; the modules require [0, 1))."""
+    return _checks.check_prob(name, p, where, hi_closed=True)
 
 
-def check_dist(kind: str) -> None:
-    if kind not in DISTORTIONS:
-        raise ValueError(f"dist must be one of {DISTORTIONS}, got {kind!r}")
+def check_dist(kind: str, where: Optional[str] = None) -> str:
+    return _checks.check_choice("dist", kind, DISTORTIONS, where)
+
+
+def check_weights(where: Optional[str] = None, **weights: float) -> None:
+    """Each keyword a loss term's weight: finite and >= 0 (0 switches the term off;
+    a negative weight would reward the distance the term measures)."""
+    for name, v in weights.items():
+        _checks.check_finite_nonneg(name, v, where)
+
+
+def check_loss_hparams(where: Optional[str] = None, *, tau: float, p_drop: float, dist: str,
+                       ignore_index: int, **weights: float) -> None:
+    """The scalar hyperparameters of :func:`cifd_loss` (also checked by the ops)."""
+    check_tau(tau, where=where)
+    check_prob(p_drop, where=where)
+    check_dist(dist, where)
+    _checks.check_int("ignore_index", ignore_index, where, lo=None)
+    check_weights(where, **weights)
+
+
+def check_embedding_loss_hparams(where: Optional[str] = None, *, p_drop: float, dist: str,
+                                 temperature: float, **weights: float) -> None:
+    """The scalar hyperparameters of :func:`cifd_embedding_loss` (also checked by the ops)."""
+    check_prob(p_drop, where=where)
+    check_dist(dist, where)
+    check_tau(temperature, "temperature", where)
+    check_weights(where, **weights)
 
 
 def check_nonempty(name: str, batch: int) -> None:
@@ -142,7 +177,7 @@ def kl_tau(teacher_logits: torch.Tensor, student_logits: torch.Tensor, tau: floa
     """
     check_tensor("teacher_logits", teacher_logits)
     check_tensor("student_logits", student_logits)
-    check_tau(tau)
+    check_tau(tau, where="kl_tau")
     if teacher_logits.dim() < 1 or student_logits.dim() < 1:
         raise ValueError("teacher_logits and student_logits need a class dim")
     check_same_device("student_logits", student_logits, teacher_logits=teacher_logits)
@@ -191,7 +226,7 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.07) -> tor
     """
     check_tensor("a", a, ndim=2)
     check_tensor("b", b, ndim=2)
-    check_tau(temperature, "temperature")
+    check_tau(temperature, "temperature", "info_nce")
     check_same_device("a", a, b=b)
     check_dim("b", b.shape[0], a.shape[0], "the batch size B")
     check_dim("b", b.shape[1], a.shape[1], "the embedding dim D")
@@ -214,11 +249,14 @@ def kd_keep_flags(m: int, seed: int, offset: int, p_drop: float, device=None) ->
     target "each step"): flag m switches off both the KL and the embedding term of
     target m (m = 0 the teacher, m >= 1 the RDMs).
     """
-    check_prob(p_drop)
+    check_prob(p_drop, where="kd_keep_flags")
     return philox_keep_mask((m,), seed, offset, p_drop, device=device)
 
 
-def _check_lam(lam, m: int, device, dt) -> torch.Tensor:
+def _check_lam(lam, m: int, device, dt, where: Optional[str] = None) -> torch.Tensor:
+    """``lam`` as an ``[M]`` tensor: None -> ones; a tensor is checked for shape, dtype
+    and device only (its values would need a host read); a sequence must hold M
+    finite weights >= 0."""
     if lam is None:
         return torch.ones(m, dtype=dt, device=device)
     if isinstance(lam, torch.Tensor):
@@ -229,9 +267,13 @@ def _check_lam(lam, m: int, device, dt) -> torch.Tensor:
         if lam.device != device:
             raise ValueError(f"lam is on {lam.device} but the logits are on {device}")
         return _up(lam, dt)
-    lam = [float(v) for v in lam]
+    if isinstance(lam, (str, bytes)) or not isinstance(lam, Sequence):
+        raise TypeError(f"lam must be a sequence of numbers, a tensor or None, got {type(lam).__name__}"
+                        f"{_checks._at(where)}")
     if len(lam) != m:
-        raise ValueError(f"lam must have M = {m} weights (teacher first, then the RDMs), got {len(lam)}")
+        raise ValueError(f"lam must have M = {m} weights (teacher first, then the RDMs), got {len(lam)}"
+                         f"{_checks._at(where)}")
+    lam = _checks.check_sequence("lam", lam, _checks.check_finite_nonneg, where)
     return torch.tensor(lam, dtype=dt, device=device)
 
 
@@ -294,8 +336,9 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
         student_emb: ``[B, D]`` post-IBM student embedding ``U``, or None (then
             ``target_embs`` must be None too and the embedding term is 0).
         target_embs: ``[M, B, D]``: teacher embedding ``X`` first, then ``Xh_n``.
-        lam: ``[M]`` target weights (sequence or tensor; None = all ones).
-        tau: KD temperature > 0. KL is scaled by ``tau^2``.
+        lam: ``[M]`` target weights, finite and >= 0 (sequence or tensor; None = all
+            ones; a tensor is checked for shape only).
+        tau: KD temperature, finite and > 0. KL is scaled by ``tau^2``.
         p_drop: KD-dropout probability in [0, 1]. Keep flags
             ``k = philox_keep_mask((M,), seed, offset, p_drop)``, drawn once per
             step for the whole batch (:func:`kd_keep_flags`). A dropped target
@@ -305,7 +348,8 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
             that skips it.
             Pass ``p_drop = 0`` at evaluation.
         seed, offset: Philox seed / counter offset for the keep flags (Python ints).
-        lam_ce, lam_kl, w_emb, lam_I: term weights (paper CIFAR-100: 1, 1, 100, 0.005).
+        lam_ce, lam_kl, w_emb, lam_I: term weights, finite and >= 0 (paper CIFAR-100:
+            1, 1, 100, 0.005).
         dist: ``"mse"`` or ``"smooth_l1"`` for the embedding distortion (sum over D).
         ibm_rate: ``[B]`` IBM rate ``rate_I`` in nats per sample, or None (term 0).
         ignore_index: label value excluded from CE.
@@ -323,9 +367,8 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
     check_tensor("student_logits", student_logits, ndim=2)
     check_tensor("target_logits", target_logits, ndim=3)
     check_tensor("labels", labels, ndim=1, integer=True)
-    check_tau(tau)
-    check_prob(p_drop)
-    check_dist(dist)
+    check_loss_hparams("cifd_loss", tau=tau, p_drop=p_drop, dist=dist, ignore_index=ignore_index,
+                       lam_ce=lam_ce, lam_kl=lam_kl, w_emb=w_emb, lam_I=lam_I)
     ref = student_logits
     check_same_device("student_logits", ref, target_logits=target_logits, labels=labels)
     batch, k = student_logits.shape
@@ -343,7 +386,7 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
     check_nonempty("student_logits", batch)
 
     dt = compute_dtype(student_logits, target_logits, student_emb, target_embs, ibm_rate)
-    lam_t = _check_lam(lam, m, ref.device, dt)
+    lam_t = _check_lam(lam, m, ref.device, dt, "cifd_loss")
     keep = kd_keep_flags(m, seed, offset, p_drop, device=ref.device)
 
     ce = _ce_mean(student_logits, labels, ignore_index)
@@ -386,8 +429,10 @@ def cifd_embedding_loss(student_emb: torch.Tensor, target_embs: torch.Tensor,
             positive of row i (e.g. the paired text embeddings, or the teacher's
             image embeddings ``target_embs[0]``). The caller chooses; it is required
             when ``lam_cl != 0`` and ignored when ``lam_cl == 0``.
-        lam: ``[M]`` target weights (None = all ones).
-        temperature: InfoNCE temperature (:func:`info_nce`, symmetric, L2-normalised).
+        lam: ``[M]`` target weights, finite and >= 0 (None = all ones).
+        temperature: InfoNCE temperature, finite and > 0 (:func:`info_nce`, symmetric,
+            L2-normalised); checked even when ``lam_cl == 0``.
+        w_emb, lam_I, lam_cl: term weights, finite and >= 0.
         Others as in :func:`cifd_loss`.
 
     Returns ``(loss, terms)`` with terms ``emb`` ``[M]``, ``keep`` ``[M]``, ``rate``,
@@ -396,8 +441,8 @@ def cifd_embedding_loss(student_emb: torch.Tensor, target_embs: torch.Tensor,
     """
     check_tensor("student_emb", student_emb, ndim=2)
     check_tensor("target_embs", target_embs, ndim=3)
-    check_prob(p_drop)
-    check_dist(dist)
+    check_embedding_loss_hparams("cifd_embedding_loss", p_drop=p_drop, dist=dist, temperature=temperature,
+                                 w_emb=w_emb, lam_I=lam_I, lam_cl=lam_cl)
     batch = student_emb.shape[0]
     m = target_embs.shape[0]
     if m == 0:
@@ -412,12 +457,11 @@ def cifd_embedding_loss(student_emb: torch.Tensor, target_embs: torch.Tensor,
         check_same_device("student_emb", ref, contrast_emb=contrast_emb)
         check_dim("contrast_emb", contrast_emb.shape[0], batch, "the batch size B")
         check_dim("contrast_emb", contrast_emb.shape[1], student_emb.shape[1], "the embedding dim D")
-        check_tau(temperature, "temperature")
     _check_embeddings(student_emb, target_embs, m, batch, "student_emb", ref)
     check_nonempty("student_emb", batch)
 
     dt = compute_dtype(student_emb, target_embs, contrast_emb, ibm_rate)
-    lam_t = _check_lam(lam, m, ref.device, dt)
+    lam_t = _check_lam(lam, m, ref.device, dt, "cifd_embedding_loss")
     keep = kd_keep_flags(m, seed, offset, p_drop, device=ref.device)
     zero_m = torch.zeros(m, dtype=dt, device=ref.device)
     emb = _kept(keep, _embedding_terms(student_emb, _drop_rows(keep, target_embs), dist), zero_m)

@@ -39,18 +39,28 @@ interleaves RDMs) and evaluates the density with
 
 fp32 math inside whatever the input dtype (float64 stays float64 for gradcheck);
 outputs are fp32 (or float64).
+
+Hyperparameters are checked where they enter (:mod:`._checks`, the message style
+of :mod:`.cifd_loss`): each ``R_n`` finite and >= 0 (``R = 0`` is a valid,
+degenerate "rate only" RDM: the reconstruction gets no weight, so only the CE
+and KL terms pay for information through the channel), ``len(R) == N``; ``tau`` finite and > 0;
+``lam_ce``, ``lam_kl`` finite and >= 0. ``R`` as a tensor is checked for shape
+only (its values would need a host read).
 """
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
+from . import _checks
 from . import entropy_bottleneck as _eb
 from .cifd_loss import (_up, check_dim, check_dist, check_nonempty, check_same_device,
-                        check_tau, check_tensor, compute_dtype, cross_entropy, distortion, kl_tau)
+                        check_tau, check_tensor, check_weights, compute_dtype, cross_entropy,
+                        distortion, kl_tau)
 from .philox import philox_noise
 
 ACTIVATIONS = ("relu", "gelu")
@@ -159,8 +169,7 @@ def quantize_latent(z: torch.Tensor, mode: str, seed: int = 0, offset: int = 0,
     """``z`` ``[N, B, L]`` -> ``z_hat``: ``z + u`` (``"noise"``), ``round(z - m) + m``
     with ``medians`` ``[N * L]`` (``"dequantize"``, CompressAI's rule; ``torch.round``
     rounds half to even), or ``z`` (``"none"``)."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    _checks.check_choice("mode", mode, MODES, "quantize_latent")
     n, batch, l = z.shape
     if mode == "noise":
         return z + latent_noise(n, batch, l, seed, offset, device=z.device).to(z.dtype)
@@ -203,8 +212,8 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
 
     Returns :class:`RDMBankOutput`. B = 0 gives empty outputs.
     """
-    if act not in ("relu", "gelu"):
-        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    _checks.check_choice("act", act, ACTIVATIONS, "rdm_bank_forward")
+    _checks.check_finite_nonneg("likelihood_bound", likelihood_bound, "rdm_bank_forward")
     n, d, h, l, k = bank_sizes(params)
     check_tensor("x", x, ndim=2)
     check_same_device("x", x, **{"params['enc1.weight']": params["enc1.weight"]})
@@ -226,7 +235,17 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
     return RDMBankOutput(z, z_hat, x_hat, logits, lik, rate)
 
 
-def _check_R(R, n: int, device, dt) -> torch.Tensor:
+def check_R(R, n: Optional[int] = None, where: Optional[str] = None) -> tuple[float, ...]:
+    """Distortion weights given as Python numbers (one number, or a sequence of N)
+    as a tuple of floats, each finite and >= 0 (R = 0: a "rate only" RDM); with
+    ``n``, ``len(R)`` must be ``n``. For the modules and the ops; tensors go through
+    the loss's shape checks instead."""
+    if isinstance(R, numbers.Real) and not isinstance(R, bool):
+        R = [R]
+    return _checks.check_sequence("R", R, _checks.check_finite_nonneg, where, length=n, what="N")
+
+
+def _check_R(R, n: int, device, dt, where: Optional[str] = None) -> torch.Tensor:
     if isinstance(R, torch.Tensor):
         if R.dim() != 1 or R.shape[0] != n:
             raise ValueError(f"R must have shape [N] = [{n}], got {tuple(R.shape)}")
@@ -234,12 +253,17 @@ def _check_R(R, n: int, device, dt) -> torch.Tensor:
         if R.device != device:
             raise ValueError(f"R is on {R.device} but x is on {device}")
         return _up(R, dt)
-    if isinstance(R, (int, float)) and not isinstance(R, bool):
-        R = [R]
-    R = [float(r) for r in R]
-    if len(R) != n:
-        raise ValueError(f"len(R) = {len(R)} but the bank has N = {n} RDMs")
-    return torch.tensor(R, dtype=dt, device=device)
+    return torch.tensor(check_R(R, n, where), dtype=dt, device=device)
+
+
+def check_rdm_loss_hparams(where: Optional[str] = None, *, dist: str, tau: float, ignore_index: int,
+                           lam_ce: float, lam_kl: float) -> None:
+    """The scalar hyperparameters of :func:`rdm_bank_loss` (also checked by the ops;
+    ``R`` is :func:`check_R`'s)."""
+    check_dist(dist, where)
+    check_tau(tau, where=where)
+    _checks.check_int("ignore_index", ignore_index, where, lo=None)
+    check_weights(where, lam_ce=lam_ce, lam_kl=lam_kl)
 
 
 def rdm_bank_loss(x: torch.Tensor, x_hat: torch.Tensor, logits: torch.Tensor, rate: torch.Tensor,
@@ -255,10 +279,12 @@ def rdm_bank_loss(x: torch.Tensor, x_hat: torch.Tensor, logits: torch.Tensor, ra
     Args:
         x: ``[B, D]`` teacher embedding; x_hat ``[N, B, D]``; logits ``[N, B, K]``;
         rate: ``[N, B]`` nats (from :func:`rdm_bank_forward`).
-        R: ``[N]`` distortion weights (sequence or tensor).
+        R: ``[N]`` distortion weights, finite and >= 0 (sequence or tensor; a tensor
+            is checked for shape only). ``R = 0`` is a valid "rate only" RDM.
         labels: ``[B]`` integer, or None: then the CE term is 0 (left out).
         teacher_logits: ``[B, K]``, or None: then the KL term is 0 (left out).
-        dist: ``"mse"`` | ``"smooth_l1"``; tau > 0; KL scaled by ``tau^2``.
+        dist: ``"mse"`` | ``"smooth_l1"``; tau finite and > 0; KL scaled by ``tau^2``.
+        lam_ce, lam_kl: CE and KL weights, finite and >= 0.
         ignore_index: label excluded from CE (CE is the mean over the others).
 
     Returns ``(loss, terms)``: ``loss`` the 0-dim sum over RDMs; ``terms`` maps
@@ -266,8 +292,8 @@ def rdm_bank_loss(x: torch.Tensor, x_hat: torch.Tensor, logits: torch.Tensor, ra
     batch means, except ``loss`` which is the weighted per-RDM total).
     An empty batch (B = 0) raises ValueError.
     """
-    check_dist(dist)
-    check_tau(tau)
+    check_rdm_loss_hparams("rdm_bank_loss", dist=dist, tau=tau, ignore_index=ignore_index,
+                           lam_ce=lam_ce, lam_kl=lam_kl)
     check_tensor("x", x, ndim=2)
     check_tensor("x_hat", x_hat, ndim=3)
     check_tensor("logits", logits, ndim=3)
@@ -291,7 +317,7 @@ def rdm_bank_loss(x: torch.Tensor, x_hat: torch.Tensor, logits: torch.Tensor, ra
         check_dim("teacher_logits", teacher_logits.shape[1], k, "the class count K")
     check_nonempty("x", batch)
     dt = compute_dtype(x, x_hat, logits, rate, teacher_logits)
-    Rt = _check_R(R, n, x.device, dt)
+    Rt = _check_R(R, n, x.device, dt, "rdm_bank_loss")
     dist_n = _up(distortion(x.unsqueeze(0), x_hat, dist).mean(-1), dt)
     rate_n = _up(rate, dt).mean(-1)
     zero = torch.zeros(n, dtype=dt, device=x.device)
@@ -334,17 +360,15 @@ def rdm_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matrices, b
 def rdm_loss(x: torch.Tensor, x_hat: torch.Tensor, logits: torch.Tensor, rate: torch.Tensor, R: float,
              labels: Optional[torch.Tensor] = None, teacher_logits: Optional[torch.Tensor] = None, **kw):
     """Stage-1 loss of one RDM: :func:`rdm_bank_loss` with N = 1 on ``[B, D]``,
-    ``[B, K]``, ``[B]`` inputs and a scalar ``R``. Returns ``(loss, terms)`` with
+    ``[B, K]``, ``[B]`` inputs and a scalar ``R`` (finite, >= 0). Returns ``(loss, terms)`` with
     0-dim terms."""
     check_tensor("x_hat", x_hat, ndim=2)
     check_tensor("logits", logits, ndim=2)
     check_tensor("rate", rate, ndim=1)
     if isinstance(R, torch.Tensor):
         R = R.reshape(1)
-    elif isinstance(R, (int, float)) and not isinstance(R, bool):
-        R = [float(R)]
     else:
-        raise TypeError(f"R must be a number (one RDM), got {type(R).__name__}")
+        R = [_checks.check_finite_nonneg("R", R, "rdm_loss")]
     loss, terms = rdm_bank_loss(x, x_hat.unsqueeze(0), logits.unsqueeze(0), rate.unsqueeze(0), R,
                                 labels, teacher_logits, **kw)
     return loss, {key: v.squeeze(0) for key, v in terms.items()}
