@@ -40,7 +40,7 @@ def _reference(y, mats, biases, factors, medians, mode, seed, offset, rho, s):
         # likelihood at the float32 y_hat (what the fused kernel stores), dropped elements at 0
         yh32 = yh if yh.dtype == cdt else ibm(y.to(cdt), mats, biases, factors, rho=rho, s=s, seed=seed,
                                               offset=offset, bound=BOUND)[0]
-        lik = R.likelihood(yh32, mats, biases, factors, bound=BOUND)
+        lik = R.likelihood(yh32 / s, mats, biases, factors, bound=BOUND)  # read at y_hat / s
         return yh, rate, lik
     yh, lik = R.entropy_bottleneck(y, mats, biases, factors, medians, mode=mode, seed=seed, offset=offset,
                                    bound=BOUND)
@@ -345,7 +345,7 @@ def _compare64(shape, mode, rho, s):
     y = (2.0 * torch.randn(shape, generator=g, dtype=torch.float64)).requires_grad_()
     if mode == "noise":  # the likelihood at the float64 y_hat (_reference's is at a float32 one)
         yh, rate, _ = ibm(y, mats, biases, factors, rho=rho, s=s, seed=5, offset=9, bound=BOUND)
-        lik = R.likelihood(yh, mats, biases, factors, bound=BOUND)
+        lik = R.likelihood(yh / s, mats, biases, factors, bound=BOUND)
     else:
         yh, rate, lik = _reference(y, mats, biases, factors, medians, mode, 5, 9, rho, s)
     gyh, grate, glik = (torch.randn(shape, generator=g, dtype=torch.float64),

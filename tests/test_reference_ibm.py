@@ -66,11 +66,13 @@ def test_rate_and_gradients_match_compressai(rho, s):
     w_hat, rate, keep = ibm(w, mats, bias, facs, rho=rho, s=s, seed=seed, offset=offset)
     assert rate.dtype == torch.float64
 
-    # METHOD sec. 3 written out with CompressAI's density (its [C, 1, N] layout).
+    # METHOD sec. 3 written out with CompressAI's density (its [C, 1, N] layout), read
+    # at w_hat / s: the unit-width channel's rate.
     w_c = w.detach().clone().requires_grad_()
     u = philox_noise((B, C), seed, offset).double()
     wh_c = torch.where(keep, w_c + s * u, torch.zeros((), dtype=torch.float64))
-    lik_c = ceb.likelihood_lower_bound(ceb._likelihood(wh_c.t().reshape(C, 1, B))[0]).reshape(C, B).t()
+    x_c = (wh_c / s).t().reshape(C, 1, B)
+    lik_c = ceb.likelihood_lower_bound(ceb._likelihood(x_c)[0]).reshape(C, B).t()
     rate_c = -(keep * torch.log(lik_c)).sum(1)
     torch.testing.assert_close(w_hat, wh_c, rtol=0, atol=1e-15)
     torch.testing.assert_close(rate, rate_c, **TOL64)
@@ -81,6 +83,31 @@ def test_rate_and_gradients_match_compressai(rho, s):
     for a, b in zip([w, *mats, *bias, *facs], [w_c, *ceb.matrices, *ceb.biases, *ceb.factors]):
         torch.testing.assert_close(a.grad, b.grad, **TOL64)
     assert torch.equal(w.grad[~keep], torch.zeros_like(w.grad[~keep]))  # dropped: no gradient
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.3])
+@pytest.mark.parametrize("s", [0.3, 2.5])
+def test_scaled_channel_is_the_unit_channel_of_w_over_s(rho, s):
+    """IBM_s(w) = s * IBM_1(w / s): the same keep mask, w_hat scaled by s, the same rate
+    (CIFD_METHOD.md sec. 3). In float64 the two sides round differently only in the last
+    bits of w_hat / s versus w / s + u (a few ulps of |w / s| + 1/2)."""
+    mats, bias, facs = _params(5, seed=2, dtype=torch.float64)
+    w = 3 * torch.randn(7, 5, dtype=torch.float64)
+    wh_s, rate_s, keep_s = ibm(w, mats, bias, facs, rho=rho, s=s, seed=11, offset=5)
+    wh_1, rate_1, keep_1 = ibm(w / s, mats, bias, facs, rho=rho, s=1.0, seed=11, offset=5)
+    assert torch.equal(keep_s, keep_1)
+    torch.testing.assert_close(wh_s, s * wh_1, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(rate_s, rate_1, rtol=1e-10, atol=1e-10)
+
+
+def test_rate_grows_as_s_shrinks():
+    """With the density read at w_hat / s, a finer noise (smaller s) carries more
+    information about w, so the rate of the same w rises (the old reading, at w_hat
+    with unit bins, had it fall towards 0)."""
+    mats, bias, facs = _params(8, seed=1, dtype=torch.float64)
+    w = 2 * torch.randn(64, 8, dtype=torch.float64)
+    rates = [ibm(w, mats, bias, facs, s=s, seed=3)[1].mean().item() for s in (1.0, 0.3, 0.1)]
+    assert rates[0] < rates[1] < rates[2], rates
 
 
 def test_gradcheck_ibm():
@@ -148,8 +175,9 @@ def test_bad_inputs_raise_clear_errors():
         ibm(torch.zeros(2, 4, device="meta"), *p)
     with pytest.raises(ValueError, match="rho"):
         ibm(torch.zeros(2, 4), *p, rho=1.5)
-    with pytest.raises(ValueError, match="s \\(noise scale\\)"):
-        ibm(torch.zeros(2, 4), *p, s=float("nan"))
+    for bad_s in (float("nan"), float("inf"), 0.0, -1.0):
+        with pytest.raises(ValueError, match="s \\(noise scale\\) must be finite and > 0"):
+            ibm(torch.zeros(2, 4), *p, s=bad_s)
     with pytest.raises(TypeError, match="rho"):
         ibm(torch.zeros(2, 4), *p, rho=torch.tensor(0.1))
     with pytest.raises(ValueError, match="offset"):
@@ -176,5 +204,8 @@ def test_module():
         IBM(6, backend="cuda").train()(w, seed=1)
     with pytest.raises(ValueError, match="rho"):
         IBM(6, rho=-0.1)
+    for bad_s in (-1.0, 0.0, float("inf")):  # issue 13: IBM(16, s=-1.0) was accepted
+        with pytest.raises(ValueError, match="s \\(noise scale\\) must be finite and > 0"):
+            IBM(16, s=bad_s)
     with pytest.raises(ValueError, match="w has 6 channels"):
         IBM(5)(w)

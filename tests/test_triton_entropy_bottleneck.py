@@ -57,7 +57,7 @@ def _reference(y, P, mode, rho, s, need_lik):
     m, b, f = P["matrices"], P["biases"], P["factors"]
     if mode == "noise":
         yh, rate, _ = ibm(y, m, b, f, rho=rho, s=s, seed=SEED, offset=OFFSET)
-        lik = ref.likelihood(yh, m, b, f) if need_lik else None
+        lik = ref.likelihood(yh.float() / s, m, b, f) if need_lik else None  # read at y_hat / s
     else:
         yh, lik = ref.entropy_bottleneck(y, m, b, f, P["medians"], mode=mode)
         rate = ref.rate_nats(lik)

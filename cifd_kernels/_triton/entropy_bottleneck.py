@@ -60,6 +60,16 @@ def _mul_rn(a, b, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _div_rn(a, b, INTERPRET: tl.constexpr):
+    """a / b rounded once (IEEE, as torch's division; Triton's own fp32 ``/`` is approximate)."""
+    if INTERPRET:
+        return a / b
+    else:
+        return tl.inline_asm_elementwise("div.rn.f32 $0, $1, $2;", "=f,f,f", [a, b],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _uniform_rn(w, INTERPRET: tl.constexpr):
     """uint32 Philox word -> float32 uniform in [0, 1), as tl.rand / the reference."""
     x = w.to(tl.int32, bitcast=True)
@@ -153,7 +163,8 @@ def _ex2(x):
         return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
                                          is_pure=True, pack=1)
     else:
-        return tl.exp2(tl.minimum(x, 126.0))  # finite in numpy; the GPU's ex2 returns inf
+        # finite in numpy (the GPU's ex2 returns inf); NaN stays NaN, as ex2.approx keeps it
+        return tl.exp2(tl.minimum(x, 126.0, propagate_nan=tl.PropagateNan.ALL))
 
 
 @triton.jit
@@ -331,8 +342,9 @@ def _tile(pid0, pid1, pid2, it, N, C, S, BA: tl.constexpr, BB: tl.constexpr, SPA
 
 # ----------------------------------------------------------------------------- forward
 # y_hat = keep ? y + s*u : 0 (noise; u = U(word 0) - 1/2, keep = U(word 1) >= rho),
-#         round(y - m_c) + m_c (dequantize), or y (none);
-# p = max(|sigmoid(g f_c(y_hat + 1/2)) - sigmoid(g f_c(y_hat - 1/2))|, bound), g = -sign(sum of logits);
+#         round(y - m_c) + m_c (dequantize), or y (none); the density's point x = y_hat, or
+#         y_hat / s in noise mode with s != 1 (SCALED: the unit channel's rate of y / s);
+# p = max(|sigmoid(g f_c(x + 1/2)) - sigmoid(g f_c(x - 1/2))|, bound), g = -sign(sum of logits);
 # rate[n] = -sum_{c,s kept} ln p.  Gradient: _entropy_bottleneck_bwd_kernel.
 @triton.jit
 def _entropy_bottleneck_fwd_kernel(
@@ -340,7 +352,7 @@ def _entropy_bottleneck_fwd_kernel(
         N, C, S, CP, seed, offset, rho, s_noise, bound,
         MODE: tl.constexpr, SPATIAL: tl.constexpr, STORE_LIK: tl.constexpr,
         DETERMINISTIC: tl.constexpr, INTERPRET: tl.constexpr, BF16_RNE: tl.constexpr,
-        BA: tl.constexpr, BB: tl.constexpr):
+        SCALED: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr):
     pid0 = tl.program_id(0).to(tl.int64)
     pid1 = tl.program_id(1).to(tl.int64)
     pid2 = tl.program_id(2).to(tl.int64)
@@ -353,6 +365,8 @@ def _entropy_bottleneck_fwd_kernel(
     yh, keep = _yhat(y, idx, seed, offset, rho, s_noise, med, MODE, INTERPRET)
     tl.store(yhat_ptr + idx, _to_out(yh, yhat_ptr, BF16_RNE), mask=m)
 
+    if SCALED:
+        yh = _div_rn(yh, tl.full(yh.shape, s_noise, tl.float32), INTERPRET)
     x = tl.join(yh - 0.5, yh + 0.5)
     h0, h1, h2, _, _, _ = _first_fwd(x, _load_first(pp, CP, cix, cm))
     h0, h1, h2, _, _, _ = _hidden_fwd(h0, h1, h2, _load_hidden(pp, 9, CP, cix, cm))
@@ -384,7 +398,8 @@ def _entropy_bottleneck_fwd_kernel(
 # dL/dp_b = g_lik + keep * (-g_rate[n] / p_b); LowerBound: dL/dp = dL/dp_b where p >= bound or
 # dL/dp_b < 0, else 0; dp/dU = sd g sigmoid'(g U), dp/dL = -sd g sigmoid'(g L) (sd = sign of the
 # difference); then back through the MLP (h' = q + tanh(a) tanh(q), q = W h + b) for both logits.
-# dy = keep * (g_yhat + dL/dy_hat) (noise), 0 (dequantize; the medians get the sum), or the sum (none).
+# dy = keep * (g_yhat + dL/dy_hat) (noise), 0 (dequantize; the medians get the sum), or the sum (none);
+# SCALED: dL/dy_hat = dL/dx / s.
 # Parameter grads are reduced over the program's rows in registers, then atomically added or
 # written as per-program partials (DETERMINISTIC) that the launcher sums in a fixed order.
 @triton.jit
@@ -393,7 +408,7 @@ def _entropy_bottleneck_bwd_kernel(
         N, C, S, CP, seed, offset, rho, s_noise, bound, ROWS_PER_PROG, ITERS,
         MODE: tl.constexpr, SPATIAL: tl.constexpr, HAS_GRATE: tl.constexpr, HAS_GLIK: tl.constexpr,
         DETERMINISTIC: tl.constexpr, INTERPRET: tl.constexpr, BF16_RNE: tl.constexpr,
-        BA: tl.constexpr, BB: tl.constexpr):
+        SCALED: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr):
     pid0 = tl.program_id(0).to(tl.int64)
     pid1 = tl.program_id(1).to(tl.int64)
     pid2 = tl.program_id(2).to(tl.int64)
@@ -419,6 +434,8 @@ def _entropy_bottleneck_bwd_kernel(
         idx, m, n, cix_it, cm_it = _tile(pid0, pid1, pid2, it, N, C, S, BA, BB, SPATIAL, ROWS_PER_PROG)
         y = tl.load(y_ptr + idx, mask=m, other=0.0).to(tl.float32)
         yh, keep = _yhat(y, idx, seed, offset, rho, s_noise, med, MODE, INTERPRET)
+        if SCALED:
+            yh = _div_rn(yh, tl.full(yh.shape, s_noise, tl.float32), INTERPRET)
         # forward again, keeping what the backward needs
         x = tl.join(yh - 0.5, yh + 0.5)
         a0, a1, a2, t00, t01, t02 = _first_fwd(x, P0)
@@ -444,6 +461,8 @@ def _entropy_bottleneck_bwd_kernel(
         g0, g1, g2, A2 = _hidden_bwd(g0, g1, g2, t20, t21, t22, b0, b1, b2, P2, A2)
         g0, g1, g2, A1 = _hidden_bwd(g0, g1, g2, t10, t11, t12, a0, a1, a2, P1, A1)
         gyh, A0 = _first_bwd(g0, g1, g2, t00, t01, t02, x, P0, A0)
+        if SCALED:
+            gyh = _div_rn(gyh, tl.full(gyh.shape, s_noise, tl.float32), INTERPRET)
         gyh = gyh + tl.load(gyh_ptr + idx, mask=m, other=0.0).to(tl.float32)
         if MODE == 0:
             gy = tl.where(keep, gyh, 0.0)
@@ -569,7 +588,8 @@ def entropy_bottleneck_fwd(y: torch.Tensor, packed: torch.Tensor, medians: Optio
         medians: [C], read by ``mode="dequantize"`` only.
         mode: "noise" (y_hat = keep ? y + s*u : 0), "dequantize" (round(y - m) + m), "none".
         seed, offset: Python ints in [0, 2**63). rho: drop probability (noise mode only;
-            keep = U(word 1) >= rho). s: noise scale (noise mode only). bound: likelihood floor.
+            keep = U(word 1) >= rho). s: noise scale (noise mode only; the density is read
+            at y_hat / s, CIFD_METHOD.md section 3). bound: likelihood floor.
         need_likelihood: also return the per-element likelihoods.
         deterministic: per-program partial rates summed by torch instead of float atomics.
         groups: G runs G independent [N, C] problems in one launch (the RDM bank's
@@ -605,7 +625,7 @@ def entropy_bottleneck_fwd(y: torch.Tensor, packed: torch.Tensor, medians: Optio
         N, C, S, groups * C, seed, offset, float(rho), float(s), float(bound),
         MODE=_MODES[mode], SPATIAL=spatial, STORE_LIK=need_likelihood, DETERMINISTIC=deterministic,
         INTERPRET=_interpret(), BF16_RNE=_interpret() and y.dtype == torch.bfloat16,
-        BA=BA, BB=BB, num_warps=warps)
+        SCALED=mode == "noise" and float(s) != 1.0, BA=BA, BB=BB, num_warps=warps)
     if deterministic:
         rate = rate_buf.sum(0) if not spatial else rate_buf.sum(1)
     else:
@@ -689,6 +709,7 @@ def entropy_bottleneck_bwd(y: torch.Tensor, packed: torch.Tensor, medians: Optio
         MODE=_MODES[mode], SPATIAL=spatial, HAS_GRATE=grad_rate is not None,
         HAS_GLIK=grad_likelihood is not None, DETERMINISTIC=deterministic,
         INTERPRET=_interpret(), BF16_RNE=_interpret() and y.dtype == torch.bfloat16,
-        BA=BA, BB=BB, num_warps=warps, **_bwd_launch_options())
+        SCALED=mode == "noise" and float(s) != 1.0, BA=BA, BB=BB, num_warps=warps,
+        **_bwd_launch_options())
     gp = gbuf.sum(0) if deterministic else gbuf  # fixed-order sum of the partials
     return grad_y, gp[:NUM_PACKED], (gp[_MEDIAN_ROW] if mode == "dequantize" else None)

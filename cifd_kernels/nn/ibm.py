@@ -18,12 +18,17 @@ from .entropy_bottleneck import FactorizedDensity
 
 
 class IBM(FactorizedDensity):
-    """``w_hat = m * (w + s*u)`` with rate ``-sum_c m_c ln p_c(w_hat_c)`` (nats), training only.
+    """``w_hat = m * (w + s*u)`` with rate ``-sum_c m_c ln p_c(w_hat_c / s)`` (nats), training only.
+
+    The density is read at ``w_hat / s``, where the noise has unit width, so the rate
+    stays the information bound of the channel actually used: ``IBM_s(w) = s *
+    IBM_1(w / s)`` (CIFD_METHOD.md section 3). ``s`` rescales the channel to an
+    embedding's scale; it does not weaken the bottleneck (that is the rate weight's job).
 
     Args:
         channels: D_s, the embedding width (dim 1 of the input).
-        rho: drop probability of the keep mask m (0 = the paper's IBM, no mask).
-        s: noise scale (1 = the paper's).
+        rho: drop probability of the keep mask m, in [0, 1] (0 = the paper's IBM, no mask).
+        s: noise scale, finite and > 0 (1 = the paper's).
         filters, init_scale, tail_mass, likelihood_bound: the density, as
             :class:`cifd_kernels.nn.EntropyBottleneck`.
         backend: as :class:`cifd_kernels.nn.EntropyBottleneck` (op name ``"ibm"``).

@@ -119,19 +119,22 @@ def _(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, of
     return torch.empty_like(y), packed.new_empty((_pack.NUM_GRAD, packed.shape[1]))
 
 
-def _saves_y_hat(mode: str, rho: float, dtype: torch.dtype) -> bool:
+def _saves_y_hat(mode: str, rho: float, s: float, dtype: torch.dtype) -> bool:
     """Whether backward re-evaluates the density at the saved y_hat in mode ``none``
     instead of at y. In noise mode without masking and with float32/float64 y, y_hat
     *is* y + s u at the precision the kernels evaluate the density at, and
     d y_hat / d y = 1: the same bits without regenerating the noise (Philox is ~11% of
     the CPU backward: 60.7 -> 54.2 ms at (4096, 512)). Half-precision y_hat is
-    rounded, and rho > 0 needs the keep flags: those keep y and the noise mode."""
-    return SAVE_Y_HAT and mode == "noise" and rho == 0.0 and dtype in (torch.float32, torch.float64)
+    rounded, rho > 0 needs the keep flags, and s != 1 reads the density at y_hat / s:
+    those keep y and the noise mode."""
+    return (SAVE_Y_HAT and mode == "noise" and rho == 0.0 and s == 1.0
+            and dtype in (torch.float32, torch.float64))
 
 
-def _saved_input(y: torch.Tensor, y_hat: torch.Tensor, mode: str, rho: float) -> tuple[torch.Tensor, str]:
+def _saved_input(y: torch.Tensor, y_hat: torch.Tensor, mode: str, rho: float, s: float
+                 ) -> tuple[torch.Tensor, str]:
     """What backward re-evaluates the density at, and in which mode (:func:`_saves_y_hat`)."""
-    if _saves_y_hat(mode, rho, y.dtype):
+    if _saves_y_hat(mode, rho, s, y.dtype):
         return y_hat, "none"
     return y, mode
 
@@ -142,7 +145,7 @@ SAVE_Y_HAT = True
 
 def _setup_context(ctx, inputs, output):
     y, packed, medians, mode, seed, offset, rho, s, bound, need_lik, deterministic, backend = inputs
-    saved, bwd_mode = _saved_input(y, output[0], mode, rho)
+    saved, bwd_mode = _saved_input(y, output[0], mode, rho, s)
     ctx.save_for_backward(saved, packed, medians)
     ctx.args = (bwd_mode, seed, offset, rho, s, bound, deterministic, backend)
     ctx.need_lik = need_lik
@@ -200,7 +203,7 @@ def _bwd_triton(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.T
 
 def _setup_triton(ctx, inputs, output):
     y, packed, medians, mode, seed, offset, rho, s, bound, need_lik = inputs
-    saved, bwd_mode = _saved_input(y, output[0], mode, rho)
+    saved, bwd_mode = _saved_input(y, output[0], mode, rho, s)
     ctx.save_for_backward(saved, packed, medians)
     ctx.args = (bwd_mode, seed, offset, rho, s, bound)
     ctx.need_lik = need_lik
@@ -280,7 +283,8 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
         seed, offset: Python ints in [0, 2**63). The call uses counters
             ``offset .. offset + y.numel() - 1``.
         rho, s: IBM mask ratio and noise width (noise mode only); rho=0, s=1 is the
-            RDM bottleneck.
+            RDM bottleneck. With s != 1 the density is read at ``y_hat / s`` (the unit
+            channel's rate of ``y / s``, CIFD_METHOD.md section 3); likelihoods too.
         bound: likelihood floor (CompressAI's LowerBound rule in backward).
         need_likelihood: also return per-element likelihoods.
         deterministic: kernels reduce parameter gradients without float atomics.
@@ -295,8 +299,14 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
         raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
     if mode not in _pack.MODES:
         raise ValueError(f"mode must be one of {tuple(_pack.MODES)}, got {mode!r}")
-    _ref.check_params(matrices, biases, factors)
+    # The reference's argument checks first, so that every backend rejects what it rejects
+    # with the same exception (a wrong dtype or device is not a missing backend).
+    C = _ref.check_params(matrices, biases, factors)
+    _ref.check_activation("y", y, C, matrices[0].device)
     _ref_ibm.check_rho_s(rho, s)
+    if mode != "noise":  # seed and offset are unused there, as in the reference
+        seed, offset = 0, 0
+
     def why_not(be: str) -> Optional[str]:
         if _kernel_ok(y, matrices, be):
             return None
@@ -310,13 +320,6 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
     if be == "reference":
         return _reference(y, matrices, biases, factors, medians, mode, seed, offset, rho, s, bound,
                           need_likelihood)
-    if y.dim() < 2:
-        raise ValueError(f"y must be [N, C, *spatial], got shape {tuple(y.shape)}")
-    C = matrices[0].shape[0]
-    if y.shape[1] != C:
-        raise ValueError(f"y has {y.shape[1]} channels but the density parameters have {C}")
-    if matrices[0].device != y.device:
-        raise ValueError(f"y is on {y.device} but the density parameters are on {matrices[0].device}")
     cdt = torch.float64 if y.dtype == torch.float64 else torch.float32  # the kernels' compute dtype
     if mode == "dequantize":
         if medians is None or tuple(medians.shape) != (C,):
@@ -329,7 +332,7 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
         y_hat, rate, lik = _fused_op()(
             y.contiguous(), _pack._flat(matrices, biases, factors), med, _pack.MODES[mode], seed, offset,
             float(rho), float(s), float(bound), bool(need_likelihood), bool(deterministic),
-            _saves_y_hat(mode, rho, y.dtype))
+            _saves_y_hat(mode, rho, s, y.dtype))
         return EntropyBottleneckOutput(y_hat, rate, lik if need_likelihood else None)
     packed = _pack.pack_density(matrices, biases, factors, dtype=cdt)
     y_hat, rate, lik = run_fused(y.contiguous(), packed, med, mode, seed, offset, float(rho), float(s),
@@ -366,7 +369,8 @@ def _reference(y, matrices, biases, factors, medians, mode, seed, offset, rho, s
     if mode == "noise" and (rho != 0.0 or s != 1.0):
         y_hat, rate, _ = _ref_ibm.ibm(y, matrices, biases, factors, rho=rho, s=s, seed=seed,
                                       offset=offset, training=True, bound=bound)
-        lik = _ref.likelihood(y_hat, matrices, biases, factors, bound=bound) if need_lik else None
+        lik = _ref.likelihood(y_hat if s == 1.0 else y_hat.to(rate.dtype) / s, matrices, biases, factors,
+                              bound=bound) if need_lik else None
         return EntropyBottleneckOutput(y_hat, rate, lik)
     y_hat, lik = _ref.entropy_bottleneck(y, matrices, biases, factors, medians, mode=mode, seed=seed,
                                          offset=offset, bound=bound)

@@ -265,7 +265,7 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
         z_hat, rate, lik = _eb_ops._fused_op()(
             z.contiguous(), _pack._flat(matrices, biases, factors), med, _pack.MODES[mode], seed, offset,
             0.0, 1.0, float(likelihood_bound), bool(need_likelihood), True,
-            _eb_ops._saves_y_hat(mode, 0.0, z.dtype), n)
+            _eb_ops._saves_y_hat(mode, 0.0, 1.0, z.dtype), n)
         return _decode(p, z, z_hat, act, lin_be, lik if need_likelihood else None, rate)
     packed = _pack.pack_density(matrices, biases, factors)  # [58, N*L]
     if not _eager.via_ops(z) and (be == "triton" or (
@@ -320,7 +320,7 @@ class _GroupedChannel(torch.autograd.Function):
                 *_eb_raw_fwd(z, packed, med), _pack.MODES[mode], seed, offset, 0.0, 1.0, bound,
                 need_likelihood, n)
         # as the entropy op: in noise mode the density was evaluated at z_hat (fp32/fp64)
-        saved, bwd_mode = _eb_saved_input(z, z_hat, mode, 0.0)
+        saved, bwd_mode = _eb_saved_input(z, z_hat, mode, 0.0, 1.0)
         ctx.save_for_backward(saved, packed, med)
         ctx.args = (bwd_mode, seed, offset, bound, n, need_likelihood, triton)
         return z_hat, rate, lik

@@ -5,14 +5,20 @@ CIFD_METHOD.md section 3, training only::
 
     w_hat  = m * (w + s*u),   u = Philox word 0 of counter offset+i, minus 1/2
                               m = (uniform(word 1 of the same counter) >= rho)
-    rate_I = -sum_c m_c ln p_c(w_hat_c)      # nats, per sample; p as in section 1
+    rate_I = -sum_c m_c ln p_c(w_hat_c / s)  # nats, per sample; p as in section 1
+
+The density is read at ``w_hat / s``, in the units where the noise has unit
+width, so ``rate_I`` is the information bound of the channel actually used:
+``IBM_s(w) = s * IBM_1(w / s)`` (same noise bits). At ``s = 1`` (the paper's)
+the division is exact and changes nothing.
 
 Order of operations, which every backend reproduces bit for bit: in the compute
 dtype (float32, float64 for float64 inputs) ``t = s * u`` first, then
 ``w + t``; dropped elements are then *selected* to +0.0 (a select, not a
 multiply, so there is no -0.0 and a NaN/inf in a dropped element does not leak
 through). ``w_hat`` is cast to ``w.dtype`` last; the likelihood is evaluated at
-the compute-dtype value. Gradients reach kept elements only.
+the compute-dtype value divided by ``s`` (one IEEE division). Gradients reach
+kept elements only: ``grad_w = m * (grad_w_hat + (d rate / d x) / s)``.
 """
 from __future__ import annotations
 
@@ -31,8 +37,8 @@ def check_rho_s(rho, s) -> None:
             raise TypeError(f"{name} must be a Python float, got {type(v).__name__}")
     if not 0.0 <= float(rho) <= 1.0:
         raise ValueError(f"rho (drop probability) must be in [0, 1], got {rho}")
-    if not float(s) == float(s) or abs(float(s)) == float("inf"):
-        raise ValueError(f"s (noise scale) must be finite, got {s}")
+    if not 0.0 < float(s) < float("inf"):
+        raise ValueError(f"s (noise scale) must be finite and > 0, got {s}")
 
 
 def ibm(w: torch.Tensor, matrices: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
@@ -46,7 +52,8 @@ def ibm(w: torch.Tensor, matrices: Sequence[torch.Tensor], biases: Sequence[torc
         matrices, biases, factors: CompressAI-layout density parameters
             (:mod:`.entropy_bottleneck`) with C channels, on ``w``'s device.
         rho: drop probability in [0, 1] (0 = the paper's IBM, no mask).
-        s: noise scale (1 = the paper's).
+        s: noise scale, finite and > 0 (1 = the paper's); the density is read at
+            ``w_hat / s``.
         seed, offset: Philox seed and base counter (Python ints in [0, 2**63));
             element ``i`` (row-major in ``w``'s logical shape) uses counter
             ``offset + i``: word 0 for its noise, word 1 for its keep flag.
@@ -56,7 +63,7 @@ def ibm(w: torch.Tensor, matrices: Sequence[torch.Tensor], biases: Sequence[torc
     Returns:
         ``(w_hat, rate, keep)``: ``w_hat`` in ``w.dtype`` and shape (contiguous);
         ``rate`` [B] in nats in the compute dtype (float32, float64 for float64),
-        ``-sum over kept elements of ln p(w_hat)``; ``keep`` bool of ``w``'s shape
+        ``-sum over kept elements of ln p(w_hat / s)``; ``keep`` bool of ``w``'s shape
         (all True for rho = 0), or None when not training.
     """
     C = check_params(matrices, biases, factors)
@@ -71,7 +78,8 @@ def ibm(w: torch.Tensor, matrices: Sequence[torch.Tensor], biases: Sequence[torc
             ).reshape(w.shape)  # = philox_keep_mask
     su = torch.tensor(float(s), dtype=cdt, device=w.device) * u.to(cdt)  # s*u first, then + w
     wh = torch.where(keep, w.to(cdt) + su, torch.zeros((), dtype=cdt, device=w.device))
-    p = _from_channel_rows(_likelihood_rows(_to_channel_rows(wh), matrices, biases, factors, bound, cdt),
+    x = wh if float(s) == 1.0 else wh / torch.tensor(float(s), dtype=cdt, device=w.device)
+    p = _from_channel_rows(_likelihood_rows(_to_channel_rows(x), matrices, biases, factors, bound, cdt),
                            w.shape)
     nll = torch.where(keep, -torch.log(p), torch.zeros((), dtype=cdt, device=w.device))
     rate = nll.flatten(1).sum(1)

@@ -4,7 +4,9 @@
 //   A. y_hat and keep (Philox, noise, rounding), every step rounded on its own,
 //      so y_hat matches the reference bit for bit;
 //   B. the density (MLP at both bin edges, bin mass, bound, log; or all of their
-//      backward, recomputing the forward).
+//      backward, recomputing the forward), at y_hat, or at y_hat / s in noise
+//      mode with s != 1 (a small pass between A and B; backward divides the
+//      density's gradient by s there and adds grad_y_hat itself).
 //
 // Three sets of span loops:
 // * AVX2 + FMA (entropy_bottleneck_avx2.cpp): hand-vectorised, 8 lanes, Philox
@@ -315,6 +317,12 @@ void broadcast_params(const Ctx<T>& cx, int64_t c, T* pt, T* mt) {
   for (int64_t l = 0; l < kTile; ++l) mt[l] = m;
 }
 
+// Noise mode with s != 1 reads the density at y_hat / s (cifd/density.h).
+template <class T>
+bool scaled_noise(const Ctx<T>& cx) {
+  return cx.pr.mode == kNoise && cx.s != T(1);
+}
+
 // Rows [r0, r1) (at most kFlushRows): y_hat, likelihoods and rate.
 template <class D, class T>
 void fwd_rows(const Ctx<T>& cx, int64_t r0, int64_t r1) {
@@ -325,13 +333,19 @@ void fwd_rows(const Ctx<T>& cx, int64_t r0, int64_t r1) {
   alignas(64) T pt[kNumPacked * kTile];
   alignas(64) T mt[kTile];
   alignas(64) T keep[kTile];
+  alignas(64) T xs[kTile];
   double acc[kFlushRows] = {};
   auto run = [&](int64_t n, int64_t base, int64_t w, const T* p, int64_t ps, const T* m) {
     const T* y = io.load(cx.y, base, w);
     T* yh = io.dst(cx.yhat, base);
     T* lik = cx.lik != nullptr ? cx.lik + base : lik_scratch;
     cx.sp.yhat(pr, cx.s, pr.offset + static_cast<uint64_t>(base), w, y, m, yh, keep);
-    acc[n - r0] += cx.sp.fwd(w, cx.bound, yh, keep, lik, p, ps);
+    const T* x = yh;  // the density's point: y_hat, or y_hat / s (scaled noise)
+    if (scaled_noise(cx)) {
+      for (int64_t l = 0; l < w; ++l) xs[l] = yh[l] / cx.s;
+      x = xs;
+    }
+    acc[n - r0] += cx.sp.fwd(w, cx.bound, x, keep, lik, p, ps);
     io.commit(cx.yhat, base, w);
   };
   if (S == 1) {
@@ -387,14 +401,24 @@ void bwd_unit(const Ctx<T>& cx, int64_t k, int64_t t) {
   };
   alignas(64) T yh[kTile];
   alignas(64) T keep[kTile];
+  alignas(64) T xs[kTile];
+  alignas(64) T gx[kTile];
   auto run = [&](int64_t n, int64_t base, int64_t cnt) {
     const T* y = io.load(cx.y, base, cnt);
     const T* gyh = cx.gyh != nullptr ? io.load2(cx.gyh, base, cnt) : Zeros<T>::v;
     const T* glik = cx.glik != nullptr ? cx.glik + base : Zeros<T>::v;
     T* gy = io.dst(cx.gy, base);
     cx.sp.yhat(pr, cx.s, pr.offset + static_cast<uint64_t>(base), cnt, y, mt, yh, keep);
-    cx.sp.bwd(pr.mode, cnt, cx.bound, cx.grate != nullptr ? cx.grate[n] : T(0), yh, keep, gyh,
-              glik, gy, pt, kTile, acc, kTile);
+    const T grate_n = cx.grate != nullptr ? cx.grate[n] : T(0);
+    if (scaled_noise(cx)) {
+      // The spans' dL/dx at x = y_hat / s (no g_yhat), then keep ? dL/dx / s + g_yhat : 0.
+      for (int64_t l = 0; l < cnt; ++l) xs[l] = yh[l] / cx.s;
+      cx.sp.bwd(pr.mode, cnt, cx.bound, grate_n, xs, keep, Zeros<T>::v, glik, gx, pt, kTile, acc,
+                kTile);
+      for (int64_t l = 0; l < cnt; ++l) gy[l] = keep[l] != T(0) ? gx[l] / cx.s + gyh[l] : T(0);
+    } else {
+      cx.sp.bwd(pr.mode, cnt, cx.bound, grate_n, yh, keep, gyh, glik, gy, pt, kTile, acc, kTile);
+    }
     io.commit(cx.gy, base, cnt);
     if (++spans == kFlushRows) flush();
   };

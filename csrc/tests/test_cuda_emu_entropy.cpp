@@ -60,6 +60,7 @@ struct Case {
   int mode;
   float rho;
   EbDtype dtype;
+  float s = 1.0f;  // noise scale: s != 1 reads the density at y_hat / s
 };
 
 // One case: forward and backward through the emulated CUDA launchers and the CPU
@@ -77,7 +78,7 @@ void run_case(const Case& k, int num_sms) {
   pr.seed = (1ULL << 40) + 7;
   pr.offset = (1ULL << 32) - 50;  // the counter's low word carries
   pr.rho = k.rho;
-  pr.s = 1.0f;
+  pr.s = k.s;
   const int64_t n = k.N * k.C * k.S;
   const bool bf = k.dtype != EbDtype::kFloat32;  // 16-bit storage
   std::normal_distribution<float> nd(0.0f, 3.0f);
@@ -236,6 +237,9 @@ int main() {
       {3, 5, 40, 1, 0.0f, f32},
       {2, 3, 100, 2, 0.0f, b16},
       {1, 1, 1, 0, 0.0f, f32},      // a single element
+      {37, 300, 1, 0, 0.25f, f32, 0.3f},  // the IBM's scaled channel: density at y_hat / s
+      {3, 5, 40, 0, 0.0f, f32, 0.3f},
+      {9, 70, 1, 0, 0.25f, b16, 2.5f},
   };
   for (const Case& k : cases) {
     for (int sms : {1, 3}) run_case(k, sms);  // different grids, same results

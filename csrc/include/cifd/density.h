@@ -4,6 +4,8 @@
 // formula.
 //
 //   y_hat = keep ? y + s*u : 0          noise (u, keep from Philox words 0, 1)
+//           the density is read at x = y_hat / s (noise mode; the unit-width
+//           channel's rate of y / s, CIFD_METHOD.md section 3), dx/dy_hat = 1/s
 //         = rne(y - m) + m              dequantize
 //         = y                           none
 //   f(x): h = W_k h + b_k; h += tanh(a)_k * tanh(h) (k < 4); widths 1-3-3-3-3-1
@@ -98,6 +100,15 @@ CIFD_HDI float add_rn(float a, float b) {
   return __fadd_rn(a, b);
 #else
   return a + b;
+#endif
+}
+
+// a / b rounded once (IEEE), as torch's division: the density's point y_hat / s.
+CIFD_HDI float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
 #endif
 }
 
@@ -503,12 +514,20 @@ struct Scalars {
   float rho, s, bound;
 };
 
+// Noise mode with s != 1: the density is read at y_hat / s, and its gradient
+// reaches y_hat divided by s. s == 1 (the RDMs, the paper's IBM) skips the
+// division, which would be exact anyway.
+CIFD_HDI bool scaled_noise(const Scalars& sc) { return sc.mode == kNoise && sc.s != 1.0f; }
+CIFD_HDI float density_point(const Scalars& sc, float yh) {
+  return scaled_noise(sc) ? div_rn(yh, sc.s) : yh;
+}
+
 // Forward: writes y_hat (float32) and p_b; returns -ln p_b if kept, else 0.
 CIFD_HDI float element_forward(const Scalars& sc, float y, float med, uint32_t c0, uint32_t c1,
                                const float* p, int64_t ps, float* yh_out, float* lik_out) {
   const YHat q = y_hat(sc.mode, y, med, sc.k0, sc.k1, c0, c1, sc.rho, sc.s);
   *yh_out = q.value;
-  const float pb = likelihood(q.value, p, ps, sc.bound);
+  const float pb = likelihood(density_point(sc, q.value), p, ps, sc.bound);
   *lik_out = pb;
   return q.keep != 0u ? neg_log_lik(pb) : 0.0f;
 }
@@ -533,8 +552,9 @@ CIFD_HDI float element_backward(const Scalars& sc, float y, float med, uint32_t 
                                 int64_t ps, float* acc, int64_t as) {
   const YHat q = y_hat(sc.mode, y, med, sc.k0, sc.k1, c0, c1, sc.rho, sc.s);
   const bool keep = q.keep != 0u;
-  const float gt =
-      likelihood_backward(q.value, g_lik, g_rate_n, keep, sc.bound, p, ps, acc, as) + g_yhat;
+  const float gx = likelihood_backward(density_point(sc, q.value), g_lik, g_rate_n, keep, sc.bound,
+                                       p, ps, acc, as);
+  const float gt = (scaled_noise(sc) ? div_rn(gx, sc.s) : gx) + g_yhat;
   return grad_y_rule(sc.mode, keep, gt, acc + kMedianRow * as);
 }
 
