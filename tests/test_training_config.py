@@ -53,6 +53,12 @@ def test_yaml_errors_name_file_and_key(tmp_path):
         C.load_config(str(tmp_path / "missing.yaml"))
     p.write_text("train:\n  lr: 2e-3\n")  # YAML 1.1 reads 2e-3 as a string
     assert C.load_config(str(p)).train.lr == 2e-3
+    p.write_bytes(b"train:\n  epochs: \xff\xfe\x00\x81\n")  # not UTF-8 (issue 13)
+    with pytest.raises(C.ConfigError, match=r"c.yaml: not a valid YAML text file \(UnicodeDecodeError"):
+        C.load_config(str(p))
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(C.ConfigError, match="c.yaml: expected a mapping of sections"):
+        C.load_config(str(p))
 
 
 def test_config_hash():

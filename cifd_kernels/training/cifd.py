@@ -147,7 +147,9 @@ def distill_cifd(cfg: Config, *, resume: bool = False, overwrite: bool = False,
         xh, vr = bank_outputs(bank, emb)
         targets = (torch.cat([emb.unsqueeze(0), xh]), torch.cat([logits.unsqueeze(0), vr]))
     c = cfg.cifd
-    w_emb = c.w_emb / emb_sq_norm if c.emb_normalize else c.w_emb
+    # CIFDLoss weighs the per-sample *summed* distortion; the paper's w_emb weighs its
+    # mean over the D features (CIFD_METHOD.md section 4): (w_emb / D) * dist.
+    w_emb = c.w_emb / emb_sq_norm if c.emb_normalize else c.w_emb / bank.D
 
     seed_everything(cfg.train.seed)
     model = new_model(cfg, ds, device)
@@ -221,9 +223,15 @@ def distill_cifd(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     rdm_results = Path(bmeta["path"]).parent / "results.json"
     if rdm_results.is_file():  # stage 1's cost belongs to the method
         import json
-        r = json.loads(rdm_results.read_text())
-        extra.update(rdm_train_time_s=r["total_train_time_s"], rdm_train_flops=r["train_flops"],
-                     method_train_flops=train_flops + r["train_flops"])
+        try:
+            r = json.loads(rdm_results.read_text())
+            extra.update(rdm_train_time_s=float(r["total_train_time_s"]),
+                         rdm_train_flops=int(r["train_flops"]),
+                         method_train_flops=train_flops + int(r["train_flops"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:  # optional: only costs
+            print(f"[cifd] warning: {rdm_results} is not a readable RDM results file "
+                  f"({type(e).__name__}: {e}); stage 1's cost is left out of this run's "
+                  f"summary (`cifd train-rdms --overwrite` rewrites it)", flush=True)
     summary = finish_run(run_dir, cfg, ds, summary, device, extra=extra)
     if "rdm_train_time_s" in summary:
         summary["method_train_time_s"] = summary["total_train_time_s"] + \

@@ -115,9 +115,11 @@ class CIFDConfig:
     (tau, lam_ce, lam_kl) come from the ``kd`` section; the distortion from
     ``rdm.distortion``."""
     p_drop: float = 0.25
-    w_emb: float = 100.0
-    emb_normalize: bool = False   # divide w_emb by E||X||^2 (the teacher's mean squared
-                                  # embedding norm on train): scale-free embedding terms
+    w_emb: float = 100.0          # the paper's units: a weight on the mean-squared error
+                                  # over the D features (F.mse_loss), i.e. the loss term is
+                                  # (w_emb / D) * dist (CIFD_METHOD.md section 4)
+    emb_normalize: bool = False   # instead divide w_emb by E||X||^2 (the teacher's mean
+                                  # squared embedding norm on train): scale-free terms
     lam_rdm: float = 1.0          # lam_n of every RDM target (the teacher's is 1)
     lam_I: float = 0.005
     ibm_rho: float = 0.0          # IBM mask drop probability (0 = the paper's IBM)
@@ -144,6 +146,24 @@ class DemoConfig:
 
 
 @dataclass
+class StudyConfig:
+    """``cifd study`` (training/study.py): a sweep on one seed chosen on validation,
+    then arms x seeds compared on test as paired differences against ``baseline``.
+    An arm is ``"NAME METHOD [KEY=VALUE ...]"``; in ``arms``, ``"NAME METHOD @best"``
+    takes the overrides of the sweep entry of that method with the best val acc."""
+    teacher_config: str = "fmnist_teacher"
+    teacher_train_size: int = 0   # the teacher's training images (0 = all); students
+                                  # use data.train_size
+    teacher_epochs: int = 0       # 0 = the teacher config's train.epochs
+    sweep: list[str] = field(default_factory=list)
+    sweep_seed: int = 0
+    arms: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    baseline: str = "kd"          # the arm that paired differences are taken against
+    jobs: int = 2                 # runs side by side, one thread each
+
+
+@dataclass
 class RunConfig:
     name: str = "fmnist"
     out_dir: str = "runs"
@@ -167,6 +187,7 @@ class Config:
     cifd: CIFDConfig = field(default_factory=CIFDConfig)
     takd: TAKDConfig = field(default_factory=TAKDConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -371,6 +392,10 @@ _RULES = [
     ("cifd.decoder_layers", lambda v: v in (1, 2), "1 or 2"),
     ("takd.ta_epochs", lambda v: v >= 0, ">= 0 (0 = train.epochs)"),
     ("demo.seeds", lambda v: len(v) > 0, "a non-empty list"),
+    ("study.teacher_train_size", lambda v: v >= 0, ">= 0 (0 = the whole training split)"),
+    ("study.teacher_epochs", lambda v: v >= 0, ">= 0 (0 = the teacher config's)"),
+    ("study.seeds", lambda v: len(v) > 0 and len(set(v)) == len(v), "a non-empty list of distinct seeds"),
+    ("study.jobs", lambda v: v >= 1, ">= 1"),
     ("run.threads", lambda v: v >= 0, ">= 0 (0 = torch's default)"),
     ("run.stop_after", lambda v: v >= 0, ">= 0"),
     ("run.dist_timeout_s", lambda v: v > 0, "> 0"),
@@ -413,11 +438,17 @@ def load_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) 
     cfg = Config()
     if name_or_path:
         path = resolve_config_path(name_or_path)
-        with open(path) as f:
-            try:
+        try:
+            with open(path, encoding="utf-8") as f:
                 d = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not a valid YAML text file ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); fix or replace it") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (data:, train:, ...), "
+                              f"got {type(d).__name__}")
         try:
             merge_dict(cfg, d)
         except ConfigError as e:

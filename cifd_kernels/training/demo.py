@@ -305,7 +305,16 @@ class _WallTimes:
 
     def __init__(self, path: Path):
         self.path = path
-        self.data = json.loads(path.read_text()) if path.is_file() else {}
+        self.data = {}
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+                self.data = {str(k): float(v) for k, v in data.items()}
+            except (OSError, ValueError, AttributeError, TypeError) as e:
+                # only the table's wall-clock column reads it: measure again
+                print(f"demo: warning: {path} is not a readable wall-time record "
+                      f"({type(e).__name__}); wall times of finished stages are re-measured",
+                      flush=True)
 
     def record(self, key: str, seconds: float, was_done: bool) -> float:
         if was_done and key in self.data:
