@@ -7,6 +7,7 @@
     cifd cache-teacher [-c CONFIG] [--splits train,val,test] [KEY=VALUE ...]
     cifd eval MODEL_OR_RUN_DIR [--split test] [KEY=VALUE ...]
     cifd demo [-c CONFIG] [KEY=VALUE ...]  # teacher, RDMs, scratch/KD/CIFD/TAKD, table
+    cifd study [-c CONFIG] [KEY=VALUE ...] # sweep on one seed (val), paired arms x seeds (test)
 
 CONFIG is a YAML file or a packaged config name (fmnist_teacher,
 fmnist_student, fmnist_demo, fmnist_full, cifar100_teacher, cifar100_student). KEY=VALUE overrides use
@@ -36,7 +37,7 @@ from .config import ConfigError, load_config
 
 DEFAULT_CONFIGS = {"train-teacher": "fmnist_teacher", "distill": "fmnist_student",
                    "train-rdms": "fmnist_student", "cache-teacher": "fmnist_student",
-                   "demo": "fmnist_demo"}
+                   "demo": "fmnist_demo", "study": "fmnist_study"}
 
 
 def _common(p: argparse.ArgumentParser, *, config: bool = True, run: bool = True) -> None:
@@ -91,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     p = sub.add_parser("demo", help="Fashion-MNIST: teacher, RDMs, students by every method, "
                                     "comparison table and plots")
+    _common(p)
+    p = sub.add_parser("study", help="CIFD against KD, TAKD and controls: a sweep on one seed "
+                                     "chosen on validation, then paired seeds on test")
     _common(p)
     return parser
 
@@ -214,9 +218,20 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_study(args) -> int:
+    from .study import run_study
+    _single_process_only("study")  # it starts its own processes (study.jobs)
+    overrides = _overrides(args)
+    config = args.config or DEFAULT_CONFIGS["study"]
+    cfg = load_config(config, overrides)
+    run_study(cfg, config, overrides)
+    return 0
+
+
 COMMANDS = {"train-teacher": _cmd_train_teacher, "distill": _cmd_distill,
             "train-rdms": _cmd_train_rdms, "cache-teacher": _cmd_cache_teacher,
-            "eval": _cmd_eval, "demo": _cmd_demo, "download-data": _cmd_download_data}
+            "eval": _cmd_eval, "demo": _cmd_demo, "download-data": _cmd_download_data,
+            "study": _cmd_study}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
