@@ -53,7 +53,9 @@ def test_train_rdms_results_and_plot(bank_run):
 
 
 def test_train_rdms_resume_is_exact(bank_run, fake_dir, tmp_path):
-    # Same teacher, a new run name: 1 + 1 epochs against the fixture's 2.
+    # Same teacher, a new run name: 1 + 1 epochs against the fixture's 2. Exact:
+    # one process, one thread, the same kernels and shapes, so every sum runs in
+    # the same order; resume restores the RNG and batch order.
     teacher = bank_run / "fmnist" / "teacher" / "model.pt"
     args = [*common(fake_dir, tmp_path), f"teacher.checkpoint={teacher}"]
     assert main(["train-rdms", *args, "run.stop_after=1"]) == 0
@@ -79,7 +81,9 @@ def test_distill_cifd_end_to_end_and_exact_resume(bank_run, fake_dir, capsys):
     assert any(k.startswith("ibm.") for k in full["modules"])
     assert any(k.startswith("decoder.") for k in full["modules"])
 
-    # 1 + 1 epochs (stop, then resume in a new process state) == 2 epochs.
+    # 1 + 1 epochs (stop, then resume in a new process state) == 2 epochs, bit for
+    # bit: the same process, thread count and kernels sum in the same order, and
+    # the per-step seeds come from the step count, not from RNG state.
     split = [*args, "run.name=split"]
     teacher = root / "teacher" / "model.pt"
     bank = root / "rdms" / "bank.pt"
