@@ -7,7 +7,9 @@
 //                 -> (ce, kl, emb_terms, grad_logits, grad_emb)
 //
 // logits [B, K] and targets [M, B, K] contiguous, one dtype (float32/float16/
-// bfloat16); labels [B] int64; emb [B, D] and target_embs [M, B, D] contiguous, one
+// bfloat16); labels [B] int64, each a class in [0, K) or ignore_index (others: IndexError
+// on the CPU before the kernel runs, as F.cross_entropy; a device-side assert in the
+// CUDA kernel, reported at the stream's next synchronisation); emb [B, D] and target_embs [M, B, D] contiguous, one
 // dtype, or both empty (no embedding term); lam [M] float32; keep [M] uint8;
 // nvalid 0-dim float32 (#non-ignored labels clamped to >= 1); group_w empty;
 // dist 0 mse, 1 smooth_l1. All on one device: the CPU, or one CUDA device (there
@@ -45,6 +47,7 @@
 
 #include "checks.h"
 #include "cifd/kernels.h"
+#include "cifd/losses.h"
 
 #ifdef CIFD_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
@@ -183,6 +186,17 @@ Outputs run_fwd(const at::Tensor& logits, const at::Tensor& targets, const at::T
   return {ce, kl, emb_terms, grad_logits, grad_emb};
 }
 
+// Every label a class or ignore_index, F.cross_entropy's IndexError otherwise. On the
+// CPU an O(B) scan of host memory, before the kernel reads a label; on CUDA the kernel
+// asserts instead (reading the labels here would be a host sync).
+void check_labels_cpu(const int64_t* labels, const cifd::CifdLossProblem& pr) {
+  for (int64_t b = 0; b < pr.B; ++b)
+    TORCH_CHECK_INDEX(cifd::losses::label_ok(labels[b], pr.K, pr.ignore_index), "labels[", b,
+                      "] = ", labels[b], " is out of bounds for K = ", pr.K,
+                      " classes (expected 0 <= label < ", pr.K, ", or ignore_index = ",
+                      pr.ignore_index, ")");
+}
+
 Outputs fwd_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& labels,
                 const at::Tensor& emb, const at::Tensor& target_embs, const at::Tensor& lam,
                 const at::Tensor& keep, const at::Tensor& nvalid, const at::Tensor& group_w,
@@ -190,8 +204,11 @@ Outputs fwd_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::T
                 int64_t ignore_index) {
   TORCH_CHECK(logits.device().is_cpu(), "logits must be a CPU tensor, got ", logits.device());
   return run_fwd(logits, targets, labels, emb, target_embs, lam, keep, nvalid, group_w, tau, lam_ce,
-                 lam_kl, w_emb, dist, ignore_index, [](const auto&... a) {
-                   cifd::cpu::cifd_loss_fwd(a..., at::get_num_threads());
+                 lam_kl, w_emb, dist, ignore_index,
+                 [](const cifd::CifdLossProblem& pr, const void* z, const void* t,
+                    const int64_t* y, const auto&... rest) {
+                   check_labels_cpu(y, pr);
+                   cifd::cpu::cifd_loss_fwd(pr, z, t, y, rest..., at::get_num_threads());
                  });
 }
 

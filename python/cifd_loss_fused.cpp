@@ -17,7 +17,9 @@
 // conversions and the rate term's three autograd nodes), which at the stage-2 step's
 // size (B = 128, K = 10, D = 128, M = 4) cost more host time than the kernel.
 //
-// logits [B, K] float32/float16/bfloat16; targets [M, B, K]; labels [B] integer; emb
+// logits [B, K] float32/float16/bfloat16; targets [M, B, K]; labels [B] integer, each a
+// class in [0, K) or ignore_index (cifd_C::cifd_loss_fwd refuses others: IndexError on
+// the CPU before its kernel runs, a device-side assert on CUDA); emb
 // [B, D] and target_embs [M, B, D], or both None; lam [M] float32; ibm_rate [B] or
 // None; dist 0 mse, 1 smooth_l1. Outputs: loss 0-dim float32 (differentiable to
 // logits, emb and ibm_rate); ce 0-dim, kl and emb_terms [M], float32, not

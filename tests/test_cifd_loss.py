@@ -662,3 +662,127 @@ def test_fused_op_grouped_equals_python_path(dtype, dist, device, monkeypatch):
     for a, b in zip(got, want):
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
     assert not any(v.requires_grad for v in got[1:4])  # the terms come detached
+
+
+# ----------------------------------------------------------------------------- labels
+# F.cross_entropy's rule on every backend: each label a class in [0, K) or ignore_index.
+# On CPU tensors another raises IndexError before a kernel reads it (the kernels'
+# message names labels; the reference's is F.cross_entropy's); on a GPU the kernels
+# assert on the device, which ends the process's CUDA context, so no test here can
+# trigger it (csrc/tests/test_cuda_emu_loss.cpp runs the CUDA kernel's check on the
+# CPU; test_triton_label_device_assert below the Triton kernel's, in the interpreter).
+BAD_LABELS = ["K", 10**6, -1]
+
+
+def _label_match(be, bad, K):
+    if be == "reference":
+        return "out of bounds"
+    return rf"labels\[2\] = {K if bad == 'K' else bad} is out of bounds for K = {K} classes"
+
+
+def _with_label(inp, row, value):
+    y = inp["labels"].clone()
+    y[row] = value
+    return {**inp, "labels": y}
+
+
+@pytest.mark.parametrize("be", ["reference"] + KERNELS)
+@pytest.mark.parametrize("bad", BAD_LABELS)
+@pytest.mark.parametrize("fused", [True, False])
+def test_out_of_range_labels_raise(be, bad, fused, monkeypatch):
+    """cifd_loss and the CIFDLoss module (train and eval), through the fused C++ op and
+    the Python path on "cpu", and grouped_loss: IndexError naming labels, with ignored
+    rows in the batch."""
+    from cifd_kernels.ops.cifd_loss import grouped_loss
+    if be != "reference":
+        _skip_unless(be, "cpu")
+    if not fused and be != "cpu":
+        pytest.skip("the fused op is the cpu backend's")
+    monkeypatch.setattr(_loss_module(), "FUSED_CPU", fused)
+    K = 7
+    inp, lam = _inputs(3, 5, K, 4, "cpu")
+    assert inp["labels"][1] == IGNORE
+    inp = _with_label(inp, 2, K if bad == "K" else bad)
+    match = _label_match(be, bad, K)
+    with pytest.raises(IndexError, match=match):
+        cifd_loss(**inp, lam=lam, backend=be)
+    args = tuple(inp[k] for k in ("student_logits", "target_logits", "labels", "student_emb", "target_embs"))
+    for train in (True, False):
+        with pytest.raises(IndexError, match=match):
+            CIFDLoss(lam=lam, p_drop=0.5, backend=be).train(train)(*args, seed=3)
+    with torch.inference_mode(), pytest.raises(IndexError, match=match):
+        cifd_loss(**inp, lam=lam, backend=be)
+    if be != "reference":
+        z, t, _, u, x, gw = _grouped_inputs(3, 2, 5, K, 4, "cpu")
+        with pytest.raises(IndexError, match=match):
+            grouped_loss(z, t, inp["labels"], u, x, gw, tau=2.0, lam_ce=1.0, lam_kl=1.0, dist="mse",
+                         ignore_index=IGNORE, backend=be)
+
+
+@pytest.mark.parametrize("be", KERNELS)
+def test_out_of_range_labels_raise_through_the_ops(be, monkeypatch):
+    """The registered cifd::cifd_loss op (what torch.compile and CIFD_EAGER_VIA_OPS=1 call)
+    and the raw C++ op, with every label bad."""
+    from cifd_kernels.ops import _eager
+    _skip_unless(be, "cpu")
+    monkeypatch.setattr(_eager, "FORCE_OPS", True)
+    inp, lam = _inputs(2, 3, 7, 4, "cpu")
+    inp["labels"] = torch.tensor([7, 10**6, -1])
+    with pytest.raises(IndexError, match=r"labels\[0\] = 7 is out of bounds"):
+        cifd_loss(**inp, lam=lam, backend=be)
+    if be == "cpu":
+        z, t, y = inp["student_logits"].detach(), inp["target_logits"], inp["labels"]
+        with pytest.raises(IndexError, match=r"labels\[0\] = 7 is out of bounds for K = 7"):
+            torch.ops.cifd_C.cifd_loss_fwd(z, t, y, torch.empty(0), torch.empty(0), torch.ones(2),
+                                           torch.ones(2, dtype=torch.uint8), torch.ones(()),
+                                           torch.empty(0), 2.0, 1.0, 1.0, 1.0, 0, IGNORE)
+
+
+@pytest.mark.parametrize("be", KERNELS)
+@pytest.mark.parametrize("ignore_index", [-1, 3, 7, 10**6])
+def test_any_ignore_index_is_accepted(be, ignore_index):
+    """ignore_index is left out of CE wherever it lies (negative, inside [0, K), K, far
+    out), as in the reference; with ignore_index = -1, a label -100 is out of range."""
+    _skip_unless(be, "cpu")
+    K = 7
+    inp, lam = _inputs(2, 5, K, 4, "cpu", seed=4)
+    inp = _with_label(inp, 1, ignore_index)
+    _compare(be, inp, lam, "cpu", p_drop=0.0, ignore_index=ignore_index)
+    if ignore_index == -1:
+        with pytest.raises(IndexError, match=r"labels\[2\] = -100 is out of bounds .*ignore_index = -1"):
+            cifd_loss(**_with_label(inp, 2, -100), lam=lam, ignore_index=-1, backend=be)
+
+
+def test_embedding_loss_has_no_labels_to_check():
+    """CIFDEmbeddingLoss's kernel call passes every label ignored (K = 1): nothing to refuse."""
+    from cifd_kernels.ops.cifd_loss import cifd_embedding_loss
+    u, x = torch.randn(5, 6), torch.randn(2, 5, 6)
+    want = cifd_embedding_loss(u, x, None, lam_cl=0.0, backend="reference")[0]
+    for be in ("cpu", "triton"):
+        if be in _backend.implemented("cifd_loss") and _backend.status(be, "cpu")[0]:
+            torch.testing.assert_close(cifd_embedding_loss(u, x, None, lam_cl=0.0, backend=be)[0], want)
+
+
+def test_triton_label_device_assert(monkeypatch):
+    """The Triton kernel's own check (tl.device_assert: on a GPU, a device-side assert),
+    run by the interpreter with its debug mode on and the launcher's host check off."""
+    _skip_unless("triton", "cpu")
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter")
+    interp = pytest.importorskip("triton.runtime.interpreter")
+    if not hasattr(interp, "interpreter_builder") or "debug" not in interp.InterpreterOptions.__dataclass_fields__:
+        pytest.skip("this Triton's interpreter has no debug switch to turn on")
+    from cifd_kernels._triton import cifd_loss as tl_loss
+    opts = dict(debug=True)
+    if "sanitize_overflow" in interp.InterpreterOptions.__dataclass_fields__:
+        opts["sanitize_overflow"] = False
+    monkeypatch.setattr(interp.interpreter_builder, "options", interp.InterpreterOptions(**opts))
+    monkeypatch.setattr(tl_loss, "check_labels_on_host", lambda *a: None)
+    inp, lam = _inputs(2, 4, 7, 3, "cpu")
+    cifd_loss(**inp, lam=lam, backend="triton")  # valid labels (one ignored): no assert
+    from triton.runtime import errors
+    raised = (AssertionError, getattr(errors, "InterpreterError", AssertionError))  # the wrapper
+    for bad in (7, 10**6, -1):
+        with pytest.raises(raised, match=r"labels must be in \[0, K\) or ignore_index"):
+            cifd_loss(**_with_label(inp, 2, bad), lam=lam, backend="triton")

@@ -547,3 +547,35 @@ def test_kernel_path_errors():
     with pytest.raises(ValueError, match="empty batch"):
         ob.rdm_bank_loss(x[:0], out.x_hat[:, :0], out.logits[:, :0], out.rate[:, :0], [1.0, 2.0],
                          backend="cpu")
+
+
+# --------------------------------------------------------------------------- labels
+@pytest.mark.parametrize("be", ["reference", "auto"] + KERNELS)
+@pytest.mark.parametrize("bad", ["K", 10**6, -1])
+def test_out_of_range_labels_raise(be, bad):
+    """RDMBank (train and eval) and rdm_bank_loss on CPU tensors: a label outside [0, K)
+    that is not ignore_index raises IndexError before a kernel reads it, as the
+    reference's F.cross_entropy does (the kernels' message names labels); ignored rows
+    pass. On a GPU the kernels assert on the device instead (tests/test_cifd_loss.py)."""
+    if be not in ("reference", "auto"):
+        _skip_unless(be, "cpu")
+    K = 7
+    bank = RDMBank.from_rdms(_rdm_list("cpu"))
+    bank.backend = be
+    x = torch.randn(6, 8, generator=_g(4))
+    t = torch.randn(6, K, generator=_g(5))
+    y = torch.randint(0, K, (6,), generator=_g(6))
+    y[0] = bank.ignore_index
+    ok = bank(x, t, y, seed=1)
+    assert torch.isfinite(ok.loss)
+    value = K if bad == "K" else bad
+    y[3] = value
+    match = "out of bounds" if be == "reference" else rf"labels\[3\] = {value} is out of bounds for K = {K}"
+    for train in (True, False):
+        bank.train(train)
+        with pytest.raises(IndexError, match=match):
+            bank(x, t, y, seed=1)
+    if be not in ("reference", "auto"):
+        out = bank.eval()(x, t)
+        with pytest.raises(IndexError, match=match):
+            ob.rdm_bank_loss(x, out.x_hat, out.logits, out.rate, [1.0, 0.5, 2.0], y, t, backend=be)

@@ -13,6 +13,16 @@ Dropped targets (keep flag 0) are never read: their loads are masked, so their
 values (even NaN/inf) reach neither the loss nor a gradient, as in the reference.
 fp32 math; inputs fp32/fp16/bf16; gradients in the input's dtype.
 
+Labels must be classes in [0, K) or ``ignore_index`` (F.cross_entropy's rule). On CUDA
+tensors the kernel checks that with ``tl.device_assert``, no host sync: a bad label
+stops the kernel with a device-side assert, reported (as torch's own CUDA losses do)
+at the stream's next synchronisation, after which the CUDA context is unusable. The
+launch passes ``debug=True`` (Triton compiles device asserts only in debug mode) and,
+where Triton has it, ``sanitize_overflow=False`` (so that debug adds nothing else).
+The interpreter runs no device asserts, so there, and for CPU tensors, the launcher
+scans the labels on the host first and raises IndexError. The math never indexes with a label (it compares it to
+the class index), so nothing is read out of bounds either way.
+
 Groups (the stage-1 losses of an RDM bank in one launch): student logits [G, B, K]
 and embeddings [G, B, D] against shared targets [M, B, K] / [M, B, D] and labels
 [B]; row r = g B + b reads target row b; outputs are indexed by r; group g's
@@ -20,6 +30,7 @@ embedding gradient is scaled by ``group_w[g]``.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -55,6 +66,8 @@ def _cifd_loss_fwd_kernel(
     w_sum = tl.sum(w, axis=0)
     label = tl.load(y_ptr + b)
     row_ok = label != ignore_index
+    tl.device_assert((~row_ok) | ((label >= 0) & (label < K)),
+                     "cifd_loss: labels must be in [0, K) or ignore_index")
     c_ce = tl.where(row_ok, lam_ce / tl.load(nvalid_ptr), 0.0)
 
     z_row = z_ptr + r * K
@@ -146,6 +159,36 @@ def _pow2(x: int) -> int:
     return triton.next_power_of_2(max(1, int(x)))
 
 
+@functools.lru_cache(maxsize=None)
+def _assert_launch_options() -> tuple:
+    """The launch options that compile the kernel's ``tl.device_assert``: ``debug=True``
+    (Triton drops device asserts otherwise) and, where this Triton has the switch,
+    ``sanitize_overflow=False`` (debug mode's other effect: integer overflow checks on
+    every int32 op). As (name, value) pairs; none under the interpreter, which runs no
+    device asserts."""
+    if _interpret():
+        return ()
+    opts = (("debug", True),)
+    try:
+        from triton.compiler.compiler import make_backend
+        target = triton.runtime.driver.active.get_current_target()
+        if hasattr(make_backend(target).parse_options({}), "sanitize_overflow"):
+            opts += (("sanitize_overflow", False),)
+    except Exception:  # an older Triton: debug alone (its overflow checks included)
+        pass
+    return opts
+
+
+def check_labels_on_host(labels: torch.Tensor, K: int, ignore_index: int) -> None:
+    """IndexError unless every label is in [0, K) or ``ignore_index`` (the C++ binding's
+    message). Reads the labels: for CPU tensors (and the interpreter) only."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= K))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise IndexError(f"labels[{i}] = {int(labels[i])} is out of bounds for K = {K} classes "
+                         f"(expected 0 <= label < {K}, or ignore_index = {ignore_index})")
+
+
 def cifd_loss_fwd(student_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
                   student_emb, target_embs, lam: torch.Tensor, keep: torch.Tensor, nvalid: torch.Tensor,
                   tau: float, lam_ce: float, lam_kl: float, w_emb: float, dist: str, ignore_index: int,
@@ -154,8 +197,9 @@ def cifd_loss_fwd(student_logits: torch.Tensor, target_logits: torch.Tensor, lab
 
     Args:
         student_logits: [B, K], or [G, B, K] (groups, module docstring); target_logits:
-            [M, B, K] (teacher first); labels: [B] integer; student_emb: [B, D] ([G, B, D])
-            or None; target_embs: [M, B, D] or None. Float32/16/bf16, made contiguous here.
+            [M, B, K] (teacher first); labels: [B] integer, each in [0, K) or ignore_index
+            (module docstring); student_emb: [B, D] ([G, B, D]) or None; target_embs:
+            [M, B, D] or None. Float32/16/bf16, made contiguous here.
         lam: [M] float32 target weights; keep: [M] bool keep flags; nvalid: 0-dim float32,
             the number of non-ignored labels clamped to >= 1 (a tensor: no host sync).
         tau: temperature (KL scaled by tau^2); lam_ce, lam_kl, w_emb: term weights;
@@ -189,6 +233,8 @@ def cifd_loss_fwd(student_logits: torch.Tensor, target_logits: torch.Tensor, lab
     emb = (torch.empty if has_emb else torch.zeros)((M,) + rows_shape, dtype=torch.float32, device=dev)
     if R == 0:
         return ce, kl, emb, grad_z, grad_u
+    if _interpret() or labels.device.type == "cpu":  # no device assert here; no sync to avoid
+        check_labels_on_host(labels, K, ignore_index)
     has_gw = group_w is not None and group_w.numel() > 0
     MP = _pow2(M)
     interp = _interpret()
@@ -204,5 +250,5 @@ def cifd_loss_fwd(student_logits: torch.Tensor, target_logits: torch.Tensor, lab
         float(w_emb) / B, int(ignore_index),
         MP=MP, BK=BK, BD=BD, DIST=DIST_CODES[dist], HAS_EMB=has_emb, HAS_GW=has_gw,
         BF16_Z=interp and z.dtype == torch.bfloat16, BF16_U=interp and u.dtype == torch.bfloat16,
-        num_warps=4 if interp else 8)
+        num_warps=4 if interp else 8, **dict(_assert_launch_options()))
     return ce, kl, emb, grad_z, grad_u

@@ -185,8 +185,12 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
         student_logits: ``[B, K]`` float32/float16/bfloat16 (kernels), student first.
         target_logits: ``[M, B, K]`` teacher first, then the RDMs. Frozen: no gradient.
         labels: ``[B]`` integer; ``ignore_index`` rows leave CE (mean over the others).
-            Not range-checked by the kernels (no host sync): out-of-range labels give
-            a wrong CE, not an error, on the kernel backends.
+            Every other label must be a class in ``[0, K)``, as for F.cross_entropy: on
+            CPU tensors another raises IndexError (F.cross_entropy's on the reference;
+            one naming ``labels``, before a kernel reads it, on the kernels); on a GPU
+            the kernels check on the device (no host sync): a bad label triggers a
+            device-side assert, reported at the next synchronisation, as with torch's
+            own CUDA losses.
         student_emb: ``[B, D]`` post-IBM student embedding U, or None (with target_embs).
         target_embs: ``[M, B, D]`` teacher X first, then the RDMs' Xh_n. Frozen.
         lam: ``[M]`` weights (lam_0 = 1 in the paper); None = ones. Frozen on the kernels.
@@ -285,8 +289,9 @@ def grouped_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labe
     bank's stage 1: :func:`cifd_kernels.ops.rdm_bank.rdm_bank_loss`; no KD-dropout).
 
     ``student_logits`` [G, B, K] and ``student_emb`` [G, B, D] (float32/float16/bfloat16),
-    ``target_logits`` [M, B, K] and ``target_embs`` [M, B, D] frozen, ``labels`` [B],
-    ``group_w`` [G] float32 on the students' device: group g's embedding weight. Per
+    ``target_logits`` [M, B, K] and ``target_embs`` [M, B, D] frozen, ``labels`` [B]
+    (range-checked by the kernels as in :func:`cifd_loss`), ``group_w`` [G] float32 on
+    the students' device: group g's embedding weight. Per
     group, over its B rows, the :func:`cifd_loss` formula with ``lam`` = ones and
     ``w_emb = group_w[g]``. Returns ``(loss [G], ce [G], kl [M, G], emb [M, G])``;
     ``loss`` is differentiable with respect to the students' logits and embeddings, the

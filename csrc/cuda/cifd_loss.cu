@@ -24,10 +24,26 @@
 // fixed-order reductions). The launch shape depends on K and D only, so a row's
 // bits depend on nothing but that row and (K, D).
 //
-// Dropped targets (keep 0) are never read. Labels are not range-checked (no
-// host sync): an out-of-range label gives z_y = 0 and no one-hot, as on the CPU.
+// Dropped targets (keep 0) are never read. Labels: each row's thread 0 asserts on
+// the device that its label is a class in [0, K) or ignore_index (losses::label_ok),
+// as torch's CUDA losses do (CUDA_KERNEL_ASSERT in nll_loss): no host sync, and the
+// launch's stream reports cudaErrorAssert ("device-side assert triggered") at its
+// next synchronisation; as after any device assert, the CUDA context is then
+// unusable. The math never indexes with such a label (z_y = 0, no one-hot), so the
+// rows that run before the assert stops the grid stay in bounds.
 #ifndef CIFD_CUDA_EMULATION  // csrc/tests/cuda_emu.h runs this file on the CPU
 #include <cuda_runtime.h>
+#endif
+
+// CIFD_DEVICE_ASSERT(cond, msg): torch's CUDA_KERNEL_ASSERT_MSG without torch: unlike
+// assert(), on whatever NDEBUG says (a Release build may define it). nvcc declares
+// __assert_fail for device code (crt/common_functions.h). The C++ tests define it
+// first to count failures under the emulation (csrc/tests/test_cuda_emu_loss.cpp).
+#ifndef CIFD_DEVICE_ASSERT
+#define CIFD_DEVICE_ASSERT(cond, msg)                                                   \
+  do {                                                                                  \
+    if (!(cond)) __assert_fail(msg, __FILE__, static_cast<unsigned int>(__LINE__), __func__); \
+  } while (0)
 #endif
 
 #include <cstdint>
@@ -337,6 +353,9 @@ __global__ void __launch_bounds__(kMaxThreads) cifd_loss_fwd_kernel(const Args a
   for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
     const int64_t b = r % B;
     const int64_t label = a.labels[b];
+    if (threadIdx.x == 0)
+      CIFD_DEVICE_ASSERT(losses::label_ok(label, K, pr.ignore_index),
+                         "cifd_loss: labels must be in [0, K) or ignore_index");
     const bool counts = losses::label_counts(label, pr.ignore_index);
     const bool in_range = losses::label_in_range(label, K, pr.ignore_index);
     float lse_1, lse_s;

@@ -4,14 +4,24 @@
 // threads strided over K and D, the online log-sum-exp merged across warps and the
 // block, the per-target scalars in dynamic shared memory, targets past the kernel's
 // register group (M > 8), dropped targets, ignored labels, groups with their
-// weights, both distortions, float32 and bfloat16, and the launcher's argument
-// errors. The per-element math is the same host code on both sides (see
+// weights, both distortions, float32 and bfloat16, out-of-range labels (the device
+// assert's condition, counted here instead of stopping the kernel, and the rows it
+// would stop kept in bounds) and the launcher's argument errors. The per-element math is the same host code on both sides (see
 // cuda_emu.h), so the results agree to float32 rounding of different summation
 // orders.
 #include "cuda_emu.h"  // first: it defines what the .cu file expects of CUDA
 
 #include <random>
 #include <vector>
+
+// The kernel's device-side assert (a GPU stops there) counts its failures instead.
+namespace {
+int device_assert_failures = 0;
+}
+#define CIFD_DEVICE_ASSERT(cond, msg) \
+  do {                                \
+    if (!(cond)) ++device_assert_failures; \
+  } while (0)
 
 #include "../cuda/cifd_loss.cu"
 #include "check.h"
@@ -28,6 +38,7 @@ struct Case {
   int dist;
   EbDtype dtype;
   bool drop;  // drop target 1
+  bool bad_labels = false;  // rows b % 4 == 1: labels K, -1, 10^6 in turn
 };
 
 float load(const std::vector<unsigned char>& buf, int64_t i, bool bf) {
@@ -71,8 +82,11 @@ void run_case(const Case& k) {
   if (k.drop && k.M > 1) keep[1] = 0;
   std::vector<int64_t> labels(k.B);
   float nvalid = 0.0f;
+  const int64_t bad[] = {k.K, -1, 1000000};
+  int64_t nbad = 0;
   for (int64_t b = 0; b < k.B; ++b) {
     labels[b] = (b % 4 == 3) ? -100 : static_cast<int64_t>(g() % static_cast<unsigned>(k.K));
+    if (k.bad_labels && b % 4 == 1) labels[b] = bad[nbad++ % 3];
     nvalid += labels[b] != -100 ? 1.0f : 0.0f;
   }
   nvalid = std::max(nvalid, 1.0f);
@@ -114,11 +128,15 @@ void run_case(const Case& k) {
   cifd::cpu::cifd_loss_fwd(pr, lg.data(), tg.data(), labels.data(), embp, tembp, lam.data(), keep.data(),
                            &nvalid, gwp, cpu.ce.data(), cpu.kl.data(), cpu.et.data(), cpu.gl.data(),
                            k.D > 0 ? cpu.ge.data() : nullptr, 1);
+  device_assert_failures = 0;
   const int rc = cifd::cuda::cifd_loss_fwd(pr, lg.data(), tg.data(), labels.data(), embp, tembp, lam.data(),
                                            keep.data(), &nvalid, gwp, emu.ce.data(), emu.kl.data(),
                                            emu.et.data(), emu.gl.data(), k.D > 0 ? emu.ge.data() : nullptr,
                                            nullptr);
   CHECK(rc == 0);
+  // once per student row r = g B + b with a bad label (thread 0 of its block)
+  CHECK_MSG(device_assert_failures == nbad * k.G, "%d device assert failures, want %lld",
+            device_assert_failures, static_cast<long long>(nbad * k.G));
   for (size_t i = 0; i < cpu.ce.size(); ++i) CHECK_CLOSE(emu.ce[i], cpu.ce[i], 1e-5, 1e-5);
   for (size_t i = 0; i < cpu.kl.size(); ++i) CHECK_CLOSE(emu.kl[i], cpu.kl[i], 1e-5, 1e-5);
   for (size_t i = 0; i < cpu.et.size(); ++i) CHECK_CLOSE(emu.et[i], cpu.et[i], 1e-5, 1e-4);
@@ -139,6 +157,11 @@ int main() {
       {6, 7, 20, 3, 3, 0, f32, false},     // groups with weights (the bank's stage-1 losses)
       {4, 300, 40, 4, 2, 1, b16, true},    // bfloat16
       {1, 1, 1, 1, 1, 0, f32, false},      // one of everything
+      // bad labels: flagged once per row, and (where a GPU stops) the kernel still reads
+      // nothing out of bounds and computes what the CPU kernel does for them
+      {12, 10, 7, 4, 1, 0, f32, false, true},  // labels K, -1, 10^6
+      {6, 7, 20, 3, 3, 0, f32, false, true},   // with groups: each group's rows
+      {9, 1000, 0, 2, 1, 0, f32, true, true},  // 128 threads a row, only thread 0 asserts
   };
   for (const Case& k : cases) run_case(k);
   // argument errors: M outside [1, kCifdLossMaxTargets]

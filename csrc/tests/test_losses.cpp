@@ -52,6 +52,14 @@ static void test_small_helpers() {
   CHECK(L::label_in_range(0, 5, -100) && L::label_in_range(4, 5, -100));
   CHECK(!L::label_in_range(5, 5, -100) && !L::label_in_range(-1, 5, -100));
   CHECK(!L::label_in_range(2, 5, 2));  // ignore_index inside [0, K) still ignores
+  // label_ok: a class or ignore_index (F.cross_entropy's rule), whatever ignore_index is
+  CHECK(L::label_ok(0, 5, -100) && L::label_ok(4, 5, -100) && L::label_ok(-100, 5, -100));
+  CHECK(!L::label_ok(5, 5, -100) && !L::label_ok(-1, 5, -100) && !L::label_ok(1000000, 5, -100));
+  CHECK(!L::label_ok(std::numeric_limits<int64_t>::min(), 5, -100) &&
+        !L::label_ok(std::numeric_limits<int64_t>::max(), 5, -100));
+  CHECK(L::label_ok(-1, 5, -1) && !L::label_ok(-100, 5, -1));  // another ignore_index
+  CHECK(L::label_ok(7, 5, 7) && L::label_ok(2, 5, 2));          // ignore_index past or inside K
+  CHECK(!L::label_ok(0, 0, -100) && L::label_ok(-100, 0, -100)); // K = 0: only ignored rows
   CHECK(L::ce_value(3.0f, 1.0f, true, true) == 2.0f);
   CHECK(L::ce_value(3.0f, 1.0f, false, false) == 0.0f);
   CHECK(L::ce_value(3.0f, 0.0f, true, false) == 3.0f);  // out-of-range label: z_y = 0

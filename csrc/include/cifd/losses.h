@@ -42,14 +42,23 @@ CIFD_HDI float dist_grad(float d, int kind) {
 // w_m = lam_m k_m: a dropped target weighs exactly 0, whatever its lam.
 CIFD_HDI float target_weight(bool keep, float lam) { return keep ? lam : 0.0f; }
 
-// Whether label y takes part in CE, and whether it also indexes a class (labels
-// are not range-checked upstream: that would need a host sync).
+// Whether label y takes part in CE, and whether it also indexes a class.
 CIFD_HDI bool label_counts(int64_t y, int64_t ignore_index) { return y != ignore_index; }
 CIFD_HDI bool label_in_range(int64_t y, int64_t K, int64_t ignore_index) {
   return label_counts(y, ignore_index) && y >= 0 && y < K;
 }
 
-// ce_b = lse(z) - z_y; 0 on an ignored row; an out-of-range label contributes z_y = 0.
+// Whether the loss accepts label y: ignore_index, or a class in [0, K) (what
+// F.cross_entropy accepts). Others are refused before a kernel reads them on the CPU
+// (python/cifd_loss.cpp: IndexError) and by a device-side assert in the CUDA kernel
+// (no host sync). The math below never indexes with an unaccepted label either
+// (z_y = 0, no one-hot), so a kernel that was not stopped stays in bounds.
+CIFD_HDI bool label_ok(int64_t y, int64_t K, int64_t ignore_index) {
+  return !label_counts(y, ignore_index) || (y >= 0 && y < K);
+}
+
+// ce_b = lse(z) - z_y; 0 on an ignored row; an out-of-range label (refused upstream)
+// contributes z_y = 0.
 CIFD_HDI float ce_value(float lse_1, float z_y, bool counts, bool in_range) {
   return counts ? lse_1 - (in_range ? z_y : 0.0f) : 0.0f;
 }
