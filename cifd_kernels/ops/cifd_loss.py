@@ -223,6 +223,7 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
     _ref.check_tau(tau)
     _ref.check_prob(p_drop)
     _ref.check_dist(dist)
+    _ref.check_weights("cifd_loss", lam_ce=lam_ce, lam_kl=lam_kl, w_emb=w_emb, lam_I=lam_I)
     ref = student_logits
     _ref.check_same_device("student_logits", ref, target_logits=target_logits, labels=labels)
     batch, k = student_logits.shape

@@ -216,6 +216,8 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
     _ref_loss.check_tensor("x", x, ndim=2)
     n, d, h, l, k = _ref.bank_sizes(params)
     _ref_eb.check_params(matrices, biases, factors)
+    _ref_loss.check_same_device("x", x, **{"params['enc1.weight']": params["enc1.weight"],
+                                           "matrices[0]": matrices[0]})
     be = _backend.resolve_kernel(OP, backend, x.device, lambda _: _kernel_why(x, params, matrices))
     if be == "reference":
         out = _ref.rdm_bank_forward(x, params, matrices, biases, factors, medians, act=act, mode=mode,
@@ -224,8 +226,6 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
             return out._replace(likelihoods=None, rate=None)
         return out if need_likelihood else out._replace(likelihoods=None)
 
-    _ref_loss.check_same_device("x", x, **{"params['enc1.weight']": params["enc1.weight"],
-                                           "matrices[0]": matrices[0]})
     _ref_loss.check_dim("x", x.shape[1], d, "the embedding dim D")
     _ref_loss.check_dim("matrices[0]", matrices[0].shape[0], n * l, "the channel count N*L")
     batch = x.shape[0]
@@ -373,6 +373,10 @@ def rdm_bank_loss(x: torch.Tensor, x_hat: torch.Tensor, logits: torch.Tensor, ra
     # The reference's checks, on metadata only.
     _ref_loss.check_dist(dist)
     _ref_loss.check_tau(tau)
+    _ref_loss.check_weights("rdm_bank_loss", lam_ce=lam_ce, lam_kl=lam_kl)
+    if not isinstance(R, torch.Tensor):
+        from ..reference.rdm import check_R
+        check_R(R, where="rdm_bank_loss")
     _ref_loss.check_tensor("x", x, ndim=2)
     _ref_loss.check_tensor("rate", rate, ndim=2)
     n, batch, d = x_hat.shape
