@@ -221,6 +221,9 @@ def _cmd_demo(args) -> int:
 def _cmd_study(args) -> int:
     from .study import run_study
     _single_process_only("study")  # it starts its own processes (study.jobs)
+    if args.overwrite:
+        raise ConfigError("cifd study always resumes (finished runs are read back): to start "
+                          "again, delete <run.out_dir>/<run.name>/study")
     overrides = _overrides(args)
     config = args.config or DEFAULT_CONFIGS["study"]
     cfg = load_config(config, overrides)
