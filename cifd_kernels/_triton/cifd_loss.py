@@ -23,6 +23,10 @@ The interpreter runs no device asserts, so there, and for CPU tensors, the launc
 scans the labels on the host first and raises IndexError. The math never indexes with a label (it compares it to
 the class index), so nothing is read out of bounds either way.
 
+K = 0 (head-less RDM banks, the logit part off: every label ignore_index, lam_ce =
+lam_kl = 0): the sweeps over K are empty, nothing of the logits is read or written,
+ce and kl are 0 and the embedding part is unchanged.
+
 Groups (the stage-1 losses of an RDM bank in one launch): student logits [G, B, K]
 and embeddings [G, B, D] against shared targets [M, B, K] / [M, B, D] and labels
 [B]; row r = g B + b reads target row b; outputs are indexed by r; group g's
@@ -31,6 +35,7 @@ embedding gradient is scaled by ``group_w[g]``.
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -100,9 +105,11 @@ def _cifd_loss_fwd_kernel(
         mt_new = tl.maximum(m_t, tl.max(ts, axis=1))
         s_t = s_t * tl.exp(m_t - mt_new) + tl.sum(tl.exp(ts - mt_new[:, None]), axis=1)
         m_t = mt_new
-    lse_s = m_s + tl.log(s_s)
-    lse_1 = m_1 + tl.log(s_1)
-    lse_t = m_t + tl.log(s_t)
+    # K = 0 (a head-less RDM bank): no class, s = 0, and the empty log-sum-exp is m = -inf
+    # without a log(0). For K >= 1, s >= 1 (the max term is exp(0)) or NaN: unchanged.
+    lse_s = m_s + tl.log(tl.where(s_s == 0.0, 1.0, s_s))
+    lse_1 = m_1 + tl.log(tl.where(s_1 == 0.0, 1.0, s_1))
+    lse_t = m_t + tl.log(tl.where(s_t == 0.0, 1.0, s_t))
     tl.store(ce_ptr + r, tl.where(row_ok, lse_1 - z_y, 0.0))
 
     # pass 2: KL values and the logits gradient
@@ -196,7 +203,7 @@ def cifd_loss_fwd(student_logits: torch.Tensor, target_logits: torch.Tensor, lab
     """Per-sample terms and the gradients of the batch-mean loss, in one launch.
 
     Args:
-        student_logits: [B, K], or [G, B, K] (groups, module docstring); target_logits:
+        student_logits: [B, K], or [G, B, K] (groups, module docstring), K >= 0; target_logits:
             [M, B, K] (teacher first); labels: [B] integer, each in [0, K) or ignore_index
             (module docstring); student_emb: [B, D] ([G, B, D]) or None; target_embs:
             [M, B, D] or None. Float32/16/bf16, made contiguous here.
@@ -217,7 +224,7 @@ def cifd_loss_fwd(student_logits: torch.Tensor, target_logits: torch.Tensor, lab
     """
     rows_shape = tuple(student_logits.shape[:-1])
     B, K = student_logits.shape[-2:]
-    R = student_logits[..., 0].numel()
+    R = math.prod(rows_shape)  # not student_logits[..., 0]: K may be 0
     M = target_logits.shape[0]
     dev = student_logits.device
     z = student_logits.contiguous()

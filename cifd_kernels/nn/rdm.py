@@ -13,11 +13,18 @@ State dicts::
              enc2.weight [L, H]     enc2.bias [L]
              dec1.weight [H, L]     dec1.bias [H]
              dec2.weight [D, H]     dec2.bias [D]
-             head.weight [K, D]     head.bias [K]
+             head.weight [K, D]     head.bias [K]     (absent when K = 0)
              entropy_bottleneck.*   (EntropyBottleneck(L), CompressAI layout)
     RDMBank  the same names with a leading N dim (enc1.weight [N, H, D], ...);
              entropy_bottleneck.* is ONE EntropyBottleneck(N * L): channel
              n * L + l is latent l of RDM n.
+
+Head-less RDMs (``K = 0``, the paper's CLIP setting, CIFD_METHOD.md end of section
+4): no head (``module.head`` is None, no ``head.*`` in the state dict), ``logits``
+an empty ``[N, B, 0]``, and the stage-1 loss ``R * dist(X, Xh) + rate`` alone
+(terms ``ce`` and ``kl`` zeros); labels or teacher logits raise ValueError naming
+them, on every backend. ``lam_ce``, ``lam_kl``, ``tau`` and ``ignore_index`` are
+still validated and kept (they then weigh nothing).
 
 The distortion weights ``R`` are hyperparameters, not state (``module.R``, a
 tuple; the math reads a non-persistent buffer ``R_tensor`` [N] that follows
@@ -25,10 +32,11 @@ tuple; the math reads a non-persistent buffer ``R_tensor`` [N] that follows
 
 Hyperparameters are validated in the constructors (:mod:`cifd_kernels.reference._checks`;
 TypeError for a wrong type, bool included, ValueError naming the argument, the
-class and, in a sequence, the element): n, D, H, L, K and every ``filters`` width
-ints >= 1; each ``R_n`` finite and >= 0, ``len(R) == n``; ``tau``, ``init_scale``
-finite and > 0; ``lam_ce``, ``lam_kl``, ``likelihood_bound`` finite and >= 0
-(a bound of 0 switches it off, as CompressAI); ``tail_mass`` in (0, 1);
+class and, in a sequence, the element): n, D, H, L and every ``filters`` width
+ints >= 1, K an int >= 0 (0: head-less); each ``R_n`` finite and >= 0,
+``len(R) == n``; ``tau``, ``init_scale`` finite and > 0; ``lam_ce``, ``lam_kl``,
+``likelihood_bound`` finite and >= 0 (a bound of 0 switches it off, as
+CompressAI); ``tail_mass`` in (0, 1);
 ``act``, ``dist``, ``backend`` among their names; ``ignore_index`` an int.
 """
 from __future__ import annotations
@@ -55,8 +63,8 @@ __all__ = ["RDM", "RDMBank", "RDMOutput"]
 class RDMOutput(NamedTuple):
     """What :class:`RDMBank` / :class:`RDM` return (RDM: without the N dim).
 
-    x_hat ``[N, B, D]`` reconstruction, logits ``[N, B, K]``, rate ``[N, B]`` nats,
-    likelihoods ``[N, B, L]``, loss 0-dim (sum over RDMs of the stage-1 loss),
+    x_hat ``[N, B, D]`` reconstruction, logits ``[N, B, K]`` (``[N, B, 0]`` head-less),
+    rate ``[N, B]`` nats, likelihoods ``[N, B, L]``, loss 0-dim (sum over RDMs of the stage-1 loss),
     terms dict of ``[N]`` tensors ``dist``, ``rate``, ``ce``, ``kl``, ``loss``
     (see :func:`cifd_kernels.reference.rdm.rdm_bank_loss`). fp32 (float64 for
     float64 parameters/inputs).
@@ -94,8 +102,8 @@ class _RDMCommon(nn.Module):
         """Validate and store the hyperparameters (``n`` and ``R`` already checked by
         the subclass, which knows their form)."""
         where = type(self).__name__
-        D, H, L, K = (_checks.check_int(name, v, where)
-                      for name, v in (("D", D), ("H", H), ("L", L), ("K", K)))
+        D, H, L = (_checks.check_int(name, v, where) for name, v in (("D", D), ("H", H), ("L", L)))
+        K = _checks.check_int("K", K, where, lo=0)  # 0: head-less
         self.n, self.D, self.H, self.L, self.K = n, D, H, L, K
         self.act = _checks.check_choice("act", act, _ref.ACTIVATIONS, where)
         self.dist = _checks.check_choice("dist", dist, DISTORTIONS, where)
@@ -126,7 +134,11 @@ class _RDMCommon(nn.Module):
     def _stacked(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def _names(self) -> tuple[str, ...]:
+        return _ref.param_names(self.K)
+
     def _forward_bank(self, x, teacher_logits, labels, seed, offset) -> RDMOutput:
+        _ref.check_headless(self.K, labels, teacher_logits, type(self).__name__)
         eb = self.entropy_bottleneck
         mats, biases, facs = list(eb.matrices), list(eb.biases), list(eb.factors)
         kw = dict(act=self.act, likelihood_bound=eb.likelihood_bound, backend=self.backend)
@@ -195,7 +207,10 @@ class RDMBank(_RDMCommon):
 
     Args:
         n: number of RDMs N (int >= 1).
-        D, H, L, K: embedding, hidden, latent widths and class count (ints >= 1).
+        D, H, L: embedding, hidden and latent widths (ints >= 1).
+        K: class count, the head's width (int >= 0). ``K = 0``: head-less RDMs (no
+            head, no ``head.*`` state, logits ``[N, B, 0]``, loss ``R * dist + rate``;
+            the paper's CLIP setting).
         R: N distortion weights (sequence; None = all 1.0), each finite and >= 0.
             ``R = 0`` is allowed: a degenerate "rate only" RDM (``rate + CE + KL``,
             the reconstruction unweighted); negative R would reward distortion.
@@ -232,11 +247,10 @@ class RDMBank(_RDMCommon):
         self.enc2 = _StackedLinear(n, H, L)
         self.dec1 = _StackedLinear(n, L, H)
         self.dec2 = _StackedLinear(n, H, D)
-        self.head = _StackedLinear(n, D, K)
+        self.head = _StackedLinear(n, D, K) if K > 0 else None  # None: no head.* state
 
     def _stacked(self):
-        return {f"{layer}.{p}": getattr(getattr(self, layer), p)
-                for layer in _ref.LAYERS for p in ("weight", "bias")}
+        return {name: _get(self, name) for name in self._names()}
 
     def forward(self, x: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, seed: Optional[int] = None,
@@ -245,8 +259,10 @@ class RDMBank(_RDMCommon):
 
         Args:
             x: ``[B, D]`` teacher embedding (any float dtype; fp32 math).
-            teacher_logits: ``[B, K]`` or None (KL term left out).
-            labels: ``[B]`` integer or None (CE term left out).
+            teacher_logits: ``[B, K]`` or None (KL term left out); must be None when
+                K = 0 (ValueError naming it).
+            labels: ``[B]`` integer or None (CE term left out); must be None when
+                K = 0 (ValueError naming it).
             seed: Philox seed for the training noise; None draws one
                 (:func:`cifd_kernels.reference.philox.draw_seed`). Unused in eval.
             offset: base counter; RDM n, sample b, latent l uses
@@ -261,9 +277,10 @@ class RDMBank(_RDMCommon):
 
     def frozen_targets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The frozen bank's stage-2 targets for a teacher embedding ``x`` [B, D]:
-        ``(x_hat [N, B, D], logits [N, B, K])``, exactly the eval-mode forward's (latent
-        rounded around the channel medians), under ``no_grad`` and in either mode,
-        without the density evaluation, rates and losses the forward also computes."""
+        ``(x_hat [N, B, D], logits [N, B, K])`` (logits ``[N, B, 0]`` when K = 0), exactly
+        the eval-mode forward's (latent rounded around the channel medians), under
+        ``no_grad`` and in either mode, without the density evaluation, rates and losses
+        the forward also computes."""
         return self._frozen_targets(x)
 
     @classmethod
@@ -289,10 +306,7 @@ class RDMBank(_RDMCommon):
         bank = cls(len(rdms), *sizes, R=[r.R[0] for r in rdms], **hp)
         ref_t = first.enc1.weight
         bank.to(device=ref_t.device, dtype=ref_t.dtype)
-        state = {}
-        for layer in _ref.LAYERS:
-            for p in ("weight", "bias"):
-                state[f"{layer}.{p}"] = torch.stack([getattr(getattr(r, layer), p).detach() for r in rdms])
+        state = {name: torch.stack([_get(r, name).detach() for r in rdms]) for name in bank._names()}
         state.update(_cat_eb_states([r.entropy_bottleneck for r in rdms], "entropy_bottleneck."))
         bank._load_exact(state, first.entropy_bottleneck.likelihood_bound)
         bank.train(first.training)
@@ -308,8 +322,7 @@ class RDMBank(_RDMCommon):
         for i in range(self.n):
             r = RDM(self.D, self.H, self.L, self.K, R=self.R[i], **hp)
             r.to(device=self.enc1.weight.device, dtype=self.enc1.weight.dtype)
-            state = {f"{layer}.{p}": sd[f"{layer}.{p}"][i].clone()
-                     for layer in _ref.LAYERS for p in ("weight", "bias")}
+            state = {name: sd[name][i].clone() for name in self._names()}
             state.update({"entropy_bottleneck." + k: v for k, v in ebs[i].items()})
             r._load_exact(state, self.entropy_bottleneck.likelihood_bound)
             r.train(self.training)
@@ -319,11 +332,12 @@ class RDMBank(_RDMCommon):
 
 class RDM(_RDMCommon):
     """One Rate-Distortion Module: the N = 1 case of :class:`RDMBank` with
-    ``nn.Linear`` layers (``enc1``, ``enc2``, ``dec1``, ``dec2``, ``head``) and an
-    ``EntropyBottleneck(L)``. Arguments as :class:`RDMBank` (and validated alike),
-    with ``R`` one number, finite and >= 0 (default 1.0). Outputs lose the N dim: x_hat ``[B, D]``, logits
-    ``[B, K]``, rate ``[B]``, likelihoods ``[B, L]``, 0-dim terms. Training
-    noise: sample b, latent l uses counter ``offset + b*L + l``."""
+    ``nn.Linear`` layers (``enc1``, ``enc2``, ``dec1``, ``dec2``, ``head``; ``head`` None
+    when K = 0, head-less) and an ``EntropyBottleneck(L)``. Arguments as
+    :class:`RDMBank` (and validated alike), with ``R`` one number, finite and >= 0
+    (default 1.0). Outputs lose the N dim: x_hat ``[B, D]``, logits ``[B, K]`` (``[B, 0]``
+    head-less), rate ``[B]``, likelihoods ``[B, L]``, 0-dim terms. Training noise:
+    sample b, latent l uses counter ``offset + b*L + l``."""
 
     def __init__(self, D: int, H: int, L: int, K: int, R: float = 1.0, act: str = "relu",
                  dist: str = "mse", lam_ce: float = 1.0, lam_kl: float = 1.0, tau: float = 2.0,
@@ -338,11 +352,10 @@ class RDM(_RDMCommon):
         self.enc2 = nn.Linear(H, L)
         self.dec1 = nn.Linear(L, H)
         self.dec2 = nn.Linear(H, D)
-        self.head = nn.Linear(D, K)
+        self.head = nn.Linear(D, K) if K > 0 else None  # None: no head.* state
 
     def _stacked(self):
-        return {f"{layer}.{p}": getattr(getattr(self, layer), p).unsqueeze(0)
-                for layer in _ref.LAYERS for p in ("weight", "bias")}
+        return {name: _get(self, name).unsqueeze(0) for name in self._names()}
 
     def forward(self, x: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, seed: Optional[int] = None,
@@ -353,9 +366,16 @@ class RDM(_RDMCommon):
                          {k: v[0] for k, v in out.terms.items()})
 
     def frozen_targets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """As :meth:`RDMBank.frozen_targets`, without the N dim: ``(x_hat [B, D], logits [B, K])``."""
+        """As :meth:`RDMBank.frozen_targets`, without the N dim: ``(x_hat [B, D], logits [B, K])``
+        (logits ``[B, 0]`` when K = 0)."""
         x_hat, logits = self._frozen_targets(x)
         return x_hat[0], logits[0]
+
+
+def _get(module: nn.Module, name: str) -> torch.Tensor:
+    """``module.<layer>.<weight|bias>`` for a parameter name such as ``"enc1.weight"``."""
+    layer, p = name.split(".")
+    return getattr(getattr(module, layer), p)
 
 
 # ---------------------------------------------------------------------------- entropy-model surgery

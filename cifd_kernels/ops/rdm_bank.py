@@ -10,8 +10,19 @@ reference runs N chains of small ops, this path runs the bank as::
     z    = h1 W2^T + b2                    one batched GEMM over the N blocks
     zh, rate, p = entropy_bottleneck(z)    the fused rate kernel (noise, density, log)
     xh   = act(zh W3^T + b3) W4^T + b4     batched GEMMs
-    V    = xh W5^T + b5                    batched GEMM
+    V    = xh W5^T + b5                    batched GEMM (none when K = 0)
     loss = sum_n R_n dist + rate + CE + tau^2 KL   one fused loss kernel call (cifd::cifd_loss, N groups)
+
+Head-less banks (K = 0: ``params`` without ``head.*``, the paper's CLIP setting):
+no head GEMM, ``logits`` an empty ``[N, B, 0]``, and the loss ``R_n dist + rate``
+through the SAME fused loss kernel with its logit part off: K = 0 logits, every
+label ``ignore_index``, ``lam_ce = lam_kl = 0``. The kernels take K = 0 as is (no
+logit is read or written: the sweeps over K are empty; the CE of an ignored row is
+0 and the KL of no classes 0, whatever the empty log-sum-exp, -inf, holds), so the
+result is that of a headed bank with ``lam_ce = lam_kl = 0`` and no labels or
+teacher logits, to the bit. Labels or teacher logits for a head-less bank raise
+ValueError (the reference's :func:`~cifd_kernels.reference.rdm.check_headless`,
+before a backend is chosen).
 
 Backends (``cifd::`` ops underneath):
 
@@ -179,7 +190,7 @@ def rdm_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, act: s
 
 # ----------------------------------------------------------------------------- the bank forward
 def _param_dtype(params: Mapping[str, torch.Tensor]) -> Optional[torch.dtype]:
-    dts = {params[p].dtype for p in _ref.PARAM_NAMES}
+    dts = {params[p].dtype for p in _ref.PARAM_NAMES if p in params}  # no head.*: K = 0
     return dts.pop() if len(dts) == 1 else None
 
 
@@ -208,7 +219,8 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
     ``quantize_latent``, and ``rate`` and ``likelihoods`` are None: the frozen bank's
     stage-2 targets need no density evaluation) and ``backend``
     (``auto|cuda|triton|cpu|reference``). Kernel paths return outputs in the
-    parameters' dtype (``rate`` and ``likelihoods`` float32)."""
+    parameters' dtype (``rate`` and ``likelihoods`` float32). ``params`` without
+    ``head.*`` is a head-less bank (K = 0): no head GEMM, ``logits`` ``[N, B, 0]``."""
     if act not in _ref.ACTIVATIONS:
         raise ValueError(f"act must be one of {_ref.ACTIVATIONS}, got {act!r}")
     if mode not in _ref.MODES:
@@ -254,8 +266,7 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
         z_hat = _ref.quantize_latent(z.float(), mode, seed, offset, med).to(z.dtype)  # fp32, as the kernel
         h3 = rdm_linear(z_hat, p["dec1.weight"], p["dec1.bias"], act, backend=lin_be)
         x_hat = rdm_linear(h3, p["dec2.weight"], p["dec2.bias"], "none", backend=lin_be)
-        logits = rdm_linear(x_hat, p["head.weight"], p["head.bias"], "none", backend=lin_be)
-        return _ref.RDMBankOutput(z, z_hat, x_hat, logits, None, None)
+        return _ref.RDMBankOutput(z, z_hat, x_hat, _head(p, x_hat, lin_be), None, None)
 
     # Channel: the fused rate kernel on each RDM's [B, L] block (counter layout above).
     if _eb_ops.use_fused(be, z):
@@ -296,8 +307,15 @@ def _decode(p, z, z_hat, act, lin_be, lik, rate) -> _ref.RDMBankOutput:
     """Decoder and head on the channel's output."""
     h3 = rdm_linear(z_hat, p["dec1.weight"], p["dec1.bias"], act, backend=lin_be)
     x_hat = rdm_linear(h3, p["dec2.weight"], p["dec2.bias"], "none", backend=lin_be)
-    logits = rdm_linear(x_hat, p["head.weight"], p["head.bias"], "none", backend=lin_be)
-    return _ref.RDMBankOutput(z, z_hat, x_hat, logits, lik, rate)
+    return _ref.RDMBankOutput(z, z_hat, x_hat, _head(p, x_hat, lin_be), lik, rate)
+
+
+def _head(p, x_hat, lin_be) -> torch.Tensor:
+    """The head's logits [N, B, K]; a head-less bank (no ``head.*``, K = 0): an empty
+    [N, B, 0] in x_hat's dtype, outside the graph (as the reference's)."""
+    if "head.weight" not in p:
+        return x_hat.new_zeros((x_hat.shape[0], x_hat.shape[1], 0))
+    return rdm_linear(x_hat, p["head.weight"], p["head.bias"], "none", backend=lin_be)
 
 
 class _GroupedChannel(torch.autograd.Function):
@@ -355,9 +373,15 @@ def rdm_bank_loss(x: torch.Tensor, x_hat: torch.Tensor, logits: torch.Tensor, ra
     sharing the teacher's logits, embedding and labels) computes every
     ``R_n dist + lam_ce CE + lam_kl tau^2 KL`` and its gradients; the rate mean is plain
     torch. On the kernel paths the terms other than ``loss`` and ``rate`` are
-    detached (values only)."""
+    detached (values only).
+
+    Head-less banks (``logits`` ``[N, B, 0]``, K = 0): ``R_n dist + rate``, through the
+    same kernel with the logit part off (module docstring); ``labels`` and
+    ``teacher_logits`` must be None, on every backend (the reference's check and
+    message, before a backend is chosen)."""
     _ref_loss.check_tensor("x_hat", x_hat, ndim=3)
     _ref_loss.check_tensor("logits", logits, ndim=3)
+    _ref.check_headless(logits.shape[2], labels, teacher_logits, "rdm_bank_loss: the bank")
     why = None
     if isinstance(R, torch.Tensor):
         why = "R as Python numbers (a tensor R would need a host read)"
@@ -405,7 +429,8 @@ def rdm_bank_loss(x: torch.Tensor, x_hat: torch.Tensor, logits: torch.Tensor, ra
 
     loss_be = be if be in _backend.implemented("cifd_loss") else None  # None: auto
     # Left-out terms: CE with every label ignored is 0, KL with lam_kl = 0 is 0 (the KL
-    # target is then a stand-in: RDM 0's own logits).
+    # target is then a stand-in: RDM 0's own logits). Head-less (K = 0) is the case of
+    # both left out, over K = 0 classes: the kernels read and write no logit.
     lab = labels if labels is not None else torch.full((batch,), ignore_index, dtype=torch.long,
                                                        device=x.device)
     t_logits = (teacher_logits if teacher_logits is not None else logits[0]).detach()[None]
