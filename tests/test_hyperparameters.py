@@ -88,11 +88,14 @@ BAD = {
     "width": [(0, ValueError, r"be a positive int, got 0"), (-2, ValueError, r"be a positive int"),
               (2.0, TypeError, r"be an int, got float"), (True, TypeError, r"be an int, got bool"),
               ("3", TypeError, r"be an int, got str")],
+    # K: 0 is a head-less RDM
+    "count": [(-1, ValueError, r"be an int >= 0, got -1"), (2.0, TypeError, r"be an int, got float"),
+              (True, TypeError, r"be an int, got bool"), ("3", TypeError, r"be an int, got str")],
     "int": [(1.5, TypeError, r"be an int, got float"), (True, TypeError, r"be an int, got bool")],
     "choice": [("nope", ValueError, r"be one of \(.*\), got 'nope'"),
                (3, TypeError, r"be one of .*, got int")],
 }
-_RDM_ARGS = dict(D="width", H="width", L="width", K="width", tau="positive", lam_ce="weight", lam_kl="weight",
+_RDM_ARGS = dict(D="width", H="width", L="width", K="count", tau="positive", lam_ce="weight", lam_kl="weight",
                  init_scale="positive", tail_mass="open_prob", likelihood_bound="weight", act="choice",
                  dist="choice", ignore_index="int")
 ARGS = {

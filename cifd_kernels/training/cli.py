@@ -8,6 +8,8 @@
     cifd eval MODEL_OR_RUN_DIR [--split test] [KEY=VALUE ...]
     cifd demo [-c CONFIG] [KEY=VALUE ...]  # teacher, RDMs, scratch/KD/CIFD/TAKD, table
     cifd study [-c CONFIG] [KEY=VALUE ...] # sweep on one seed (val), paired arms x seeds (test)
+    cifd demo -c text_minilm               # the text recipes (``recipe: text`` configs:
+    cifd study -c text_topics              # text_minilm, text_topics; training/text/)
 
 CONFIG is a YAML file or a packaged config name (fmnist_teacher,
 fmnist_student, fmnist_demo, fmnist_full, cifar100_teacher, cifar100_student). KEY=VALUE overrides use
@@ -209,8 +211,32 @@ def _cmd_download_data(args) -> int:
     return 0
 
 
+def _text_overrides(args: argparse.Namespace) -> list[str]:
+    """Overrides for a text recipe: it runs on the CPU, without progress bars, so
+    ``--device`` (other than cpu/auto) is refused and ``--no-progress`` is moot."""
+    dev = getattr(args, "device", None)
+    if dev and dev not in ("cpu", "auto"):
+        raise ConfigError(f"--device {dev}: the text recipes run on the CPU (their students "
+                          f"are bag-of-word-piece models of ~1M parameters)")
+    if getattr(args, "teacher", None):
+        raise ConfigError("--teacher: a text recipe's teacher is teacher.model (a model folder)")
+    return [o for o in _overrides(args) if not o.startswith(("run.device=", "run.progress="))]
+
+
+def _cmd_text(args) -> int:
+    from .text.config import load_text_config
+    from .text.recipe import run_text
+    _single_process_only(args.command)  # it starts its own processes (study.jobs)
+    cfg = load_text_config(args.config, _text_overrides(args))
+    run_text(cfg)
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
+    from .text.config import is_text_config
+    if is_text_config(args.config):
+        return _cmd_text(args)
     overrides = _overrides(args)
     cfg = load_config(args.config or DEFAULT_CONFIGS["demo"], overrides)
     _start(cfg)
@@ -220,6 +246,9 @@ def _cmd_demo(args) -> int:
 
 def _cmd_study(args) -> int:
     from .study import run_study
+    from .text.config import is_text_config
+    if is_text_config(args.config):
+        return _cmd_text(args)
     _single_process_only("study")  # it starts its own processes (study.jobs)
     if args.overwrite:
         raise ConfigError("cifd study always resumes (finished runs are read back): to start "

@@ -211,7 +211,12 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):
-                value = yaml.safe_load(text)
+                try:
+                    value = yaml.safe_load(text)
+                except yaml.YAMLError as e:
+                    where = getattr(e, "problem", None) or type(e).__name__
+                    raise ConfigError(f"{key}: {text!r} is not a YAML list ({where}); quote items "
+                                      f"that hold brackets or commas: '[\"a b=[1]\", c]'") from None
             else:
                 value = [v for v in text.split(",") if v.strip()] if text else []
         if isinstance(value, tuple):
@@ -449,6 +454,9 @@ def load_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) 
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (data:, train:, ...), "
                               f"got {type(d).__name__}")
+        if d.get("recipe") == "text":
+            raise ConfigError(f"{path}: a text recipe (recipe: text); run it with `cifd demo -c "
+                              f"{name_or_path}` or `cifd study -c {name_or_path}`")
         try:
             merge_dict(cfg, d)
         except ConfigError as e:
