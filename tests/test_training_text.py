@@ -226,6 +226,10 @@ def test_topics_recipe_end_to_end(tmp_path, fortunes_dir, tiny_bert):
     assert len(saved["runs"]) == 8
     for r in saved["runs"]:
         assert 0.0 <= r["test"]["acc"] <= 1.0 and math.isfinite(r["final_loss"])
+        assert r["val"]["kl_T"] >= 0.0 and r["val"]["w_rms"] > 0.0
+        assert (r["method"] == "cifd") == ("ibm_rate_per_channel" in r)
+        if r["method"] == "cifd":
+            assert r["ibm_rate_per_channel"] >= 0.0
     takd = [r for r in saved["runs"] if r["method"] == "takd"]
     assert all(r["ta"]["params"] > r["params"] for r in takd)
     assert len(saved["bank"]["test"]["acc"]) == 2
@@ -294,3 +298,19 @@ def _has_matplotlib():
         return True
     except ImportError:
         return False
+
+
+def test_matched_kl_weight():
+    from cifd_kernels.training.text.recipe import _resolve_matched, expected_kl_weight
+    cfg = load_text_config(None, ["rdm.rates=[3,2,1]", "cifd.p_drop=0.25", "cifd.lam_rdm=0.5"])
+    assert expected_kl_weight(cfg) == pytest.approx(1.0 * (1 + 3 * 0.5) * 0.75)
+    done = {"c": ("c", "cifd", ["kd.lam_kl=2"])}  # expected weight 2 * 2.5 * 0.75 = 3.75
+    assert _resolve_matched(cfg, "k", "kd", ["kd.tau=4", "kd.lam_kl=@matched:c"], done) == \
+        ["kd.tau=4", "kd.lam_kl=3.75"]
+    # CIFD without RDM targets: its own expected weight is lam_kl * 1 * 0.75
+    assert _resolve_matched(cfg, "n", "cifd", ["cifd.lam_rdm=0", "kd.lam_kl=@matched:c"], done) == \
+        ["cifd.lam_rdm=0", "kd.lam_kl=5"]
+    with pytest.raises(ConfigError, match="earlier cifd arm"):
+        _resolve_matched(cfg, "k", "kd", ["kd.lam_kl=@matched:zz"], done)
+    with pytest.raises(ConfigError, match="earlier cifd arm"):
+        _resolve_matched(cfg, "k", "kd", ["kd.tau=@matched:c"], done)

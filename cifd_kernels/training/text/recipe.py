@@ -153,6 +153,14 @@ def linear_probe(E: dict, y: dict, K: int) -> float:
         return float((head(Z["test"]).argmax(1) == y["test"]).float().mean())
 
 
+def kl_nats(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> float:
+    """Mean ``KL(softmax(T) || softmax(S))`` in nats (temperature 1): how far a
+    student's (or an RDM's) predictive distribution is from the teacher's."""
+    lt = F.log_softmax(teacher_logits.float(), dim=1)
+    ls = F.log_softmax(student_logits.float(), dim=1)
+    return float((lt.exp() * (lt - ls)).sum(1).mean())
+
+
 # ----------------------------------------------------------------------------- stage 0: data
 
 def _log_default(msg: str) -> None:
@@ -282,6 +290,7 @@ def train_bank(cfg: TextConfig, X: dict, y: dict, T: Optional[dict], log: Log = 
         if T is not None:
             report[split]["acc"] = [float((out.logits[j].argmax(1) == y[split]).float().mean())
                                     for j in range(bank.n)]
+            report[split]["kl_T"] = [kl_nats(T[split], out.logits[j]) for j in range(bank.n)]
     return bank, report
 
 
@@ -392,7 +401,10 @@ def evaluate(cfg: TextConfig, sh: dict, student: BagStudent) -> dict:
                 m["recall10"] = knn_recall(U, X, 10)
                 m["zero_shot"] = zero_shot_acc(U, sh["prompts"], y)
         else:
-            m["acc"] = float((student.head(W).argmax(1) == y).float().mean())
+            S = student.head(W)
+            m["acc"] = float((S.argmax(1) == y).float().mean())
+            m["kl_T"] = kl_nats(_teacher_logits(sh)[idx], S)  # distance to the teacher
+        m["w_rms"] = float(W.float().pow(2).mean().sqrt())   # the student embedding's spread
         out[split] = m
     if emb_task:
         yy = {s: sh["labels"][sh["splits"][s]] for s in _corpus.SPLITS}
@@ -494,6 +506,12 @@ def fit_student(cfg: TextConfig, sh: dict, method: str, seed: int, *, dim: Optio
     rec = {"train_s": time.time() - t0,
            "params": student.inference_params(with_proj=cfg.task == "embedding"),
            "final_loss": tot / n}
+    if ibm is not None:  # the IBM's rate on validation texts, in nats per channel
+        student.eval()
+        with torch.no_grad():
+            Wv = student.features(sh["ids"][sh["splits"]["val"]])
+            _, rate = ibm(Wv, seed=philox_seed + 2)
+        rec["ibm_rate_per_channel"] = float(rate.mean()) / cfg.student.width
     return student, rec
 
 
@@ -630,6 +648,37 @@ def paired(results: dict, arms: Sequence[str], seeds: Sequence[int], baseline: s
     return out
 
 
+def expected_kl_weight(cfg: TextConfig) -> float:
+    """CIFD's expected total KL weight per step: ``lam_kl (1 + N lam_rdm)(1 - p_drop)``
+    (the teacher and N RDM targets, each kept with probability ``1 - p_drop``)."""
+    n = len(cfg.rdm.rates)
+    return cfg.kd.lam_kl * (1 + n * cfg.cifd.lam_rdm) * (1 - cfg.cifd.p_drop)
+
+
+def _resolve_matched(cfg: TextConfig, name: str, method: str, ov: list, done: dict) -> list:
+    """``kd.lam_kl=@matched:ARM``: the KL weight that gives this arm the expected KL
+    weight of the (earlier, resolved) CIFD arm ARM: for a ``kd`` arm that weight
+    itself, for a ``cifd`` arm (e.g. without RDM targets) that weight divided by its
+    own ``(1 + N lam_rdm)(1 - p_drop)``."""
+    plain = [o for o in ov if not o.partition("=")[2].startswith("@matched")]
+    out = list(plain)
+    for o in ov:
+        if o in plain:
+            continue
+        key, _, val = o.partition("=")
+        ref = val.partition(":")[2]
+        if key.strip() != "kd.lam_kl" or ref not in done or done[ref][1] != "cifd":
+            raise ConfigError(f"arm {name}: {o!r}: use kd.lam_kl=@matched:ARM with ARM an earlier "
+                              f"cifd arm ({', '.join(a for a in done if done[a][1] == 'cifd') or 'none'})")
+        target = expected_kl_weight(_arm_cfg(cfg, done[ref][2]))
+        lam = target
+        if method == "cifd":
+            mine = _arm_cfg(cfg, plain + ["kd.lam_kl=1"])
+            lam = target / expected_kl_weight(mine)
+        out.append(f"kd.lam_kl={lam:.6g}")
+    return out
+
+
 def run_text(cfg: TextConfig, log: Log = _log_default) -> dict:
     """The whole recipe (module docstring); returns and writes ``results.json``."""
     torch.set_num_threads(cfg.run.threads * max(1, cfg.study.jobs))
@@ -655,6 +704,7 @@ def run_text(cfg: TextConfig, log: Log = _log_default) -> dict:
             best = max(cands, key=lambda r: r["val"][metric])
             ov = best["overrides"] + [o for o in ov if o != "@best"]
             log(f"{name}: @best = {best['name']} ({' '.join(best['overrides']) or 'base'})")
+        ov = _resolve_matched(cfg, name, method, ov, {a[0]: a for a in arms})
         _arm_cfg(cfg, ov)
         arms.append((name, method, ov))
     names = [a[0] for a in arms]
