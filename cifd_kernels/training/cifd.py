@@ -34,11 +34,11 @@ import torch.nn as nn
 from .config import Config, config_hash, hashed_items, to_dict
 from .distributed import barrier, context, seed_per_rank, single_process, wrap_ddp
 from .engine import (CheckpointMismatchError, RunIdentity, build_optimizer, build_scheduler,
-                     derive_seed, fit, measure_step_flops, seed_everything, select_device,
-                     set_threads)
+                     derive_seed, fit, forward_flops, measure_step_flops, seed_everything,
+                     select_device, set_threads)
 from .teacher import (check_teacher_data, default_teacher_checkpoint, finish_run, load_data,
                       load_model_file, make_iterator, model_meta, new_model, prepare_model,
-                      teacher_outputs)
+                      student_run_dir, teacher_outputs)
 
 STREAM_IBM, STREAM_DROP = 2, 3
 CIFD_SECTIONS = ("data", "model", "train", "kd", "cifd", "rdm")
@@ -104,7 +104,6 @@ class CIFDStudent(nn.Module):
 
 
 def cifd_run_dir(cfg: Config) -> Path:
-    from .distill import student_run_dir
     return student_run_dir(cfg, "cifd")
 
 
@@ -114,7 +113,6 @@ def distill_cifd(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     bank (``cifd.bank``, default ``<out_dir>/<name>/rdms/bank.pt``); returns the
     run summary (as every student run, plus the loss settings)."""
     from cifd_kernels import CIFDLoss
-    from .distill import forward_flops
     from .rdms import bank_outputs, default_bank_path, load_bank
     set_threads(cfg.run.threads)
     device = select_device(cfg.run.device)

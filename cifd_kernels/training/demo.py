@@ -258,7 +258,7 @@ def run_demo(cfg: Config, overrides: Sequence[str] = (), *, overwrite: bool = Fa
                     print(f"demo: skipping TAKD: {msg}", flush=True)
                     methods[m]["skipped"] = msg
                     break
-            from .distill import student_run_dir
+            from .teacher import student_run_dir
             key = f"{m}/s{seed}"
             was_done = (student_run_dir(scfg, m) / "summary.json").is_file()
             s, w = _timed(lambda: distill(scfg, m, resume=True, overwrite=overwrite))
@@ -326,5 +326,5 @@ class _WallTimes:
 
 
 def _takd_done(cfg: Config) -> bool:
-    from .distill import student_run_dir
+    from .teacher import student_run_dir
     return (student_run_dir(cfg, "takd") / "summary.json").is_file()

@@ -26,11 +26,11 @@ import torch.nn.functional as F
 
 from .config import Config, config_hash, hashed_items, to_dict
 from .distributed import seed_per_rank, single_process, wrap_ddp
-from .engine import (RunIdentity, build_optimizer, build_scheduler, fit, measure_step_flops,
-                     seed_everything, select_device, set_threads)
+from .engine import (RunIdentity, build_optimizer, build_scheduler, fit, forward_flops,
+                     measure_step_flops, seed_everything, select_device, set_threads)
 from .teacher import (check_teacher_data, default_teacher_checkpoint, finish_run, load_data,
                       load_model_file, make_iterator, model_meta, new_model, prepare_model,
-                      run_root, teacher_outputs)
+                      run_root, student_run_dir, teacher_outputs)
 
 METHODS = ("scratch", "kd", "takd", "cifd")
 
@@ -56,12 +56,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch
     log_p_t = F.log_softmax(teacher_logits.float() / tau, dim=1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean()
     return lam_ce * F.cross_entropy(s, y) + lam_kl * tau * tau * kl
-
-
-def student_run_dir(cfg: Config, method: str, arch: Optional[str] = None) -> Path:
-    """``<out_dir>/<name>/<method>_<arch>``, with ``_s<seed>`` for train.seed != 0."""
-    sfx = f"_s{cfg.train.seed}" if cfg.train.seed else ""
-    return run_root(cfg) / f"{method}_{arch or cfg.model.arch}{sfx}"
 
 
 def distill(cfg: Config, method: str, *, resume: bool = False, overwrite: bool = False) -> dict:
@@ -120,18 +114,6 @@ def distill_takd(cfg: Config, *, resume: bool = False, overwrite: bool = False) 
                           Path(s["model_path"]).parent / "summary.json")
     barrier()
     return s
-
-
-@torch.no_grad()
-def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of one eval-mode forward of ``model`` on ``x``."""
-    from torch.utils.flop_counter import FlopCounterMode
-    was = model.training
-    model.eval()
-    with FlopCounterMode(display=False) as fc:
-        model(x)
-    model.train(was)
-    return int(fc.get_total_flops())
 
 
 def train_student(cfg: Config, method: str, *, resume: bool = False, overwrite: bool = False,

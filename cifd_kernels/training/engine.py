@@ -497,6 +497,18 @@ def derive_seed(run_seed: int, step: int, stream: int = 0) -> int:
 
 
 # ------------------------------------------------------------------ FLOPs
+@torch.no_grad()
+def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one eval-mode forward of ``model`` on ``x``."""
+    from torch.utils.flop_counter import FlopCounterMode
+    was = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as fc:
+        model(x)
+    model.train(was)
+    return int(fc.get_total_flops())
+
+
 def measure_step_flops(modules: nn.Module, step_fn: Callable[[Any], torch.Tensor],
                        batch: Any) -> int:
     """FLOPs (torch.utils.flop_counter: matmuls and convolutions, forward +

@@ -177,7 +177,7 @@ def _arm_root(cfg: Config, arm: Arm, stage: str) -> str:
 
 
 def _student_summary(cfg: Config, arm: Arm, stage: str, seed: int) -> Path:
-    from .distill import student_run_dir
+    from .teacher import student_run_dir
     c = copy.deepcopy(cfg)
     c.run.name = _arm_root(cfg, arm, stage)
     c.train.seed = seed

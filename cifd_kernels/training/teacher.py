@@ -34,6 +34,12 @@ def run_root(cfg: Config) -> Path:
     return Path(cfg.run.out_dir) / cfg.run.name
 
 
+def student_run_dir(cfg: Config, method: str, arch: Optional[str] = None) -> Path:
+    """``<out_dir>/<name>/<method>_<arch>``, with ``_s<seed>`` for train.seed != 0."""
+    sfx = f"_s{cfg.train.seed}" if cfg.train.seed else ""
+    return run_root(cfg) / f"{method}_{arch or cfg.model.arch}{sfx}"
+
+
 def teacher_run_dir(cfg: Config) -> Path:
     return run_root(cfg) / "teacher"
 
