@@ -91,7 +91,7 @@ def _setup(provider: str, batch: int, online: bool, device):
     wrapper = CIFDStudent(student, D, s=0.1).to(device).train()
     params = list(wrapper.parameters())
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, **fused_kwargs(params))
-    loss_fn = CIFDLoss(lam=[1.0] * (N_RDM + 1), tau=TAU, p_drop=0.25, w_emb=1.0 / D)
+    loss_fn = CIFDLoss(lam=[1.0] * (N_RDM + 1), tau=TAU, p_drop=0.25, w_emb=1.0)  # paper units: 1/D on the sum
     count = [0]
 
     def step():

@@ -385,11 +385,17 @@ def test_cifd_loss_module_defaults_are_the_papers():
 
 def test_cifd_loss_module_matches_functional():
     inp = _inputs(grad=False, dtype=torch.float32)
-    mod = CIFDLoss(lam=[1.0, 0.5, 0.5, 0.5], p_drop=0.5, dist="smooth_l1")
+    # The reference backend: this checks the module's wiring (argument order, units,
+    # dropout), exactly; the kernels against the reference are test_cifd_loss.py's.
+    mod = CIFDLoss(lam=[1.0, 0.5, 0.5, 0.5], p_drop=0.5, dist="smooth_l1", backend="reference")
     args = (inp["student_logits"], inp["target_logits"], inp["labels"], inp["student_emb"], inp["target_embs"])
     loss, terms = mod(*args, ibm_rate=inp["ibm_rate"], seed=5, offset=3)
+    # The module's w_emb (default 100) is in the paper's units (mean over D): the
+    # functional, on the per-sample sum, gets w_emb / D.
+    D = inp["student_emb"].shape[1]
     loss_f, terms_f = ref.cifd_loss(args[0], args[1], args[2], args[3], args[4], [1.0, 0.5, 0.5, 0.5],
-                                    p_drop=0.5, seed=5, offset=3, dist="smooth_l1", ibm_rate=inp["ibm_rate"])
+                                    p_drop=0.5, seed=5, offset=3, dist="smooth_l1", ibm_rate=inp["ibm_rate"],
+                                    w_emb=100.0 / D)
     torch.testing.assert_close(loss, loss_f, rtol=0, atol=0)
     assert torch.equal(terms["keep"], philox_keep_mask((M,), 5, 3, 0.5))
     # seed None: drawn from torch's CPU generator, so manual_seed makes it repeatable

@@ -54,13 +54,19 @@ class CIFDLoss(nn.Module):
     ``lam_m = 1``, ``p_drop = 0.25``, ``tau = 2``, ``w_emb = 100``, ``lam_I = 0.005``,
     MSE distortion (ImageNet: ``dist="smooth_l1"``, ``lam_I = 0.001``).
 
+    ``w_emb`` is in the paper's units: a weight on the embedding distortion's **mean**
+    over the D features (``F.mse_loss``), so ``w_emb = 100`` is the paper's
+    (CIFD_METHOD.md section 4). The module calls the functional, whose ``w_emb``
+    weighs the per-sample *sum*, with ``w_emb / D`` (D from ``student_emb``).
+
     Args:
         lam: M target weights, teacher first, each finite and >= 0 (None = all ones,
             M taken from the inputs; a length other than M raises in the forward).
         tau: KD temperature, finite and > 0; the KL is scaled by ``tau^2``.
         p_drop: KD-dropout probability per target per step (training mode only), in [0, 1).
-        lam_ce, lam_kl, w_emb, lam_I: term weights, finite and >= 0.
-        dist: ``"mse"`` | ``"smooth_l1"`` (per-sample sum over D).
+        lam_ce, lam_kl, w_emb, lam_I: term weights, finite and >= 0 (``w_emb`` on the
+            mean over D, see above).
+        dist: ``"mse"`` | ``"smooth_l1"``.
         ignore_index: label value left out of CE (an int).
         backend: ``auto|cuda|triton|cpu|reference``: the fused kernels of
             :func:`cifd_kernels.ops.cifd_loss.cifd_loss` where they apply (auto falls
@@ -99,9 +105,13 @@ class CIFDLoss(nn.Module):
         Returns ``(loss, terms)`` (see the functional). An empty batch raises ValueError.
         """
         p_drop, seed = _dropout_args(self, seed)
+        # The paper's units (mean over D) -> the functional's (per-sample sum). D is a
+        # shape, a Python int: no host sync. Without embeddings the weight is unused.
+        w_emb = self.w_emb / student_emb.shape[-1] if student_emb is not None and student_emb.dim() >= 1 \
+            and student_emb.shape[-1] > 0 else self.w_emb
         return _ops.cifd_loss(student_logits, target_logits, labels, student_emb, target_embs, self.lam,
                               tau=self.tau, p_drop=p_drop, seed=seed, offset=offset, lam_ce=self.lam_ce,
-                              lam_kl=self.lam_kl, w_emb=self.w_emb, dist=self.dist, ibm_rate=ibm_rate,
+                              lam_kl=self.lam_kl, w_emb=w_emb, dist=self.dist, ibm_rate=ibm_rate,
                               lam_I=self.lam_I, ignore_index=self.ignore_index, backend=self.backend)
 
     def extra_repr(self) -> str:

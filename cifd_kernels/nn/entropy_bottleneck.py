@@ -198,9 +198,10 @@ class EntropyBottleneck(FactorizedDensity):
         filters: hidden widths of each channel's cumulative-logit MLP.
         init_scale, tail_mass: CompressAI's initialisation and quantile targets.
         likelihood_bound: lower bound of the likelihoods (0 disables).
-        backend: ``auto|cuda|triton|cpu|reference`` (default ``$CIFD_BACKEND``/auto);
-            only the reference implements this op so far: auto falls back to it, a
-            named other backend raises :class:`cifd_kernels.BackendUnavailableError`.
+        backend: ``auto|cuda|triton|cpu|reference`` (default ``$CIFD_BACKEND``/auto):
+            the ``cifd::entropy_bottleneck`` kernels (C++ CPU, CUDA, Triton) where they
+            apply, else the eager reference; a named backend that cannot run raises
+            :class:`cifd_kernels.BackendUnavailableError`.
 
     ``forward(y)`` returns ``(y_hat, likelihoods)``: y [B, C, *spatial] or [B, C],
     any floating dtype and strides; y_hat in y's dtype, likelihoods in float32

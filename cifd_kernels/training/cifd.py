@@ -145,9 +145,10 @@ def distill_cifd(cfg: Config, *, resume: bool = False, overwrite: bool = False,
         xh, vr = bank_outputs(bank, emb)
         targets = (torch.cat([emb.unsqueeze(0), xh]), torch.cat([logits.unsqueeze(0), vr]))
     c = cfg.cifd
-    # CIFDLoss weighs the per-sample *summed* distortion; the paper's w_emb weighs its
-    # mean over the D features (CIFD_METHOD.md section 4): (w_emb / D) * dist.
-    w_emb = c.w_emb / emb_sq_norm if c.emb_normalize else c.w_emb / bank.D
+    # CIFDLoss's w_emb is in the paper's units (mean over the D features; it divides
+    # by D): (w_emb / D) * dist (CIFD_METHOD.md section 4). emb_normalize divides the
+    # summed distortion by E||X||^2 instead: w_emb * D / E||X||^2 in those units.
+    w_emb = c.w_emb * bank.D / emb_sq_norm if c.emb_normalize else c.w_emb
 
     seed_everything(cfg.train.seed)
     model = new_model(cfg, ds, device)
@@ -217,7 +218,7 @@ def distill_cifd(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     extra = {"method": "cifd", "n_rdms": n_rdm, "R": list(bank.R), "bank": bmeta["path"],
              "flops_per_step": flops, "steps": cfg.train.epochs * len(train_iter),
              "one_off_flops": one_off, "train_flops": train_flops,
-             "w_emb_effective": w_emb, "teacher_emb_sq_norm": emb_sq_norm}
+             "w_emb_effective": w_emb / bank.D, "teacher_emb_sq_norm": emb_sq_norm}
     rdm_results = Path(bmeta["path"]).parent / "results.json"
     if rdm_results.is_file():  # stage 1's cost belongs to the method
         import json
