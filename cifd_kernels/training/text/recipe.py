@@ -427,7 +427,7 @@ def _method_loss(cfg: TextConfig, method: str, sh: dict, D: int):
                                  temperature=c.temperature)
     if method == "cifd":
         return CIFDLoss([1.0] + [c.lam_rdm] * n, tau=k.tau, p_drop=c.p_drop, lam_ce=k.lam_ce,
-                        lam_kl=k.lam_kl, w_emb=c.w_emb / D, lam_I=c.lam_I)
+                        lam_kl=k.lam_kl, w_emb=c.w_emb, lam_I=c.lam_I)  # paper units: it divides by D
     return CIFDLoss([1.0], tau=k.tau, p_drop=0.0, lam_ce=k.lam_ce, lam_kl=k.lam_kl, w_emb=0.0, lam_I=0.0)
 
 
@@ -737,7 +737,7 @@ def format_table(res: dict) -> str:
     seeds = len(next(iter(res["paired"][metrics[0]].values()))["per_seed"])
     lines = [f"{res['task']} task, test, {seeds} seed(s); points (x100); d = paired difference "
              f"against {res['config']['study']['baseline'] or '-'} with its 95% interval"]
-    head = f"{'arm':<14}" + "".join(f"{m:>30}" for m in metrics)
+    head = f"{'arm':<14}" + "".join(f"{m:>33}" for m in metrics)
     lines.append(head)
     for arm in res["paired"][metrics[0]]:
         cells = []
@@ -746,7 +746,7 @@ def format_table(res: dict) -> str:
             c = f"{r['mean']:.2f}"
             if "diff" in r:
                 c += f" d {r['diff']:+.2f} [{r['lo']:+.2f},{r['hi']:+.2f}]"
-            cells.append(f"{c:>30}")
+            cells.append(f"{c:>33}")
         lines.append(f"{arm:<14}" + "".join(cells))
     t = res["teacher"]
     tl = f"teacher ({t['params'] / 1e6:.1f}M params): zero-shot {100 * t['zero_shot_test']:.2f}, " \
