@@ -186,15 +186,17 @@ def test_metrics():
 
 def test_paired_interval():
     from cifd_kernels.training.text.recipe import paired
-    res = {("a", s): {"test": {"m": v}} for s, v in zip((0, 1, 2), (0.50, 0.52, 0.51))}
-    res.update({("b", s): {"test": {"m": v}} for s, v in zip((0, 1, 2), (0.48, 0.49, 0.50))})
-    t = paired(res, ["a", "b"], [0, 1, 2], "a", "m")
+    res = {("a", s): {"test": {"acc": v, "kl_T": v}} for s, v in zip((0, 1, 2), (0.50, 0.52, 0.51))}
+    res.update({("b", s): {"test": {"acc": v, "kl_T": v}} for s, v in zip((0, 1, 2), (0.48, 0.49, 0.50))})
+    t = paired(res, ["a", "b"], [0, 1, 2], "a", "acc")
     d = [-2.0, -3.0, -1.0]
     half = 4.303 * 1.0 / math.sqrt(3)
     assert t["b"]["diff"] == pytest.approx(-2.0)
     assert t["b"]["lo"] == pytest.approx(-2.0 - half) and t["b"]["hi"] == pytest.approx(-2.0 + half)
     assert "diff" not in t["a"] and t["a"]["mean"] == pytest.approx(51.0)
     assert sum(d) / 3 == pytest.approx(t["b"]["diff"])
+    k = paired(res, ["a", "b"], [0, 1, 2], "a", "kl_T")  # nats: not scaled
+    assert k["b"]["diff"] == pytest.approx(-0.02) and k["a"]["mean"] == pytest.approx(0.51)
 
 
 # ------------------------------------------------------------------ config
@@ -225,6 +227,11 @@ def test_topics_recipe_end_to_end(tmp_path, fortunes_dir, tiny_bert):
     saved = json.loads((tmp_path / "t" / "results.json").read_text())
     assert saved["paired"] == json.loads(json.dumps(res["paired"]))
     assert set(saved["paired"]["acc"]) == {"scratch", "kd", "cifd", "takd"}
+    assert set(saved["paired"]) == {"acc", "kl_T"}
+    r0 = saved["runs"][0]
+    assert saved["paired"]["kl_T"][r0["arm"]]["per_seed"][0] == pytest.approx(r0["test"]["kl_T"]) or \
+        r0["seed"] != 0
+    assert all(0.0 <= r["train"]["acc"] <= 1.0 for r in saved["runs"])
     assert len(saved["runs"]) == 8
     for r in saved["runs"]:
         assert 0.0 <= r["test"]["acc"] <= 1.0 and math.isfinite(r["final_loss"])

@@ -535,6 +535,8 @@ def run_arm(cfg: TextConfig, sh: dict, method: str, seed: int, log: Optional[Log
     student, rec = fit_student(cfg, sh, "kd" if method == "takd" else method, seed,
                                target_logits=target_logits, log=log)
     ev = evaluate(cfg, sh, student)
+    if "train" in ev:
+        extra["train"] = ev["train"]  # the generalisation gap (topics task)
     return {"method": method, "seed": seed, **rec, **extra, "val": ev["val"], "test": ev["test"],
             "wall_s": time.time() - t0}
 
@@ -631,16 +633,22 @@ def run_many(cfg: TextConfig, sh: dict, jobs: Sequence[tuple[str, str, list, int
     return results
 
 
+# Metrics reported x100 (points); the others (kl_T, nats) as they are.
+_POINTS = ("acc", "recall10", "zero_shot", "cos", "probe")
+
+
 def paired(results: dict, arms: Sequence[str], seeds: Sequence[int], baseline: str, metric: str) -> dict:
     """Per arm: mean test ``metric`` and, against ``baseline``, the mean paired
-    difference with its 95% t-interval (in points: x100)."""
+    difference with its 95% t-interval (accuracies and cosines in points, x100;
+    ``kl_T`` in nats)."""
     out = {}
+    scale = 100.0 if metric in _POINTS else 1.0
     for a in arms:
-        vals = [100 * results[(a, s)]["test"][metric] for s in seeds]
+        vals = [scale * results[(a, s)]["test"][metric] for s in seeds]
         row = {"mean": statistics.fmean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                "per_seed": vals}
         if baseline and a != baseline:
-            d = [v - 100 * results[(baseline, s)]["test"][metric] for v, s in zip(vals, seeds)]
+            d = [v - scale * results[(baseline, s)]["test"][metric] for v, s in zip(vals, seeds)]
             m = statistics.fmean(d)
             half = t975(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
             row.update(diff=m, lo=m - half, hi=m + half)
@@ -711,7 +719,7 @@ def run_text(cfg: TextConfig, log: Log = _log_default) -> dict:
     if cfg.study.baseline and cfg.study.baseline not in names:
         raise ConfigError(f"study.baseline: {cfg.study.baseline!r} is not an arm ({', '.join(names)})")
     final = run_many(cfg, sh, [(n, m, ov, s) for n, m, ov in arms for s in cfg.study.seeds], log)
-    metrics = ["recall10", "zero_shot", "cos", "probe"] if cfg.task == "embedding" else ["acc"]
+    metrics = ["recall10", "zero_shot", "cos", "probe"] if cfg.task == "embedding" else ["acc", "kl_T"]
     table = {m: paired(final, names, cfg.study.seeds, cfg.study.baseline, m) for m in metrics}
     res = {"task": cfg.task, "config": dataclasses.asdict(cfg), "teacher": sh["teacher"], "bank": sh["bank"],
            "topics": sh["topics"], "metric": metric, "sweep": sweep_table,
@@ -735,7 +743,8 @@ def format_table(res: dict) -> str:
     baseline, the paired difference with its 95% interval."""
     metrics = list(res["paired"])
     seeds = len(next(iter(res["paired"][metrics[0]].values()))["per_seed"])
-    lines = [f"{res['task']} task, test, {seeds} seed(s); points (x100); d = paired difference "
+    lines = [f"{res['task']} task, test, {seeds} seed(s); points (x100; kl_T = KL(teacher || student) "
+             f"in nats); d = paired difference "
              f"against {res['config']['study']['baseline'] or '-'} with its 95% interval"]
     head = f"{'arm':<14}" + "".join(f"{m:>33}" for m in metrics)
     lines.append(head)
