@@ -163,8 +163,28 @@ def test_cifd_student_ignores_ibm_at_inference():
 
 
 def test_config_sections_for_cifd():
+    from cifd_kernels.training.demo import teacher_config
     cfg = C.load_config("fmnist_demo")
-    assert cfg.rdm.rates == [10.0, 1.0, 0.3] and cfg.cifd.emb_normalize
+    assert cfg.rdm.rates == [3.0, 1.0, 0.3] and not cfg.cifd.emb_normalize
     assert cfg.demo.methods == ["scratch", "kd", "cifd", "takd"]
+    # the study's regime: the teacher sees all training images, the students a subset
+    t = teacher_config(cfg)
+    assert (t.data.train_size, cfg.data.train_size, t.train.epochs) == (0, 10000, 3)
+    cfg.demo.teacher_train_size = -1
+    assert teacher_config(cfg).data.train_size == 10000
     full = C.load_config("fmnist_full")
     assert len(full.demo.seeds) == 3 and full.data.train_size == 0
+
+
+def test_demo_table_prints_cifd_minus_kd():
+    from cifd_kernels.training.demo import format_table
+    teacher = {"arch": "cnn10", "test_acc": 0.91, "val_acc": 0.9}
+    row = dict(arch="cnn2", train_time_s=1.0, wall_s=1.0, train_flops=1e9, test_acc_std=0.0)
+    agg = {"kd": dict(row, seeds=[0], test_acc=0.8366, val_acc=0.8392),
+           "cifd": dict(row, seeds=[0], test_acc=0.8336, val_acc=0.8362)}
+    table = format_table(teacher, None, agg)
+    assert "CIFD - KD: -0.30 points test, -0.30 val (one seed" in table
+    agg["cifd"]["seeds"] = agg["kd"]["seeds"] = [0, 1]
+    assert "(one seed" not in format_table(teacher, None, agg)
+    agg["cifd"] = {"skipped": "not run"}
+    assert "CIFD - KD" not in format_table(teacher, None, agg)

@@ -140,6 +140,8 @@ class DemoConfig:
     """``cifd demo``: teacher, RDMs, then students by each method and seed."""
     teacher_config: str = "fmnist_teacher"
     teacher_epochs: int = 0       # 0 = the teacher config's train.epochs
+    teacher_train_size: int = -1  # the teacher's training images: -1 = the students'
+                                  # data.train_size, 0 = all of them
     methods: list[str] = field(default_factory=lambda: ["scratch", "kd", "cifd", "takd"])
     seeds: list[int] = field(default_factory=lambda: [0])
     budget_s: float = 600.0       # TAKD is skipped when its estimate would overrun this
@@ -397,6 +399,7 @@ _RULES = [
     ("cifd.decoder_layers", lambda v: v in (1, 2), "1 or 2"),
     ("takd.ta_epochs", lambda v: v >= 0, ">= 0 (0 = train.epochs)"),
     ("demo.seeds", lambda v: len(v) > 0, "a non-empty list"),
+    ("demo.teacher_train_size", lambda v: v >= -1, ">= -1 (-1 = data.train_size, 0 = all)"),
     ("study.teacher_train_size", lambda v: v >= 0, ">= 0 (0 = the whole training split)"),
     ("study.teacher_epochs", lambda v: v >= 0, ">= 0 (0 = the teacher config's)"),
     ("study.seeds", lambda v: len(v) > 0 and len(set(v)) == len(v), "a non-empty list of distinct seeds"),
