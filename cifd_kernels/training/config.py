@@ -440,23 +440,31 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def read_config_file(name_or_path: str) -> tuple[Path, dict]:
+    """``(path, mapping)`` of a YAML config (a path or a packaged name); a file that
+    cannot be read, is not YAML text or is not a mapping raises :class:`ConfigError`
+    naming it."""
+    path = resolve_config_path(name_or_path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a valid YAML text file ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); fix or replace it") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (data:, train:, ...), "
+                          f"got {type(d).__name__}")
+    return path, d
+
+
 def load_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults, then the YAML file (if any), then ``overrides`` in order;
     checked by :func:`validate`."""
     cfg = Config()
     if name_or_path:
-        path = resolve_config_path(name_or_path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = yaml.safe_load(f) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not a valid YAML text file ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); fix or replace it") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections (data:, train:, ...), "
-                              f"got {type(d).__name__}")
+        path, d = read_config_file(name_or_path)
         if d.get("recipe") == "text":
             raise ConfigError(f"{path}: a text recipe (recipe: text); run it with `cifd demo -c "
                               f"{name_or_path}` or `cifd study -c {name_or_path}`")

@@ -19,10 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import yaml
-
-from ..config import (ConfigError, _choice, apply_overrides, flatten, merge_dict,
-                      resolve_config_path)
+from ..config import ConfigError, _choice, apply_overrides, flatten, merge_dict, read_config_file
 
 METHODS = {"embedding": ("nce", "kd", "kd_nce", "cifd"),
            "topics": ("scratch", "kd", "cifd", "takd")}
@@ -199,28 +196,17 @@ def is_text_config(name_or_path: str | None) -> bool:
     if not name_or_path:
         return False
     try:
-        path = resolve_config_path(name_or_path)
-        with open(path, encoding="utf-8") as f:
-            d = yaml.safe_load(f)
-    except (ConfigError, OSError, yaml.YAMLError, UnicodeDecodeError):
+        _, d = read_config_file(name_or_path)
+    except ConfigError:
         return False  # load_config reports it
-    return isinstance(d, dict) and d.get("recipe") == "text"
+    return d.get("recipe") == "text"
 
 
 def load_text_config(name_or_path: str | None = None, overrides: Sequence[str] = ()) -> TextConfig:
     """Defaults, then the YAML file, then ``overrides``; checked by :func:`validate_text`."""
     cfg = TextConfig()
     if name_or_path:
-        path = resolve_config_path(name_or_path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = yaml.safe_load(f) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not a valid YAML text file ({type(e).__name__})") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections, got {type(d).__name__}")
+        path, d = read_config_file(name_or_path)
         try:
             merge_dict(cfg, d)
         except ConfigError as e:
