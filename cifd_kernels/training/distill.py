@@ -30,7 +30,7 @@ from .engine import (RunIdentity, build_optimizer, build_scheduler, fit, forward
                      measure_step_flops, seed_everything, select_device, set_threads)
 from .teacher import (check_teacher_data, default_teacher_checkpoint, finish_run, load_data,
                       load_model_file, make_iterator, model_meta, new_model, prepare_model,
-                      run_root, student_run_dir, teacher_outputs)
+                      student_run_dir, teacher_outputs)
 
 METHODS = ("scratch", "kd", "takd", "cifd")
 

@@ -43,7 +43,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -322,7 +321,8 @@ def prepare(cfg: TextConfig, log: Log = _log_default) -> dict:
     data_key = _enc.texts_digest(corpus.texts, corpus.labels) + f"-{c['emb'].shape}"
     rd = run_dir(cfg)
     rd.mkdir(parents=True, exist_ok=True)
-    bh = bank_hash(cfg, data_key + json.dumps(dataclasses.asdict(cfg.teacher)))
+    # "v2": shared.pt holds the teacher logits in corpus order
+    bh = bank_hash(cfg, "v2" + data_key + json.dumps(dataclasses.asdict(cfg.teacher)))
     path = rd / "shared.pt"
     if path.is_file():
         try:
@@ -356,17 +356,18 @@ def prepare(cfg: TextConfig, log: Log = _log_default) -> dict:
           "splits": sp, "labels": labels, "emb": emb, "teacher": teacher, "bank": report,
           "rdm_xhat": out.x_hat.contiguous(),                      # [N, n_train, D]
           "rdm_logits": out.logits.contiguous() if T is not None else None,
-          "teacher_logits": None if T is None else torch.cat([T[s] for s in _corpus.SPLITS]),
-          "teacher_logits_order": torch.cat([sp[s] for s in _corpus.SPLITS])}
+          "teacher_logits": None if T is None else _in_corpus_order(T, sp)}  # [n_texts, K]
     atomic_save(sh, path)
     return sh
 
 
-def _teacher_logits(sh) -> torch.Tensor:
-    """Teacher logits ``[n_texts, K]`` in corpus order."""
-    T = torch.empty_like(sh["teacher_logits"])
-    T[sh["teacher_logits_order"]] = sh["teacher_logits"]
-    return T
+def _in_corpus_order(per_split: dict, sp: dict) -> torch.Tensor:
+    """Per-split rows ``{split: [n_split, ...]}`` as one tensor in corpus order."""
+    first = per_split["train"]
+    out = first.new_empty((sum(len(i) for i in sp.values()),) + tuple(first.shape[1:]))
+    for split, idx in sp.items():
+        out[idx] = per_split[split]
+    return out
 
 
 def _cosine_lr(opt, total):
@@ -403,13 +404,14 @@ def evaluate(cfg: TextConfig, sh: dict, student: BagStudent) -> dict:
         else:
             S = student.head(W)
             m["acc"] = float((S.argmax(1) == y).float().mean())
-            m["kl_T"] = kl_nats(_teacher_logits(sh)[idx], S)  # distance to the teacher
+            m["kl_T"] = kl_nats(sh["teacher_logits"][idx], S)  # distance to the teacher
         m["w_rms"] = float(W.float().pow(2).mean().sqrt())   # the student embedding's spread
         out[split] = m
     if emb_task:
         yy = {s: sh["labels"][sh["splits"][s]] for s in _corpus.SPLITS}
         out["test"]["probe"] = linear_probe(E, yy, sh["K"])
-    out.pop("train", None) if emb_task else None
+    if emb_task:
+        del out["train"]  # the embedding metrics are for held-out texts
     return out
 
 
@@ -456,7 +458,7 @@ def fit_student(cfg: TextConfig, sh: dict, method: str, seed: int, *, dim: Optio
     g = torch.Generator().manual_seed(seed)
     T = None
     if cfg.task == "topics" and method != "scratch":
-        T = (target_logits if target_logits is not None else _teacher_logits(sh))[tr]
+        T = (target_logits if target_logits is not None else sh["teacher_logits"])[tr]
     ids_tr, X_tr, y_tr = sh["ids"][tr], sh["emb"][tr], sh["labels"][tr]
     philox_seed = 1_000_003 * (seed + 1)
     t0 = time.time()
