@@ -248,7 +248,29 @@ def test_topics_recipe_end_to_end(tmp_path, fortunes_dir, tiny_bert):
     res2 = run_text(cfg, logs.append)
     assert not any("seed" in m and "val acc" in m for m in logs)  # all read back
     assert res2["paired"] == res["paired"]
-    assert (tmp_path / "t" / "methods.png").is_file() or not _has_matplotlib()
+    for png in ("methods.png", "paired.png", "rd_curve.png"):
+        assert (tmp_path / "t" / png).is_file() or not _has_matplotlib()
+    assert not (tmp_path / "t" / "curves.png").exists()  # no run traced
+
+
+def test_trace_keeps_the_bits_and_records_every_epoch(tmp_path, fortunes_dir, tiny_bert):
+    """train.trace: validation after every epoch draws no randomness (the same student,
+    bit for bit), its last point is the trained student's validation metrics, and the
+    study draws the learning curves from it."""
+    from cifd_kernels.training.text.recipe import evaluate, fit_student, prepare, run_text
+    cfg = _cfg(tmp_path, fortunes_dir, tiny_bert, "topics")
+    sh = prepare(cfg, lambda m: None)
+    plain, rec = fit_student(cfg, sh, "cifd", 0)
+    cfg.train.trace = True
+    traced, rec_t = fit_student(cfg, sh, "cifd", 0)
+    for (k, p), q in zip(plain.state_dict().items(), traced.state_dict().values()):
+        assert torch.equal(p, q), k
+    assert "trace" not in rec and rec_t["trace"]["epoch"] == [1, 2]
+    ev = evaluate(cfg, sh, traced)["val"]
+    assert rec_t["trace"]["val_acc"][-1] == ev["acc"] and rec_t["trace"]["val_kl_T"][-1] == ev["kl_T"]
+    res = run_text(cfg, lambda m: None)
+    assert all(len(r["trace"]["val_acc"]) == 2 for r in res["runs"])
+    assert (tmp_path / "t" / "curves.png").is_file() or not _has_matplotlib()
 
 
 def test_same_seed_same_student_init(tmp_path, fortunes_dir, tiny_bert):

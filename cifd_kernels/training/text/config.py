@@ -59,6 +59,8 @@ class TextTrainConfig:
     lr: float = 3.0e-3             # AdamW, cosine to 0
     weight_decay: float = 1.0e-4
     seed: int = 0
+    trace: bool = False            # topics: validation accuracy and KL(teacher || student)
+                                   # after every epoch, kept in the run's record (learning curves)
 
 
 @dataclass

@@ -383,6 +383,18 @@ def _new_student(cfg: TextConfig, sh: dict, seed: int, dim: int, hidden: int) ->
 
 
 @torch.no_grad()
+def _student_features(sh: dict, student: BagStudent, idx: torch.Tensor) -> torch.Tensor:
+    """The student's embedding ``W`` of the texts ``idx`` (IBM removed), in chunks."""
+    return torch.cat([student.features(sh["ids"][idx[i:i + 1024]]) for i in range(0, len(idx), 1024)])
+
+
+def _head_metrics(sh: dict, student: BagStudent, idx: torch.Tensor, W: torch.Tensor) -> dict:
+    """Topics task: accuracy and KL(teacher || student) in nats of the texts ``idx``."""
+    S = student.head(W)
+    return {"acc": float((S.argmax(1) == sh["labels"][idx]).float().mean()),
+            "kl_T": kl_nats(sh["teacher_logits"][idx], S)}  # distance to the teacher
+
+
 def evaluate(cfg: TextConfig, sh: dict, student: BagStudent) -> dict:
     """Validation and test metrics of a trained student (IBM removed)."""
     student.eval()
@@ -391,7 +403,7 @@ def evaluate(cfg: TextConfig, sh: dict, student: BagStudent) -> dict:
     E = {}
     for split in _corpus.SPLITS:
         idx = sh["splits"][split]
-        W = torch.cat([student.features(sh["ids"][idx[i:i + 1024]]) for i in range(0, len(idx), 1024)])
+        W = _student_features(sh, student, idx)
         y = sh["labels"][idx]
         m = {}
         if emb_task:
@@ -403,9 +415,7 @@ def evaluate(cfg: TextConfig, sh: dict, student: BagStudent) -> dict:
                 m["recall10"] = knn_recall(U, X, 10)
                 m["zero_shot"] = zero_shot_acc(U, sh["prompts"], y)
         else:
-            S = student.head(W)
-            m["acc"] = float((S.argmax(1) == y).float().mean())
-            m["kl_T"] = kl_nats(sh["teacher_logits"][idx], S)  # distance to the teacher
+            m.update(_head_metrics(sh, student, idx, W))
         m["w_rms"] = float(W.float().pow(2).mean().sqrt())   # the student embedding's spread
         out[split] = m
     if emb_task:
@@ -464,6 +474,10 @@ def fit_student(cfg: TextConfig, sh: dict, method: str, seed: int, *, dim: Optio
         T = (target_logits if target_logits is not None else sh["teacher_logits"])[tr]
     ids_tr, X_tr, y_tr = sh["ids"][tr], sh["emb"][tr], sh["labels"][tr]
     philox_seed = 1_000_003 * (seed + 1)
+    # learning curves (train.trace): validation after every epoch, no randomness drawn,
+    # so the run's bits are those of an untraced run
+    trace = {"epoch": [], "val_acc": [], "val_kl_T": []} \
+        if cfg.train.trace and cfg.task == "topics" else None
     t0 = time.time()
     step = 0
     for epoch in range(cfg.train.epochs):
@@ -508,9 +522,19 @@ def fit_student(cfg: TextConfig, sh: dict, method: str, seed: int, *, dim: Optio
                                      f"epoch {epoch + 1}; lower train.lr or the loss weights")
         if log is not None and (epoch + 1) % 10 == 0:
             log(f"{method} seed {seed}: epoch {epoch + 1}/{cfg.train.epochs} loss {tot / n:.4f}")
+        if trace is not None:
+            student.eval()
+            with torch.no_grad():
+                vi = sh["splits"]["val"]
+                m = _head_metrics(sh, student, vi, _student_features(sh, student, vi))
+            trace["epoch"].append(epoch + 1)
+            trace["val_acc"].append(m["acc"])
+            trace["val_kl_T"].append(m["kl_T"])
     rec = {"train_s": time.time() - t0,
            "params": student.inference_params(with_proj=cfg.task == "embedding"),
            "final_loss": tot / n}
+    if trace is not None:
+        rec["trace"] = trace
     if ibm is not None:  # the IBM's rate on validation texts, in nats per channel
         student.eval()
         with torch.no_grad():
