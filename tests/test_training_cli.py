@@ -148,6 +148,17 @@ def test_bad_config_values_are_one_line_errors(override, needles, fake_dir, tmp_
     one_line_error(capsys, rc, *needles)
 
 
+@pytest.mark.parametrize("where", ["first", "after the command", "last"])
+def test_traceback_option_raises_instead(where, fake_dir, tmp_path, capsys):
+    """``--traceback``, wherever it stands, turns the one-line message into the exception."""
+    from cifd_kernels.training.config import ConfigError
+    argv = ["distill", "--method", "scratch", *common(fake_dir, tmp_path), "train.epoch=1"]
+    argv.insert({"first": 0, "after the command": 1, "last": len(argv)}[where], "--traceback")
+    with pytest.raises(ConfigError, match="unknown config key 'train.epoch'"):
+        main(argv)
+    assert capsys.readouterr().err == ""
+
+
 def test_missing_dataset_is_a_one_line_error(tmp_path, capsys):
     rc = main(["train-teacher", "--data-dir", str(tmp_path / "nothing"), "--out-dir",
                str(tmp_path), "--no-progress"])

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cifd", description="CIFD knowledge distillation recipes",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+    parser.add_argument("--traceback", action="store_true",
+                        help="on a user error (config, data, checkpoint, ...), raise with the "
+                             "traceback instead of the one-line message (may stand anywhere)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train-teacher", help="train the teacher (cross-entropy)")
@@ -271,7 +274,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     after the options (``distill --teacher T cifd.bank=B --resume``), which
     argparse's one positional list alone would refuse after an option."""
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    traceback = "--traceback" in argv  # a global option, taken wherever it stands
+    args, rest = parser.parse_known_args([a for a in argv if a != "--traceback"])
+    args.traceback = traceback
     bad = [r for r in rest if r.startswith("-") or "=" not in r]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
@@ -284,7 +290,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``cifd`` and ``python -m cifd_kernels <command>``.
     Returns the exit status (0 ok, 2 for a usage, config, data, checkpoint,
     damaged-file or torchrun-environment error, which is printed on one line
-    without a traceback unless CIFD_TRACEBACK=1)."""
+    without a traceback unless ``--traceback`` is given)."""
     from .data import DatasetFormatError, DatasetNotFoundError
     from .distill import NotWiredError
     from .distributed import DistributedSetupError, context
@@ -296,7 +302,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, DatasetNotFoundError, DatasetFormatError, CheckpointMismatchError,
             RunFileError, NotWiredError, DistributedSetupError, FileExistsError,
             FileNotFoundError) as e:
-        if os.environ.get("CIFD_TRACEBACK") == "1":
+        if args.traceback:
             raise
         rank = context().rank
         where = f" (rank {rank})" if rank else ""
