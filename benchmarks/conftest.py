@@ -4,6 +4,9 @@
 * ``bench_device``: ``$CIFD_BENCH_DEVICE``, else the current GPU, else the CPU.
 * ``$CIFD_BENCH_THREADS``: ``torch.set_num_threads`` for the session (recorded
   in the results header as ``device_info.torch_threads``).
+* ``--kernel-option NAME=VALUE`` (repeatable): a ``backend.KernelOptions`` field
+  for the session, e.g. ``--kernel-option triton_bwd_maxnreg=168`` (the GPU
+  check's experiments); recorded in the results header as ``kernel_options``.
 * ``bench``: a :class:`benchmarks.utils.Bench` around pytest-benchmark's
   ``benchmark`` fixture; its ``run`` records every measurement.
 * At the end of the session the records go to
@@ -24,8 +27,14 @@ _DEVICE = pytest.StashKey[object]()
 _WRITTEN = pytest.StashKey[object]()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--kernel-option", action="append", default=[], metavar="NAME=VALUE",
+                     help=utils.KERNEL_OPTION_HELP)
+
+
 def pytest_configure(config):
     config.stash[_RECORDS] = []
+    utils.apply_kernel_options(config.getoption("--kernel-option"))
     threads = os.environ.get("CIFD_BENCH_THREADS", "").strip()
     if threads:
         # On a busy (shared) machine, intra-op threads that wait for a core they

@@ -9,7 +9,7 @@ Three measurements, each side in the same run, interleaved call by call:
   through the module, on the eager path (provider ``eager_function``: on the
   CPU since session 5 the one C++ op ``cifd_C::entropy_bottleneck_fused`` with
   C++ autograd, before that one Python autograd.Function per op) against the
-  registered custom ops (``custom_ops``, i.e. ``CIFD_EAGER_VIA_OPS=1``);
+  registered custom ops (``custom_ops``, i.e. the ``eager_via_ops`` kernel option);
 * ``bank_targets``: the frozen bank's stage-2 targets at the Fashion-MNIST recipe
   size (N = 3, B = 128, D = H = L = 128, K = 10): the eval forward
   (``eval_forward``: x_hat, logits, rates and losses) against
@@ -31,14 +31,18 @@ import torch
 from benchmarks.utils import script_args, synchronize, write_results
 
 
-def _interleaved(fns: dict, calls: int, device, warmup: int = 30) -> dict:
+def _interleaved(fns: dict, calls: int, device, warmup: int = 30, before: dict = None) -> dict:
+    """Times of ``fns``' calls, interleaved; ``before[k]()`` runs untimed before each ``fns[k]()``."""
+    before = before or {}
     for _ in range(warmup):
-        for fn in fns.values():
+        for k, fn in fns.items():
+            before.get(k, lambda: None)()
             fn()
     synchronize(device)
     times = {k: [] for k in fns}
     for _ in range(calls):
         for k, fn in fns.items():
+            before.get(k, lambda: None)()
             t0 = time.perf_counter()
             fn()
             synchronize(device)
@@ -48,25 +52,21 @@ def _interleaved(fns: dict, calls: int, device, warmup: int = 30) -> dict:
 
 def _ibm(device, calls):
     from cifd_kernels import IBM
-    from cifd_kernels.ops import _eager
+    from cifd_kernels.backend import kernel_options, set_kernel_options
     torch.manual_seed(0)
     ibm = IBM(32, s=0.1).to(device)
     w = torch.randn(128, 32, device=device, requires_grad=True)
     g = torch.randn(128, 32, device=device)
     leaves = [w] + [p for n, p in ibm.named_parameters() if n != "quantiles"]
 
-    def step(force):
-        def run():
-            _eager.FORCE_OPS = force
-            w_hat, rate = ibm(w, seed=3)
-            torch.autograd.grad((w_hat * g).sum() + rate.sum(), leaves)
-        return run
+    def run():
+        w_hat, rate = ibm(w, seed=3)
+        torch.autograd.grad((w_hat * g).sum() + rate.sum(), leaves)
 
-    old = _eager.FORCE_OPS
-    try:
-        return _interleaved({"eager_function": step(False), "custom_ops": step(True)}, calls, device)
-    finally:
-        _eager.FORCE_OPS = old
+    with kernel_options():  # the options in force are put back afterwards
+        return _interleaved({"eager_function": run, "custom_ops": run}, calls, device,
+                            before={"eager_function": lambda: set_kernel_options(eager_via_ops=False),
+                                    "custom_ops": lambda: set_kernel_options(eager_via_ops=True)})
 
 
 def _eb_kernels(calls):

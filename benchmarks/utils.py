@@ -182,11 +182,46 @@ def versions() -> dict[str, Optional[str]]:
 
 
 def header(device: torch.device) -> dict[str, Any]:
-    """The results file's header: where, with what, from which commit, when."""
+    """The results file's header: where, with what (kernel options included), from which
+    commit, when."""
+    from cifd_kernels import backend
     info = device_info(device)
     return {"device": info["name"], "device_info": info, **versions(), "commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "argv": sys.argv}
+            "kernel_options": dataclasses.asdict(backend.get_kernel_options()), "argv": sys.argv}
+
+
+KERNEL_OPTION_HELP = ("NAME=VALUE: a cifd_kernels.backend.KernelOptions field for the whole run "
+                      "(repeatable), e.g. cpu_avx2=false, cuda_bwd_min_blocks=2, "
+                      "triton_bwd_maxnreg=168, fused_cuda=true")
+
+
+def apply_kernel_options(items: Sequence[str]) -> None:
+    """Set the ``NAME=VALUE`` kernel options (``--kernel-option``) for the whole run:
+    true/false for the switches, an integer or none for the numbers. A bad item raises
+    SystemExit naming it."""
+    from cifd_kernels import backend
+    changes = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        low = raw.strip().lower()
+        if not sep or not name.strip():
+            raise SystemExit(f"--kernel-option {item!r}: expected NAME=VALUE")
+        if low in ("true", "false"):
+            value = low == "true"
+        elif low == "none":
+            value = None
+        else:
+            try:
+                value = int(low)
+            except ValueError:
+                raise SystemExit(f"--kernel-option {item!r}: VALUE must be true, false, none or an "
+                                 "integer") from None
+        changes[name.strip()] = value
+    try:
+        backend.set_kernel_options(**changes)
+    except (TypeError, ValueError, backend.BackendUnavailableError) as e:
+        raise SystemExit(f"--kernel-option: {e}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -523,15 +558,18 @@ class Bench:
 
 def script_args(ap, argv, count: str, minimum: int):
     """The stand-alone measurement scripts' shared options (``--threads``, ``--device``,
-    ``--out``) added to ``ap``, parsed, checked (``--<count>`` at least ``minimum``) and
+    ``--out``, ``--kernel-option``) added to ``ap``, parsed, checked (``--<count>`` at least ``minimum``) and
     applied (torch threads): returns ``(args, device)``."""
     ap.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: leave)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None,
                     help="results folder (default $CIFD_BENCH_OUT or benchmarks/results)")
+    ap.add_argument("--kernel-option", action="append", default=[], metavar="NAME=VALUE",
+                    help=KERNEL_OPTION_HELP)
     args = ap.parse_args(argv)
     if getattr(args, count) < minimum:
         raise SystemExit(f"--{count} must be at least {minimum}")
+    apply_kernel_options(args.kernel_option)
     if args.threads:
         torch.set_num_threads(args.threads)
     return args, torch.device(args.device)

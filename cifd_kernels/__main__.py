@@ -4,6 +4,8 @@ built with) and the training CLI (``python -m cifd_kernels <command>``, also
 installed as ``cifd``)."""
 from __future__ import annotations
 
+import dataclasses
+
 import platform
 import sys
 
@@ -51,20 +53,21 @@ def info_text() -> str:
         lines.append(f"  {b:<10} cpu: {cols[0]}")
         lines.append(f"  {'':<10} cuda: {cols[1]}")
     lines.append(f"default backend: {backend.default_backend()} (CIFD_BACKEND)")
-    from .ops import _eager
-    lines.append("eager calls: " + ("through the registered custom ops (CIFD_EAGER_VIA_OPS=1)"
-                                    if _eager.FORCE_OPS else
-                                    "one autograd.Function per op (CIFD_EAGER_VIA_OPS=0); "
-                                    "custom ops under tracing"))
-    if not _eager.FORCE_OPS:
+    opts = backend.get_kernel_options()
+    lines.append("eager calls: " + ("through the registered custom ops (eager_via_ops)"
+                                    if opts.eager_via_ops else
+                                    "one autograd.Function per op; custom ops under tracing"))
+    if not opts.eager_via_ops:
         import importlib
         eb = importlib.import_module("cifd_kernels.ops.entropy_bottleneck")
         has = eb._fused_op() is not None
         lines.append("  entropy op and cifd_loss as one op with C++ autograd: "
-                     f"cpu: {'yes' if has and eb.FUSED_CPU else 'no'}, cuda: "
-                     + ("yes (CIFD_FUSED_CUDA=1)" if has and eb.FUSED_CUDA
-                        else "no (CIFD_FUSED_CUDA=1 turns it on; not yet run on a GPU)")
+                     f"cpu: {'yes' if has and opts.fused_cpu else 'no'}, cuda: "
+                     + ("yes (fused_cuda)" if has and opts.fused_cuda
+                        else "no (the fused_cuda kernel option turns it on; not yet run on a GPU)")
                      + ("" if has else " (no _C with cifd_C::entropy_bottleneck_fused)"))
+    lines.append("kernel options (backend.set_kernel_options): " + ", ".join(
+        f"{k}={v}" for k, v in dataclasses.asdict(opts).items()))
     lines.append("ops (implemented backends; auto picks on cpu / cuda):")
     from . import ops  # noqa: F401  (registers the ops)
     for op in sorted(backend._IMPLEMENTED):

@@ -13,13 +13,22 @@ the reason; ``auto`` never raises for that, it falls back silently (this is
 what "auto" means; ``python -m cifd_kernels info`` shows the choice).
 
 The choice is made on the host from the device type alone: no host syncs.
+
+This module is also the package's one place of configuration: the only reader of
+environment variables (``CIFD_BACKEND``, ``CIFD_DISABLE_EXT``,
+``CIFD_DISABLE_TRITON`` and Triton's own ``TRITON_INTERPRET``; the build reads its
+own in ``setup.py``), and the holder of :class:`KernelOptions`, the kernel choices
+that leave the math alone (set with :func:`set_kernel_options` or, for a block,
+:func:`kernel_options`; nothing else switches a kernel path).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import importlib
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -84,6 +93,99 @@ def _triton_status():
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+    """Kernel choices that change how a result is computed, never what it is.
+
+    Every choice below is a speed or host-time trade-off with a test holding its
+    results to the default's (bit for bit, unless the field says otherwise):
+
+    * ``eager_via_ops``: eager calls go through the registered ``cifd::`` custom ops
+      (what ``torch.compile`` traces) instead of one ``torch.autograd.Function`` an
+      op (same kernels, same bits, less host time; ``ops/_eager.py``).
+    * ``fused_cpu`` / ``fused_cuda``: eager calls on the ``cpu`` / ``cuda`` backend take
+      the C++-autograd ops (``cifd_C::entropy_bottleneck_fused``,
+      ``cifd_C::cifd_loss_fused``). On for the CPU; off for CUDA, where they have not
+      yet run on a GPU.
+    * ``save_y_hat``: the entropy op's backward re-reads the density at the saved
+      y_hat where that is the same as regenerating the noise (noise mode, rho = 0,
+      s = 1, float32/float64); off regenerates it.
+    * ``cpu_avx2``: the C++ CPU entropy kernels take their AVX2 + FMA loops when the
+      CPU has them; off forces the baseline float32 loops any CPU runs. Both are
+      within the kernels' float32 bound of the reference; the bits may differ.
+    * ``cuda_bwd_min_blocks``: 1, or 2 for the CUDA float32 entropy backward compiled
+      for two blocks an SM (a register cap of 128; an experiment for a GPU to time).
+    * ``triton_bwd_maxnreg``: None (the compiler's choice), or Triton's register cap
+      per thread for the entropy backward, in [32, 255] (an experiment; ignored by
+      the interpreter).
+    """
+    eager_via_ops: bool = False
+    fused_cpu: bool = True
+    fused_cuda: bool = False
+    save_y_hat: bool = True
+    cpu_avx2: bool = True
+    cuda_bwd_min_blocks: int = 1
+    triton_bwd_maxnreg: Optional[int] = None
+
+    def __post_init__(self):
+        for f in ("eager_via_ops", "fused_cpu", "fused_cuda", "save_y_hat", "cpu_avx2"):
+            if not isinstance(getattr(self, f), bool):
+                raise TypeError(f"{f} must be a bool, got {getattr(self, f)!r}")
+        m = self.cuda_bwd_min_blocks
+        if isinstance(m, bool) or m not in (1, 2):
+            raise ValueError(f"cuda_bwd_min_blocks must be 1 or 2, got {m!r}")
+        r = self.triton_bwd_maxnreg
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or not 32 <= r <= 255):
+            raise ValueError(f"triton_bwd_maxnreg must be None or an integer in [32, 255], got {r!r}")
+
+
+_OPTIONS = KernelOptions()
+_C_DEFAULTS = (True, 1)  # what a freshly loaded _C holds: (cpu_avx2, cuda_bwd_min_blocks)
+
+
+def get_kernel_options() -> KernelOptions:
+    """The kernel choices in force (:class:`KernelOptions`)."""
+    return _OPTIONS
+
+
+def _push_to_C(opts: KernelOptions) -> None:
+    """Hand ``_C`` the choices its host glue copies into every kernel problem."""
+    want = (opts.cpu_avx2, opts.cuda_bwd_min_blocks)
+    if ext() is None:
+        return  # no compiled kernels: nothing reads them
+    if has_ext_op("set_kernel_options"):
+        torch.ops.cifd_C.set_kernel_options(*want)
+    elif want != _C_DEFAULTS:
+        raise BackendUnavailableError(
+            "cpu_avx2 / cuda_bwd_min_blocks: this cifd_kernels._C predates them "
+            "(no cifd_C::set_kernel_options); rebuild it")
+
+
+def set_kernel_options(**changes) -> KernelOptions:
+    """Change some :class:`KernelOptions` fields for every later call (unknown or bad
+    values raise, naming the field, and change nothing); returns the previous options."""
+    global _OPTIONS
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(KernelOptions)})
+    if unknown:
+        raise TypeError(f"unknown kernel option(s) {unknown}; known: "
+                        f"{[f.name for f in dataclasses.fields(KernelOptions)]}")
+    old, new = _OPTIONS, dataclasses.replace(_OPTIONS, **changes)
+    _push_to_C(new)
+    _OPTIONS = new
+    return old
+
+
+@contextlib.contextmanager
+def kernel_options(**changes) -> Iterator[KernelOptions]:
+    """``with kernel_options(cpu_avx2=False): ...``: :func:`set_kernel_options` for the
+    block, the previous options restored after it (also on an exception)."""
+    old = set_kernel_options(**changes)
+    try:
+        yield _OPTIONS
+    finally:
+        set_kernel_options(**dataclasses.asdict(old))
 
 
 def status(backend: str, device_type: str = "cpu") -> tuple[bool, str]:

@@ -35,6 +35,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <tuple>
 
@@ -86,6 +87,20 @@ struct Prepared {
   at::ScalarType cdt;
   bool f64() const { return cdt == at::kDouble; }
 };
+
+// The kernel choices EbProblem carries besides the problem (cpu_avx2,
+// cuda_bwd_min_blocks), for every later call: set only through
+// cifd_C::set_kernel_options, which cifd_kernels.backend.kernel_options calls (no
+// environment is read). Atomic: a setter may race a launch on another thread.
+std::atomic<bool> g_cpu_avx2{true};
+std::atomic<int> g_cuda_bwd_min_blocks{1};
+
+void set_kernel_options(bool cpu_avx2, int64_t cuda_bwd_min_blocks) {
+  TORCH_CHECK(cuda_bwd_min_blocks == 1 || cuda_bwd_min_blocks == 2,
+              "cuda_bwd_min_blocks must be 1 or 2, got ", cuda_bwd_min_blocks);
+  g_cpu_avx2.store(cpu_avx2);
+  g_cuda_bwd_min_blocks.store(static_cast<int>(cuda_bwd_min_blocks));
+}
 
 // groups > 0: y is [G, N, C, *spatial] (G = groups) and packed / medians cover G C
 // channels: the problem of the CUDA kernels' one-launch groups (EbProblem::G).
@@ -143,6 +158,8 @@ Prepared prepare(const at::Tensor& y, const at::Tensor& packed, const at::Tensor
   pr.rho = static_cast<float>(rho);
   pr.s = static_cast<float>(s);
   pr.bound = static_cast<float>(bound);
+  pr.cpu_avx2 = g_cpu_avx2.load();
+  pr.cuda_bwd_min_blocks = g_cuda_bwd_min_blocks.load();
   out.cdt = cdt;
   return out;
 }
@@ -414,6 +431,7 @@ std::tuple<at::Tensor, at::Tensor> bwd_groups_cuda(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cifd_C, m) {
+  m.def("set_kernel_options(bool cpu_avx2, int cuda_bwd_min_blocks) -> ()", &set_kernel_options);
   m.def(
       "entropy_bottleneck_fwd(Tensor y, Tensor packed, Tensor medians, int mode, int seed, "
       "int offset, float rho, float s, float bound, bool need_likelihood) "

@@ -46,6 +46,18 @@ def _keep_threads():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def _keep_kernel_options():
+    """Tests may call backend.set_kernel_options: put the options back (the _C side too)."""
+    import dataclasses
+
+    from cifd_kernels import backend
+    old = backend.get_kernel_options()
+    yield
+    if backend.get_kernel_options() != old:
+        backend.set_kernel_options(**dataclasses.asdict(old))
+
+
 @pytest.fixture(scope="session")
 def fake_dir(tmp_path_factory):
     """A directory holding a synthetic Fashion-MNIST (the four IDX files, 200

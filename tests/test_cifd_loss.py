@@ -8,6 +8,7 @@ odd D), to M past its register group of 8 targets, and to run-twice bit equality
 import pytest
 import torch
 
+from cifd_kernels.backend import kernel_options, set_kernel_options
 from cifd_kernels import BackendUnavailableError
 from cifd_kernels import backend as _backend
 from cifd_kernels.nn.cifd_loss import CIFDLoss
@@ -537,10 +538,10 @@ def _fused_or_skip():
 
 def _fused_backend(device, monkeypatch) -> str:
     """The backend whose eager calls take the fused op on ``device`` (cuda: switched on
-    with FUSED_CUDA, as CIFD_FUSED_CUDA=1 does)."""
+    with the fused_cuda kernel option)."""
     if device == "cuda":
         _skip_unless("cuda", device)
-        monkeypatch.setattr(_loss_module(), "FUSED_CUDA", True)
+        set_kernel_options(fused_cuda=True)
         return "cuda"
     return "cpu"
 
@@ -554,8 +555,8 @@ def _fused_then_python(run, monkeypatch):
     monkeypatch.setattr(L, "_fused_op", lambda: (lambda *a: calls.append(1) or real(*a)))
     got = run()
     assert calls == [1]
-    monkeypatch.setattr(L, "FUSED_CPU", False)
-    monkeypatch.setattr(L, "FUSED_CUDA", False)
+    set_kernel_options(fused_cpu=False)
+    set_kernel_options(fused_cuda=False)
     want = run()
     assert calls == [1]
     return got, want
@@ -569,7 +570,7 @@ def _fused_then_python(run, monkeypatch):
 def test_fused_op_equals_python_path(dtype, emb, rate, p_drop, dist, use, device, monkeypatch):
     """Loss, every term and every gradient (logits, embedding, IBM rate) bit for bit
     against the Python path, with the gradient through the loss, the rate term, or both.
-    On a GPU: the op's CUDA registration, switched on as CIFD_FUSED_CUDA=1 does."""
+    On a GPU: the op's CUDA registration, switched on by the fused_cuda kernel option."""
     _fused_or_skip()
     if use != "loss" and rate is None:
         pytest.skip("no rate to differentiate")
@@ -604,7 +605,6 @@ def test_fused_op_ignored_labels_inference_and_module():
     """All labels ignored, inference mode (no autograd key) and the CIFDLoss module in
     train mode (KD-dropout drawn per call): the Python path's values."""
     _fused_or_skip()
-    L = _loss_module()
     inp, lam = _inputs(3, 6, 7, 4, "cpu", seed=5)
     inp["labels"] = torch.full((6,), IGNORE)
     module = CIFDLoss(lam=lam, p_drop=0.3, w_emb=0.5).train()
@@ -617,11 +617,8 @@ def test_fused_op_ignored_labels_inference_and_module():
                    inp["target_embs"], seed=11)
         return [a[0], *a[1].values(), b[0], *b[1].values(), c[0], *c[1].values()]
     got = run()
-    L.FUSED_CPU = False
-    try:
+    with kernel_options(fused_cpu=False):
         want = run()
-    finally:
-        L.FUSED_CPU = True
     assert len(got) == len(want)
     assert all(torch.equal(x, y) for x, y in zip(got, want))
     assert got[1].item() == 0.0  # ce over no labels
@@ -698,7 +695,7 @@ def test_out_of_range_labels_raise(be, bad, fused, monkeypatch):
         _skip_unless(be, "cpu")
     if not fused and be != "cpu":
         pytest.skip("the fused op is the cpu backend's")
-    monkeypatch.setattr(_loss_module(), "FUSED_CPU", fused)
+    set_kernel_options(fused_cpu=fused)
     K = 7
     inp, lam = _inputs(3, 5, K, 4, "cpu")
     assert inp["labels"][1] == IGNORE
@@ -721,11 +718,10 @@ def test_out_of_range_labels_raise(be, bad, fused, monkeypatch):
 
 @pytest.mark.parametrize("be", KERNELS)
 def test_out_of_range_labels_raise_through_the_ops(be, monkeypatch):
-    """The registered cifd::cifd_loss op (what torch.compile and CIFD_EAGER_VIA_OPS=1 call)
+    """The registered cifd::cifd_loss op (what torch.compile and the eager_via_ops kernel option call)
     and the raw C++ op, with every label bad."""
-    from cifd_kernels.ops import _eager
     _skip_unless(be, "cpu")
-    monkeypatch.setattr(_eager, "FORCE_OPS", True)
+    set_kernel_options(eager_via_ops=True)
     inp, lam = _inputs(2, 3, 7, 4, "cpu")
     inp["labels"] = torch.tensor([7, 10**6, -1])
     with pytest.raises(IndexError, match=r"labels\[0\] = 7 is out of bounds"):

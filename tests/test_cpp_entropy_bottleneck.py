@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from helpers import backend_or_skip
+from cifd_kernels.backend import kernel_options, set_kernel_options
 from cifd_kernels.ops.density_pack import MODES, NUM_GRAD, NUM_PACKED, pack_density, unpack_density_grad
 from cifd_kernels.reference import entropy_bottleneck as R
 from cifd_kernels.reference.ibm import ibm
@@ -131,6 +132,40 @@ def test_channel_counts_split_into_smaller_blocks(C):
     tail (C = 32 is one 4-vector block): every split against the reference."""
     backend_or_skip("cpu", "cpu")
     _compare((9, C), "noise", 0.25, 0.5)
+
+
+@pytest.mark.parametrize("shape", [(7, 3), (9, 40), (2, 5, 3, 4), (1100, 67)])
+@pytest.mark.parametrize("mode,rho,s", [("noise", 0.25, 0.5), ("noise", 0.0, 1.0), ("dequantize", 0.0, 1.0),
+                                        ("none", 0.0, 1.0)])
+def test_baseline_loops_match_reference(shape, mode, rho, s):
+    """The baseline float32 loops (what a CPU without AVX2 + FMA runs), forced on any CPU
+    with the cpu_avx2 kernel option: the reference's y_hat bit for bit, the rest within
+    the same float32 bounds as the AVX2 loops."""
+    backend_or_skip("cpu", "cpu")
+    with kernel_options(cpu_avx2=False):
+        _compare(shape, mode, rho, s, offset=(1 << 32) - 50)
+
+
+def test_avx2_option_reaches_the_kernel():
+    """On a CPU with AVX2 + FMA the two loop sets round differently somewhere in a
+    [1100, 67] fwd+bwd (fused multiply-adds against separate ones): so cpu_avx2=False
+    did switch the kernel (y_hat stays bit-exact either way)."""
+    backend_or_skip("cpu", "cpu")
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU (as torch sees it) runs the baseline loops either way")
+    mats, biases, factors, medians = _params(67, 3)
+    g = torch.Generator().manual_seed(5)
+    y = 3.0 * torch.randn(1100, 67, generator=g)
+    gyh, grate = torch.randn(1100, 67, generator=g), torch.randn(1100, generator=g)
+
+    def run():
+        return _kernel(y, mats, biases, factors, medians, "noise", 5, 7, 0.25, 0.5, gyh, grate,
+                       torch.empty(0))[:5]
+    fast = run()
+    with kernel_options(cpu_avx2=False):
+        base = run()
+    assert torch.equal(fast[0], base[0])
+    assert not all(torch.equal(a, b) for a, b in zip(fast[1:4], base[1:4]))
 
 
 def test_gradients_against_float64():
@@ -459,10 +494,10 @@ def _fused_or_skip():
 
 def _fused_on(device, monkeypatch):
     """The backend whose eager calls take the fused op on ``device`` (cuda: switched on
-    with FUSED_CUDA, as CIFD_FUSED_CUDA=1 does)."""
+    with the fused_cuda kernel option)."""
     if device == "cuda":
         backend_or_skip("cuda", "cuda")
-        monkeypatch.setattr(_eb_module(), "FUSED_CUDA", True)
+        set_kernel_options(fused_cuda=True)
         return "cuda"
     return "cpu"
 
@@ -511,8 +546,8 @@ def test_fused_op_equals_python_functions(dtype, mode, rho, s, need_lik, which, 
     monkeypatch.setattr(eb, "_fused_op", lambda: (lambda *a: calls.append(1) or real(*a)))
     fused = _public(y, mats, biases, factors, med, mode, rho, s, need_lik, out_grads, be)
     assert calls == [1]  # the fused op was taken
-    monkeypatch.setattr(eb, "FUSED_CPU", False)
-    monkeypatch.setattr(eb, "FUSED_CUDA", False)
+    set_kernel_options(fused_cpu=False)
+    set_kernel_options(fused_cuda=False)
     python = _public(y, mats, biases, factors, med, mode, rho, s, need_lik, out_grads, be)
     assert calls == [1]
     assert len(fused) == len(python)
@@ -527,7 +562,6 @@ def test_fused_op_without_autograd_and_odd_inputs():
     """Inference mode (no autograd key), no_grad, a non-contiguous y and an empty batch
     through the fused op: the values of the Python path."""
     _fused_or_skip()
-    eb = _eb_module()
     from cifd_kernels.ops import entropy_bottleneck
     mats, biases, factors, _ = _params(5, seed=1)
     y = 2 * torch.randn(5, 9)
@@ -535,12 +569,9 @@ def test_fused_op_without_autograd_and_odd_inputs():
     def run(yy):
         out = entropy_bottleneck(yy, mats, biases, factors, seed=3, need_likelihood=True, backend="cpu")
         return out.y_hat, out.rate, out.likelihood
-    eb.FUSED_CPU = False
-    try:
+    with kernel_options(fused_cpu=False):
         want = run(y.t())
         want_empty = run(torch.zeros(0, 5))
-    finally:
-        eb.FUSED_CPU = True
     with torch.inference_mode():
         got = run(y.t())
     assert all(torch.equal(a, b) for a, b in zip(got, want))

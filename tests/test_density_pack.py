@@ -7,6 +7,7 @@ through the registered custom ops."""
 import pytest
 import torch
 
+from cifd_kernels.backend import set_kernel_options
 from cifd_kernels.ops import _eager
 from cifd_kernels.ops import density_pack as P
 from cifd_kernels.reference import entropy_bottleneck as ref
@@ -42,7 +43,7 @@ def _torch_pack(mats, bias, facs):
 @pytest.mark.parametrize("C", [1, 3, 193])
 @pytest.mark.parametrize("via_ops", [False, True])
 def test_pack_and_gradients_match_torch(C, via_ops, monkeypatch):
-    monkeypatch.setattr(_eager, "FORCE_OPS", via_ops)
+    set_kernel_options(eager_via_ops=via_ops)
     mats, bias, facs = _params(C)
     packed = P.pack_density(mats, bias, facs)
     want = _torch_pack(mats, bias, facs)
@@ -152,14 +153,14 @@ def _linear_run(be):
 @pytest.mark.parametrize("be", ["cpu", "triton"])
 def test_eager_path_is_bit_identical_to_custom_ops(run, op, be, monkeypatch):
     """Outputs and gradients of eager calls (one autograd.Function) equal, bit for
-    bit, the same calls through the registered custom ops (CIFD_EAGER_VIA_OPS=1)."""
+    bit, the same calls through the registered custom ops (the eager_via_ops kernel option)."""
     backend_or_skip(be, "cpu")
     from cifd_kernels import backend
     if be not in backend.implemented(op):
         pytest.skip(f"no {be} kernel for {op}")
-    monkeypatch.setattr(_eager, "FORCE_OPS", False)
+    set_kernel_options(eager_via_ops=False)
     fast = run(be)
-    monkeypatch.setattr(_eager, "FORCE_OPS", True)
+    set_kernel_options(eager_via_ops=True)
     slow = run(be)
     assert len(fast) == len(slow)
     for a, b in zip(fast, slow):

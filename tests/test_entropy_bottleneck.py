@@ -7,6 +7,7 @@ import importlib
 import pytest
 import torch
 
+from cifd_kernels.backend import set_kernel_options
 from cifd_kernels import BackendUnavailableError
 from cifd_kernels.nn import IBM, EntropyBottleneck
 from cifd_kernels.ops import entropy_bottleneck
@@ -124,8 +125,6 @@ def test_backward_from_saved_y_hat_gives_the_same_bits(be, dtype, device, monkey
     _skip_unless(be, device)
     if dtype == torch.float64 and be != "cpu":
         pytest.skip("float64 runs on the C++ CPU kernel only")
-    from cifd_kernels.ops import _eager
-    eb_ops = importlib.import_module("cifd_kernels.ops.entropy_bottleneck")
     mats, bias, facs, _ = _params(6, device)
     mats, bias, facs = ([t.detach().to(dtype).requires_grad_() for t in g] for g in (mats, bias, facs))
     gen = torch.Generator().manual_seed(3)
@@ -138,10 +137,10 @@ def test_backward_from_saved_y_hat_gives_the_same_bits(be, dtype, device, monkey
         loss = (out.y_hat * g_yhat).sum() + (out.rate.to(dtype) * g_rate.to(dtype)).sum()
         return torch.autograd.grad(loss, [y] + mats + bias + facs)
     for force in (False, True):
-        monkeypatch.setattr(_eager, "FORCE_OPS", force)
-        monkeypatch.setattr(eb_ops, "SAVE_Y_HAT", True)
+        set_kernel_options(eager_via_ops=force)
+        set_kernel_options(save_y_hat=True)
         a = grads()
-        monkeypatch.setattr(eb_ops, "SAVE_Y_HAT", False)
+        set_kernel_options(save_y_hat=False)
         b = grads()
         assert all(torch.equal(x, z) for x, z in zip(a, b))
 

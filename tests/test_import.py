@@ -59,7 +59,8 @@ def test_info_command_runs():
     r = subprocess.run([sys.executable, "-m", "cifd_kernels", "info"], capture_output=True, text=True,
                        timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
     assert r.returncode == 0, r.stderr
-    for needle in ("cifd_kernels", "torch", "backends", "philox_uniform", "C++ autograd: cpu: "):
+    for needle in ("cifd_kernels", "torch", "backends", "philox_uniform", "C++ autograd: cpu: ",
+                   "kernel options (backend.set_kernel_options): eager_via_ops=False"):
         assert needle in r.stdout
 
 
@@ -69,3 +70,21 @@ def test_bad_backend_env(value):
     r = subprocess.run([sys.executable, "-c", "from cifd_kernels.ops import philox_uniform; philox_uniform(3, 1, 0)"],
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "CIFD_BACKEND" in r.stderr
+
+
+def test_disable_switches():
+    """CIFD_DISABLE_EXT=1 and CIFD_DISABLE_TRITON=1 (read in backend.py): _C stays unloaded,
+    both backends say why they are unavailable, and auto runs the reference."""
+    code = textwrap.dedent("""
+        import sys
+        from cifd_kernels import backend
+        print(backend.status("cpu", "cpu")[1]); print(backend.status("triton", "cpu")[1])
+        print(backend.resolve("philox_uniform", "auto", "cpu"))
+        assert "cifd_kernels._C" not in sys.modules
+    """)
+    env = dict(os.environ, CIFD_DISABLE_EXT="1", CIFD_DISABLE_TRITON="1", PYTHONPATH=ROOT)
+    env.pop("CIFD_BACKEND", None)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:3] == ["disabled by CIFD_DISABLE_EXT=1", "disabled by CIFD_DISABLE_TRITON=1",
+                                        "reference"], r.stdout

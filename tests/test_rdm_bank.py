@@ -9,6 +9,7 @@ the fused path; determinism; fallbacks and errors."""
 import pytest
 import torch
 
+from cifd_kernels.backend import set_kernel_options
 from cifd_kernels import BackendUnavailableError
 from cifd_kernels import backend as _backend
 from cifd_kernels.nn.rdm import RDM, RDMBank
@@ -156,13 +157,12 @@ def test_noncontiguous_x_and_gradient_to_nothing_frozen(be, device):
 
 def _assert_eager_equals_ops(be, prob, mode, monkeypatch, grouped_called):
     """Run the bank on the eager path (the grouped channel) and through the per-RDM custom
-    ops (FORCE_OPS), checking after each run that the grouped call was made exactly
+    ops (the eager_via_ops kernel option), checking after each run that the grouped call was made exactly
     once, on the eager path only (``grouped_called()``); every output, the loss and
     every gradient must have the same bits."""
-    from cifd_kernels.ops import _eager
     runs = []
     for force in (False, True):
-        monkeypatch.setattr(_eager, "FORCE_OPS", force)
+        set_kernel_options(eager_via_ops=force)
         runs.append(_run(be, prob, mode=mode))
         assert grouped_called()
     (out_a, loss_a, _, grads_a), (out_b, loss_b, _, grads_b) = runs
@@ -184,7 +184,7 @@ def _assert_eager_equals_ops(be, prob, mode, monkeypatch, grouped_called):
 def test_grouped_channel_equals_the_per_rdm_ops(be, mode, dtype, fused, device, monkeypatch):
     """Eager calls on the C++ backends run the bank's channel as one grouped C++ call each
     way (the fused op with C++ autograd, cifd_C::entropy_bottleneck_fused with groups: on
-    by default on the CPU, with CIFD_FUSED_CUDA=1 on a GPU; else the _GroupedChannel
+    by default on the CPU, with the fused_cuda kernel option on a GPU; else the _GroupedChannel
     Function); either gives the per-RDM custom ops' bits: every output and gradient."""
     _skip_unless(be, device)
     import importlib
@@ -192,8 +192,8 @@ def test_grouped_channel_equals_the_per_rdm_ops(be, mode, dtype, fused, device, 
     real = eb_ops._fused_op()
     if fused and real is None:
         pytest.skip("_C built without entropy_bottleneck_fused")
-    # cpu: on by default; cuda: CIFD_FUSED_CUDA=1's switch
-    monkeypatch.setattr(eb_ops, "FUSED_CPU" if be == "cpu" else "FUSED_CUDA", fused)
+    # cpu: on by default; cuda: the fused_cuda kernel option
+    set_kernel_options(**{"fused_cpu" if be == "cpu" else "fused_cuda": fused})
     prob = _problem(3, 7, 10, 12, 5, 6, device, seed=21, dtype=dtype)
     calls = []
     apply = ob._GroupedChannel.apply

@@ -11,6 +11,8 @@ import torch
 from cifd_kernels.reference import entropy_bottleneck as ref
 from cifd_kernels.reference.ibm import ibm
 from cifd_kernels.reference.philox import philox_keep_mask, philox_noise
+from cifd_kernels.backend import get_kernel_options, kernel_options, set_kernel_options
+from cifd_kernels.ops import density_pack as P_ops
 from helpers import backend_or_skip
 
 SHAPES = [(1, 1), (7, 3), (33, 193), (2, 5, 3, 4)]
@@ -71,7 +73,7 @@ def _leaves(y, P, mode):
 def _kernel(T, y, P, mode, rho, s, need_lik, grads, deterministic=False, row_programs=None):
     """Forward and backward through the launchers; gradients in the reference's leaf order."""
     m, b, f = P["matrices"], P["biases"], P["factors"]
-    packed = T.pack_density(m, b, f)
+    packed = P_ops.pack_density(m, b, f)
     med = P["medians"].detach()
     kw = dict(mode=mode, seed=SEED, offset=OFFSET, rho=rho, s=s)
     yh, rate, lik = T.entropy_bottleneck_fwd(y.detach(), packed, med, need_likelihood=need_lik,
@@ -79,7 +81,7 @@ def _kernel(T, y, P, mode, rho, s, need_lik, grads, deterministic=False, row_pro
     gyh, grate, glik = grads
     gy, gp, gmed = T.entropy_bottleneck_bwd(y.detach(), packed, med, gyh, grate, glik,
                                             deterministic=deterministic, row_programs=row_programs, **kw)
-    gm, gb, gf = T.unpack_density_grad(gp, m, b, f)
+    gm, gb, gf = P_ops.unpack_density_grad(gp, m, b, f)
     g = [gy] + gm + gb + gf + ([gmed] if mode == "dequantize" else [])
     return yh, rate, lik, g
 
@@ -125,7 +127,7 @@ def _ref_grads(y, P, mode, rho, s, grads):
 def test_noise_and_mask_bits_exact(shape, device):
     T = _T(device)
     P = _params(shape[1], device)
-    packed = T.pack_density(P["matrices"], P["biases"], P["factors"])
+    packed = P_ops.pack_density(P["matrices"], P["biases"], P["factors"])
     zeros = torch.zeros(shape, device=device)
     yh, _, _ = T.entropy_bottleneck_fwd(zeros, packed, mode="noise", seed=SEED, offset=OFFSET)
     assert torch.equal(yh.cpu(), philox_noise(shape, SEED, OFFSET))  # 0 + 1*u = u
@@ -235,7 +237,7 @@ def test_deterministic_path(shape, mode, device):
 def test_no_grad_inputs_and_empty_batch(device):
     T = _T(device)
     P = _params(3, device)
-    packed = T.pack_density(P["matrices"], P["biases"], P["factors"])
+    packed = P_ops.pack_density(P["matrices"], P["biases"], P["factors"])
     y = _y((5, 3), device)
     gy, gp, gmed = T.entropy_bottleneck_bwd(y, packed, None, None, None, None, mode="none")
     assert gmed is None and not gp.any() and not gy.any()
@@ -247,12 +249,12 @@ def test_no_grad_inputs_and_empty_batch(device):
 def test_rejects_what_it_does_not_handle(device):
     T = _T(device)
     P = _params(3, device)
-    assert T.supports(P["matrices"])
+    assert P_ops.supports(P["matrices"])
     q = ref.init_params(3, filters=(2, 4))
-    assert not T.supports(q["matrices"])
+    assert not P_ops.supports(q["matrices"])
     with pytest.raises(ValueError):
-        T.pack_density(q["matrices"], q["biases"], q["factors"])
-    packed = T.pack_density(P["matrices"], P["biases"], P["factors"])
+        P_ops.pack_density(q["matrices"], q["biases"], q["factors"])
+    packed = P_ops.pack_density(P["matrices"], P["biases"], P["factors"])
     with pytest.raises(TypeError):
         T.entropy_bottleneck_fwd(_y((2, 3), device, dtype=torch.float64), packed)
     with pytest.raises(ValueError):
@@ -262,28 +264,28 @@ def test_rejects_what_it_does_not_handle(device):
 
 
 def test_backward_register_cap_knob(device, monkeypatch):
-    """$CIFD_TRITON_BWD_MAXNREG (the GPU check's register-cap experiment): unset adds no
-    launch option, a valid cap becomes Triton's maxnreg on a GPU (nothing under the
-    interpreter), anything else is an error naming the variable; with a cap the backward
-    still gives the uncapped bits."""
+    """The triton_bwd_maxnreg kernel option (the GPU check's register-cap experiment):
+    None adds no launch option, a cap becomes Triton's maxnreg on a GPU (nothing under
+    the interpreter), a bad value is refused where it is set, naming the option, and
+    changes nothing; with a cap the backward still gives the uncapped bits."""
     T = _T(device)
-    monkeypatch.delenv("CIFD_TRITON_BWD_MAXNREG", raising=False)
+    assert get_kernel_options().triton_bwd_maxnreg is None
     assert T._bwd_launch_options() == {}
-    monkeypatch.setenv("CIFD_TRITON_BWD_MAXNREG", "168")
-    monkeypatch.setattr(T, "_interpret", lambda: False)
-    assert T._bwd_launch_options() == {"maxnreg": 168}
-    monkeypatch.setattr(T, "_interpret", lambda: True)
-    assert T._bwd_launch_options() == {}
-    for bad in ("abc", "16", "300", "-1"):
-        monkeypatch.setenv("CIFD_TRITON_BWD_MAXNREG", bad)
-        with pytest.raises(ValueError, match="CIFD_TRITON_BWD_MAXNREG"):
-            T._bwd_launch_options()
+    with kernel_options(triton_bwd_maxnreg=168):
+        monkeypatch.setattr(T, "_interpret", lambda: False)
+        assert T._bwd_launch_options() == {"maxnreg": 168}
+        monkeypatch.setattr(T, "_interpret", lambda: True)
+        assert T._bwd_launch_options() == {}
     monkeypatch.undo()
+    for bad in ("168", 16, 300, -1, True, 168.0):
+        with pytest.raises((ValueError, TypeError), match="triton_bwd_maxnreg"):
+            set_kernel_options(triton_bwd_maxnreg=bad)
+        assert get_kernel_options().triton_bwd_maxnreg is None
     P = _params(5, device)
-    packed = T.pack_density(P["matrices"], P["biases"], P["factors"])
+    packed = P_ops.pack_density(P["matrices"], P["biases"], P["factors"])
     y, g = _y((9, 5), device), _y((9, 5), device, seed=2)
     gr = torch.ones(9, device=device)
     base = T.entropy_bottleneck_bwd(y, packed, None, g, gr, None, "noise", 3, 4)
-    monkeypatch.setenv("CIFD_TRITON_BWD_MAXNREG", "128")
-    capped = T.entropy_bottleneck_bwd(y, packed, None, g, gr, None, "noise", 3, 4)
+    with kernel_options(triton_bwd_maxnreg=128):
+        capped = T.entropy_bottleneck_bwd(y, packed, None, g, gr, None, "noise", 3, 4)
     assert torch.equal(base[0], capped[0]) and torch.equal(base[1], capped[1])

@@ -54,7 +54,7 @@ python3 -m cifd_kernels info | tee -a "$OUTDIR/device.txt"
 #   experiments  register caps (GPU_MAXNREG, default "168 128") and the CUDA
 #                backward at two blocks an SM (GPU_MINBLOCKS=1)      ~30 s each
 #   rest         every other benchmark row                           GPU_BENCH_TIMEOUT (180 s)
-#   ratio        the KD/CIFD step ratio, with and without CIFD_FUSED_CUDA (GPU_STEP_ROUNDS)
+#   ratio        the KD/CIFD step ratio, with and without fused_cuda (GPU_STEP_ROUNDS)
 # e.g. a second call: GPU_STAGES="experiments ratio rest" tools/gpu_check.sh OUT2
 STAGES=" ${GPU_STAGES:-tests targets} "
 TARGETS_K="full and (65536x320 or 3x1024x512x512x512x1000 or 3x256x256x256x256x100 or 4x1024x1000x512)"
@@ -81,20 +81,20 @@ if [[ $STAGES == *" targets "* ]]; then
     benchmarks/bench_rdm_bank.py benchmarks/bench_cifd_loss.py -k "$TARGETS_K"
 fi
 if [[ $STAGES == *" experiments "* ]]; then
-  # The Triton backward's register cap (CIFD_TRITON_BWD_MAXNREG; uncapped: 222 on sm_90) and
-  # the CUDA backward compiled for two blocks an SM (CIFD_CUDA_EB_BWD_MINBLOCKS=2, float32):
+  # The Triton backward's register cap (kernel option triton_bwd_maxnreg; uncapped: 222 on
+  # sm_90) and the CUDA backward compiled for two blocks an SM (cuda_bwd_min_blocks=2, float32):
   # fwd+bwd at (65536, 320). Static SASS (tools/sass_stats.py): cap 168 adds 2% instructions
   # and no spills for 3 programs an SM instead of 2; 128 adds 12% (spills) for 4; MINB=2
   # adds 10% (spills) for 2 blocks instead of 1.
   for cap in ${GPU_MAXNREG-168 128}; do
     stamp "Triton backward with maxnreg=$cap"
-    CIFD_TRITON_BWD_MAXNREG=$cap bench "maxnreg$cap" 120 benchmarks/bench_entropy_bottleneck.py \
-      -k "full and 65536x320 and triton"
+    bench "maxnreg$cap" 120 benchmarks/bench_entropy_bottleneck.py \
+      --kernel-option triton_bwd_maxnreg=$cap -k "full and 65536x320 and triton"
   done
   if [ "${GPU_MINBLOCKS:-1}" = "1" ]; then
-    stamp "CUDA backward with CIFD_CUDA_EB_BWD_MINBLOCKS=2"
-    CIFD_CUDA_EB_BWD_MINBLOCKS=2 bench minblocks2 120 benchmarks/bench_entropy_bottleneck.py \
-      -k "full and 65536x320 and cuda"
+    stamp "CUDA backward with cuda_bwd_min_blocks=2"
+    bench minblocks2 120 benchmarks/bench_entropy_bottleneck.py \
+      --kernel-option cuda_bwd_min_blocks=2 -k "full and 65536x320 and cuda"
   fi
 fi
 if [[ $STAGES == *" rest "* ]]; then
@@ -107,9 +107,9 @@ if [[ $STAGES == *" ratio "* ]]; then
     | tee "$OUTDIR/step_ratio.log" | tail -5
   rc_ratio=${PIPESTATUS[0]}
   # the fused C++ ops (C++ autograd) on the CUDA backend, off by default until measured here
-  stamp "stage-2 step ratio with CIFD_FUSED_CUDA=1"
-  CIFD_FUSED_CUDA=1 python3 -m benchmarks.step_ratio --device cuda --rounds ${GPU_STEP_ROUNDS:-40} \
-    --out "$OUTDIR" 2>&1 | tee "$OUTDIR/step_ratio_fused_cuda.log" | tail -5
+  stamp "stage-2 step ratio with the fused_cuda kernel option"
+  python3 -m benchmarks.step_ratio --device cuda --rounds ${GPU_STEP_ROUNDS:-40} \
+    --kernel-option fused_cuda=true --out "$OUTDIR" 2>&1 | tee "$OUTDIR/step_ratio_fused_cuda.log" | tail -5
   [ "${PIPESTATUS[0]}" = "0" ] || rc_ratio=1
 fi
 for j in "$OUTDIR"/*.json "$OUTDIR"/*/*.json; do

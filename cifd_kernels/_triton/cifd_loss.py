@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import backend as _backend
 from .entropy_bottleneck import _to_out
 
 DIST_CODES = {"mse": 0, "smooth_l1": 1}
@@ -159,7 +159,7 @@ def _cifd_loss_fwd_kernel(
 
 # ----------------------------------------------------------------------------- host side
 def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _backend.triton_interpret()
 
 
 def _pow2(x: int) -> int:

@@ -12,7 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-NUM_PACKED = 58
+from .._layout import NUM_PACKED
+
+_ROWS = tl.constexpr(NUM_PACKED)  # for the kernels
 
 
 # packed[r, c] = f_kind(raw[C s + c n + j]), f = softplus (torch's, threshold 20), id, tanh.
@@ -21,7 +23,7 @@ NUM_PACKED = 58
 def _density_pack_fwd_kernel(raw_ptr, tab_ptr, out_ptr, C, BLOCK_C: tl.constexpr):
     c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     m = c < C
-    for r in range(58):
+    for r in range(_ROWS):
         idx, kind = _row(tab_ptr, r, c, C)
         v = tl.load(raw_ptr + idx, mask=m, other=0.0).to(tl.float32)
         e = tl.exp(tl.minimum(v, 20.0))
@@ -35,7 +37,7 @@ def _density_pack_fwd_kernel(raw_ptr, tab_ptr, out_ptr, C, BLOCK_C: tl.constexpr
 def _density_pack_bwd_kernel(raw_ptr, tab_ptr, g_ptr, out_ptr, C, BLOCK_C: tl.constexpr):
     c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     m = c < C
-    for r in range(58):
+    for r in range(_ROWS):
         idx, kind = _row(tab_ptr, r, c, C)
         v = tl.load(raw_ptr + idx, mask=m, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + r * C + c, mask=m, other=0.0)

@@ -7,11 +7,11 @@ likelihoods; the backward pass re-draws noise and keep flags from
 ``(seed, offset)`` and recomputes the density MLP in registers, so nothing of
 size [N, C] but ``y`` is saved.
 
-Fast path: ``filters=(3, 3, 3, 3)`` (widths 1-3-3-3-3-1); :func:`supports` says
+Fast path: ``filters=(3, 3, 3, 3)`` (widths 1-3-3-3-3-1); ``ops.density_pack.supports`` says
 whether a parameter set takes it, other filters fall back to the reference.
 
 Density parameters travel packed per channel as one [58, C] float32 tensor
-(:func:`pack_density`): ``softplus(H_k)``, ``b_k`` and ``tanh(a_k)``, computed
+(``ops.density_pack.pack_density``): ``softplus(H_k)``, ``b_k`` and ``tanh(a_k)``, computed
 by the ``cifd::density_pack`` op (one small Triton kernel on GPUs), whose
 backward chains the packed gradient back to ``H_k`` and ``a_k``.
 
@@ -32,16 +32,18 @@ H100 the partial sums were the faster of the two ([4096, 512]: 146 vs 174 us;
 from __future__ import annotations
 
 import functools
-import os
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton  # launches visible to torch.compile inside triton_op
 
-from ..ops.density_pack import (FAST_FILTERS, MEDIAN_ROW as _MEDIAN_ROW, MODES as _MODES,  # noqa: F401
-                                NUM_GRAD, NUM_PACKED, pack_density, supports, unpack_density_grad)
+from .. import backend as _backend
+from .._layout import MEDIAN_ROW as _MEDIAN_ROW, MODES as _MODES, NUM_GRAD, NUM_PACKED
+
+_MEDIAN_ROW_C = tl.constexpr(_MEDIAN_ROW)  # for the kernels
+_NUM_GRAD_C = tl.constexpr(NUM_GRAD)
 
 # Packed rows: layer 0: W[j] 0-2, b[j] 3-5, tanh(a)[j] 6-8; hidden layer k = 1..3 at
 # base 9 + 15 (k - 1): W[j, i] base + 3j + i, b[j] base + 9 + j, tanh(a)[j] base + 12 + j;
@@ -154,7 +156,7 @@ def _load_last(pp, C, cix, cm):
 
 # On the GPU, exp2 / reciprocal / log2 are single MUFU instructions (PTX .approx.ftz, 1-2 ulp)
 # instead of the range-checked sequences tl.exp and "/" lower to; the interpreter uses numpy.
-_ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+_ASM = tl.constexpr(not _backend.triton_interpret())
 
 
 @triton.jit
@@ -484,7 +486,7 @@ def _entropy_bottleneck_bwd_kernel(
         prog = pid0
     cmv = cvec < C
     if DETERMINISTIC:
-        out = gp_ptr + prog * (59 * CP) + col
+        out = gp_ptr + prog * (_NUM_GRAD_C * CP) + col
     else:
         out = gp_ptr + col
     _flush(out, 0, CP, A0, 9, SPATIAL, cmv, DETERMINISTIC)
@@ -493,12 +495,12 @@ def _entropy_bottleneck_bwd_kernel(
     _flush(out, 39, CP, A3, 15, SPATIAL, cmv, DETERMINISTIC)
     _flush(out, 54, CP, A4, 4, SPATIAL, cmv, DETERMINISTIC)
     if MODE == 1:
-        _flush(out, 58, CP, (Am,), 1, SPATIAL, cmv, DETERMINISTIC)
+        _flush(out, _MEDIAN_ROW_C, CP, (Am,), 1, SPATIAL, cmv, DETERMINISTIC)
 
 
 # ----------------------------------------------------------------------------- host side
 def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _backend.triton_interpret()
 
 
 @functools.lru_cache(maxsize=None)
@@ -529,18 +531,17 @@ _INTERP_FWD, _INTERP_BWD = (16384, 256, 4), (16384, 256, 4)
 
 
 def _bwd_launch_options() -> dict:
-    """Extra launch options of the backward kernel. ``$CIFD_TRITON_BWD_MAXNREG`` caps its
-    registers per thread (Triton's ``maxnreg``): an experiment for the GPU check, unset
-    by default (the compiler's choice). Static SASS for sm_90 (``tools/sass_stats.py``,
-    Triton 3.8): uncapped 222 registers (2 programs of 4 warps per SM), 803
-    instructions an element; 168: no spills, 820 (3 programs); 128: 42 spill stores
-    and loads an element, 900 (4 programs). Which is fastest is for the GPU to say."""
-    cap = os.environ.get("CIFD_TRITON_BWD_MAXNREG", "").strip()
-    if not cap:
+    """Extra launch options of the backward kernel. The ``triton_bwd_maxnreg`` kernel
+    option (``backend.KernelOptions``) caps its registers per thread (Triton's
+    ``maxnreg``): an experiment for the GPU check, None by default (the compiler's
+    choice). Static SASS for sm_90 (``tools/sass_stats.py``, Triton 3.8): uncapped 222
+    registers (2 programs of 4 warps per SM), 803 instructions an element; 168: no
+    spills, 820 (3 programs); 128: 42 spill stores and loads an element, 900 (4
+    programs). Which is fastest is for the GPU to say."""
+    cap = _backend.get_kernel_options().triton_bwd_maxnreg  # checked where it is set
+    if cap is None or _interpret():  # the interpreter has no registers
         return {}
-    if not cap.isdigit() or not 32 <= int(cap) <= 255:
-        raise ValueError(f"CIFD_TRITON_BWD_MAXNREG must be an integer in [32, 255], got {cap!r}")
-    return {} if _interpret() else {"maxnreg": int(cap)}  # the interpreter has no registers
+    return {"maxnreg": cap}
 
 
 def _common(y, packed, medians, mode, seed, offset, groups=None):
@@ -584,7 +585,7 @@ def entropy_bottleneck_fwd(y: torch.Tensor, packed: torch.Tensor, medians: Optio
     Args:
         y: [N, C, *spatial] or [N, C], float32/float16/bfloat16 (made contiguous);
             element i = (n*C + c)*S + s uses Philox counter ``offset + i``.
-        packed: [58, C] float32 from :func:`pack_density`.
+        packed: [58, C] float32 from ``ops.density_pack.pack_density``.
         medians: [C], read by ``mode="dequantize"`` only.
         mode: "noise" (y_hat = keep ? y + s*u : 0), "dequantize" (round(y - m) + m), "none".
         seed, offset: Python ints in [0, 2**63). rho: drop probability (noise mode only;
@@ -655,7 +656,7 @@ def entropy_bottleneck_bwd(y: torch.Tensor, packed: torch.Tensor, medians: Optio
 
     Returns:
         (grad_y in y.dtype and shape, grad_packed [58, C] float32 (chain it with
-        :func:`unpack_density_grad`), grad_medians [C] float32 (dequantize mode) or None);
+        ``ops.density_pack.unpack_density_grad``), grad_medians [C] float32 (dequantize mode) or None);
         C is G*C with groups.
     """
     y3, N, C, S, med = _common(y, packed, medians, mode, seed, offset, groups)

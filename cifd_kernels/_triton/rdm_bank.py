@@ -6,11 +6,11 @@ The bank's entropy bottleneck and stage-1 loss run through the entropy and loss
 kernels (``_triton/entropy_bottleneck.py``, ``_triton/cifd_loss.py``)."""
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .. import backend as _backend
 
 _SQRT1_2 = 0.7071067811865476
 
@@ -85,7 +85,7 @@ def rdm_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ac
     block_o = 64 if o >= 64 else max(16, triton.next_power_of_2(o))
     block_i = 32 if i >= 32 else max(16, triton.next_power_of_2(i))
     # TRITON_INTERPRET's numpy dot has no bfloat16: upcast the tiles there (exact products).
-    upcast = x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    upcast = x.dtype == torch.bfloat16 and _backend.triton_interpret()
     grid = (triton.cdiv(b, block_b) * triton.cdiv(o, block_o), n)
     _rdm_linear_fwd_kernel[grid](
         x, weight, bias, y, pre if act == 2 else y, b, o, i, *sx,

@@ -10,23 +10,19 @@ IBM fwd+bwd at [128, 32] took 1.9 ms through the ops against 0.35 ms for its
 two kernels. Outside compilation the ops layer therefore calls the *same*
 implementation and backward functions through one plain
 ``torch.autograd.Function``: same kernels, same bits, a fraction of the
-overhead. ``CIFD_EAGER_VIA_OPS=1`` (or :data:`FORCE_OPS`) routes eager calls
+overhead. ``backend.set_kernel_options(eager_via_ops=True)`` routes eager calls
 through the registered ops instead (the tests compare both).
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional
 
 import torch
 
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
-FORCE_OPS = os.environ.get("CIFD_EAGER_VIA_OPS", "0") == "1"
-# The fused C++-autograd ops (python/eb_fused.cpp, python/cifd_loss_fused.cpp) on the
-# "cuda" backend: written and compiled, not yet run on a GPU, so off unless
-# CIFD_FUSED_CUDA=1 (tools/gpu_check.sh measures both ways). On "cpu" they are on.
-FUSED_CUDA_DEFAULT = os.environ.get("CIFD_FUSED_CUDA", "0") == "1"
+from .. import backend as _backend
+
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -34,8 +30,8 @@ def via_ops(t: Optional[torch.Tensor] = None) -> bool:
     """True when calls must go through the registered custom ops: while
     ``torch.compile`` traces, under any other tracing (a Python dispatch mode
     such as ``make_fx``'s, or ``t`` a tensor subclass such as a FakeTensor), or
-    when :data:`FORCE_OPS` is set."""
-    return (FORCE_OPS or torch.compiler.is_compiling()
+    when the ``eager_via_ops`` kernel option is set."""
+    return (_backend.get_kernel_options().eager_via_ops or torch.compiler.is_compiling()
             or (t is not None and type(t) not in _PLAIN)
             or _current_dispatch_mode() is not None)
 
@@ -69,10 +65,12 @@ def call(op: Callable, function: type[torch.autograd.Function], *args):
     return function.apply(*args)
 
 
-def takes_fused(be: str, t: torch.Tensor, on_cpu: bool, on_cuda: bool, find_op: Callable) -> bool:
+def takes_fused(be: str, t: torch.Tensor, find_op: Callable) -> bool:
     """Whether an eager call on the resolved backend ``be`` (first tensor ``t``) takes a
-    fused C++-autograd op: the backend's switch is on, nothing traces (:func:`via_ops`),
-    and ``find_op()`` finds the op (a ``_C`` that registers it). In that order: under
-    ``torch.compile`` the lookup is never reached."""
-    return ((be == "cpu" and on_cpu) or (be == "cuda" and on_cuda)) and not via_ops(t) \
+    fused C++-autograd op: the backend's kernel option (``fused_cpu`` / ``fused_cuda``)
+    is on, nothing traces (:func:`via_ops`), and ``find_op()`` finds the op (a ``_C``
+    that registers it). In that order: under ``torch.compile`` the lookup is never
+    reached."""
+    o = _backend.get_kernel_options()
+    return ((be == "cpu" and o.fused_cpu) or (be == "cuda" and o.fused_cuda)) and not via_ops(t) \
         and find_op() is not None

@@ -266,9 +266,7 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
 # Eager calls on the "cpu" backend take cifd_C::cifd_loss_fused (python/cifd_loss_fused.cpp):
 # keep flags, kernel, batch means and the IBM rate term in one op whose autograd is C++,
 # the same ops and bits as the Python path below it, without its host time. On "cuda"
-# only with CIFD_FUSED_CUDA=1 (:data:`._eager.FUSED_CUDA_DEFAULT`). Switches for the tests.
-FUSED_CPU = True
-FUSED_CUDA = _eager.FUSED_CUDA_DEFAULT
+# only with the fused_cuda kernel option (backend.KernelOptions).
 
 
 @functools.lru_cache(maxsize=None)
@@ -279,7 +277,7 @@ def _fused_op():
 
 def use_fused(be: str, t: torch.Tensor) -> bool:
     """Whether an eager call on backend ``be`` (tensor ``t``) takes the fused C++ op."""
-    return _eager.takes_fused(be, t, FUSED_CPU, FUSED_CUDA, _fused_op)
+    return _eager.takes_fused(be, t, _fused_op)
 
 
 def grouped_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,

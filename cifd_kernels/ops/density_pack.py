@@ -27,13 +27,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .._layout import FAST_FILTERS, MEDIAN_ROW, MODES, NUM_GRAD, NUM_PACKED  # noqa: F401
 from . import _eager
-
-FAST_FILTERS = (3, 3, 3, 3)
-NUM_PACKED = 58
-NUM_GRAD = NUM_PACKED + 1  # + the medians' gradient row (dequantize mode)
-MEDIAN_ROW = NUM_PACKED
-MODES = {"noise": 0, "dequantize": 1, "none": 2}
 
 
 def supports(matrices: Sequence[torch.Tensor]) -> bool:

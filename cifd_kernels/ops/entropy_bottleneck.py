@@ -127,7 +127,7 @@ def _saves_y_hat(mode: str, rho: float, s: float, dtype: torch.dtype) -> bool:
     the CPU backward: 60.7 -> 54.2 ms at (4096, 512)). Half-precision y_hat is
     rounded, rho > 0 needs the keep flags, and s != 1 reads the density at y_hat / s:
     those keep y and the noise mode."""
-    return (SAVE_Y_HAT and mode == "noise" and rho == 0.0 and s == 1.0
+    return (_backend.get_kernel_options().save_y_hat and mode == "noise" and rho == 0.0 and s == 1.0
             and dtype in (torch.float32, torch.float64))
 
 
@@ -137,10 +137,6 @@ def _saved_input(y: torch.Tensor, y_hat: torch.Tensor, mode: str, rho: float, s:
     if _saves_y_hat(mode, rho, s, y.dtype):
         return y_hat, "none"
     return y, mode
-
-
-# Switch for the tests (the two ways of saving must give the same bits).
-SAVE_Y_HAT = True
 
 
 def _setup_context(ctx, inputs, output):
@@ -343,15 +339,13 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
 # Eager calls on the "cpu" backend take cifd_C::entropy_bottleneck_fused
 # (python/eb_fused.cpp): density packing, the kernels and both backward steps in one
 # op whose autograd is C++, the same ops and bits as the two Python autograd.Functions
-# (pack_density + run_fused), without their host time. On "cuda" only with
-# CIFD_FUSED_CUDA=1 (:data:`._eager.FUSED_CUDA_DEFAULT`). Switches for the tests.
-FUSED_CPU = True
-FUSED_CUDA = _eager.FUSED_CUDA_DEFAULT
+# (pack_density + run_fused), without their host time. On "cuda" only with the
+# fused_cuda kernel option (backend.KernelOptions).
 
 
 def use_fused(be: str, t: torch.Tensor) -> bool:
     """Whether an eager call on backend ``be`` (tensor ``t``) takes the fused C++ op."""
-    return _eager.takes_fused(be, t, FUSED_CPU, FUSED_CUDA, _fused_op)
+    return _eager.takes_fused(be, t, _fused_op)
 
 
 @functools.lru_cache(maxsize=None)

@@ -270,7 +270,7 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
 
     # Channel: the fused rate kernel on each RDM's [B, L] block (counter layout above).
     if _eb_ops.use_fused(be, z):
-        # eager cpu (cuda with CIFD_FUSED_CUDA=1): density pack, all N blocks and both
+        # eager cpu (cuda with the fused_cuda kernel option): density pack, all N blocks and both
         # backward steps in one op with C++ autograd (cifd_C::entropy_bottleneck_fused,
         # groups = N): _GroupedChannel's bits
         z_hat, rate, lik = _eb_ops._fused_op()(

@@ -11,7 +11,7 @@
 // Three sets of span loops:
 // * AVX2 + FMA (entropy_bottleneck_avx2.cpp): hand-vectorised, 8 lanes, Philox
 //   8 counters at a time; picked at run time when the CPU has AVX2 and FMA
-//   (CIFD_CPU_NO_AVX2=1 in the environment forces the baseline, for testing);
+//   and EbProblem::cpu_avx2 is set (clear it to force the baseline);
 // * baseline float32: cifd/density.h's element functions in `#pragma omp simd`
 //   loops, for any other CPU (compiled for the build's ISA, no -march);
 // * float64: entropy_bottleneck_lanes.h over one double lane with libm's exp,
@@ -200,14 +200,10 @@ void bwd_span_base(int mode, int64_t count, float bound, float grate_n, const fl
   }
 }
 
-bool avx2_enabled() {
-  if (!eb_avx2::available()) return false;
-  const char* off = std::getenv("CIFD_CPU_NO_AVX2");
-  return off == nullptr || off[0] == '\0' || off[0] == '0';
-}
-
-Spans<float> spans_f32(int mode) {
-  if (avx2_enabled()) return Spans<float>{&yhat_span_avx2, &eb_avx2::fwd_span, &eb_avx2::bwd_span};
+Spans<float> spans_f32(const EbProblem& pr) {
+  const int mode = pr.mode;
+  if (pr.cpu_avx2 && eb_avx2::available())
+    return Spans<float>{&yhat_span_avx2, &eb_avx2::fwd_span, &eb_avx2::bwd_span};
   switch (mode) {
     case kNoise: return Spans<float>{&yhat_span_base<kNoise>, &fwd_span_base, &bwd_span_base};
     case kDequantize:
@@ -542,7 +538,7 @@ void entropy_bottleneck_fwd(const EbProblem& pr, const void* y, const float* pac
     default: fn = &fwd_rows<F32, float>; break;
   }
   fwd_entry<float>(pr, pr.s, pr.bound, y, packed, medians, y_hat, rate, likelihood,
-                   spans_f32(pr.mode), fn, num_threads);
+                   spans_f32(pr), fn, num_threads);
 }
 
 void entropy_bottleneck_bwd(const EbProblem& pr, const void* y, const float* packed,
@@ -556,7 +552,7 @@ void entropy_bottleneck_bwd(const EbProblem& pr, const void* y, const float* pac
     default: fn = &bwd_unit<F32, float>; break;
   }
   bwd_entry<float>(pr, pr.s, pr.bound, y, packed, medians, grad_y_hat, grad_rate, grad_likelihood,
-                   grad_y, grad_packed, spans_f32(pr.mode), fn, num_threads);
+                   grad_y, grad_packed, spans_f32(pr), fn, num_threads);
 }
 
 void entropy_bottleneck_fwd(const EbProblem& pr, double s, double bound, const double* y,

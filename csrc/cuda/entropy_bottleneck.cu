@@ -139,7 +139,7 @@ __device__ __forceinline__ void emit(float* out, bool deterministic, int64_t par
 
 // MINB: __launch_bounds__'s minimum blocks per SM. 1 (the default) lets ptxas use
 // ~195 registers (one 256-thread block an SM); 2 caps them at 128 (two blocks, with
-// ~50 spill stores and loads an element): the $CIFD_CUDA_EB_BWD_MINBLOCKS
+// ~50 spill stores and loads an element): the EbProblem::cuda_bwd_min_blocks = 2
 // experiment (float32 only), for a GPU to time.
 template <class D, int MODE, int MINB>
 __global__ void __launch_bounds__(kTileC* kTileN, MINB)
@@ -304,13 +304,6 @@ void launch_fwd(const EbProblem& pr, const void* y, const float* packed, const f
                                                                           g.col_blocks);
 }
 
-// $CIFD_CUDA_EB_BWD_MINBLOCKS=2 selects the backward kernels compiled for two blocks
-// an SM (see MINB above); anything else, or unset, the default.
-int bwd_min_blocks() {
-  const char* v = std::getenv("CIFD_CUDA_EB_BWD_MINBLOCKS");
-  return (v != nullptr && v[0] == '2' && v[1] == '\0') ? 2 : 1;
-}
-
 template <class D, int MODE, int MINB>
 void launch_bwd_kernel(const BwdGeom& g, const EbProblem& pr, const void* y, const float* packed,
                        const float* med, const void* gyh, const float* grate, const float* glik,
@@ -338,7 +331,7 @@ void launch_bwd(const EbProblem& pr, const void* y, const float* packed, const f
   float* out = deterministic ? work : grad;
   if (!deterministic) cudaMemsetAsync(grad, 0, sizeof(float) * kNumGrad * pr.G * pr.C, st);
   bool two = false;
-  if constexpr (std::is_same<D, F32>::value) two = bwd_min_blocks() == 2;
+  if constexpr (std::is_same<D, F32>::value) two = pr.cuda_bwd_min_blocks == 2;  // see MINB above
   if constexpr (std::is_same<D, F32>::value) {
     if (two) {
       launch_bwd_kernel<D, MODE, 2>(g, pr, y, packed, med, gyh, grate, glik, gy, out, deterministic, st);

@@ -121,7 +121,7 @@ void run_case(const Case& k, int num_sms) {
   for (float v : gp_cpu) gscale = std::max(gscale, std::fabs(v));
   for (int minb : {1, 2}) {
     if (minb == 2 && bf) continue;  // the MINB=2 instance is float32 only
-    setenv("CIFD_CUDA_EB_BWD_MINBLOCKS", minb == 2 ? "2" : "1", 1);
+    pr.cuda_bwd_min_blocks = minb;
     for (bool det : {true, false}) {
       std::vector<unsigned char> gy_emu(n * esz);
       std::vector<float> gp_emu(ng, -7.0f);
@@ -148,7 +148,7 @@ void run_case(const Case& k, int num_sms) {
       for (int64_t r = 0; r < ng; ++r) CHECK_CLOSE(gp_emu[r], gp_cpu[r], 1e-4, 1e-5 * gscale);
     }
   }
-  unsetenv("CIFD_CUDA_EB_BWD_MINBLOCKS");
+  pr.cuda_bwd_min_blocks = 1;
 }
 
 // G problems in one launch (EbProblem::G, grid z: the RDM bank's channel) against G

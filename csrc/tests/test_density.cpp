@@ -3,7 +3,7 @@
 // accuracy over wide ranges, float16/bfloat16 conversions (all 65536 patterns),
 // rounding, the MLP and bin mass, gradients by central differences in double,
 // y_hat; and the CPU kernels (AVX2 loops where the CPU has them, then the
-// baseline loops, CIFD_CPU_NO_AVX2=1) against the element functions, including
+// baseline loops, EbProblem::cpu_avx2 = false) against the element functions, including
 // bit-identical results for any thread count.
 #include <cmath>
 #include <cstdio>
@@ -328,7 +328,7 @@ static void test_y_hat() {
 }
 
 // ------------------------------------------------------------------ CPU kernels
-static void test_cpu_kernels() {
+static void test_cpu_kernels(bool avx2) {
   std::mt19937 g(7);
   std::normal_distribution<float> nd(0.0f, 2.0f);
   const int64_t shapes[][3] = {{37, 70, 1}, {5, 3, 13}, {1, 1, 1}, {130, 2, 1}};
@@ -343,6 +343,7 @@ static void test_cpu_kernels() {
       pr.offset = (uint64_t{1} << 32) - 100;  // crosses the counter's low-word carry
       pr.rho = mode == 0 ? 0.25f : 0.0f;
       pr.s = mode == 0 ? 0.5f : 1.0f;
+      pr.cpu_avx2 = avx2;
       const int64_t C = pr.C, S = pr.S, n_el = pr.N * C * S;
       std::vector<float> y(n_el), packed(kNumPacked * C), med(C), gyh(n_el), glik(n_el), grate(pr.N);
       for (auto& v : y) v = nd(g);
@@ -420,10 +421,8 @@ int main() {
   test_mlp_and_mass();
   test_gradients();
   test_y_hat();
-  test_cpu_kernels();  // the AVX2 loops where the CPU has them
-  setenv("CIFD_CPU_NO_AVX2", "1", 1);
-  test_cpu_kernels();  // the baseline loops
-  unsetenv("CIFD_CPU_NO_AVX2");
+  test_cpu_kernels(true);   // the AVX2 loops where the CPU has them
+  test_cpu_kernels(false);  // the baseline loops
   if (failures) {
     std::fprintf(stderr, "test_density: %d failure(s)\n", failures);
     return EXIT_FAILURE;

@@ -49,6 +49,13 @@ struct EbProblem {
   // column g C + c), medians [G C]; element i of the whole tensor has counter
   // offset + i, so the bits are those of G calls on the groups' blocks.
   int64_t G = 1;
+  // Kernel choices that leave the math contract alone, set by the caller (the
+  // Python glue copies cifd_kernels.backend.kernel_options(); csrc reads no
+  // environment). cpu_avx2: the CPU kernels take their AVX2 + FMA loops when the
+  // CPU has them (false: the baseline float32 loops). cuda_bwd_min_blocks: 1, or 2
+  // for the float32 backward compiled for two blocks an SM (an experiment).
+  bool cpu_avx2 = true;
+  int cuda_bwd_min_blocks = 1;
 };
 
 namespace cpu {
