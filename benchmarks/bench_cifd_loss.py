@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The stage-2 CIFD student loss (CIFD_METHOD.md section 4): fwd and full.
+"""The stage-2 CIFD student loss (docs/METHOD.md section 4): fwd and full.
 
 Providers:
 

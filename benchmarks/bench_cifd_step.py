@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """The cost of CIFD's stage 2 over plain KD: one full training step of the same
 student on the same batch (forward, loss, backward, SGD step), with and without
-the CIFD terms (CIFD_METHOD.md section 4; the paper reports 1.08x).
+the CIFD terms (docs/METHOD.md section 4; the paper reports 1.08x).
 
 Providers (``baseline`` = ``kd``):
 

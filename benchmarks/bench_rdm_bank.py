@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The RDM bank, stage 1 (CIFD_METHOD.md section 2): N RDMs on one teacher
+"""The RDM bank, stage 1 (docs/METHOD.md section 2): N RDMs on one teacher
 embedding, training forward (``fwd``) and forward + backward (``full``) of the
 whole stage-1 loss (distortion, rate, CE, tau^2 KL), gradients to every parameter.
 

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// cifd_C::cifd_loss_fused: the stage-2 CIFD loss (CIFD_METHOD.md section 4) from the
+// cifd_C::cifd_loss_fused: the stage-2 CIFD loss (docs/METHOD.md section 4) from the
 // student's outputs to (loss, terms), with its autograd in C++ (CPU).
 //
 //   cifd_loss_fused(logits, targets, labels, emb, target_embs, lam, ibm_rate, tau, p_drop,

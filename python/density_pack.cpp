@@ -13,7 +13,7 @@
 //
 // On CUDA tensors the two ops run the same formulas as ATen ops (the generic
 // versions below, those of cifd_kernels/ops/density_pack.py's torch fallback): the
-// fused C++ entropy op (python/eb_fused.cpp) packs through them on a GPU. They are
+// fused C++ entropy op (python/entropy_bottleneck_fused.cpp) packs through them on a GPU. They are
 // also registered as density_pack_generic / density_unpack_grad_generic for any
 // device, so that the CPU tests cover the code the GPU runs.
 #include <ATen/core/Tensor.h>

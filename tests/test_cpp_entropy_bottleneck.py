@@ -477,7 +477,7 @@ def test_cuda_deterministic_and_half():
 
 
 # ----------------------------------------------------------------------------- the fused op
-# cifd_C::entropy_bottleneck_fused (python/eb_fused.cpp): what eager "cpu" calls of the
+# cifd_C::entropy_bottleneck_fused (python/entropy_bottleneck_fused.cpp): what eager "cpu" calls of the
 # public op take; its autograd is C++. It must give the bits of the two Python
 # autograd.Functions it replaces (pack_density + the entropy op), which the tests
 # above check against the reference.

@@ -296,3 +296,27 @@ def test_auto_on_gpu_large_input_runs_triton_and_matches_cuda():
     c = entropy_bottleneck(y, mats, bias, facs, seed=5, backend="cuda")
     assert torch.equal(a.y_hat, c.y_hat)
     torch.testing.assert_close(a.rate, c.rate, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("be", ["reference", "cpu", "triton", "cuda"])
+def test_ibm_op_is_the_module_and_the_reference(be, device):
+    """``cifd_kernels.ops.ibm``: the IBM module's bits, the reference's y_hat bit for bit
+    and its rate within the kernels' float32 bound (as ``test_cpp_entropy_bottleneck``);
+    not training, ``(w, 0)`` without a kernel."""
+    from cifd_kernels.ops import ibm as ibm_op
+    from cifd_kernels.reference.ibm import ibm as ref_ibm
+    if be != "reference":
+        _skip_unless(be, device)
+    torch.manual_seed(0)
+    m = IBM(6, rho=0.25, s=0.5, backend=be).to(device)
+    w = 2 * torch.randn(9, 6, device=device)
+    got = ibm_op(w, *m._params(), rho=0.25, s=0.5, seed=3, offset=5, backend=be)
+    mod = m(w, seed=3, offset=5)
+    want = ref_ibm(w, *m._params(), rho=0.25, s=0.5, seed=3, offset=5)
+    assert torch.equal(got[0], mod[0]) and torch.equal(got[1], mod[1])
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1].detach(), rtol=2e-4, atol=2e-5 * (1 + float(want[1].abs().max())))
+    w_hat, rate = ibm_op(w, *m._params(), rho=0.25, s=0.5, training=False, backend=be)
+    assert torch.equal(w_hat, w) and torch.equal(rate, torch.zeros(9, device=device))
+    with pytest.raises(ValueError, match=r"s \(noise scale\) must be finite and > 0"):
+        ibm_op(w, *m._params(), s=0.0, backend=be)

@@ -68,7 +68,7 @@ def test_keep_mask_bits_match_reference(be, seed, offset, rho, device):
 
 
 def test_mask_and_noise_share_the_counter():
-    # word 0 -> noise, word 1 -> mask of the same counter (CIFD_METHOD.md section 6)
+    # word 0 -> noise, word 1 -> mask of the same counter (docs/METHOD.md section 5)
     w0, w1, _, _ = ref.philox_words(1000, 9, 77)
     assert torch.equal(ref.philox_uniform(1000, 9, 77), ref.uint_to_uniform(w0))
     assert torch.equal(ref.philox_keep_mask(1000, 9, 77, 0.3), ref.uint_to_uniform(w1) >= 0.3)

@@ -89,7 +89,7 @@ def test_rate_and_gradients_match_compressai(rho, s):
 @pytest.mark.parametrize("s", [0.3, 2.5])
 def test_scaled_channel_is_the_unit_channel_of_w_over_s(rho, s):
     """IBM_s(w) = s * IBM_1(w / s): the same keep mask, w_hat scaled by s, the same rate
-    (CIFD_METHOD.md sec. 3). In float64 the two sides round differently only in the last
+    (docs/METHOD.md sec. 3). In float64 the two sides round differently only in the last
     bits of w_hat / s versus w / s + u (a few ulps of |w / s| + 1/2)."""
     mats, bias, facs = _params(5, seed=2, dtype=torch.float64)
     w = 3 * torch.randn(7, 5, dtype=torch.float64)

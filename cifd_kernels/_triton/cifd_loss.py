@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Fused stage-2 CIFD loss (CIFD_METHOD.md section 4) in Triton, Liger-Kernel style.
+"""Fused stage-2 CIFD loss (docs/METHOD.md section 4) in Triton, Liger-Kernel style.
 
 One program per student row r reads the student's logits row ``z`` [K], the M target
 rows ``t_m`` [K] and, with embeddings, ``u`` [D] and ``x_m`` [D] once (two

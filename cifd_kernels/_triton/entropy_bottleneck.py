@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Fused factorized entropy bottleneck (rate term), forward and backward, in Triton.
 
-CIFD_METHOD.md sections 1 and 3. One pass over ``y`` [N, C, S] (S = prod(spatial),
+docs/METHOD.md sections 1 and 3. One pass over ``y`` [N, C, S] (S = prod(spatial),
 1 for [B, C]) gives ``y_hat``, the per-sample rate in nats and optionally the
 likelihoods; the backward pass re-draws noise and keep flags from
 ``(seed, offset)`` and recomputes the density MLP in registers, so nothing of
@@ -590,7 +590,7 @@ def entropy_bottleneck_fwd(y: torch.Tensor, packed: torch.Tensor, medians: Optio
         mode: "noise" (y_hat = keep ? y + s*u : 0), "dequantize" (round(y - m) + m), "none".
         seed, offset: Python ints in [0, 2**63). rho: drop probability (noise mode only;
             keep = U(word 1) >= rho). s: noise scale (noise mode only; the density is read
-            at y_hat / s, CIFD_METHOD.md section 3). bound: likelihood floor.
+            at y_hat / s, docs/METHOD.md section 3). bound: likelihood floor.
         need_likelihood: also return the per-element likelihoods.
         deterministic: per-program partial rates summed by torch instead of float atomics.
         groups: G runs G independent [N, C] problems in one launch (the RDM bank's

@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """Philox uniforms and keep masks with ``tl.randint4x``: the definition every other
-backend is held to (CIFD_METHOD.md section 6)."""
+backend is held to (docs/METHOD.md section 5)."""
 import torch
 import triton
 import triton.language as tl

@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """``CIFDLoss`` and ``CIFDEmbeddingLoss``: the stage-2 student losses as modules
-holding their hyperparameters (CIFD_METHOD.md section 4).
+holding their hyperparameters (docs/METHOD.md section 4).
 
 KD-dropout is a training-time regulariser: in ``train()`` mode the keep flags are
 drawn with ``p_drop`` (one Philox draw of M flags per call, i.e. per step); in
@@ -56,7 +56,7 @@ class CIFDLoss(nn.Module):
 
     ``w_emb`` is in the paper's units: a weight on the embedding distortion's **mean**
     over the D features (``F.mse_loss``), so ``w_emb = 100`` is the paper's
-    (CIFD_METHOD.md section 4). The module calls the functional, whose ``w_emb``
+    (docs/METHOD.md section 4). The module calls the functional, whose ``w_emb``
     weighs the per-sample *sum*, with ``w_emb / D`` (D from ``student_emb``).
 
     Args:

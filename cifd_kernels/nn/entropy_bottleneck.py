@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``EntropyBottleneck``: drop-in for CompressAI's, with Philox noise (CIFD_METHOD.md sec. 1, 6).
+"""``EntropyBottleneck``: drop-in for CompressAI's, with Philox noise (docs/METHOD.md sections 1, 5).
 
 State dicts use CompressAI's layout (``matrices.k``, ``biases.k``, ``factors.k``,
 ``quantiles``, buffers ``target``, ``_offset``, ``_quantized_cdf``,

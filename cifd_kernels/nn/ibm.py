@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``IBM``: the student-side Information Bottleneck Module (CIFD_METHOD.md sec. 3).
+"""``IBM``: the student-side Information Bottleneck Module (docs/METHOD.md sec. 3).
 
 Its density parameters use CompressAI's EntropyBottleneck layout
 (``matrices.k``, ``biases.k``, ``factors.k``, ``quantiles``, ``target``), so an
@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..reference import ibm as _ref_ibm
-from ..ops.entropy_bottleneck import entropy_bottleneck as _eb_op
+from ..ops.ibm import ibm as _ibm_op
 from ..reference.philox import draw_seed
 from .entropy_bottleneck import FactorizedDensity
 
@@ -22,7 +22,7 @@ class IBM(FactorizedDensity):
 
     The density is read at ``w_hat / s``, where the noise has unit width, so the rate
     stays the information bound of the channel actually used: ``IBM_s(w) = s *
-    IBM_1(w / s)`` (CIFD_METHOD.md section 3). ``s`` rescales the channel to an
+    IBM_1(w / s)`` (docs/METHOD.md section 3). ``s`` rescales the channel to an
     embedding's scale; it does not weaken the bottleneck (that is the rate weight's job).
 
     Args:
@@ -31,7 +31,8 @@ class IBM(FactorizedDensity):
         s: noise scale, finite and > 0 (1 = the paper's).
         filters, init_scale, tail_mass, likelihood_bound: the density, as
             :class:`cifd_kernels.nn.EntropyBottleneck`.
-        backend: as :class:`cifd_kernels.nn.EntropyBottleneck` (op name ``"ibm"``).
+        backend: as :class:`cifd_kernels.nn.EntropyBottleneck` (the IBM runs the
+            ``entropy_bottleneck`` op in noise mode: :func:`cifd_kernels.ops.ibm`).
 
     ``forward(w)`` returns ``(w_hat, rate)``; in eval mode ``(w, zeros[B])``: the
     IBM is removed at inference. The last keep mask is not stored (backward
@@ -63,16 +64,12 @@ class IBM(FactorizedDensity):
             empty outputs; NaN in w propagates to that sample's w_hat and rate.
         """
         self._check_input("w", w)
-        if not self.training:  # the IBM is removed at inference
-            w_hat, rate, _ = _ref_ibm.ibm(w, *self._params(), rho=self.rho, s=self.s,
-                                          training=False, bound=self.likelihood_bound)
-            return w_hat, rate
-        if seed is None:
+        if self.training and seed is None:
             seed = draw_seed()
-        out = _eb_op(w, *self._params(), None, "noise", seed, offset, rho=self.rho,
-                                      s=self.s, bound=self.likelihood_bound,
-                                      deterministic=self.deterministic, backend=self.backend)
-        return out.y_hat, out.rate
+        # not training: the IBM is removed (w, zeros[B]); no seed drawn
+        return _ibm_op(w, *self._params(), rho=self.rho, s=self.s, seed=0 if seed is None else seed, offset=offset,
+                       training=self.training, bound=self.likelihood_bound,
+                       deterministic=self.deterministic, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"rho={self.rho}, s={self.s}, " + super().extra_repr()

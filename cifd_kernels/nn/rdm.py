@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``RDM`` and ``RDMBank``: Rate-Distortion Modules (CIFD_METHOD.md section 2).
+"""``RDM`` and ``RDMBank``: Rate-Distortion Modules (docs/METHOD.md section 2).
 
 An :class:`RDMBank` holds N independent RDMs in stacked parameters and trains
 them in one pass (stage 1); frozen (``eval()``), it gives the RDM targets for
@@ -19,7 +19,7 @@ State dicts::
              entropy_bottleneck.* is ONE EntropyBottleneck(N * L): channel
              n * L + l is latent l of RDM n.
 
-Head-less RDMs (``K = 0``, the paper's CLIP setting, CIFD_METHOD.md end of section
+Head-less RDMs (``K = 0``, the paper's CLIP setting, docs/METHOD.md end of section
 4): no head (``module.head`` is None, no ``head.*`` in the state dict), ``logits``
 an empty ``[N, B, 0]``, and the stage-1 loss ``R * dist(X, Xh) + rate`` alone
 (terms ``ce`` and ``kl`` zeros); labels or teacher logits raise ValueError naming

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``cifd::cifd_loss``: the fused stage-2 CIFD student loss (CIFD_METHOD.md section 4).
+"""``cifd::cifd_loss``: the fused stage-2 CIFD student loss (docs/METHOD.md section 4).
 
 The kernels make one pass over the student's logits [B, K] and embedding [B, D]
 (two sweeps over K per row) and return the loss together with its gradients

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""``cifd::entropy_bottleneck``: the fused rate term (CIFD_METHOD.md sections 1, 3),
+"""``cifd::entropy_bottleneck``: the fused rate term (docs/METHOD.md sections 1, 3),
 one op for the RDM bottleneck and the IBM alike.
 
 Forward: ``y`` [N, C, *spatial] -> ``y_hat`` (input dtype), per-sample rate in
@@ -110,7 +110,7 @@ def _bwd_impl(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Ten
         _pack.MODES[mode], seed, offset, rho, s, bound, deterministic)
 
 
-_bwd_op = torch.library.custom_op("cifd::entropy_bottleneck_backward", mutates_args=())(_bwd_impl)
+_bwd_op = torch.library.custom_op("cifd::entropy_bottleneck_bwd", mutates_args=())(_bwd_impl)
 
 
 @_bwd_op.register_fake
@@ -185,7 +185,7 @@ def _fwd_triton(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.T
     return y_hat, rate, lik
 
 
-@torch.library.triton_op("cifd::entropy_bottleneck_triton_backward", mutates_args=())
+@torch.library.triton_op("cifd::entropy_bottleneck_triton_bwd", mutates_args=())
 def _bwd_triton(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor],
                 grad_y_hat: Optional[torch.Tensor], grad_rate: Optional[torch.Tensor],
                 grad_likelihood: Optional[torch.Tensor], mode: str, seed: int, offset: int, rho: float,
@@ -280,7 +280,7 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
             ``offset .. offset + y.numel() - 1``.
         rho, s: IBM mask ratio and noise width (noise mode only); rho=0, s=1 is the
             RDM bottleneck. With s != 1 the density is read at ``y_hat / s`` (the unit
-            channel's rate of ``y / s``, CIFD_METHOD.md section 3); likelihoods too.
+            channel's rate of ``y / s``, docs/METHOD.md section 3); likelihoods too.
         bound: likelihood floor (CompressAI's LowerBound rule in backward).
         need_likelihood: also return per-element likelihoods.
         deterministic: kernels reduce parameter gradients without float atomics.
@@ -337,7 +337,7 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
 
 
 # Eager calls on the "cpu" backend take cifd_C::entropy_bottleneck_fused
-# (python/eb_fused.cpp): density packing, the kernels and both backward steps in one
+# (python/entropy_bottleneck_fused.cpp): density packing, the kernels and both backward steps in one
 # op whose autograd is C++, the same ops and bits as the two Python autograd.Functions
 # (pack_density + run_fused), without their host time. On "cuda" only with the
 # fused_cuda kernel option (backend.KernelOptions).

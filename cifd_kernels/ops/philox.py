@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """``cifd::philox_uniform`` and ``cifd::philox_keep_mask``: counter-based random
-numbers, bit-identical on every backend (CIFD_METHOD.md section 6).
+numbers, bit-identical on every backend (docs/METHOD.md section 5).
 
 The op takes the concrete backend as a string argument (resolved on the host by
 :func:`cifd_kernels.backend.resolve`), so torch.compile traces one op whatever

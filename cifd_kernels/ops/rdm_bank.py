@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The fused RDM bank (CIFD_METHOD.md section 2): N RDMs on one teacher embedding,
+"""The fused RDM bank (docs/METHOD.md section 2): N RDMs on one teacher embedding,
 encode -> noisy channel -> decode -> head, and their stage-1 losses.
 
 Same math, arguments, noise counters and outputs as

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Eager reference of the CIFD losses (CIFD_METHOD.md sections 2 and 4).
+"""Eager reference of the CIFD losses (docs/METHOD.md sections 2 and 4).
 
 Building blocks, each per sample (no reduction), fp32 math inside whatever the
 input dtype (float64 stays float64, so ``gradcheck`` runs on it):
@@ -319,7 +319,7 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
               lam_kl: float = 1.0, w_emb: float = 100.0, dist: str = "mse",
               ibm_rate: Optional[torch.Tensor] = None, lam_I: float = 0.005,
               ignore_index: int = -100):
-    """Stage-2 CIFD student loss (CIFD_METHOD.md section 4), batch mean::
+    """Stage-2 CIFD student loss (docs/METHOD.md section 4), batch mean::
 
         L = lam_ce * CE(y, V_S)
           + lam_kl * sum_m lam_m k_m tau^2 KL(p(V_m) || p(V_S))
@@ -419,7 +419,7 @@ def cifd_embedding_loss(student_emb: torch.Tensor, target_embs: torch.Tensor,
           + lam_cl * InfoNCE(U, contrast_emb)
 
     With the defaults (``w_emb = 1``, ``p_drop = 0`` so every ``k_m = 1``) this is
-    CIFD_METHOD.md's ``dist(U, X) + sum_n lam_n dist(U, Xh_n) + lam_I rate_I``
+    docs/METHOD.md's ``dist(U, X) + sum_n lam_n dist(U, Xh_n) + lam_I rate_I``
     plus ``lam_cl`` InfoNCE; KD-dropout is available as in :func:`cifd_loss`.
 
     Args:

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Factorized entropy model (Balle et al.), CompressAI-compatible: the eager oracle.
 
-CIFD_METHOD.md section 1. Per channel ``c`` a monotone cumulative-logit
+docs/METHOD.md section 1. Per channel ``c`` a monotone cumulative-logit
 function ``f_c`` (layer widths ``(1,) + filters + (1,)``) gives the mass of the
 unit bin around ``yh``::
 

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Information Bottleneck Module (IBM) on the student embedding: the eager oracle.
 
-CIFD_METHOD.md section 3, training only::
+docs/METHOD.md section 3, training only::
 
     w_hat  = m * (w + s*u),   u = Philox word 0 of counter offset+i, minus 1/2
                               m = (uniform(word 1 of the same counter) >= rho)

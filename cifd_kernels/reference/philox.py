@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """Philox4x32-10 in vectorised torch int64 arithmetic: the randomness oracle.
 
-Bit-identical to ``triton.language.randint4x`` / ``rand`` (CIFD_METHOD.md
-section 6) for the same 64-bit ``seed`` and ``offset``:
+Bit-identical to ``triton.language.randint4x`` / ``rand`` (docs/METHOD.md
+section 5) for the same 64-bit ``seed`` and ``offset``:
 
 * key     = (seed & 0xffffffff, seed >> 32)
 * counter = (o & 0xffffffff, o >> 32, 0, 0) with o = offset + linear index

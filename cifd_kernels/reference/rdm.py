@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Eager reference of Rate-Distortion Modules (CIFD_METHOD.md section 2).
+"""Eager reference of Rate-Distortion Modules (docs/METHOD.md section 2).
 
 One RDM with distortion weight ``R``::
 
@@ -12,7 +12,7 @@ One RDM with distortion weight ``R``::
 (batch means; ``act`` is ``relu`` or ``gelu`` (exact, erf form); ``dist`` is a
 per-sample sum over D, see :func:`.cifd_loss.distortion`; rate in nats).
 
-Head-less RDMs (``K = 0``, the paper's CLIP setting, CIFD_METHOD.md end of section
+Head-less RDMs (``K = 0``, the paper's CLIP setting, docs/METHOD.md end of section
 4): no head and no logit terms, ``L_RDM = R * dist(X, Xh) + rate(zh)``. Their
 ``params`` omit ``head.weight`` / ``head.bias`` (:func:`param_names`), ``logits`` is
 an empty ``[N, B, 0]`` tensor, ``ce`` and ``kl`` are zeros, and labels or teacher

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Stage 2 of CIFD: the student (``cifd distill --method cifd``).
 
-Targets (CIFD_METHOD.md section 4): the frozen teacher (embedding ``X``,
+Targets (docs/METHOD.md section 4): the frozen teacher (embedding ``X``,
 logits ``V_T``) first, then the N RDMs of the frozen bank (``Xh_n``, ``V_n``),
 evaluated in eval mode (rounded latent), so for a fixed input they are fixed:
 with unaugmented data (``data.augment: false``) they are computed once from
@@ -146,7 +146,7 @@ def distill_cifd(cfg: Config, *, resume: bool = False, overwrite: bool = False,
         targets = (torch.cat([emb.unsqueeze(0), xh]), torch.cat([logits.unsqueeze(0), vr]))
     c = cfg.cifd
     # CIFDLoss's w_emb is in the paper's units (mean over the D features; it divides
-    # by D): (w_emb / D) * dist (CIFD_METHOD.md section 4). emb_normalize divides the
+    # by D): (w_emb / D) * dist (docs/METHOD.md section 4). emb_normalize divides the
     # summed distortion by E||X||^2 instead: w_emb * D / E||X||^2 in those units.
     w_emb = c.w_emb * bank.D / emb_sq_norm if c.emb_normalize else c.w_emb
 

@@ -117,7 +117,7 @@ class CIFDConfig:
     p_drop: float = 0.25
     w_emb: float = 100.0          # the paper's units: a weight on the mean-squared error
                                   # over the D features (F.mse_loss), i.e. the loss term is
-                                  # (w_emb / D) * dist (CIFD_METHOD.md section 4)
+                                  # (w_emb / D) * dist (docs/METHOD.md section 4)
     emb_normalize: bool = False   # instead divide w_emb by E||X||^2 (the teacher's mean
                                   # squared embedding norm on train): scale-free terms
     lam_rdm: float = 1.0          # lam_n of every RDM target (the teacher's is 1)

@@ -3,7 +3,7 @@
 
 All ``len(rdm.rates)`` RDMs train at once as one :class:`cifd_kernels.RDMBank`
 on the frozen teacher's cached embeddings ``X`` and logits ``V_T``
-(:func:`.teacher.teacher_outputs`), with the stage-1 loss of CIFD_METHOD.md
+(:func:`.teacher.teacher_outputs`), with the stage-1 loss of docs/METHOD.md
 section 2 (Adam, cosine learning rate) plus the entropy model's auxiliary
 quantile loss (its own Adam group, constant ``rdm.aux_lr``), which places the
 channel medians that eval-mode rounding uses. The training noise of step ``s``

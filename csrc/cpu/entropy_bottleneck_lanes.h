@@ -2,7 +2,7 @@
 // The entropy bottleneck's density math over a lane type V of cifd/vecmath.h:
 // F8 (8 float32 lanes, AVX2 + FMA; entropy_bottleneck_avx2.cpp) or D1 (one
 // float64 lane; the float64 kernels in entropy_bottleneck.cpp). The formulas
-// are cifd/density.h's (CIFD_METHOD.md section 1), arranged for throughput:
+// are cifd/density.h's (docs/METHOD.md section 1), arranged for throughput:
 //
 // * a block of G lane vectors goes through the MLP layer by layer, both bin
 //   edges side by side: 6 G independent tanh chains per layer, enough for the

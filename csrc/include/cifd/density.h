@@ -1,11 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
-// The factorized entropy model's per-element math (CIFD_METHOD.md sections 1, 3,
+// The factorized entropy model's per-element math (docs/METHOD.md sections 1, 3,
 // 6), shared by the CPU and CUDA entropy-bottleneck kernels: one copy of each
 // formula.
 //
 //   y_hat = keep ? y + s*u : 0          noise (u, keep from Philox words 0, 1)
 //           the density is read at x = y_hat / s (noise mode; the unit-width
-//           channel's rate of y / s, CIFD_METHOD.md section 3), dx/dy_hat = 1/s
+//           channel's rate of y / s, docs/METHOD.md section 3), dx/dy_hat = 1/s
 //         = rne(y - m) + m              dequantize
 //         = y                           none
 //   f(x): h = W_k h + b_k; h += tanh(a)_k * tanh(h) (k < 4); widths 1-3-3-3-3-1

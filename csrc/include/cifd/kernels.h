@@ -27,7 +27,7 @@ int philox_keep_mask(uint8_t* out, int64_t n, uint64_t seed, uint64_t offset, fl
 }  // namespace cifd
 
 // ---------------------------------------------------------------- entropy bottleneck
-// Fused factorized entropy model (CIFD_METHOD.md sections 1, 3; math in
+// Fused factorized entropy model (docs/METHOD.md sections 1, 3; math in
 // cifd/density.h). y is viewed as [N, C, S] (S = prod(spatial), 1 for [N, C]);
 // element i = (n*C + c)*S + s uses Philox counter offset + i.
 namespace cifd {
@@ -137,7 +137,7 @@ void density_unpack_grad(const double* grad_packed, const double* const* params,
 }  // namespace cifd
 
 // ---------------------------------------------------------------- cifd loss
-// Fused stage-2 CIFD loss (CIFD_METHOD.md section 4; math in cifd/losses.h): per
+// Fused stage-2 CIFD loss (docs/METHOD.md section 4; math in cifd/losses.h): per
 // sample, CE, the M tau^2-scaled KLs and the M embedding distortions, and the
 // gradients of the batch-mean loss with respect to the student's logits and
 // embedding, in one pass. Targets are frozen (no gradient); a target whose keep

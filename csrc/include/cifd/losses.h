@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// Per-element math of the fused stage-2 CIFD loss (CIFD_METHOD.md section 4),
+// Per-element math of the fused stage-2 CIFD loss (docs/METHOD.md section 4),
 // shared by the CPU and CUDA kernels: one copy of each formula.
 //
 // With p_S = softmax(z / tau), p_m = softmax(t_m / tau), q = softmax(z) over K,

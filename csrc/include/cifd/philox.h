@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // Philox4x32-10, bit-identical to triton.language.randint4x / rand
-// (CIFD_METHOD.md section 6). One copy, used by the CPU and CUDA kernels.
+// (docs/METHOD.md section 5). One copy, used by the CPU and CUDA kernels.
 #pragma once
 #include <cstdint>
 
