@@ -98,10 +98,12 @@ def _plot_curves(res: dict, out_dir: Path):
             t = r["trace"]
             ax.plot(t["epoch"], t[key], label=f"{arm} (seed {r['seed']})", lw=1.2)
         ref = bank.get("kl_T" if key == "val_kl_T" else "acc", [])
-        for R, v in zip(res["bank"]["R"], ref):
+        for v in ref:
             ax.axhline(v, ls="--", lw=0.8, color="gray")
-            ax.annotate(f"RDM R={R:g}", (0, v), textcoords="offset points", xytext=(2, 2), fontsize=7,
-                        color="gray", xycoords=("axes fraction", "data"))
+        if ref:  # one label for the bank (its lines lie close together)
+            rates = "/".join(f"{R:g}" for R in res["bank"]["R"])
+            ax.annotate(f"RDMs, R = {rates}", (0.02, max(ref)), textcoords="offset points", xytext=(0, 3),
+                        fontsize=7, color="gray", xycoords=("axes fraction", "data"))
         ax.set_xlabel("epoch")
         ax.set_title(title, fontsize=9)
     axes[0].set_yscale("log")
