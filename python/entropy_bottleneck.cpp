@@ -3,12 +3,12 @@
 // CPU or CUDA kernels (csrc/cpu/entropy_bottleneck.cpp, csrc/cuda/entropy_bottleneck.cu).
 //
 //   entropy_bottleneck_fwd(y, packed, medians, mode, seed, offset, rho, s, bound,
-//                          need_likelihood) -> (y_hat, rate, likelihood)
+//                          need_likelihood, groups=0) -> (y_hat, rate, likelihood)
 //   entropy_bottleneck_bwd(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood,
-//                          mode, seed, offset, rho, s, bound, deterministic)
+//                          mode, seed, offset, rho, s, bound, deterministic, groups=0)
 //                          -> (grad_y, grad_packed)
 //
-// y [N, C, *spatial] contiguous float32/float16/bfloat16, or float64 on the CPU;
+// groups = 0, one problem: y [N, C, *spatial] contiguous float32/float16/bfloat16, or float64 on the CPU;
 // packed [58, C] (cifd_kernels/ops/density_pack.py) in the compute dtype
 // (float64 for float64 y, else float32); medians [C] in the compute dtype in mode
 // 1 (dequantize), ignored otherwise (pass an empty tensor); mode 0 noise, 1
@@ -20,10 +20,7 @@
 // grad_packed [59, C] in the compute dtype (row 58: medians, dequantize mode;
 // zero otherwise).
 //
-//   entropy_bottleneck_fwd_groups(..., need_likelihood, groups)
-//   entropy_bottleneck_bwd_groups(..., deterministic, groups)
-//
-// G problems in one call (the RDM bank's N latents): y [G, N, C, *spatial], group g
+// groups = G >= 1, G problems in one call (the RDM bank's N latents): y [G, N, C, *spatial], group g
 // the problem y[g] on channels g C .. g C + C - 1 of packed [58, G C] (medians
 // [G C]), every element at Philox counter offset + its flat index in y. rate and
 // grad_rate are [G, N]; grad_packed [59, G C]; the rest as above. On the CPU the
@@ -428,41 +425,56 @@ std::tuple<at::Tensor, at::Tensor> bwd_groups_cuda(
 }
 #endif
 
+// ------------------------------------------------------------------ the registered entry
+// groups = 0: one problem (fwd_one / bwd_one); G >= 1: the grouped functions above.
+template <auto one, auto grouped>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(
+    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians, int64_t mode,
+    int64_t seed, int64_t offset, double rho, double s, double bound, bool need_likelihood,
+    int64_t groups) {
+  TORCH_CHECK(groups >= 0, "groups must be >= 0 (0: one problem), got ", groups);
+  if (groups == 0) return one(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood);
+  return grouped(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, groups);
+}
+
+template <auto one, auto grouped>
+std::tuple<at::Tensor, at::Tensor> bwd(
+    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
+    const at::Tensor& grad_y_hat, const at::Tensor& grad_rate, const at::Tensor& grad_likelihood,
+    int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound,
+    bool deterministic, int64_t groups) {
+  TORCH_CHECK(groups >= 0, "groups must be >= 0 (0: one problem), got ", groups);
+  if (groups == 0) {
+    return one(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset,
+               rho, s, bound, deterministic);
+  }
+  return grouped(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset,
+                 rho, s, bound, deterministic, groups);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cifd_C, m) {
   m.def("set_kernel_options(bool cpu_avx2, int cuda_bwd_min_blocks) -> ()", &set_kernel_options);
   m.def(
       "entropy_bottleneck_fwd(Tensor y, Tensor packed, Tensor medians, int mode, int seed, "
-      "int offset, float rho, float s, float bound, bool need_likelihood) "
+      "int offset, float rho, float s, float bound, bool need_likelihood, int groups=0) "
       "-> (Tensor y_hat, Tensor rate, Tensor likelihood)");
   m.def(
       "entropy_bottleneck_bwd(Tensor y, Tensor packed, Tensor medians, Tensor grad_y_hat, "
       "Tensor grad_rate, Tensor grad_likelihood, int mode, int seed, int offset, float rho, "
-      "float s, float bound, bool deterministic) -> (Tensor grad_y, Tensor grad_packed)");
-  m.def(
-      "entropy_bottleneck_fwd_groups(Tensor y, Tensor packed, Tensor medians, int mode, int seed, "
-      "int offset, float rho, float s, float bound, bool need_likelihood, int groups) "
-      "-> (Tensor y_hat, Tensor rate, Tensor likelihood)");
-  m.def(
-      "entropy_bottleneck_bwd_groups(Tensor y, Tensor packed, Tensor medians, Tensor grad_y_hat, "
-      "Tensor grad_rate, Tensor grad_likelihood, int mode, int seed, int offset, float rho, "
-      "float s, float bound, bool deterministic, int groups) -> (Tensor grad_y, "
+      "float s, float bound, bool deterministic, int groups=0) -> (Tensor grad_y, "
       "Tensor grad_packed)");
 }
 
 TORCH_LIBRARY_IMPL(cifd_C, CPU, m) {
-  m.impl("entropy_bottleneck_fwd", &fwd_one<&fwd_kernel_cpu>);
-  m.impl("entropy_bottleneck_bwd", &bwd_one<&bwd_kernel_cpu>);
-  m.impl("entropy_bottleneck_fwd_groups", &fwd_groups<&fwd_kernel_cpu>);
-  m.impl("entropy_bottleneck_bwd_groups", &bwd_groups<&bwd_kernel_cpu>);
+  m.impl("entropy_bottleneck_fwd", &fwd<&fwd_one<&fwd_kernel_cpu>, &fwd_groups<&fwd_kernel_cpu>>);
+  m.impl("entropy_bottleneck_bwd", &bwd<&bwd_one<&bwd_kernel_cpu>, &bwd_groups<&bwd_kernel_cpu>>);
 }
 
 #ifdef CIFD_WITH_CUDA
 TORCH_LIBRARY_IMPL(cifd_C, CUDA, m) {
-  m.impl("entropy_bottleneck_fwd", &fwd_one<&fwd_kernel_cuda>);
-  m.impl("entropy_bottleneck_bwd", &bwd_one<&bwd_kernel_cuda>);
-  m.impl("entropy_bottleneck_fwd_groups", &fwd_groups_cuda);
-  m.impl("entropy_bottleneck_bwd_groups", &bwd_groups_cuda);
+  m.impl("entropy_bottleneck_fwd", &fwd<&fwd_one<&fwd_kernel_cuda>, &fwd_groups_cuda>);
+  m.impl("entropy_bottleneck_bwd", &bwd<&bwd_one<&bwd_kernel_cuda>, &bwd_groups_cuda>);
 }
 #endif

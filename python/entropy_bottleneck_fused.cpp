@@ -21,7 +21,7 @@
 // saved y_hat in mode 2 (none) instead of at y, regenerating nothing. Gradients are
 // not materialized: an output without a gradient costs its kernel nothing.
 // groups = G >= 1: the RDM bank's channel, y [G, N, C] against params of G C channels
-// through entropy_bottleneck_{fwd,bwd}_groups (rate [G, N]); 0: one problem.
+// (entropy_bottleneck_{fwd,bwd} with groups; rate [G, N]); 0: one problem.
 //
 // Registered for CPU (a plain forward: inference mode, no autograd) and AutogradCPU,
 // and in CUDA builds for CUDA and AutogradCUDA (see the end of the file).
@@ -50,20 +50,12 @@ using PackSig = at::Tensor(at::TensorList, bool);
 using UnpackSig = std::vector<at::Tensor>(const at::Tensor&, at::TensorList);
 using FwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, double,
-    double, double, bool);
+    double, double, bool, int64_t);
 using BwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                   const at::Tensor&, const at::Tensor&,
                                                   const at::Tensor&, const at::Tensor&, int64_t,
-                                                  int64_t, int64_t, double, double, double, bool);
-// The grouped entry points take one more argument, groups.
-using FwdGSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t, double,
-    double, double, bool, int64_t);
-using BwdGSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                   const at::Tensor&, const at::Tensor&,
-                                                   const at::Tensor&, const at::Tensor&, int64_t,
-                                                   int64_t, int64_t, double, double, double, bool,
-                                                   int64_t);
+                                                  int64_t, int64_t, double, double, double, bool,
+                                                  int64_t);
 
 // The ops this one is made of, looked up once.
 struct Ops {
@@ -71,8 +63,6 @@ struct Ops {
   c10::TypedOperatorHandle<UnpackSig> unpack;
   c10::TypedOperatorHandle<FwdSig> fwd;
   c10::TypedOperatorHandle<BwdSig> bwd;
-  c10::TypedOperatorHandle<FwdGSig> fwd_groups;
-  c10::TypedOperatorHandle<BwdGSig> bwd_groups;
 };
 
 const Ops& ops() {
@@ -80,9 +70,7 @@ const Ops& ops() {
   static const Ops o{find_op<PackSig>("cifd_C::density_pack"),
                      find_op<UnpackSig>("cifd_C::density_unpack_grad"),
                      find_op<FwdSig>("cifd_C::entropy_bottleneck_fwd"),
-                     find_op<BwdSig>("cifd_C::entropy_bottleneck_bwd"),
-                     find_op<FwdGSig>("cifd_C::entropy_bottleneck_fwd_groups"),
-                     find_op<BwdGSig>("cifd_C::entropy_bottleneck_bwd_groups")};
+                     find_op<BwdSig>("cifd_C::entropy_bottleneck_bwd")};
   return o;
 }
 
@@ -97,12 +85,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(
     const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians, int64_t mode,
     int64_t seed, int64_t offset, double rho, double s, double bound, bool need_likelihood,
     int64_t groups) {
-  TORCH_CHECK(groups >= 0, "groups must be >= 0 (0: one problem), got ", groups);
-  if (groups > 0) {
-    return ops().fwd_groups.call(y, packed, medians, mode, seed, offset, rho, s, bound,
-                                need_likelihood, groups);
-  }
-  return ops().fwd.call(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood);
+  return ops().fwd.call(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood,
+                        groups);
 }
 
 at::Tensor pack(const at::Tensor& y, at::TensorList params) {
@@ -172,10 +156,8 @@ struct Fused : public torch::autograd::Function<Fused> {
                  bound = d.at("bound").toDouble();
     const bool det = d.at("deterministic").toBool();
     auto [grad_y, grad_packed] =
-        groups > 0 ? ops().bwd_groups.call(y, packed, med, gyh, grate, glik, mode, seed, offset,
-                                          rho, s, bound, det, groups)
-                   : ops().bwd.call(y, packed, med, gyh, grate, glik, mode, seed, offset, rho, s,
-                                   bound, det);
+        ops().bwd.call(y, packed, med, gyh, grate, glik, mode, seed, offset, rho, s, bound, det,
+                       groups);
     const std::vector<at::Tensor> gparams = ops().unpack.call(grad_packed, params);
     variable_list out;
     out.reserve(1 + gparams.size() + 1 + 10);

@@ -217,7 +217,84 @@ def test_opcheck(be, device):
     y = torch.randn(5, 3, device=device, requires_grad=True)
     for mode, m in (("noise", None), ("dequantize", med.detach().float())):
         torch.library.opcheck(torch.ops.cifd.entropy_bottleneck.default,
-                              (y, packed, m, mode, 7, 3, 0.25, 0.5, 1e-9, True, False, be))
+                              (y, packed, m, mode, 7, 3, 0.25, 0.5, 1e-9, True, False, be, 0))
+    # groups: y [G, N, C/G] against the packed density of C channels
+    yg = torch.randn(3, 4, 1, device=device, requires_grad=True)
+    for mode, m in (("noise", None), ("dequantize", med.detach().float())):
+        torch.library.opcheck(torch.ops.cifd.entropy_bottleneck.default,
+                              (yg, packed, m, mode, 7, 3, 0.25, 0.5, 1e-9, True, False, be, 3))
+
+
+GROUP_CASES = [("noise", 0.0, 1.0), ("noise", 0.25, 0.5), ("dequantize", 0.0, 1.0), ("none", 0.0, 1.0)]
+
+
+@pytest.mark.parametrize("be", ["reference"] + KERNELS)
+@pytest.mark.parametrize("mode,rho,s", GROUP_CASES)
+@pytest.mark.parametrize("via_ops", [False, True])
+@pytest.mark.parametrize("spatial", [(), (2,)])
+def test_groups_are_the_per_group_calls(be, mode, rho, s, via_ops, spatial, device):
+    """``groups=G`` on y [G, N, C/G, *spatial] gives, to the bit, the G calls on y[g] with
+    channels g C/G .. (g+1) C/G - 1 of the density and offset ``offset + g y[g].numel()``:
+    y_hat, rate, likelihoods and every gradient (the gradients of the density and medians
+    being the sums of the per-group ones, each over its own channels: disjoint). On the
+    eager path and through the registered ops (the eager_via_ops kernel option)."""
+    if be != "reference":
+        _skip_unless(be, device)
+    set_kernel_options(eager_via_ops=via_ops)
+    G, N, cg = 3, 5, 2
+    mats, bias, facs, med = _params(G * cg, device, seed=4)
+    gen = torch.Generator().manual_seed(6)
+    y = (4 * torch.randn(G, N, cg, *spatial, generator=gen)).to(device).requires_grad_()
+    if be == "triton" and spatial:  # the Triton launchers take groups of [N, C] only
+        with pytest.raises(BackendUnavailableError, match="no spatial dims"):
+            entropy_bottleneck(y, mats, bias, facs, mode=mode, backend=be, groups=G)
+        return
+    g_yhat, g_lik = (torch.randn(y.shape, generator=gen).to(device) for _ in range(2))
+    g_rate = torch.randn(G, N, generator=gen).to(device)
+    medians = med if mode == "dequantize" else None
+    wrt = [y] + mats + bias + facs + ([med] if medians is not None else [])
+
+    def loss_of(out, g):
+        return ((out.y_hat.float() * g_yhat[g]).sum() + (out.rate * g_rate[g]).sum()
+                + (out.likelihood * g_lik[g]).sum())
+
+    got = entropy_bottleneck(y, mats, bias, facs, medians, mode=mode, seed=9, offset=13, rho=rho, s=s,
+                             need_likelihood=True, deterministic=True, backend=be, groups=G)
+    assert got.rate.shape == (G, N) and got.y_hat.shape == got.likelihood.shape == y.shape
+    ggot = torch.autograd.grad(sum(loss_of(type(got)(*(t[g] for t in got)), g) for g in range(G)), wrt)
+    per = y[0].numel()
+    loss, outs = 0, []
+    for g in range(G):
+        ch = slice(g * cg, (g + 1) * cg)
+        out = entropy_bottleneck(y[g], [m[ch] for m in mats], [b[ch] for b in bias], [f[ch] for f in facs],
+                                 medians[ch] if medians is not None else None, mode=mode, seed=9,
+                                 offset=13 + g * per, rho=rho, s=s, need_likelihood=True,
+                                 deterministic=True, backend=be)
+        outs.append(out)
+        loss = loss + loss_of(out, g)
+    gwant = torch.autograd.grad(loss, wrt)
+    for name, a, b in zip(got._fields, got, (torch.stack(t) for t in zip(*outs))):
+        assert torch.equal(a, b), name
+    for i, (a, b) in enumerate(zip(ggot, gwant)):
+        # one group's rows of the density / medians gradient take no term from the others
+        assert torch.equal(a, b), i
+
+
+def test_groups_bad_arguments():
+    mats, bias, facs, med = _params(6, "cpu")
+    y = torch.randn(3, 4, 2)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="groups must be a positive int"):
+            entropy_bottleneck(y, mats, bias, facs, groups=bad)
+    with pytest.raises(ValueError, match=r"y must be \[groups, N, C / groups, \*spatial\] = \[2, N, 3"):
+        entropy_bottleneck(y, mats, bias, facs, groups=2)
+    with pytest.raises(ValueError, match=r"y must be \[groups, N, C / groups"):
+        entropy_bottleneck(torch.randn(3, 4), mats, bias, facs, groups=3)
+    for be in ("reference", "cpu"):
+        if be == "cpu" and "cpu" not in __import__("cifd_kernels").backend.implemented("entropy_bottleneck"):
+            continue
+        with pytest.raises(ValueError, match=r'needs medians of shape \[6\]'):
+            entropy_bottleneck(y, mats, bias, facs, med[:2], mode="dequantize", groups=3, backend=be)
 
 
 def test_compile_fullgraph_equals_eager():

@@ -6,6 +6,8 @@ mse/smooth_l1; the three channel modes; labels or teacher left out; half paramet
 by the flash-attention rule; the batched linear op (cifd::rdm_linear) with opcheck;
 torch.compile equal to eager on CPU; a bank from N RDMs equals them one by one on
 the fused path; determinism; fallbacks and errors."""
+import importlib
+
 import pytest
 import torch
 
@@ -156,10 +158,10 @@ def test_noncontiguous_x_and_gradient_to_nothing_frozen(be, device):
 
 
 def _assert_eager_equals_ops(be, prob, mode, monkeypatch, grouped_called):
-    """Run the bank on the eager path (the grouped channel) and through the per-RDM custom
-    ops (the eager_via_ops kernel option), checking after each run that the grouped call was made exactly
-    once, on the eager path only (``grouped_called()``); every output, the loss and
-    every gradient must have the same bits."""
+    """Run the bank on the eager path and through the registered custom ops (the
+    eager_via_ops kernel option), checking after each run that the eager channel call
+    was made exactly once, by the eager run only (``grouped_called()``); every output,
+    the loss and every gradient must have the same bits."""
     runs = []
     for force in (False, True):
         set_kernel_options(eager_via_ops=force)
@@ -177,45 +179,56 @@ def _assert_eager_equals_ops(be, prob, mode, monkeypatch, grouped_called):
             assert torch.equal(u, v), i
 
 
+def _count_channel_calls(monkeypatch, calls):
+    """Record each eager entropy-op call the bank makes: ``("fused", groups)`` for the
+    C++-autograd op, ``("function", backend, groups)`` for the eager autograd.Function."""
+    eb_ops = importlib.import_module("cifd_kernels.ops.entropy_bottleneck")
+    real = eb_ops._fused_op()
+    apply = eb_ops._EagerFunction.apply
+    monkeypatch.setattr(eb_ops._EagerFunction, "apply",
+                        lambda *a: calls.append(("function", a[-2], a[-1])) or apply(*a))
+    if real is not None:
+        monkeypatch.setattr(eb_ops, "_fused_op",
+                            lambda: (lambda *a: calls.append(("fused", a[-1])) or real(*a)))
+    return real
+
+
 @pytest.mark.parametrize("be", ["cpu", "cuda"])
 @pytest.mark.parametrize("mode", ["noise", "dequantize", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fused", [True, False])
-def test_grouped_channel_equals_the_per_rdm_ops(be, mode, dtype, fused, device, monkeypatch):
-    """Eager calls on the C++ backends run the bank's channel as one grouped C++ call each
-    way (the fused op with C++ autograd, cifd_C::entropy_bottleneck_fused with groups: on
-    by default on the CPU, with the fused_cuda kernel option on a GPU; else the _GroupedChannel
-    Function); either gives the per-RDM custom ops' bits: every output and gradient."""
+def test_bank_channel_is_one_grouped_entropy_call(be, mode, dtype, fused, device, monkeypatch):
+    """The bank's channel is one call of the entropy op with groups = N: eagerly the fused
+    op with C++ autograd (cifd_C::entropy_bottleneck_fused; on by default on the CPU,
+    with the fused_cuda kernel option on a GPU) or the op's eager autograd.Function;
+    either gives the registered op's bits (the traced route): every output and gradient.
+    That the grouped op is the per-RDM calls is test_entropy_bottleneck's
+    test_groups_are_the_per_group_calls."""
     _skip_unless(be, device)
-    import importlib
-    eb_ops = importlib.import_module("cifd_kernels.ops.entropy_bottleneck")
-    real = eb_ops._fused_op()
+    calls = []
+    real = _count_channel_calls(monkeypatch, calls)
     if fused and real is None:
         pytest.skip("_C built without entropy_bottleneck_fused")
     # cpu: on by default; cuda: the fused_cuda kernel option
     set_kernel_options(**{"fused_cpu" if be == "cpu" else "fused_cuda": fused})
     prob = _problem(3, 7, 10, 12, 5, 6, device, seed=21, dtype=dtype)
-    calls = []
-    apply = ob._GroupedChannel.apply
-    monkeypatch.setattr(ob._GroupedChannel, "apply", lambda *a: calls.append("function") or apply(*a))
-    if real is not None:
-        monkeypatch.setattr(eb_ops, "_fused_op", lambda: (lambda *a: calls.append("fused") or real(*a)))
-    _assert_eager_equals_ops(be, prob, mode, monkeypatch,
-                             lambda: calls == ["fused" if fused else "function"])
+
+    want = [("fused", 3)] if fused else [("function", be, 3)]
+    _assert_eager_equals_ops(be, prob, mode, monkeypatch, lambda: calls == want)
 
 
 @pytest.mark.parametrize("mode", ["noise", "dequantize", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_grouped_channel_equals_the_per_rdm_ops(mode, dtype, device, monkeypatch):
-    """Eager Triton calls run the bank's channel as one launch of each entropy kernel
-    (groups = N, through _GroupedChannel); that gives the per-RDM custom ops' bits (N
-    launches each way): every output and gradient."""
+def test_triton_bank_channel_is_one_grouped_entropy_call(mode, dtype, device, monkeypatch):
+    """Eager Triton calls run the bank's channel as one entropy-op call with groups = N
+    (one launch of each entropy kernel); the registered triton_op gives the same bits."""
     _skip_unless("triton", device)
     prob = _problem(3, 7, 10, 12, 5, 6, device, seed=22, dtype=dtype)
     calls = []
-    apply = ob._GroupedChannel.apply
-    monkeypatch.setattr(ob._GroupedChannel, "apply", lambda *a: calls.append(a[-1]) or apply(*a))
-    _assert_eager_equals_ops("triton", prob, mode, monkeypatch, lambda: calls == [True])
+    _count_channel_calls(monkeypatch, calls)
+
+    _assert_eager_equals_ops("triton", prob, mode, monkeypatch,
+                             lambda: calls == [("function", "triton", 3)])
 
 
 def test_triton_grouped_entropy_launcher(device):
@@ -268,13 +281,13 @@ def test_triton_grouped_entropy_launcher(device):
 
 
 def test_grouped_entropy_raw_op_argument_errors():
-    if not _backend.has_ext_op("entropy_bottleneck_fwd_groups"):
+    if not _backend.has_ext_op("entropy_bottleneck_fwd"):
         pytest.skip("the C++ extension is not built")
     from cifd_kernels.ops.density_pack import pack_density
     e = eb_ref.init_params(6, (3, 3, 3, 3))
     packed = pack_density(e["matrices"], e["biases"], e["factors"]).detach()  # [58, 6]
     z, none = torch.randn(3, 4, 2), torch.empty(0)
-    fwd = torch.ops.cifd_C.entropy_bottleneck_fwd_groups
+    fwd = torch.ops.cifd_C.entropy_bottleneck_fwd
     y_hat, rate, lik = fwd(z, packed, none, 0, 1, 0, 0.0, 1.0, 1e-9, True, 3)
     assert y_hat.shape == lik.shape == (3, 4, 2) and rate.shape == (3, 4)
     with pytest.raises(RuntimeError, match="y must be \\[G=2, N, C, \\*spatial\\]"):
@@ -283,11 +296,16 @@ def test_grouped_entropy_raw_op_argument_errors():
         fwd(z, packed[:, :4], none, 0, 1, 0, 0.0, 1.0, 1e-9, True, 3)
     with pytest.raises(RuntimeError, match="medians must be \\[G\\*C=6\\]"):
         fwd(z, packed, torch.zeros(4), 1, 1, 0, 0.0, 1.0, 1e-9, True, 3)
-    with pytest.raises(RuntimeError, match="groups must be >= 1"):
-        fwd(z, packed, none, 0, 1, 0, 0.0, 1.0, 1e-9, True, 0)
-    bwd = torch.ops.cifd_C.entropy_bottleneck_bwd_groups
+    with pytest.raises(RuntimeError, match="groups must be >= 0"):
+        fwd(z, packed, none, 0, 1, 0, 0.0, 1.0, 1e-9, True, -1)
+    bwd = torch.ops.cifd_C.entropy_bottleneck_bwd
     with pytest.raises(RuntimeError, match="grad_rate must have shape \\[3, 4\\]"):
         bwd(z, packed, none, none, torch.ones(4), none, 0, 1, 0, 0.0, 1.0, 1e-9, True, 3)
+    with pytest.raises(RuntimeError, match="groups must be >= 0"):
+        bwd(z, packed, none, none, none, none, 0, 1, 0, 0.0, 1.0, 1e-9, True, -1)
+    # groups = 0 (the default): one problem, y [N, C, *spatial]
+    y_hat, rate, _ = fwd(z.reshape(4, 6), packed, none, 0, 1, 0, 0.0, 1.0, 1e-9, False)
+    assert rate.shape == (4,)
 
 
 @pytest.mark.parametrize("be", KERNELS)

@@ -51,18 +51,32 @@ def _triton():
 # ----------------------------------------------------------------------------- custom ops
 def _fwd_impl(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor], mode: str,
             seed: int, offset: int, rho: float, s: float, bound: float, need_likelihood: bool,
-            deterministic: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            deterministic: bool, backend: str, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "triton":
         # Triton always reduces through per-program partials: deterministic, and on an
         # H100 faster than its atomics path (one measurement: 146 vs 174 us bwd at [4096, 512]).
-        y_hat, rate, lik = _triton().entropy_bottleneck_fwd(
-            y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, True)
-        if lik is None:
-            lik = y.new_empty((0,), dtype=torch.float32)
-        return y_hat, rate, lik
+        return _triton_fwd(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, groups)
     return torch.ops.cifd_C.entropy_bottleneck_fwd(
         *raw_fwd_tensors(y, packed, medians), _pack.MODES[mode], seed, offset, rho, s, bound,
-        need_likelihood)
+        need_likelihood, groups)
+
+
+def _triton_fwd(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, groups):
+    y_hat, rate, lik = _triton().entropy_bottleneck_fwd(
+        y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, True,
+        groups=groups or None)
+    if lik is None:
+        lik = y.new_empty((0,), dtype=torch.float32)
+    return y_hat, rate, lik
+
+
+def _triton_bwd(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset, rho,
+                s, bound, groups):
+    grad_y, gp, gmed = _triton().entropy_bottleneck_bwd(
+        y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset, rho, s, bound,
+        True, groups=groups or None)
+    row = gmed if gmed is not None else gp.new_zeros(gp.shape[1])
+    return grad_y, torch.cat([gp, row[None]], 0)
 
 
 def raw_fwd_tensors(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor]):
@@ -88,35 +102,37 @@ def raw_bwd_tensors(y: torch.Tensor, packed: torch.Tensor, medians: Optional[tor
 _fwd_op = torch.library.custom_op("cifd::entropy_bottleneck", mutates_args=())(_fwd_impl)
 
 
-@_fwd_op.register_fake
-def _(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, deterministic, backend):
+def _fake_fwd(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, *rest):
+    groups = rest[-1]  # (deterministic, backend, groups) or (groups,)
     lik_shape = y.shape if need_likelihood else (0,)
-    return (torch.empty_like(y), y.new_empty((y.shape[0],), dtype=packed.dtype),
+    return (torch.empty_like(y), y.new_empty(tuple(y.shape[:2 if groups else 1]), dtype=packed.dtype),
             y.new_empty(lik_shape, dtype=packed.dtype))
+
+
+_fwd_op.register_fake(_fake_fwd)
 
 
 def _bwd_impl(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor],
             grad_y_hat: Optional[torch.Tensor], grad_rate: Optional[torch.Tensor],
             grad_likelihood: Optional[torch.Tensor], mode: str, seed: int, offset: int, rho: float,
-            s: float, bound: float, deterministic: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+            s: float, bound: float, deterministic: bool, backend: str, groups: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
-        grad_y, gp, gmed = _triton().entropy_bottleneck_bwd(
-            y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset, rho, s,
-            bound, True)
-        row = gmed if gmed is not None else gp.new_zeros(gp.shape[1])
-        return grad_y, torch.cat([gp, row[None]], 0)
+        return _triton_bwd(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset,
+                           rho, s, bound, groups)
     return torch.ops.cifd_C.entropy_bottleneck_bwd(
         *raw_bwd_tensors(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood),
-        _pack.MODES[mode], seed, offset, rho, s, bound, deterministic)
+        _pack.MODES[mode], seed, offset, rho, s, bound, deterministic, groups)
 
 
 _bwd_op = torch.library.custom_op("cifd::entropy_bottleneck_bwd", mutates_args=())(_bwd_impl)
 
 
-@_bwd_op.register_fake
-def _(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset, rho, s, bound,
-      deterministic, backend):
+def _fake_bwd(y, packed, *rest):
     return torch.empty_like(y), packed.new_empty((_pack.NUM_GRAD, packed.shape[1]))
+
+
+_bwd_op.register_fake(_fake_bwd)
 
 
 def _saves_y_hat(mode: str, rho: float, s: float, dtype: torch.dtype) -> bool:
@@ -140,30 +156,28 @@ def _saved_input(y: torch.Tensor, y_hat: torch.Tensor, mode: str, rho: float, s:
 
 
 def _setup_context(ctx, inputs, output):
-    y, packed, medians, mode, seed, offset, rho, s, bound, need_lik, deterministic, backend = inputs
+    # inputs: (y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood) then
+    # (deterministic, backend, groups) for cifd::entropy_bottleneck, (groups,) for the triton_op
+    y, packed, medians, mode, seed, offset, rho, s, bound, need_lik = inputs[:10]
     saved, bwd_mode = _saved_input(y, output[0], mode, rho, s)
     ctx.save_for_backward(saved, packed, medians)
-    ctx.args = (bwd_mode, seed, offset, rho, s, bound, deterministic, backend)
+    ctx.args = (bwd_mode, seed, offset, rho, s, bound) + tuple(inputs[10:])
     ctx.need_lik = need_lik
 
 
 def _backward_via(bwd):
     """The backward formula over ``bwd``: the backward op (registered autograd,
-    seen by tracing) or its implementation (the eager Function)."""
+    seen by tracing), its implementation (the eager Function) or the Triton
+    backward op (the triton_op)."""
     def backward(ctx, g_y_hat, g_rate, g_lik):
         y, packed, medians = ctx.saved_tensors
-        mode, seed, offset, rho, s, bound, deterministic, backend = ctx.args
-        grad_y, gp = bwd(y, packed, medians, g_y_hat, g_rate, g_lik if ctx.need_lik else None,
-                         mode, seed, offset, rho, s, bound, deterministic, backend)
+        grad_y, gp = bwd(y, packed, medians, g_y_hat, g_rate, g_lik if ctx.need_lik else None, *ctx.args)
         g_med = gp[_pack.MEDIAN_ROW] if medians is not None else None
-        return (grad_y, gp[:_pack.NUM_PACKED], g_med) + (None,) * 9
+        return (grad_y, gp[:_pack.NUM_PACKED], g_med) + (None,) * (1 + len(ctx.args))  # need_lik, args
     return backward
 
 
-_backward = _backward_via(_bwd_op)
-
-
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_fwd_op.register_autograd(_backward_via(_bwd_op), setup_context=_setup_context)
 _EagerFunction = _eager.autograd_function("EntropyBottleneckFunction", _fwd_impl, _setup_context,
                                          _backward_via(_bwd_impl))
 
@@ -176,58 +190,35 @@ _EagerFunction = _eager.autograd_function("EntropyBottleneckFunction", _fwd_impl
 # inside torch.compile they need a GPU: fake tensors have no data to interpret.)
 @torch.library.triton_op("cifd::entropy_bottleneck_triton", mutates_args=())
 def _fwd_triton(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor], mode: str,
-                seed: int, offset: int, rho: float, s: float, bound: float, need_likelihood: bool
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y_hat, rate, lik = _triton().entropy_bottleneck_fwd(
-        y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, True)
-    if lik is None:
-        lik = y.new_empty((0,), dtype=torch.float32)
-    return y_hat, rate, lik
+                seed: int, offset: int, rho: float, s: float, bound: float, need_likelihood: bool,
+                groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _triton_fwd(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, groups)
 
 
 @torch.library.triton_op("cifd::entropy_bottleneck_triton_bwd", mutates_args=())
 def _bwd_triton(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor],
                 grad_y_hat: Optional[torch.Tensor], grad_rate: Optional[torch.Tensor],
                 grad_likelihood: Optional[torch.Tensor], mode: str, seed: int, offset: int, rho: float,
-                s: float, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
-    grad_y, gp, gmed = _triton().entropy_bottleneck_bwd(
-        y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset, rho, s, bound,
-        True)
-    row = gmed if gmed is not None else gp.new_zeros(gp.shape[1])
-    return grad_y, torch.cat([gp, row[None]], 0)
+                s: float, bound: float, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _triton_bwd(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset,
+                       rho, s, bound, groups)
 
 
-def _setup_triton(ctx, inputs, output):
-    y, packed, medians, mode, seed, offset, rho, s, bound, need_lik = inputs
-    saved, bwd_mode = _saved_input(y, output[0], mode, rho, s)
-    ctx.save_for_backward(saved, packed, medians)
-    ctx.args = (bwd_mode, seed, offset, rho, s, bound)
-    ctx.need_lik = need_lik
+_fwd_triton.register_autograd(_backward_via(_bwd_triton), setup_context=_setup_context)
 
 
-def _backward_triton(ctx, g_y_hat, g_rate, g_lik):
-    y, packed, medians = ctx.saved_tensors
-    grad_y, gp = _bwd_triton(y, packed, medians, g_y_hat, g_rate, g_lik if ctx.need_lik else None,
-                             *ctx.args)
-    g_med = gp[_pack.MEDIAN_ROW] if medians is not None else None
-    return (grad_y, gp[:_pack.NUM_PACKED], g_med) + (None,) * 7
-
-
-_fwd_triton.register_autograd(_backward_triton, setup_context=_setup_triton)
-
-
-def run_fused(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor], mode: str, seed: int,
-              offset: int, rho: float, s: float, bound: float, need_likelihood: bool, deterministic: bool,
-              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _run_fused(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor], mode: str, seed: int,
+               offset: int, rho: float, s: float, bound: float, need_likelihood: bool, deterministic: bool,
+               backend: str, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused op on a resolved kernel backend: ``(y_hat, rate, likelihood or empty)``.
-    Checked arguments only (the public functional and the RDM bank call this)."""
+    Checked arguments only."""
     if not _eager.via_ops(y):  # eager: the same impl and backward, without custom-op dispatch
         return _EagerFunction.apply(y, packed, medians, mode, seed, offset, rho, s, bound,
-                                    need_likelihood, deterministic, backend)
+                                    need_likelihood, deterministic, backend, groups)
     if backend == "triton":
-        return _fwd_triton(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood)
+        return _fwd_triton(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, groups)
     return _fwd_op(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, deterministic,
-                   backend)
+                   backend, groups)
 
 
 # ----------------------------------------------------------------------------- public functional
@@ -264,7 +255,8 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
                        factors: Sequence[torch.Tensor], medians: Optional[torch.Tensor] = None,
                        mode: str = "noise", seed: int = 0, offset: int = 0, rho: float = 0.0,
                        s: float = 1.0, bound: float = 1e-9, need_likelihood: bool = False,
-                       deterministic: bool = False, backend: Optional[str] = None) -> EntropyBottleneckOutput:
+                       deterministic: bool = False, backend: Optional[str] = None,
+                       groups: Optional[int] = None) -> EntropyBottleneckOutput:
     """Fused factorized entropy bottleneck.
 
     Args:
@@ -285,11 +277,17 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
         need_likelihood: also return per-element likelihoods.
         deterministic: kernels reduce parameter gradients without float atomics.
         backend: ``auto|cuda|triton|cpu|reference`` (default ``$CIFD_BACKEND``/auto).
+        groups: G independent problems in one call (the RDM bank's N latents): y
+            [G, N, C/G, *spatial], group g the problem ``y[g]`` on channels
+            ``g C/G .. (g + 1) C/G - 1`` of the density (medians alike), every element
+            at Philox counter ``offset`` + its flat index in y: the bits of G calls on
+            the groups with offsets ``offset + g y[g].numel()``. Rate [G, N]. The
+            ``triton`` kernels take groups without spatial dims (y [G, N, C/G]).
 
     Returns:
         ``EntropyBottleneckOutput(y_hat, rate, likelihood)``: y_hat in y's dtype and
-        shape; rate [N] float32 in nats (-sum of ln p over kept elements; bits = / ln 2);
-        likelihood float32 in y's shape, or None.
+        shape; rate [N] ([G, N] with groups) float32 in nats (-sum of ln p over kept
+        elements; bits = / ln 2); likelihood float32 in y's shape, or None.
     """
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
@@ -298,12 +296,17 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
     # The reference's argument checks first, so that every backend rejects what it rejects
     # with the same exception (a wrong dtype or device is not a missing backend).
     C = _ref.check_params(matrices, biases, factors)
-    _ref.check_activation("y", y, C, matrices[0].device)
+    if groups is None:
+        _ref.check_activation("y", y, C, matrices[0].device)
+    else:
+        _check_groups(y, groups, C, matrices[0].device)
     _ref_ibm.check_rho_s(rho, s)
     if mode != "noise":  # seed and offset are unused there, as in the reference
         seed, offset = 0, 0
 
     def why_not(be: str) -> Optional[str]:
+        if groups is not None and be == "triton" and y.dim() > 3:
+            return f"groups with y [G, N, C] (no spatial dims), got shape {tuple(y.shape)}"
         if _kernel_ok(y, matrices, be):
             return None
         dtypes = "float32/float16/bfloat16" + (" (or float64 y)" if be == "cpu" else "")
@@ -314,6 +317,9 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
     if be == "cuda" and _auto_prefers_triton(y.numel(), backend) and why_not("triton") is None:
         be = "triton"
     if be == "reference":
+        if groups is not None:
+            return _reference_groups(y, matrices, biases, factors, medians, mode, seed, offset, rho, s,
+                                     bound, need_likelihood, groups)
         return _reference(y, matrices, biases, factors, medians, mode, seed, offset, rho, s, bound,
                           need_likelihood)
     cdt = torch.float64 if y.dtype == torch.float64 else torch.float32  # the kernels' compute dtype
@@ -328,18 +334,19 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
         y_hat, rate, lik = _fused_op()(
             y.contiguous(), _pack._flat(matrices, biases, factors), med, _pack.MODES[mode], seed, offset,
             float(rho), float(s), float(bound), bool(need_likelihood), bool(deterministic),
-            _saves_y_hat(mode, rho, s, y.dtype))
+            _saves_y_hat(mode, rho, s, y.dtype), int(groups or 0))
         return EntropyBottleneckOutput(y_hat, rate, lik if need_likelihood else None)
     packed = _pack.pack_density(matrices, biases, factors, dtype=cdt)
-    y_hat, rate, lik = run_fused(y.contiguous(), packed, med, mode, seed, offset, float(rho), float(s),
-                                 float(bound), bool(need_likelihood), bool(deterministic), be)
+    y_hat, rate, lik = _run_fused(y.contiguous(), packed, med, mode, seed, offset, float(rho), float(s),
+                                  float(bound), bool(need_likelihood), bool(deterministic), be,
+                                  int(groups or 0))
     return EntropyBottleneckOutput(y_hat, rate, lik if need_likelihood else None)
 
 
 # Eager calls on the "cpu" backend take cifd_C::entropy_bottleneck_fused
 # (python/entropy_bottleneck_fused.cpp): density packing, the kernels and both backward steps in one
 # op whose autograd is C++, the same ops and bits as the two Python autograd.Functions
-# (pack_density + run_fused), without their host time. On "cuda" only with the
+# (pack_density + _run_fused), without their host time. On "cuda" only with the
 # fused_cuda kernel option (backend.KernelOptions).
 
 
@@ -357,6 +364,32 @@ def _fused_op():
 def _ref_check_seed(seed, offset, numel):
     from ..reference.philox import check_seed_offset
     check_seed_offset(seed, offset, numel)
+
+
+def _check_groups(y, groups, C: int, device) -> None:
+    """``groups`` a positive int and ``y`` [groups, N, C / groups, *spatial] on ``device``."""
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if y.dim() < 3 or y.shape[0] != groups or y.shape[2] * groups != C:
+        raise ValueError(f"y must be [groups, N, C / groups, *spatial] = [{groups}, N, {C / groups:g}, "
+                         f"...] for groups={groups} and C={C} channels, got shape {tuple(y.shape)}")
+    _ref.check_activation("y[0]", y[0], C // groups, device)
+
+
+def _reference_groups(y, matrices, biases, factors, medians, mode, seed, offset, rho, s, bound, need_lik,
+                      groups):
+    """The reference on each group: its channel slice of the density, its counters."""
+    C, cg, per = y.shape[2] * groups, y.shape[2], y[0].numel()
+    if mode == "dequantize" and (medians is None or tuple(medians.shape) != (C,)):
+        raise ValueError(f'mode="dequantize" needs medians of shape [{C}]')  # as the kernels' check
+    outs = []
+    for g in range(groups):
+        ch = slice(g * cg, (g + 1) * cg)
+        outs.append(_reference(y[g], [m[ch] for m in matrices], [b[ch] for b in biases],
+                               [f[ch] for f in factors], medians[ch] if medians is not None else None,
+                               mode, seed, offset + g * per if mode == "noise" else offset, rho, s, bound,
+                               need_lik))
+    return EntropyBottleneckOutput(*(torch.stack(t) if t[0] is not None else None for t in zip(*outs)))
 
 
 def _reference(y, matrices, biases, factors, medians, mode, seed, offset, rho, s, bound, need_lik):

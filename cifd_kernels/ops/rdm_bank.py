@@ -34,10 +34,11 @@ Backends (``cifd::`` ops underneath):
   (``cifd::rdm_linear``), the Triton entropy and loss kernels.
 
 The bank's entropy model is one density over N*L channels and the noise of RDM n,
-sample b, latent l is Philox counter ``offset + n*B*L + b*L + l``: the rate kernel
-runs once per RDM on the contiguous ``[B, L]`` block of the ``[N, B, L]`` latent,
-with the channel slice ``n*L .. n*L + L - 1`` of the packed density and offset
-``offset + n*B*L``, which is exactly that counter layout.
+sample b, latent l is Philox counter ``offset + n*B*L + b*L + l``: the channel is
+one call of :func:`cifd_kernels.ops.entropy_bottleneck` with ``groups=N`` on the
+``[N, B, L]`` latent, group n being RDM n's ``[B, L]`` block on the channel slice
+``n*L .. n*L + L - 1`` of the density at offset ``offset + n*B*L``: exactly that
+counter layout. The bank has no channel code of its own.
 
 The stage-1 losses of all N RDMs are one launch of the fused loss kernel: one
 pass over every RDM's logits and reconstruction that writes their gradients in the
@@ -55,7 +56,6 @@ host sync).
 """
 from __future__ import annotations
 
-import importlib
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
@@ -69,14 +69,8 @@ from ..reference.philox import check_seed_offset
 from . import _eager
 from . import density_pack as _pack
 from .entropy_bottleneck import OP as _EB_OP
-from .entropy_bottleneck import _saved_input as _eb_saved_input
-from .entropy_bottleneck import raw_bwd_tensors as _eb_raw_bwd
-from .entropy_bottleneck import raw_fwd_tensors as _eb_raw_fwd
-from .entropy_bottleneck import run_fused as _eb_run_fused
+from .entropy_bottleneck import entropy_bottleneck as _entropy_bottleneck
 from .cifd_loss import grouped_loss as _grouped_loss
-
-# The module (``from . import entropy_bottleneck`` gives the function ops/__init__ exports).
-_eb_ops = importlib.import_module(".entropy_bottleneck", __package__)
 
 OP = "rdm_bank"
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -268,39 +262,12 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
         x_hat = rdm_linear(h3, p["dec2.weight"], p["dec2.bias"], "none", backend=lin_be)
         return _ref.RDMBankOutput(z, z_hat, x_hat, _head(p, x_hat, lin_be), None, None)
 
-    # Channel: the fused rate kernel on each RDM's [B, L] block (counter layout above).
-    if _eb_ops.use_fused(be, z):
-        # eager cpu (cuda with the fused_cuda kernel option): density pack, all N blocks and both
-        # backward steps in one op with C++ autograd (cifd_C::entropy_bottleneck_fused,
-        # groups = N): _GroupedChannel's bits
-        z_hat, rate, lik = _eb_ops._fused_op()(
-            z.contiguous(), _pack._flat(matrices, biases, factors), med, _pack.MODES[mode], seed, offset,
-            0.0, 1.0, float(likelihood_bound), bool(need_likelihood), True,
-            _eb_ops._saves_y_hat(mode, 0.0, 1.0, z.dtype), n)
-        return _decode(p, z, z_hat, act, lin_be, lik if need_likelihood else None, rate)
-    packed = _pack.pack_density(matrices, biases, factors)  # [58, N*L]
-    if not _eager.via_ops(z) and (be == "triton" or (
-            be in ("cpu", "cuda") and _backend.has_ext_op("entropy_bottleneck_fwd_groups"))):
-        # eager: all N blocks in one C++ call (one Triton launch) each way, one autograd node
-        z_hat, rate, lik = _GroupedChannel.apply(z, packed, med, mode, seed, offset,
-                                                 float(likelihood_bound), bool(need_likelihood),
-                                                 be == "triton")
-        return _decode(p, z, z_hat, act, lin_be, lik if need_likelihood else None, rate)
-    z_hats, rates, liks = [], [], []
-    # unbind's backward stacks the blocks' gradients in one op (slices would each
-    # zero-fill a full-size gradient and add them up)
-    zs = z.unbind(0)
-    packs = packed.view(packed.shape[0], n, l).unbind(1)  # RDM i's channels n*L + (0..L-1)
-    meds = med.view(n, l).unbind(0) if med is not None else [None] * n
-    for i in range(n):
-        y_hat, rate, lik = _eb_run_fused(
-            zs[i], packs[i].contiguous(), meds[i], mode, seed, offset + i * batch * l, 0.0, 1.0,
-            float(likelihood_bound), bool(need_likelihood), True, be)
-        z_hats.append(y_hat)
-        rates.append(rate)
-        liks.append(lik)
-    return _decode(p, z, torch.stack(z_hats), act, lin_be,
-                   torch.stack(liks) if need_likelihood else None, torch.stack(rates))
+    # Channel: the entropy op with groups = N, RDM n the [B, L] block n (counter layout above).
+    z_hat, rate, lik = _entropy_bottleneck(z, matrices, biases, factors, med, mode=mode, seed=seed,
+                                           offset=offset, bound=float(likelihood_bound),
+                                           need_likelihood=bool(need_likelihood), deterministic=True,
+                                           backend=be, groups=n)
+    return _decode(p, z, z_hat, act, lin_be, lik, rate)
 
 
 def _decode(p, z, z_hat, act, lin_be, lik, rate) -> _ref.RDMBankOutput:
@@ -316,47 +283,6 @@ def _head(p, x_hat, lin_be) -> torch.Tensor:
     if "head.weight" not in p:
         return x_hat.new_zeros((x_hat.shape[0], x_hat.shape[1], 0))
     return rdm_linear(x_hat, p["head.weight"], p["head.bias"], "none", backend=lin_be)
-
-
-class _GroupedChannel(torch.autograd.Function):
-    """The bank's channel in one call each way: ``cifd_C::entropy_bottleneck_{fwd,bwd}_groups``
-    on the C++ backends, or one launch of each Triton kernel with ``groups = N``
-    (``triton=True``), over the [N, B, L] latent (RDM n = group n: channels n*L .. n*L +
-    L - 1 of the packed density, Philox counters ``offset`` + the flat index, i.e. the
-    per-RDM calls' bits). The eager path only: under tracing the bank takes the per-RDM
-    ``cifd::entropy_bottleneck`` ops."""
-
-    @staticmethod
-    def forward(ctx, z, packed, med, mode, seed, offset, bound, need_likelihood, triton=False):
-        ctx.set_materialize_grads(False)
-        n = z.shape[0]
-        if triton:
-            z_hat, rate, lik = _eb_ops._triton().entropy_bottleneck_fwd(
-                z, packed, med, mode, seed, offset, 0.0, 1.0, bound, need_likelihood, True, groups=n)
-        else:
-            z_hat, rate, lik = torch.ops.cifd_C.entropy_bottleneck_fwd_groups(
-                *_eb_raw_fwd(z, packed, med), _pack.MODES[mode], seed, offset, 0.0, 1.0, bound,
-                need_likelihood, n)
-        # as the entropy op: in noise mode the density was evaluated at z_hat (fp32/fp64)
-        saved, bwd_mode = _eb_saved_input(z, z_hat, mode, 0.0, 1.0)
-        ctx.save_for_backward(saved, packed, med)
-        ctx.args = (bwd_mode, seed, offset, bound, n, need_likelihood, triton)
-        return z_hat, rate, lik
-
-    @staticmethod
-    def backward(ctx, g_zhat, g_rate, g_lik):
-        y, packed, med = ctx.saved_tensors
-        mode, seed, offset, bound, n, need_lik, triton = ctx.args
-        if triton:
-            grad_z, gp, g_med = _eb_ops._triton().entropy_bottleneck_bwd(
-                y, packed, med, g_zhat, g_rate, g_lik if need_lik else None, mode, seed, offset,
-                0.0, 1.0, bound, True, groups=n)
-            return grad_z, gp, g_med, None, None, None, None, None, None
-        grad_z, gp = torch.ops.cifd_C.entropy_bottleneck_bwd_groups(
-            *_eb_raw_bwd(y, packed, med, g_zhat, g_rate, g_lik if need_lik else None),
-            _pack.MODES[mode], seed, offset, 0.0, 1.0, bound, True, n)
-        g_med = gp[_pack.MEDIAN_ROW] if med is not None else None
-        return grad_z, gp[:_pack.NUM_PACKED], g_med, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- the stage-1 loss
