@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..reference import ibm as _ref_ibm
+from ..reference import _checks
 from ..ops.ibm import ibm as _ibm_op
 from ..reference.philox import draw_seed
 from .entropy_bottleneck import FactorizedDensity
@@ -44,7 +44,7 @@ class IBM(FactorizedDensity):
     def __init__(self, channels: int, rho: float = 0.0, s: float = 1.0, filters: Sequence[int] = (3, 3, 3, 3),
                  init_scale: float = 10.0, tail_mass: float = 1e-9, likelihood_bound: float = 1e-9,
                  backend: Optional[str] = None, deterministic: bool = False):
-        _ref_ibm.check_rho_s(rho, s)
+        _checks.check_rho_s(rho, s)
         super().__init__(channels, filters, init_scale, tail_mass, likelihood_bound, backend,
                          deterministic=deterministic)
         self.rho = float(rho)

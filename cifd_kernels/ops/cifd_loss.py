@@ -36,6 +36,7 @@ import torch
 
 from .. import backend as _backend
 from . import _eager
+from ..reference import _checks
 from ..reference import cifd_loss as _ref
 from ..reference.philox import check_seed_offset
 
@@ -208,7 +209,7 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
         ``loss``. On the kernel backends the terms other than ``loss`` and ``rate`` are
         detached (values only): differentiate ``loss``.
     """
-    _ref.check_tensor("student_logits", student_logits, ndim=2)
+    _checks.check_tensor("student_logits", student_logits, ndim=2)
     be = _backend.resolve_kernel(OP, backend, student_logits.device,
                                  _why_not(lam, (student_logits, student_emb), (target_logits, target_embs)))
     kwargs = dict(tau=tau, p_drop=p_drop, seed=seed, offset=offset, lam_ce=lam_ce, lam_kl=lam_kl,
@@ -218,19 +219,19 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
                               **kwargs)
 
     # The reference's checks, on metadata only.
-    _ref.check_tensor("target_logits", target_logits, ndim=3)
-    _ref.check_tensor("labels", labels, ndim=1, integer=True)
+    _checks.check_tensor("target_logits", target_logits, ndim=3)
+    _checks.check_tensor("labels", labels, ndim=1, integer=True)
     _ref.check_tau(tau)
     _ref.check_prob(p_drop)
     _ref.check_dist(dist)
     _ref.check_weights("cifd_loss", lam_ce=lam_ce, lam_kl=lam_kl, w_emb=w_emb, lam_I=lam_I)
     ref = student_logits
-    _ref.check_same_device("student_logits", ref, target_logits=target_logits, labels=labels)
+    _checks.check_same_device("student_logits", ref, target_logits=target_logits, labels=labels)
     batch, k = student_logits.shape
     m = target_logits.shape[0]
-    _ref.check_dim("target_logits", target_logits.shape[1], batch, "the batch size B")
-    _ref.check_dim("target_logits", target_logits.shape[2], k, "the class count K")
-    _ref.check_dim("labels", labels.shape[0], batch, "the batch size B")
+    _checks.check_dim("target_logits", target_logits.shape[1], batch, "the batch size B")
+    _checks.check_dim("target_logits", target_logits.shape[2], k, "the class count K")
+    _checks.check_dim("labels", labels.shape[0], batch, "the batch size B")
     if m == 0:
         raise ValueError("target_logits has M = 0 targets; the teacher comes first")
     if (student_emb is None) != (target_embs is None):
@@ -238,7 +239,7 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
     if student_emb is not None:
         _ref._check_embeddings(student_emb, target_embs, m, batch, "student_logits", ref)
     _ref._check_rate(ibm_rate, batch, "student_logits", ref)
-    _ref.check_nonempty("student_logits", batch)
+    _checks.check_nonempty("student_logits", batch)
     check_seed_offset(seed, offset, m)
 
     lam_t = _ref._check_lam(lam, m, ref.device, torch.float32).detach()
@@ -343,7 +344,7 @@ def cifd_embedding_loss(student_emb: torch.Tensor, target_embs: torch.Tensor,
     every label ignored, ``lam_ce = lam_kl = 0``). InfoNCE (a [B, B] similarity GEMM on
     L2-normalised embeddings) and the rate are plain torch and differentiable. On the
     kernel paths ``emb`` is detached (values only)."""
-    _ref.check_tensor("student_emb", student_emb, ndim=2)
+    _checks.check_tensor("student_emb", student_emb, ndim=2)
 
     be = _backend.resolve_kernel(OP, backend, student_emb.device,
                                  _why_not(lam, (student_emb,), (target_embs,)))
@@ -352,7 +353,7 @@ def cifd_embedding_loss(student_emb: torch.Tensor, target_embs: torch.Tensor,
     if be == "reference":
         return _ref.cifd_embedding_loss(student_emb, target_embs, contrast_emb, lam, **kw)
     # The reference's checks, on metadata only (InfoNCE's below, in the reference function).
-    _ref.check_tensor("target_embs", target_embs, ndim=3)
+    _checks.check_tensor("target_embs", target_embs, ndim=3)
     _ref.check_prob(p_drop)
     _ref.check_dist(dist)
     batch, m = student_emb.shape[0], target_embs.shape[0]
@@ -364,7 +365,7 @@ def cifd_embedding_loss(student_emb: torch.Tensor, target_embs: torch.Tensor,
         raise ValueError("contrast_emb is required when lam_cl != 0 (the embeddings "
                          "InfoNCE pairs student_emb with)")
     _ref._check_embeddings(student_emb, target_embs, m, batch, "student_emb", ref)
-    _ref.check_nonempty("student_emb", batch)
+    _checks.check_nonempty("student_emb", batch)
     check_seed_offset(seed, offset, m)
 
     lam_t = _ref._check_lam(lam, m, ref.device, torch.float32).detach()

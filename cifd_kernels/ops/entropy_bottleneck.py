@@ -28,8 +28,10 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from .. import backend as _backend
+from ..reference import _checks
 from ..reference import entropy_bottleneck as _ref
 from ..reference import ibm as _ref_ibm
+from ..reference.philox import check_seed_offset
 from . import _eager
 from . import density_pack as _pack
 
@@ -300,7 +302,7 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
         _ref.check_activation("y", y, C, matrices[0].device)
     else:
         _check_groups(y, groups, C, matrices[0].device)
-    _ref_ibm.check_rho_s(rho, s)
+    _checks.check_rho_s(rho, s)
     if mode != "noise":  # seed and offset are unused there, as in the reference
         seed, offset = 0, 0
 
@@ -329,7 +331,7 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
         med = medians.to(cdt).contiguous()
     else:
         med = None
-    _ref_check_seed(seed, offset, y.numel())
+    check_seed_offset(seed, offset, y.numel())
     if use_fused(be, y):
         y_hat, rate, lik = _fused_op()(
             y.contiguous(), _pack._flat(matrices, biases, factors), med, _pack.MODES[mode], seed, offset,
@@ -359,11 +361,6 @@ def use_fused(be: str, t: torch.Tensor) -> bool:
 def _fused_op():
     """``torch.ops.cifd_C.entropy_bottleneck_fused``, or None for a ``_C`` without it."""
     return torch.ops.cifd_C.entropy_bottleneck_fused if _backend.has_ext_op("entropy_bottleneck_fused") else None
-
-
-def _ref_check_seed(seed, offset, numel):
-    from ..reference.philox import check_seed_offset
-    check_seed_offset(seed, offset, numel)
 
 
 def _check_groups(y, groups, C: int, device) -> None:

@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backend as _backend
+from ..reference import _checks
 from ..reference import cifd_loss as _ref_loss
 from ..reference import entropy_bottleneck as _ref_eb
 from ..reference import rdm as _ref
@@ -162,16 +163,16 @@ def rdm_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, act: s
     if act not in _ACT_CODES:
         raise ValueError(f"act must be one of {tuple(_ACT_CODES)}, got {act!r}")
     for name, t, nd in (("x", x, None), ("weight", weight, 3), ("bias", bias, 2)):
-        _ref_loss.check_tensor(name, t, ndim=nd)
+        _checks.check_tensor(name, t, ndim=nd)
     if x.dim() not in (2, 3):
         raise ValueError(f"x must be [B, I] or [N, B, I], got shape {tuple(x.shape)}")
     n, o, i = weight.shape
-    _ref_loss.check_dim("x", x.shape[-1], i, "the weight's input width")
+    _checks.check_dim("x", x.shape[-1], i, "the weight's input width")
     if x.dim() == 3:
-        _ref_loss.check_dim("x", x.shape[0], n, "the block count N")
-    _ref_loss.check_dim("bias", bias.shape[0], n, "the block count N")
-    _ref_loss.check_dim("bias", bias.shape[1], o, "the weight's output width")
-    _ref_loss.check_same_device("x", x, weight=weight, bias=bias)
+        _checks.check_dim("x", x.shape[0], n, "the block count N")
+    _checks.check_dim("bias", bias.shape[0], n, "the block count N")
+    _checks.check_dim("bias", bias.shape[1], o, "the weight's output width")
+    _checks.check_same_device("x", x, weight=weight, bias=bias)
     if not (x.dtype == weight.dtype == bias.dtype):
         raise ValueError(f"x, weight and bias must share a dtype, got {x.dtype}, {weight.dtype}, "
                          f"{bias.dtype}")
@@ -219,10 +220,10 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
         raise ValueError(f"act must be one of {_ref.ACTIVATIONS}, got {act!r}")
     if mode not in _ref.MODES:
         raise ValueError(f"mode must be one of {_ref.MODES}, got {mode!r}")
-    _ref_loss.check_tensor("x", x, ndim=2)
+    _checks.check_tensor("x", x, ndim=2)
     n, d, h, l, k = _ref.bank_sizes(params)
     _ref_eb.check_params(matrices, biases, factors)
-    _ref_loss.check_same_device("x", x, **{"params['enc1.weight']": params["enc1.weight"],
+    _checks.check_same_device("x", x, **{"params['enc1.weight']": params["enc1.weight"],
                                            "matrices[0]": matrices[0]})
     be = _backend.resolve_kernel(OP, backend, x.device, lambda _: _kernel_why(x, params, matrices))
     if be == "reference":
@@ -232,14 +233,14 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
             return out._replace(likelihoods=None, rate=None)
         return out if need_likelihood else out._replace(likelihoods=None)
 
-    _ref_loss.check_dim("x", x.shape[1], d, "the embedding dim D")
-    _ref_loss.check_dim("matrices[0]", matrices[0].shape[0], n * l, "the channel count N*L")
+    _checks.check_dim("x", x.shape[1], d, "the embedding dim D")
+    _checks.check_dim("matrices[0]", matrices[0].shape[0], n * l, "the channel count N*L")
     batch = x.shape[0]
     if mode == "dequantize":
         if medians is None:
             raise ValueError("mode='dequantize' needs medians [N * L]")
-        _ref_loss.check_tensor("medians", medians, ndim=1)
-        _ref_loss.check_dim("medians", medians.shape[0], n * l, "the channel count N*L")
+        _checks.check_tensor("medians", medians, ndim=1)
+        _checks.check_dim("medians", medians.shape[0], n * l, "the channel count N*L")
         med = medians.float()
     else:
         med = None
@@ -305,8 +306,8 @@ def rdm_bank_loss(x: torch.Tensor, x_hat: torch.Tensor, logits: torch.Tensor, ra
     same kernel with the logit part off (module docstring); ``labels`` and
     ``teacher_logits`` must be None, on every backend (the reference's check and
     message, before a backend is chosen)."""
-    _ref_loss.check_tensor("x_hat", x_hat, ndim=3)
-    _ref_loss.check_tensor("logits", logits, ndim=3)
+    _checks.check_tensor("x_hat", x_hat, ndim=3)
+    _checks.check_tensor("logits", logits, ndim=3)
     _ref.check_headless(logits.shape[2], labels, teacher_logits, "rdm_bank_loss: the bank")
     why = None
     if isinstance(R, torch.Tensor):
@@ -327,26 +328,26 @@ def rdm_bank_loss(x: torch.Tensor, x_hat: torch.Tensor, logits: torch.Tensor, ra
     if not isinstance(R, torch.Tensor):
         from ..reference.rdm import check_R
         check_R(R, where="rdm_bank_loss")
-    _ref_loss.check_tensor("x", x, ndim=2)
-    _ref_loss.check_tensor("rate", rate, ndim=2)
+    _checks.check_tensor("x", x, ndim=2)
+    _checks.check_tensor("rate", rate, ndim=2)
     n, batch, d = x_hat.shape
     k = logits.shape[2]
-    _ref_loss.check_same_device("x", x, x_hat=x_hat, logits=logits, rate=rate, labels=labels,
+    _checks.check_same_device("x", x, x_hat=x_hat, logits=logits, rate=rate, labels=labels,
                                 teacher_logits=teacher_logits)
-    _ref_loss.check_dim("x", x.shape[0], batch, "the batch size B")
-    _ref_loss.check_dim("x", x.shape[1], d, "the embedding dim D")
-    _ref_loss.check_dim("logits", logits.shape[0], n, "the RDM count N")
-    _ref_loss.check_dim("logits", logits.shape[1], batch, "the batch size B")
-    _ref_loss.check_dim("rate", rate.shape[0], n, "the RDM count N")
-    _ref_loss.check_dim("rate", rate.shape[1], batch, "the batch size B")
+    _checks.check_dim("x", x.shape[0], batch, "the batch size B")
+    _checks.check_dim("x", x.shape[1], d, "the embedding dim D")
+    _checks.check_dim("logits", logits.shape[0], n, "the RDM count N")
+    _checks.check_dim("logits", logits.shape[1], batch, "the batch size B")
+    _checks.check_dim("rate", rate.shape[0], n, "the RDM count N")
+    _checks.check_dim("rate", rate.shape[1], batch, "the batch size B")
     if labels is not None:
-        _ref_loss.check_tensor("labels", labels, ndim=1, integer=True)
-        _ref_loss.check_dim("labels", labels.shape[0], batch, "the batch size B")
+        _checks.check_tensor("labels", labels, ndim=1, integer=True)
+        _checks.check_dim("labels", labels.shape[0], batch, "the batch size B")
     if teacher_logits is not None:
-        _ref_loss.check_tensor("teacher_logits", teacher_logits, ndim=2)
-        _ref_loss.check_dim("teacher_logits", teacher_logits.shape[0], batch, "the batch size B")
-        _ref_loss.check_dim("teacher_logits", teacher_logits.shape[1], k, "the class count K")
-    _ref_loss.check_nonempty("x", batch)
+        _checks.check_tensor("teacher_logits", teacher_logits, ndim=2)
+        _checks.check_dim("teacher_logits", teacher_logits.shape[0], batch, "the batch size B")
+        _checks.check_dim("teacher_logits", teacher_logits.shape[1], k, "the class count K")
+    _checks.check_nonempty("x", batch)
     if isinstance(R, (int, float)) and not isinstance(R, bool):
         R = [R]
     R = [float(r) for r in R]

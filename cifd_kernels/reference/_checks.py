@@ -15,6 +15,11 @@ and numpy scalars are. Each validator returns the value converted (``float`` /
 They read Python values only: a tensor-valued argument (``R`` or ``lam`` as a
 tensor) is shape-checked by its caller, never value-checked, since that would
 need a host sync.
+
+The tensor checks at the end (``check_tensor``, ``check_same_device``,
+``check_dim``, ``check_nonempty``) read metadata only (type, dtype, shape,
+device): every layer (reference, ops, modules) checks its tensors with them, so
+a bad argument gets the same message on every backend.
 """
 from __future__ import annotations
 
@@ -22,9 +27,12 @@ import math
 import numbers
 from typing import Any, Optional, Sequence
 
+import torch
+
 __all__ = [
     "check_real", "check_finite", "check_finite_nonneg", "check_positive", "check_prob",
-    "check_int", "check_length", "check_sequence", "check_choice",
+    "check_int", "check_length", "check_sequence", "check_choice", "check_rho_s",
+    "check_tensor", "check_same_device", "check_dim", "check_nonempty",
 ]
 
 
@@ -123,3 +131,43 @@ def check_choice(name: str, v: Any, choices: Sequence[str], where: Optional[str]
     if v not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {v!r}{_at(where)}")
     return v
+
+
+def check_rho_s(rho, s) -> None:
+    for name, v in (("rho", rho), ("s", s)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{name} must be a Python float, got {type(v).__name__}")
+    if not 0.0 <= float(rho) <= 1.0:
+        raise ValueError(f"rho (drop probability) must be in [0, 1], got {rho}")
+    if not 0.0 < float(s) < float("inf"):
+        raise ValueError(f"s (noise scale) must be finite and > 0, got {s}")
+
+
+# ----------------------------------------------------------------------------- tensors
+def check_tensor(name: str, t, ndim: Optional[int] = None, floating: bool = True,
+                 integer: bool = False) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if integer:
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor (class indices), got {t.dtype}")
+    elif floating and not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+
+
+def check_same_device(ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def check_dim(name: str, size: int, expected: int, what: str) -> None:
+    if size != expected:
+        raise ValueError(f"{name}: {what} is {size}, expected {expected}")
+
+
+def check_nonempty(name: str, batch: int) -> None:
+    if batch == 0:
+        raise ValueError(f"{name} is an empty batch (B = 0): the batch-mean loss is undefined")

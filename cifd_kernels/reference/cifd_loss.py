@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks
+from ._checks import check_dim, check_nonempty, check_same_device, check_tensor
 from .philox import philox_keep_mask
 
 DISTORTIONS = ("mse", "smooth_l1")
@@ -52,7 +53,7 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- checks
-# Shared by reference/rdm.py and the modules. They read metadata only (no sync).
+# The losses' hyperparameters (the tensor checks are in ._checks). Metadata only (no sync).
 
 def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
     """float64 if any input is float64, else float32: the dtype the math runs in."""
@@ -60,30 +61,6 @@ def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
         if t is not None and t.dtype == torch.float64:
             return torch.float64
     return torch.float32
-
-
-def check_tensor(name: str, t, ndim: Optional[int] = None, floating: bool = True,
-                 integer: bool = False) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if integer:
-        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer tensor (class indices), got {t.dtype}")
-    elif floating and not t.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
-
-
-def check_same_device(ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
-    for name, t in others.items():
-        if t is not None and t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
-
-
-def check_dim(name: str, size: int, expected: int, what: str) -> None:
-    if size != expected:
-        raise ValueError(f"{name}: {what} is {size}, expected {expected}")
 
 
 def check_tau(tau: float, name: str = "tau", where: Optional[str] = None) -> float:
@@ -125,11 +102,6 @@ def check_embedding_loss_hparams(where: Optional[str] = None, *, p_drop: float, 
     check_dist(dist, where)
     check_tau(temperature, "temperature", where)
     check_weights(where, **weights)
-
-
-def check_nonempty(name: str, batch: int) -> None:
-    if batch == 0:
-        raise ValueError(f"{name} is an empty batch (B = 0): the batch-mean loss is undefined")
 
 
 def _up(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -28,17 +28,8 @@ import torch
 
 from .entropy_bottleneck import (_from_channel_rows, _likelihood_rows, _to_channel_rows, check_activation,
                                  check_params, compute_dtype)
+from ._checks import check_rho_s
 from .philox import philox_words, uint_to_uniform
-
-
-def check_rho_s(rho, s) -> None:
-    for name, v in (("rho", rho), ("s", s)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"{name} must be a Python float, got {type(v).__name__}")
-    if not 0.0 <= float(rho) <= 1.0:
-        raise ValueError(f"rho (drop probability) must be in [0, 1], got {rho}")
-    if not 0.0 < float(s) < float("inf"):
-        raise ValueError(f"s (noise scale) must be finite and > 0, got {s}")
 
 
 def ibm(w: torch.Tensor, matrices: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],

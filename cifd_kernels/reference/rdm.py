@@ -64,9 +64,8 @@ import torch.nn.functional as F
 
 from . import _checks
 from . import entropy_bottleneck as _eb
-from .cifd_loss import (_up, check_dim, check_dist, check_nonempty, check_same_device,
-                        check_tau, check_tensor, check_weights, compute_dtype, cross_entropy,
-                        distortion, kl_tau)
+from ._checks import check_dim, check_nonempty, check_same_device, check_tensor
+from .cifd_loss import _up, check_dist, check_tau, check_weights, compute_dtype, cross_entropy, distortion, kl_tau
 from .philox import philox_noise
 
 ACTIVATIONS = ("relu", "gelu")
