@@ -167,3 +167,30 @@ def test_layout_constants_match_the_cpp_header():
     cpp = {k: int(re.search(rf"constexpr int {k} = (\d+);", text).group(1)) for k in ("kNumPacked", "kNumGrad")}
     assert cpp == {"kNumPacked": _layout.NUM_PACKED, "kNumGrad": _layout.NUM_GRAD}
     assert _layout.MEDIAN_ROW == _layout.NUM_PACKED and _layout.MODES == {"noise": 0, "dequantize": 1, "none": 2}
+
+
+ARG_CHECKS = {"check_tensor", "check_same_device", "check_dim", "check_nonempty", "check_rho_s"}
+
+
+def _defined_and_imported(path: Path) -> tuple[set[str], set[tuple[str, str]]]:
+    """Top-level function names ``path`` defines, and (module, name) pairs of its
+    ``from X import name``."""
+    tree = ast.parse(path.read_text())
+    defs = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    froms = {(n.module or "", a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+             for a in n.names}
+    return defs, froms
+
+
+def test_argument_checks_live_in_one_module():
+    """The tensor checks and check_rho_s are defined in reference/_checks.py only, and
+    nobody imports them from another module (which would re-export them)."""
+    owner = ROOT / "reference" / "_checks.py"
+    assert ARG_CHECKS <= _defined_and_imported(owner)[0]
+    for path in ROOT.rglob("*.py"):
+        if path == owner:
+            continue
+        defs, froms = _defined_and_imported(path)
+        assert not defs & ARG_CHECKS, f"{path.relative_to(ROOT)} defines {defs & ARG_CHECKS}"
+        bad = {(m, n) for m, n in froms if n in ARG_CHECKS and not m.endswith("_checks")}
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad} from outside _checks"
