@@ -217,12 +217,16 @@ def test_opcheck(be, device):
     y = torch.randn(5, 3, device=device, requires_grad=True)
     for mode, m in (("noise", None), ("dequantize", med.detach().float())):
         torch.library.opcheck(torch.ops.cifd.entropy_bottleneck.default,
-                              (y, packed, m, mode, 7, 3, 0.25, 0.5, 1e-9, True, False, be, 0))
+                              (y, packed, m, mode, 7, 3, 0.25, 0.5, 1e-9, True, False, be, 0, None))
+        # the seed as a tensor (what a module draws under torch.compile)
+        torch.library.opcheck(torch.ops.cifd.entropy_bottleneck.default,
+                              (y, packed, m, mode, 0, 3, 0.25, 0.5, 1e-9, True, False, be, 0,
+                               torch.tensor(7)))
     # groups: y [G, N, C/G] against the packed density of C channels
     yg = torch.randn(3, 4, 1, device=device, requires_grad=True)
     for mode, m in (("noise", None), ("dequantize", med.detach().float())):
         torch.library.opcheck(torch.ops.cifd.entropy_bottleneck.default,
-                              (yg, packed, m, mode, 7, 3, 0.25, 0.5, 1e-9, True, False, be, 3))
+                              (yg, packed, m, mode, 7, 3, 0.25, 0.5, 1e-9, True, False, be, 3, None))
 
 
 GROUP_CASES = [("noise", 0.0, 1.0), ("noise", 0.25, 0.5), ("dequantize", 0.0, 1.0), ("none", 0.0, 1.0)]

@@ -216,8 +216,9 @@ class EntropyBottleneck(FactorizedDensity):
             training: None = ``self.training``. True: ``y_hat = y + u``, Philox noise
                 (counter ``offset + i``, ``i`` row-major in y); False:
                 ``y_hat = round(y - median) + median``.
-            seed: Philox seed (Python int); None draws one with
-                :func:`cifd_kernels.reference.philox.draw_seed` (torch's CPU generator).
+            seed: Philox seed (Python int, or a 0-dim int64 CPU tensor); None draws one
+                with :func:`cifd_kernels.reference.philox.draw_seed` (torch's CPU
+                generator; under ``torch.compile`` drawn in the graph: no graph break).
             offset: first Philox counter.
 
         Empty batches give empty outputs; NaN in y propagates (no host check).

@@ -54,8 +54,9 @@ class IBM(FactorizedDensity):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Args:
             w: student embedding [B, C] (or [B, C, *spatial]), floating, any strides.
-            seed: Philox seed (Python int); None draws one with
-                :func:`cifd_kernels.reference.philox.draw_seed`. Unused in eval mode.
+            seed: Philox seed (Python int, or a 0-dim int64 CPU tensor); None draws one
+                with :func:`cifd_kernels.reference.philox.draw_seed` (under
+                ``torch.compile`` drawn in the graph: no graph break). Unused in eval mode.
             offset: first Philox counter; element i (row-major) uses offset + i.
 
         Returns:

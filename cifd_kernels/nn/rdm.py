@@ -263,8 +263,9 @@ class RDMBank(_RDMCommon):
                 K = 0 (ValueError naming it).
             labels: ``[B]`` integer or None (CE term left out); must be None when
                 K = 0 (ValueError naming it).
-            seed: Philox seed for the training noise; None draws one
-                (:func:`cifd_kernels.reference.philox.draw_seed`). Unused in eval.
+            seed: Philox seed for the training noise (Python int, or a 0-dim int64 CPU
+                tensor); None draws one (:func:`cifd_kernels.reference.philox.draw_seed`;
+                under ``torch.compile`` drawn in the graph: no graph break). Unused in eval.
             offset: base counter; RDM n, sample b, latent l uses
                 ``offset + n*B*L + b*L + l``. A step consumes N*B*L counters.
 

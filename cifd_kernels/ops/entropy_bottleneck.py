@@ -31,7 +31,7 @@ from .. import backend as _backend
 from ..reference import _checks
 from ..reference import entropy_bottleneck as _ref
 from ..reference import ibm as _ref_ibm
-from ..reference.philox import check_seed_offset
+from ..reference.philox import check_seed_offset, seed_value
 from . import _eager
 from . import density_pack as _pack
 
@@ -53,7 +53,9 @@ def _triton():
 # ----------------------------------------------------------------------------- custom ops
 def _fwd_impl(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor], mode: str,
             seed: int, offset: int, rho: float, s: float, bound: float, need_likelihood: bool,
-            deterministic: bool, backend: str, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            deterministic: bool, backend: str, groups: int, seed_tensor: Optional[torch.Tensor]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    seed = _seed(seed, seed_tensor, offset, y.numel())
     if backend == "triton":
         # Triton always reduces through per-program partials: deterministic, and on an
         # H100 faster than its atomics path (one measurement: 146 vs 174 us bwd at [4096, 512]).
@@ -61,6 +63,16 @@ def _fwd_impl(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Ten
     return torch.ops.cifd_C.entropy_bottleneck_fwd(
         *raw_fwd_tensors(y, packed, medians), _pack.MODES[mode], seed, offset, rho, s, bound,
         need_likelihood, groups)
+
+
+def _seed(seed: int, seed_tensor: Optional[torch.Tensor], offset: int, numel: int) -> int:
+    """The call's seed: ``seed``, or the value of ``seed_tensor`` (a 0-dim int64 CPU tensor,
+    the seed a traced module drew in its graph: read here, at run time, on the host)."""
+    if seed_tensor is None:
+        return seed
+    seed = seed_value(seed_tensor)
+    check_seed_offset(seed, offset, numel)
+    return seed
 
 
 def _triton_fwd(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, groups):
@@ -104,8 +116,8 @@ def raw_bwd_tensors(y: torch.Tensor, packed: torch.Tensor, medians: Optional[tor
 _fwd_op = torch.library.custom_op("cifd::entropy_bottleneck", mutates_args=())(_fwd_impl)
 
 
-def _fake_fwd(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, *rest):
-    groups = rest[-1]  # (deterministic, backend, groups) or (groups,)
+def _fake_fwd(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, deterministic, backend,
+              groups, seed_tensor):
     lik_shape = y.shape if need_likelihood else (0,)
     return (torch.empty_like(y), y.new_empty(tuple(y.shape[:2 if groups else 1]), dtype=packed.dtype),
             y.new_empty(lik_shape, dtype=packed.dtype))
@@ -117,8 +129,9 @@ _fwd_op.register_fake(_fake_fwd)
 def _bwd_impl(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor],
             grad_y_hat: Optional[torch.Tensor], grad_rate: Optional[torch.Tensor],
             grad_likelihood: Optional[torch.Tensor], mode: str, seed: int, offset: int, rho: float,
-            s: float, bound: float, deterministic: bool, backend: str, groups: int
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+            s: float, bound: float, deterministic: bool, backend: str, groups: int,
+            seed_tensor: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    seed = _seed(seed, seed_tensor, offset, y.numel())
     if backend == "triton":
         return _triton_bwd(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset,
                            rho, s, bound, groups)
@@ -159,7 +172,8 @@ def _saved_input(y: torch.Tensor, y_hat: torch.Tensor, mode: str, rho: float, s:
 
 def _setup_context(ctx, inputs, output):
     # inputs: (y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood) then
-    # (deterministic, backend, groups) for cifd::entropy_bottleneck, (groups,) for the triton_op
+    # (deterministic, backend, groups, seed_tensor) for cifd::entropy_bottleneck, (groups,) for
+    # the triton_op
     y, packed, medians, mode, seed, offset, rho, s, bound, need_lik = inputs[:10]
     saved, bwd_mode = _saved_input(y, output[0], mode, rho, s)
     ctx.save_for_backward(saved, packed, medians)
@@ -209,18 +223,21 @@ def _bwd_triton(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.T
 _fwd_triton.register_autograd(_backward_via(_bwd_triton), setup_context=_setup_context)
 
 
-def _run_fused(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor], mode: str, seed: int,
+def _run_fused(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor], mode: str, seed,
                offset: int, rho: float, s: float, bound: float, need_likelihood: bool, deterministic: bool,
                backend: str, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused op on a resolved kernel backend: ``(y_hat, rate, likelihood or empty)``.
-    Checked arguments only."""
+    Checked arguments only; ``seed`` an int, or under tracing a seed tensor."""
     if not _eager.via_ops(y):  # eager: the same impl and backward, without custom-op dispatch
         return _EagerFunction.apply(y, packed, medians, mode, seed, offset, rho, s, bound,
-                                    need_likelihood, deterministic, backend, groups)
+                                    need_likelihood, deterministic, backend, groups, None)
+    if isinstance(seed, torch.Tensor):  # drawn in the graph: the op reads it where it runs
+        return _fwd_op(y, packed, medians, mode, 0, offset, rho, s, bound, need_likelihood, deterministic,
+                       backend, groups, seed)
     if backend == "triton":
         return _fwd_triton(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, groups)
     return _fwd_op(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, deterministic,
-                   backend, groups)
+                   backend, groups, None)
 
 
 # ----------------------------------------------------------------------------- public functional
@@ -271,7 +288,10 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
             Philox word 0, keep = U(word 1) >= rho), ``"dequantize"``
             (``round(y - m) + m``), ``"none"`` (``y_hat = y``).
         seed, offset: Python ints in [0, 2**63). The call uses counters
-            ``offset .. offset + y.numel() - 1``.
+            ``offset .. offset + y.numel() - 1``. ``seed`` may also be a 0-dim int64 CPU
+            tensor (what the modules draw under ``torch.compile``): read on the host where
+            the kernels launch (eagerly: at once), never a device sync; the reference
+            computes with it as a tensor.
         rho, s: IBM mask ratio and noise width (noise mode only); rho=0, s=1 is the
             RDM bottleneck. With s != 1 the density is read at ``y_hat / s`` (the unit
             channel's rate of ``y / s``, docs/METHOD.md section 3); likelihoods too.
@@ -305,6 +325,8 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
     _checks.check_rho_s(rho, s)
     if mode != "noise":  # seed and offset are unused there, as in the reference
         seed, offset = 0, 0
+    elif isinstance(seed, torch.Tensor) and not _eager.via_ops(y):
+        seed = seed_value(seed)  # eager: read it now (a CPU tensor: no device sync), checked
 
     def why_not(be: str) -> Optional[str]:
         if groups is not None and be == "triton" and y.dim() > 3:

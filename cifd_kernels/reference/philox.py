@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
@@ -39,8 +40,9 @@ def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = PHILOX_ROUNDS):
-    """Philox4x32 rounds on int64 tensors holding uint32 values; key as Python ints."""
+def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = PHILOX_ROUNDS):
+    """Philox4x32 rounds on int64 tensors holding uint32 values; key as Python ints or
+    0-dim int64 tensors (a tensor seed's halves)."""
     for _ in range(rounds):
         hi_b, lo_b = _mul_hi_lo(c2, PHILOX_ROUND_B)
         hi_a, lo_a = _mul_hi_lo(c0, PHILOX_ROUND_A)
@@ -50,9 +52,24 @@ def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int = PHILOX_ROUNDS):
     return c0, c1, c2, c3
 
 
-def check_seed_offset(seed: int, offset: int, numel: int = 0) -> None:
-    """Seeds and offsets are non-negative 63-bit Python ints (they travel as torch ``int``)."""
-    for name, v in (("seed", seed), ("offset", offset)):
+def check_seed_offset(seed, offset: int, numel: int = 0) -> None:
+    """Seeds and offsets are non-negative 63-bit Python ints (they travel as torch ``int``).
+
+    A seed may also be a 0-dim int64 CPU tensor: what :func:`draw_seed` gives while
+    ``torch.compile`` traces, so that a compiled training step draws its noise seed
+    in the graph, without a graph break. Its metadata is always checked here, its
+    value too when nothing traces (a CPU read, no device sync); while tracing, the
+    value is checked where the kernels' op reads it, at run time (:func:`seed_value`)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.dim() != 0 or seed.device.type != "cpu":
+            raise TypeError(f"seed as a tensor must be a 0-dim int64 CPU tensor, got {seed.dtype} of "
+                            f"shape {tuple(seed.shape)} on {seed.device}")
+        readable = (type(seed) is torch.Tensor and not torch.compiler.is_compiling()
+                    and _get_current_dispatch_mode() is None)
+        checked = (("seed", int(seed)), ("offset", offset)) if readable else (("offset", offset),)
+    else:
+        checked = (("seed", seed), ("offset", offset))
+    for name, v in checked:
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{name} must be a Python int, got {type(v).__name__}")
         if not 0 <= v <= MAX_SEED:
@@ -61,7 +78,18 @@ def check_seed_offset(seed: int, offset: int, numel: int = 0) -> None:
         raise ValueError(f"offset + numel must stay below 2**63 (offset={offset}, numel={numel})")
 
 
-def philox_words(numel: int, seed: int, offset: int, device=None) -> tuple[torch.Tensor, ...]:
+def seed_value(seed) -> int:
+    """``seed`` as a Python int, checked (a tensor seed is read on the host: a CPU tensor,
+    so no device sync). Kernel launchers call this; the reference computes with a tensor
+    seed as is (traceable)."""
+    if isinstance(seed, torch.Tensor):
+        check_seed_offset(seed, 0)  # metadata (and the value, when readable)
+        seed = int(seed)
+    check_seed_offset(seed, 0)
+    return seed
+
+
+def philox_words(numel: int, seed, offset: int, device=None) -> tuple[torch.Tensor, ...]:
     """The four Philox output words (uint32 in int64) for counters offset .. offset+numel-1."""
     check_seed_offset(seed, offset, numel)
     o = torch.arange(numel, dtype=torch.int64, device=device) + offset
@@ -123,9 +151,16 @@ def philox_noise(shape, seed: int, offset: int = 0, device=None) -> torch.Tensor
     return philox_uniform(shape, seed, offset, device) - 0.5
 
 
-def draw_seed(generator: torch.Generator | None = None) -> int:
+def draw_seed(generator: torch.Generator | None = None):
     """A fresh seed in [0, 2**62) from torch's CPU generator (so ``torch.manual_seed``
-    makes runs repeatable). Modules call this when no seed is passed; it reads a
-    CPU tensor, never a device, but it is a Python int, so torch.compile users
-    pass seeds explicitly instead."""
-    return int(torch.randint(0, 2**62, (), generator=generator, dtype=torch.int64).item())
+    makes runs repeatable). Modules call this when no seed is passed.
+
+    Eagerly a Python int (one read of a CPU tensor, never of a device). While
+    ``torch.compile`` traces, the 0-dim int64 CPU tensor itself: the draw is part of
+    the graph (no ``.item()``, so no graph break and no data-dependent guard), and
+    the ops read it where their kernels launch, on the host (no device sync). Both
+    take the same value from the generator: a compiled step that draws its seed
+    gives eager's noise (under ``aot_eager``; Inductor lowers ``randint`` with its own
+    generator)."""
+    t = torch.randint(0, 2**62, (), generator=generator, dtype=torch.int64)
+    return t if torch.compiler.is_compiling() else int(t.item())
