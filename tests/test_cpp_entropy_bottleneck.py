@@ -628,3 +628,49 @@ def test_fused_op_takes_strided_medians():
     got = run(strided)
     want = run(quant[:, 0, 1].contiguous().requires_grad_())
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_fused_op_is_the_traced_route_and_passes_opcheck():
+    """Under torch.compile a "cpu" call takes the same fused op as eagerly: its sub-ops
+    have fake kernels, so AOTAutograd traces through its C++ autograd, and the traced
+    forward and backward are the eager step's C++ ops (pack, fwd; bwd, unpack), with
+    no Python custom op. opcheck (fake kernels, autograd registration, AOT dispatch)
+    passes for one problem, groups and the dequantize mode."""
+    _fused_or_skip()
+    from functorch.compile import make_boxed_func
+    from cifd_kernels.nn import EntropyBottleneck
+    from cifd_kernels.ops.density_pack import _flat
+    eb = _eb_module()
+    assert eb._fused_op() is not None  # registers the fakes
+    torch.manual_seed(0)
+    m = EntropyBottleneck(6, backend="cpu")
+    y = torch.randn(5, 6, requires_grad=True)
+    params = _flat(list(m.matrices), list(m.biases), list(m.factors))
+    op = torch.ops.cifd_C.entropy_bottleneck_fused.default
+    torch.library.opcheck(op, (y, params, None, 0, 3, 0, 0.25, 0.5, 1e-9, True, False, False, 0))
+    torch.library.opcheck(op, (y.detach().view(1, 5, 6).expand(2, 5, 6).contiguous().requires_grad_(),
+                               _flat(*[[torch.cat([t, t]) for t in ts] for ts in
+                                       (list(m.matrices), list(m.biases), list(m.factors))]),
+                               None, 0, 3, 0, 0.0, 1.0, 1e-9, False, True, True, 2))
+    med = torch.zeros(6, requires_grad=True)
+    torch.library.opcheck(op, (y, params, med, 1, 0, 0, 0.0, 1.0, 1e-9, True, False, False, 0))
+
+    traced = {"fwd": [], "bwd": []}
+
+    def recorder(key):
+        def compiler(gm, _):
+            traced[key].extend(str(n.target) for n in gm.graph.nodes
+                               if n.op == "call_function" and "cifd" in str(n.target))
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    def f(y, seed: int):
+        y_hat, lik = m(y, seed=seed)
+        return y_hat, m.rate(lik)
+
+    aot = torch._dynamo.backends.common.aot_autograd(fw_compiler=recorder("fwd"), bw_compiler=recorder("bwd"))
+    torch._dynamo.reset()
+    y_hat, rate = torch.compile(f, fullgraph=True, backend=aot)(y, 3)
+    rate.sum().backward()
+    assert traced["fwd"] == ["cifd_C.density_pack.default", "cifd_C.entropy_bottleneck_fwd.default"]
+    assert traced["bwd"] == ["cifd_C.entropy_bottleneck_bwd.default", "cifd_C.density_unpack_grad.default"]

@@ -157,16 +157,17 @@ def test_noncontiguous_x_and_gradient_to_nothing_frozen(be, device):
     assert all(gr is not None and torch.isfinite(gr).all() for gr in got[3])
 
 
-def _assert_eager_equals_ops(be, prob, mode, monkeypatch, grouped_called):
-    """Run the bank on the eager path and through the registered custom ops (the
-    eager_via_ops kernel option), checking after each run that the eager channel call
-    was made exactly once, by the eager run only (``grouped_called()``); every output,
-    the loss and every gradient must have the same bits."""
+def _assert_eager_equals_ops(be, prob, mode, calls, want_eager, want_ops):
+    """Run the bank on the eager path and through the registered ops (the eager_via_ops
+    kernel option: the route torch.compile traces), checking the entropy-op calls each run
+    made (``calls``, recorded by :func:`_count_channel_calls`): ``want_eager`` and
+    ``want_ops``. Every output, the loss and every gradient must have the same bits."""
     runs = []
-    for force in (False, True):
+    for force, want in ((False, want_eager), (True, want_ops)):
+        calls.clear()
         set_kernel_options(eager_via_ops=force)
         runs.append(_run(be, prob, mode=mode))
-        assert grouped_called()
+        assert calls == want, (force, calls)
     (out_a, loss_a, _, grads_a), (out_b, loss_b, _, grads_b) = runs
     for name, u, v in zip(ref.RDMBankOutput._fields, out_a, out_b):
         assert (u is None) == (v is None), name
@@ -180,13 +181,15 @@ def _assert_eager_equals_ops(be, prob, mode, monkeypatch, grouped_called):
 
 
 def _count_channel_calls(monkeypatch, calls):
-    """Record each eager entropy-op call the bank makes: ``("fused", groups)`` for the
-    C++-autograd op, ``("function", backend, groups)`` for the eager autograd.Function."""
+    """Record each entropy-op call the bank makes outside the registered Python op:
+    ``("fused", groups)`` for the C++-autograd op, ``("function", backend, groups)`` for
+    the eager autograd.Function."""
     eb_ops = importlib.import_module("cifd_kernels.ops.entropy_bottleneck")
     real = eb_ops._fused_op()
     apply = eb_ops._EagerFunction.apply
+    # apply's arguments end with (..., deterministic, backend, groups, seed_tensor)
     monkeypatch.setattr(eb_ops._EagerFunction, "apply",
-                        lambda *a: calls.append(("function", a[-2], a[-1])) or apply(*a))
+                        lambda *a: calls.append(("function", a[-3], a[-2])) or apply(*a))
     if real is not None:
         monkeypatch.setattr(eb_ops, "_fused_op",
                             lambda: (lambda *a: calls.append(("fused", a[-1])) or real(*a)))
@@ -198,12 +201,12 @@ def _count_channel_calls(monkeypatch, calls):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fused", [True, False])
 def test_bank_channel_is_one_grouped_entropy_call(be, mode, dtype, fused, device, monkeypatch):
-    """The bank's channel is one call of the entropy op with groups = N: eagerly the fused
-    op with C++ autograd (cifd_C::entropy_bottleneck_fused; on by default on the CPU,
-    with the fused_cuda kernel option on a GPU) or the op's eager autograd.Function;
-    either gives the registered op's bits (the traced route): every output and gradient.
-    That the grouped op is the per-RDM calls is test_entropy_bottleneck's
-    test_groups_are_the_per_group_calls."""
+    """The bank's channel is one call of the entropy op with groups = N: the fused op with
+    C++ autograd (cifd_C::entropy_bottleneck_fused; on by default on the CPU, with the
+    fused_cuda kernel option on a GPU), eagerly and on the traced route alike; without it,
+    eagerly the op's autograd.Function and traced the registered cifd::entropy_bottleneck.
+    Either way every output and gradient has the same bits. That the grouped op is the
+    per-RDM calls is test_entropy_bottleneck's test_groups_are_the_per_group_calls."""
     _skip_unless(be, device)
     calls = []
     real = _count_channel_calls(monkeypatch, calls)
@@ -212,9 +215,10 @@ def test_bank_channel_is_one_grouped_entropy_call(be, mode, dtype, fused, device
     # cpu: on by default; cuda: the fused_cuda kernel option
     set_kernel_options(**{"fused_cpu" if be == "cpu" else "fused_cuda": fused})
     prob = _problem(3, 7, 10, 12, 5, 6, device, seed=21, dtype=dtype)
-
-    want = [("fused", 3)] if fused else [("function", be, 3)]
-    _assert_eager_equals_ops(be, prob, mode, monkeypatch, lambda: calls == want)
+    if fused:
+        _assert_eager_equals_ops(be, prob, mode, calls, [("fused", 3)], [("fused", 3)])
+    else:
+        _assert_eager_equals_ops(be, prob, mode, calls, [("function", be, 3)], [])
 
 
 @pytest.mark.parametrize("mode", ["noise", "dequantize", "none"])
@@ -226,9 +230,7 @@ def test_triton_bank_channel_is_one_grouped_entropy_call(mode, dtype, device, mo
     prob = _problem(3, 7, 10, 12, 5, 6, device, seed=22, dtype=dtype)
     calls = []
     _count_channel_calls(monkeypatch, calls)
-
-    _assert_eager_equals_ops("triton", prob, mode, monkeypatch,
-                             lambda: calls == [("function", "triton", 3)])
+    _assert_eager_equals_ops("triton", prob, mode, calls, [("function", "triton", 3)], [])
 
 
 def test_triton_grouped_entropy_launcher(device):

@@ -86,7 +86,7 @@ _pack_op = torch.library.custom_op("cifd::density_pack", mutates_args=())(_pack_
 
 
 @_pack_op.register_fake
-def _(params, float64):
+def _fake_pack(params, float64):
     return params[0].new_empty((NUM_PACKED, params[0].shape[0]),
                                dtype=torch.float64 if float64 else torch.float32)
 
@@ -115,8 +115,15 @@ _unpack_op = torch.library.custom_op("cifd::density_unpack_grad", mutates_args=(
 
 
 @_unpack_op.register_fake
-def _(grad_packed, params):
+def _fake_unpack(grad_packed, params):
     return [torch.empty_like(p) for p in params]
+
+
+def register_cpp_fakes() -> None:
+    """Fake kernels of ``cifd_C::density_pack`` / ``density_unpack_grad``, which the fused C++
+    entropy op calls (so that tracing runs through it); once, when ``_C`` has them."""
+    torch.library.register_fake("cifd_C::density_pack")(_fake_pack)
+    torch.library.register_fake("cifd_C::density_unpack_grad")(_fake_unpack)
 
 
 def _pack_setup(ctx, inputs, output):

@@ -354,8 +354,9 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
     else:
         med = None
     check_seed_offset(seed, offset, y.numel())
-    if use_fused(be, y):
-        y_hat, rate, lik = _fused_op()(
+    if use_fused(be, seed):
+        op = torch.ops.cifd_C.entropy_bottleneck_fused if torch.compiler.is_compiling() else _fused_op()
+        y_hat, rate, lik = op(
             y.contiguous(), _pack._flat(matrices, biases, factors), med, _pack.MODES[mode], seed, offset,
             float(rho), float(s), float(bound), bool(need_likelihood), bool(deterministic),
             _saves_y_hat(mode, rho, s, y.dtype), int(groups or 0))
@@ -367,22 +368,53 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
     return EntropyBottleneckOutput(y_hat, rate, lik if need_likelihood else None)
 
 
-# Eager calls on the "cpu" backend take cifd_C::entropy_bottleneck_fused
+# Calls on the "cpu" backend take cifd_C::entropy_bottleneck_fused
 # (python/entropy_bottleneck_fused.cpp): density packing, the kernels and both backward steps in one
 # op whose autograd is C++, the same ops and bits as the two Python autograd.Functions
-# (pack_density + _run_fused), without their host time. On "cuda" only with the
-# fused_cuda kernel option (backend.KernelOptions).
+# (pack_density + _run_fused), without their host time. Eagerly and under tracing alike: its
+# sub-ops have fake kernels (below), so torch.compile and make_fx trace through its C++ autograd,
+# and the traced step runs the eager step's route and backward. On "cuda" only with the
+# fused_cuda kernel option (backend.KernelOptions). A seed tensor (a module's seed drawn under
+# torch.compile) takes cifd::entropy_bottleneck, whose kernels read it at run time.
 
 
-def use_fused(be: str, t: torch.Tensor) -> bool:
-    """Whether an eager call on backend ``be`` (tensor ``t``) takes the fused C++ op."""
-    return _eager.takes_fused(be, t, _fused_op)
+def use_fused(be: str, seed) -> bool:
+    """Whether a call on the resolved backend ``be`` with ``seed`` takes the fused C++ op."""
+    o = _backend.get_kernel_options()
+    return (((be == "cpu" and o.fused_cpu) or (be == "cuda" and o.fused_cuda))
+            and not isinstance(seed, torch.Tensor) and _has_fused_op())
+
+
+@torch.compiler.assume_constant_result
+def _has_fused_op() -> bool:
+    # torch.compile bakes the answer into the graph (and the lookup registers the fakes)
+    return _fused_op() is not None
 
 
 @functools.lru_cache(maxsize=None)
 def _fused_op():
-    """``torch.ops.cifd_C.entropy_bottleneck_fused``, or None for a ``_C`` without it."""
-    return torch.ops.cifd_C.entropy_bottleneck_fused if _backend.has_ext_op("entropy_bottleneck_fused") else None
+    """``torch.ops.cifd_C.entropy_bottleneck_fused``, or None for a ``_C`` without it. The
+    first lookup registers the fake kernels of it and of the ops it calls."""
+    if not _backend.has_ext_op("entropy_bottleneck_fused"):
+        return None
+    _pack.register_cpp_fakes()
+    torch.library.register_fake("cifd_C::entropy_bottleneck_fwd")(_fake_cpp_fwd)
+    torch.library.register_fake("cifd_C::entropy_bottleneck_bwd")(_fake_bwd)
+    torch.library.register_fake("cifd_C::entropy_bottleneck_fused")(_fake_cpp_fused)
+    return torch.ops.cifd_C.entropy_bottleneck_fused
+
+
+def _fake_cpp_fwd(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, groups=0):
+    return _fake_fwd(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, False, "cpu",
+                     groups, None)
+
+
+def _fake_cpp_fused(y, params, medians, mode, seed, offset, rho, s, bound, need_likelihood, deterministic,
+                    save_y_hat, groups=0):
+    cdt = torch.float64 if y.dtype == torch.float64 else torch.float32
+    lik_shape = y.shape if need_likelihood else (0,)
+    return (torch.empty_like(y), y.new_empty(tuple(y.shape[:2 if groups else 1]), dtype=cdt),
+            y.new_empty(lik_shape, dtype=cdt))
 
 
 def _check_groups(y, groups, C: int, device) -> None:
