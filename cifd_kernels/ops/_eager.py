@@ -65,12 +65,15 @@ def call(op: Callable, function: type[torch.autograd.Function], *args):
     return function.apply(*args)
 
 
-def takes_fused(be: str, t: torch.Tensor, find_op: Callable) -> bool:
-    """Whether an eager call on the resolved backend ``be`` (first tensor ``t``) takes a
-    fused C++-autograd op: the backend's kernel option (``fused_cpu`` / ``fused_cuda``)
-    is on, nothing traces (:func:`via_ops`), and ``find_op()`` finds the op (a ``_C``
-    that registers it). In that order: under ``torch.compile`` the lookup is never
-    reached."""
+def takes_fused(be: str, seed, has_op: Callable[[], bool]) -> bool:
+    """Whether a call on the resolved backend ``be`` takes the op's fused C++-autograd op
+    (``cifd_C::*_fused``), eagerly and under tracing alike (its sub-ops have fake kernels,
+    so tracing runs through its C++ autograd: the traced step is the eager step): the
+    backend's kernel option (``fused_cpu`` / ``fused_cuda``) is on, ``seed`` is not a
+    tensor (a seed drawn in a traced graph takes the Python custom op, whose kernels read
+    it at run time), and ``has_op()`` (a ``torch.compiler.assume_constant_result``: the
+    lookup, which registers the fakes, runs once, outside the graph)."""
     o = _backend.get_kernel_options()
-    return ((be == "cpu" and o.fused_cpu) or (be == "cuda" and o.fused_cuda)) and not via_ops(t) \
-        and find_op() is not None
+    return (((be == "cpu" and o.fused_cpu) or (be == "cuda" and o.fused_cuda))
+            and not isinstance(seed, torch.Tensor) and has_op())
+

@@ -269,7 +269,9 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
 # Eager calls on the "cpu" backend take cifd_C::cifd_loss_fused (python/cifd_loss_fused.cpp):
 # keep flags, kernel, batch means and the IBM rate term in one op whose autograd is C++,
 # the same ops and bits as the Python path below it, without its host time. On "cuda"
-# only with the fused_cuda kernel option (backend.KernelOptions).
+# only with the fused_cuda kernel option (backend.KernelOptions). Not under tracing: unlike
+# the entropy op's, its C++ forward reads the labels on the host (the count of valid ones),
+# which a fake tensor cannot give; traced calls take cifd::cifd_loss.
 
 
 @functools.lru_cache(maxsize=None)
@@ -280,7 +282,7 @@ def _fused_op():
 
 def use_fused(be: str, t: torch.Tensor) -> bool:
     """Whether an eager call on backend ``be`` (tensor ``t``) takes the fused C++ op."""
-    return _eager.takes_fused(be, t, _fused_op)
+    return not _eager.via_ops(t) and _eager.takes_fused(be, 0, lambda: _fused_op() is not None)
 
 
 def grouped_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,

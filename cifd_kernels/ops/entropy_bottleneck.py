@@ -380,9 +380,7 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
 
 def use_fused(be: str, seed) -> bool:
     """Whether a call on the resolved backend ``be`` with ``seed`` takes the fused C++ op."""
-    o = _backend.get_kernel_options()
-    return (((be == "cpu" and o.fused_cpu) or (be == "cuda" and o.fused_cuda))
-            and not isinstance(seed, torch.Tensor) and _has_fused_op())
+    return _eager.takes_fused(be, seed, _has_fused_op)
 
 
 @torch.compiler.assume_constant_result
