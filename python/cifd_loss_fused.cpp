@@ -105,29 +105,33 @@ Outputs run(const at::Tensor& logits, const at::Tensor& targets, const at::Tenso
     o.keep = at::empty({M}, logits.options().dtype(at::kBool));
     ops().keep.call(o.keep, seed, offset, p_drop);
   }
-  const at::Tensor lab = labels.to(at::kLong).contiguous();
+  const at::Tensor lab = cifd_bind::as_dtype(labels, at::kLong).contiguous();
   at::Tensor nvalid;  // #labels != ignore_index, at least 1, as a 0-dim float32
-  if (lab.device().is_cpu()) {
+  // On the CPU a host loop (cheaper than three ATen ops); on a device, or for a tensor
+  // with the Python key (a fake tensor while torch.compile traces: no data to read), the
+  // ATen ops. An integer count either way: the same bits.
+  if (lab.device().is_cpu() && !lab.key_set().has(c10::DispatchKey::Python)) {
     int64_t n = 0;
     const int64_t* lp = lab.data_ptr<int64_t>();
     for (int64_t i = 0; i < lab.numel(); ++i) n += lp[i] != ignore_index;
     nvalid = at::scalar_tensor(static_cast<double>(n > 0 ? n : 1), f32);
-  } else {  // on the device, no host sync (the Python path's ops)
+  } else {  // no host read (on a device: no sync), the Python path's ops
     nvalid = (labels != ignore_index).sum().clamp_min(1).to(at::kFloat);
   }
   const at::Tensor none = at::empty({0}, f32);
-  const at::Tensor gw = given(group_w) ? group_w->to(at::kFloat).contiguous() : none;
+  const at::Tensor gw =
+      given(group_w) ? cifd_bind::as_dtype(*group_w, at::kFloat).contiguous() : none;
   const at::Tensor e = given(emb) ? emb->contiguous() : none;
   const at::Tensor te =
-      given(emb) ? target_embs->to(emb->scalar_type()).contiguous() : none;
+      given(emb) ? cifd_bind::as_dtype(*target_embs, emb->scalar_type()).contiguous() : none;
   auto [ce_b, kl_mb, emb_mb, gz, gu] = ops().fwd.call(
-      logits.contiguous(), targets.to(logits.scalar_type()).contiguous(), lab, e, te,
-      lam.to(at::kFloat).contiguous(), o.keep.to(at::kByte), nvalid, gw, tau, lam_ce, lam_kl,
-      w_emb, dist, ignore_index);
+      logits.contiguous(), cifd_bind::as_dtype(targets, logits.scalar_type()).contiguous(), lab,
+      e, te, cifd_bind::as_dtype(lam, at::kFloat).contiguous(), o.keep.to(at::kByte), nvalid, gw,
+      tau, lam_ce, lam_kl, w_emb, dist, ignore_index);
   auto [loss, ce, kl, emb_terms] =
       ops().reduce.call(ce_b, kl_mb, emb_mb, lam, nvalid, gw, lam_ce, lam_kl, w_emb);
   if (given(ibm_rate)) {
-    o.rate = ibm_rate->to(at::kFloat).mean();
+    o.rate = cifd_bind::as_dtype(*ibm_rate, at::kFloat).mean();
     o.loss = loss + o.rate * lam_I;
   } else {
     o.rate = at::zeros({}, f32);
@@ -198,8 +202,10 @@ struct Fused : public torch::autograd::Function<Fused> {
       std::vector<int64_t> shape(g.sizes().begin(), g.sizes().end());
       shape.insert(shape.end(), {1, 1});
       const at::Tensor gs = g.reshape(shape);
-      out[0] = gz * gs.to(gz.scalar_type());
-      if (ctx->saved_data["has_emb"].toBool()) out[3] = gu * gs.to(gu.scalar_type());
+      out[0] = gz * cifd_bind::as_dtype(gs, gz.scalar_type());
+      if (ctx->saved_data["has_emb"].toBool()) {
+        out[3] = gu * cifd_bind::as_dtype(gs, gu.scalar_type());
+      }
     }
     const int64_t rate_batch = ctx->saved_data["rate_batch"].toInt();
     if (rate_batch >= 0 && (g.defined() || g_rate.defined())) {

@@ -433,7 +433,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(
     int64_t seed, int64_t offset, double rho, double s, double bound, bool need_likelihood,
     int64_t groups) {
   TORCH_CHECK(groups >= 0, "groups must be >= 0 (0: one problem), got ", groups);
-  if (groups == 0) return one(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood);
+  if (groups == 0) {
+    return one(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood);
+  }
   return grouped(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, groups);
 }
 

@@ -144,11 +144,12 @@ struct Fused : public torch::autograd::Function<Fused> {
     // Output gradients in the kernels' dtypes, contiguous (autograd may hand over
     // expanded ones); absent = an empty tensor (zero).
     const at::Tensor gyh =
-        grads[0].defined() ? grads[0].to(y.scalar_type()).contiguous() : at::empty({0}, y.options());
+        grads[0].defined() ? cifd_bind::as_dtype(grads[0], y.scalar_type()).contiguous()
+                           : at::empty({0}, y.options());
     const at::Tensor grate =
-        grads[1].defined() ? grads[1].to(packed.scalar_type()).contiguous() : none;
+        grads[1].defined() ? cifd_bind::as_dtype(grads[1], packed.scalar_type()).contiguous() : none;
     const at::Tensor glik = d.at("need_likelihood").toBool() && grads[2].defined()
-                                ? grads[2].to(packed.scalar_type()).contiguous()
+                                ? cifd_bind::as_dtype(grads[2], packed.scalar_type()).contiguous()
                                 : none;
     const int64_t mode = d.at("mode").toInt(), seed = d.at("seed").toInt(),
                   offset = d.at("offset").toInt(), groups = d.at("groups").toInt();

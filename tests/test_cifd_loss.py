@@ -782,3 +782,45 @@ def test_triton_label_device_assert(monkeypatch):
     for bad in (7, 10**6, -1):
         with pytest.raises(raised, match=r"labels must be in \[0, K\) or ignore_index"):
             cifd_loss(**_with_label(inp, 2, bad), lam=lam, backend="triton")
+
+
+def test_fused_op_is_the_traced_route_and_passes_opcheck():
+    """Under torch.compile a "cpu" loss call takes the same fused op as eagerly (fake
+    kernels for it and the C++ ops it calls; its forward counts the valid labels with
+    ATen ops for a fake tensor): the traced forward holds the C++ loss kernel and batch
+    means, no Python custom op. opcheck passes with and without KD-dropout, embeddings
+    and the IBM rate, and for groups."""
+    L = _loss_module()
+    if L._fused_op() is None:  # registers the fakes
+        pytest.skip("_C built without cifd_loss_fused")
+    from functorch.compile import make_boxed_func
+    op = torch.ops.cifd_C.cifd_loss_fused.default
+    inp, lam = _inputs(3, 5, 7, 4, "cpu")
+    args = [inp[k] for k in ("student_logits", "target_logits", "labels", "student_emb", "target_embs")]
+    lam_t = torch.tensor(lam)
+    rate = torch.rand(5, requires_grad=True)
+    torch.library.opcheck(op, (*args, lam_t, rate, 2.0, 0.5, 3, 1, 1.0, 0.5, 10.0, 0.01, 0, IGNORE))
+    torch.library.opcheck(op, (args[0], args[1], args[2], None, None, lam_t, None, 2.0, 0.0, 0, 0, 1.0, 0.5,
+                               10.0, 0.0, 1, IGNORE))
+    zg = args[0].detach().expand(2, 5, 7).contiguous().requires_grad_()
+    ug = args[3].detach().expand(2, 5, 4).contiguous().requires_grad_()
+    torch.library.opcheck(op, (zg, args[1], args[2], ug, args[4], torch.ones(3), None, 2.0, 0.0, 0, 0, 1.0,
+                               0.5, 1.0, 0.0, 0, IGNORE, torch.tensor([1.0, 0.5])))
+
+    traced = []
+
+    def compiler(gm, _):
+        traced.extend(str(n.target) for n in gm.graph.nodes
+                      if n.op == "call_function" and "cifd" in str(n.target))
+        return make_boxed_func(gm.forward)
+
+    def f(z, t, y, u, x, seed: int):
+        return cifd_loss(z, t, y, u, x, lam, p_drop=0.5, seed=seed, backend="cpu")[0]
+
+    aot = torch._dynamo.backends.common.aot_autograd(fw_compiler=compiler, bw_compiler=compiler)
+    torch._dynamo.reset()
+    loss = torch.compile(f, fullgraph=True, backend=aot)(*args, 3)
+    loss.backward()
+    assert "cifd_C.cifd_loss_fwd.default" in traced and "cifd_C.cifd_loss_reduce.default" in traced
+    assert not any(t.startswith("cifd.") for t in traced), traced
+    assert torch.equal(loss.detach(), f(*args, 3).detach())

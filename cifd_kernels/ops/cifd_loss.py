@@ -246,8 +246,9 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
 
     lam_t = _ref._check_lam(lam, m, ref.device, torch.float32).detach()
     t_embs = target_embs.detach() if target_embs is not None else None
-    if use_fused(be, student_logits):
-        loss, ce, kl, emb, keep, rate = _fused_op()(
+    if use_fused(be, seed):
+        op = torch.ops.cifd_C.cifd_loss_fused if torch.compiler.is_compiling() else _fused_op()
+        loss, ce, kl, emb, keep, rate = op(
             student_logits, target_logits.detach(), labels, student_emb, t_embs, lam_t, ibm_rate,
             float(tau), float(p_drop), int(seed), int(offset), float(lam_ce), float(lam_kl), float(w_emb),
             float(lam_I), _DIST_CODES[dist], int(ignore_index))
@@ -266,23 +267,60 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
     return loss, terms
 
 
-# Eager calls on the "cpu" backend take cifd_C::cifd_loss_fused (python/cifd_loss_fused.cpp):
+# Calls on the "cpu" backend take cifd_C::cifd_loss_fused (python/cifd_loss_fused.cpp):
 # keep flags, kernel, batch means and the IBM rate term in one op whose autograd is C++,
-# the same ops and bits as the Python path below it, without its host time. On "cuda"
-# only with the fused_cuda kernel option (backend.KernelOptions). Not under tracing: unlike
-# the entropy op's, its C++ forward reads the labels on the host (the count of valid ones),
-# which a fake tensor cannot give; traced calls take cifd::cifd_loss.
+# the same ops and bits as the Python path below it, without its host time; eagerly and
+# under tracing alike (the fakes below: torch.compile traces through its C++ autograd). On
+# "cuda" only with the fused_cuda kernel option (backend.KernelOptions).
 
 
 @functools.lru_cache(maxsize=None)
 def _fused_op():
-    """``torch.ops.cifd_C.cifd_loss_fused``, or None for a ``_C`` without it."""
-    return torch.ops.cifd_C.cifd_loss_fused if _backend.has_ext_op("cifd_loss_fused") else None
+    """``torch.ops.cifd_C.cifd_loss_fused``, or None for a ``_C`` without it. The first
+    lookup registers the fake kernels of it and of the ops it calls."""
+    if not _backend.has_ext_op("cifd_loss_fused"):
+        return None
+    for name, fake in (("cifd_loss_fwd", _fake_cpp_fwd), ("cifd_loss_reduce", _fake_cpp_reduce),
+                       ("philox_keep_mask_out", _fake_keep_out), ("cifd_loss_fused", _fake_cpp_fused)):
+        torch.library.register_fake(f"cifd_C::{name}")(fake)
+    return torch.ops.cifd_C.cifd_loss_fused
 
 
-def use_fused(be: str, t: torch.Tensor) -> bool:
-    """Whether an eager call on backend ``be`` (tensor ``t``) takes the fused C++ op."""
-    return not _eager.via_ops(t) and _eager.takes_fused(be, 0, lambda: _fused_op() is not None)
+@torch.compiler.assume_constant_result
+def _has_fused_op() -> bool:
+    return _fused_op() is not None
+
+
+def use_fused(be: str, seed) -> bool:
+    """Whether a call on backend ``be`` with ``seed`` takes the fused C++ op."""
+    return _eager.takes_fused(be, seed, _has_fused_op)
+
+
+def _fake_cpp_fwd(logits, targets, labels, emb, target_embs, lam, keep, nvalid, group_w, tau, lam_ce,
+                  lam_kl, w_emb, dist, ignore_index):
+    # (ce [*G, B], kl [M, *G, B], emb_terms [M, *G, B], grad_logits, grad_emb)
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    rows, m = tuple(logits.shape[:-1]), targets.shape[0]
+    return (torch.empty(rows, **f32), torch.empty((m,) + rows, **f32), torch.empty((m,) + rows, **f32),
+            torch.empty_like(logits), torch.empty_like(emb))
+
+
+def _fake_cpp_reduce(ce, kl, emb_terms, lam, nvalid, group_w, lam_ce, lam_kl, w_emb):
+    return (ce.new_empty(ce.shape[:-1]), ce.new_empty(ce.shape[:-1]), kl.new_empty(kl.shape[:-1]),
+            emb_terms.new_empty(emb_terms.shape[:-1]))
+
+
+def _fake_keep_out(out, seed, offset, rho):
+    return None
+
+
+def _fake_cpp_fused(logits, targets, labels, emb, target_embs, lam, ibm_rate, tau, p_drop, seed, offset,
+                    lam_ce, lam_kl, w_emb, lam_I, dist, ignore_index, group_w=None):
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    groups, m = tuple(logits.shape[:-2]), targets.shape[0]
+    return (torch.empty(groups, **f32), torch.empty(groups, **f32), torch.empty((m,) + groups, **f32),
+            torch.empty((m,) + groups, **f32), torch.empty((m,), dtype=torch.bool, device=logits.device),
+            torch.empty((), **f32))
 
 
 def grouped_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
@@ -308,8 +346,9 @@ def grouped_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labe
             "grouped_loss runs on the loss kernels only (cpu, cuda or triton); none fits here")
     m = target_logits.shape[0]
     lam_t = torch.ones(m, dtype=torch.float32, device=student_logits.device)
-    if use_fused(be, student_logits):  # one op with C++ autograd; the terms come detached
-        loss, ce, kl, emb, _, _ = _fused_op()(
+    if use_fused(be, 0):  # one op with C++ autograd; the terms come detached
+        op = torch.ops.cifd_C.cifd_loss_fused if torch.compiler.is_compiling() else _fused_op()
+        loss, ce, kl, emb, _, _ = op(
             student_logits, target_logits.detach(), labels, student_emb, target_embs.detach(), lam_t,
             None, float(tau), 0.0, 0, 0, float(lam_ce), float(lam_kl), 1.0, 0.0, _DIST_CODES[dist],
             int(ignore_index), group_w)
