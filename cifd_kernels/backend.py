@@ -102,13 +102,14 @@ class KernelOptions:
     Every choice below is a speed or host-time trade-off with a test holding its
     results to the default's (bit for bit, unless the field says otherwise):
 
-    * ``eager_via_ops``: eager calls go through the registered ``cifd::`` custom ops
-      (what ``torch.compile`` traces) instead of one ``torch.autograd.Function`` an
-      op (same kernels, same bits, less host time; ``ops/_eager.py``).
-    * ``fused_cpu`` / ``fused_cuda``: eager calls on the ``cpu`` / ``cuda`` backend take
-      the C++-autograd ops (``cifd_C::entropy_bottleneck_fused``,
-      ``cifd_C::cifd_loss_fused``). On for the CPU; off for CUDA, where they have not
-      yet run on a GPU.
+    * ``eager_via_ops``: eager calls take the route ``torch.compile`` traces (the
+      registered ``cifd::`` custom ops, or the fused C++ ops below) instead of one
+      ``torch.autograd.Function`` an op (same kernels, same bits, less host time;
+      ``ops/_eager.py``).
+    * ``fused_cpu`` / ``fused_cuda``: calls on the ``cpu`` / ``cuda`` backend take the
+      C++-autograd ops (``cifd_C::entropy_bottleneck_fused``, ``cifd_C::cifd_loss_fused``),
+      eagerly and under ``torch.compile`` alike (their sub-ops have fake kernels), for
+      an int seed. On for the CPU; off for CUDA, where they have not yet run on a GPU.
     * ``save_y_hat``: the entropy op's backward re-reads the density at the saved
       y_hat where that is the same as regenerating the noise (noise mode, rho = 0,
       s = 1, float32/float64); off regenerates it.
