@@ -22,6 +22,7 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from .. import backend as _backend
+from ..reference.philox import seed_value
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -63,6 +64,16 @@ def call(op: Callable, function: type[torch.autograd.Function], *args):
     if via_ops(args[0]):
         return op(*args)
     return function.apply(*args)
+
+
+def eager_seed(seed, t: Optional[torch.Tensor] = None):
+    """``seed`` as the op goes on with it: a seed tensor is read at once, as a checked int,
+    when nothing traces (a 0-dim CPU tensor: no device sync); while tracing it stays a
+    tensor, for the kernels' op to read at run time or the reference's torch ops to
+    compute with. An int passes through."""
+    if isinstance(seed, torch.Tensor) and not via_ops(t):
+        return seed_value(seed)
+    return seed
 
 
 def takes_fused(be: str, seed, has_op: Callable[[], bool]) -> bool:

@@ -38,7 +38,7 @@ from .. import backend as _backend
 from . import _eager
 from ..reference import _checks
 from ..reference import cifd_loss as _ref
-from ..reference.philox import check_seed_offset, seed_value
+from ..reference.philox import check_seed_offset
 
 OP = "cifd_loss"
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -241,8 +241,7 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
     _ref._check_rate(ibm_rate, batch, "student_logits", ref)
     _checks.check_nonempty("student_logits", batch)
     check_seed_offset(seed, offset, m)
-    if isinstance(seed, torch.Tensor) and not _eager.via_ops(student_logits):
-        seed = seed_value(seed)  # eager: read it now (a CPU tensor: no device sync)
+    seed = _eager.eager_seed(seed, student_logits)
 
     lam_t = _ref._check_lam(lam, m, ref.device, torch.float32).detach()
     t_embs = target_embs.detach() if target_embs is not None else None
@@ -410,8 +409,7 @@ def cifd_embedding_loss(student_emb: torch.Tensor, target_embs: torch.Tensor,
     _ref._check_embeddings(student_emb, target_embs, m, batch, "student_emb", ref)
     _checks.check_nonempty("student_emb", batch)
     check_seed_offset(seed, offset, m)
-    if isinstance(seed, torch.Tensor) and not _eager.via_ops(student_emb):
-        seed = seed_value(seed)  # as cifd_loss
+    seed = _eager.eager_seed(seed, student_emb)
 
     lam_t = _ref._check_lam(lam, m, ref.device, torch.float32).detach()
     keep = _keep_flags(m, seed, offset, p_drop, ref.device)

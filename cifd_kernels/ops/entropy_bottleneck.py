@@ -325,8 +325,8 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
     _checks.check_rho_s(rho, s)
     if mode != "noise":  # seed and offset are unused there, as in the reference
         seed, offset = 0, 0
-    elif isinstance(seed, torch.Tensor) and not _eager.via_ops(y):
-        seed = seed_value(seed)  # eager: read it now (a CPU tensor: no device sync), checked
+    else:
+        seed = _eager.eager_seed(seed, y)
 
     def why_not(be: str) -> Optional[str]:
         if groups is not None and be == "triton" and y.dim() > 3:

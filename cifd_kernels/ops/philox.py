@@ -107,10 +107,9 @@ def philox_uniform(shape: Sequence[int] | int, seed: int, offset: int = 0,
     shape, device, be = _prep(shape, seed, offset, device, _OP_UNIFORM, backend)
     if dtype is not None and not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
-    if isinstance(seed, torch.Tensor):
-        if _eager.via_ops():  # a seed drawn in a traced graph: the reference's torch ops, same bits
-            return _ref.philox_uniform(shape, seed, offset, device, dtype)
-        seed = _ref.seed_value(seed)
+    seed = _eager.eager_seed(seed)
+    if isinstance(seed, torch.Tensor):  # a seed drawn in a traced graph: the reference's torch ops
+        return _ref.philox_uniform(shape, seed, offset, device, dtype)
     # eager: the implementation itself (no autograd to attach; see ._eager)
     fn = _philox_uniform_op if _eager.via_ops() else _philox_uniform_impl
     out = fn(shape, seed, offset, device, be)
@@ -130,9 +129,8 @@ def philox_keep_mask(shape: Sequence[int] | int, seed: int, offset: int, rho: fl
     if not isinstance(rho, (int, float)) or isinstance(rho, bool) or not 0.0 <= float(rho) <= 1.0:
         raise ValueError(f"rho must be a float in [0, 1], got {rho!r}")
     shape, device, be = _prep(shape, seed, offset, device, _OP_MASK, backend)
-    if isinstance(seed, torch.Tensor):
-        if _eager.via_ops():  # as philox_uniform
-            return _ref.philox_keep_mask(shape, seed, offset, float(rho), device=device)
-        seed = _ref.seed_value(seed)
+    seed = _eager.eager_seed(seed)
+    if isinstance(seed, torch.Tensor):  # as philox_uniform
+        return _ref.philox_keep_mask(shape, seed, offset, float(rho), device=device)
     fn = _philox_keep_mask_op if _eager.via_ops() else _philox_keep_mask_impl
     return fn(shape, seed, offset, float(rho), device, be)

@@ -259,9 +259,7 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
 
     if not need_rate:  # the channel alone: elementwise, the reference's own ops (same bits)
         z_hat = _ref.quantize_latent(z.float(), mode, seed, offset, med).to(z.dtype)  # fp32, as the kernel
-        h3 = rdm_linear(z_hat, p["dec1.weight"], p["dec1.bias"], act, backend=lin_be)
-        x_hat = rdm_linear(h3, p["dec2.weight"], p["dec2.bias"], "none", backend=lin_be)
-        return _ref.RDMBankOutput(z, z_hat, x_hat, _head(p, x_hat, lin_be), None, None)
+        return _decode(p, z, z_hat, act, lin_be, None, None)
 
     # Channel: the entropy op with groups = N, RDM n the [B, L] block n (counter layout above).
     z_hat, rate, lik = _entropy_bottleneck(z, matrices, biases, factors, med, mode=mode, seed=seed,
