@@ -193,7 +193,7 @@ def header(device: torch.device) -> dict[str, Any]:
 
 KERNEL_OPTION_HELP = ("NAME=VALUE: a cifd_kernels.backend.KernelOptions field for the whole run "
                       "(repeatable), e.g. cpu_avx2=false, cuda_bwd_min_blocks=2, "
-                      "triton_bwd_maxnreg=168, fused_cuda=true")
+                      "triton_bwd_maxnreg=168, save_y_hat=false")
 
 
 def apply_kernel_options(items: Sequence[str]) -> None:

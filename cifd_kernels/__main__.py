@@ -54,18 +54,11 @@ def info_text() -> str:
         lines.append(f"  {'':<10} cuda: {cols[1]}")
     lines.append(f"default backend: {backend.default_backend()} (CIFD_BACKEND)")
     opts = backend.get_kernel_options()
-    lines.append("eager calls: " + ("through the registered custom ops (eager_via_ops)"
-                                    if opts.eager_via_ops else
-                                    "one autograd.Function per op; custom ops under tracing"))
-    if not opts.eager_via_ops:
-        import importlib
-        eb = importlib.import_module("cifd_kernels.ops.entropy_bottleneck")
-        has = eb._fused_op() is not None
-        lines.append("  entropy op and cifd_loss as one op with C++ autograd: "
-                     f"cpu: {'yes' if has and opts.fused_cpu else 'no'}, cuda: "
-                     + ("yes (fused_cuda)" if has and opts.fused_cuda
-                        else "no (the fused_cuda kernel option turns it on; not yet run on a GPU)")
-                     + ("" if has else " (no _C with cifd_C::entropy_bottleneck_fused)"))
+    lines.append("calls on cpu / cuda: one op each with C++ autograd (cifd_C::*_fused), eager "
+                 "and traced; triton: " + ("the registered custom ops (eager_via_ops)"
+                                           if opts.eager_via_ops else
+                                           "one autograd.Function per op eagerly, the registered ops "
+                                           "under tracing"))
     lines.append("kernel options (backend.set_kernel_options): " + ", ".join(
         f"{k}={v}" for k, v in dataclasses.asdict(opts).items()))
     lines.append("ops (implemented backends; auto picks on cpu / cuda):")

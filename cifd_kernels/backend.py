@@ -102,14 +102,11 @@ class KernelOptions:
     Every choice below is a speed or host-time trade-off with a test holding its
     results to the default's (bit for bit, unless the field says otherwise):
 
-    * ``eager_via_ops``: eager calls take the route ``torch.compile`` traces (the
-      registered ``cifd::`` custom ops, or the fused C++ ops below) instead of one
-      ``torch.autograd.Function`` an op (same kernels, same bits, less host time;
-      ``ops/_eager.py``).
-    * ``fused_cpu`` / ``fused_cuda``: calls on the ``cpu`` / ``cuda`` backend take the
-      C++-autograd ops (``cifd_C::entropy_bottleneck_fused``, ``cifd_C::cifd_loss_fused``),
-      eagerly and under ``torch.compile`` alike (their sub-ops have fake kernels), for
-      an int seed. On for the CPU; off for CUDA, where they have not yet run on a GPU.
+    * ``eager_via_ops``: eager Triton calls take the route ``torch.compile`` traces (the
+      registered ``cifd::`` ops) instead of one ``torch.autograd.Function`` an op (same
+      kernels, same bits, less host time; ``ops/_eager.py``). The C++ backends have one
+      route either way: the C++-autograd ops (``cifd_C::entropy_bottleneck_fused``,
+      ``cifd_C::cifd_loss_fused``), which tracing runs through.
     * ``save_y_hat``: the entropy op's backward re-reads the density at the saved
       y_hat where that is the same as regenerating the noise (noise mode, rho = 0,
       s = 1, float32/float64); off regenerates it.
@@ -123,15 +120,13 @@ class KernelOptions:
       the interpreter).
     """
     eager_via_ops: bool = False
-    fused_cpu: bool = True
-    fused_cuda: bool = False
     save_y_hat: bool = True
     cpu_avx2: bool = True
     cuda_bwd_min_blocks: int = 1
     triton_bwd_maxnreg: Optional[int] = None
 
     def __post_init__(self):
-        for f in ("eager_via_ops", "fused_cpu", "fused_cuda", "save_y_hat", "cpu_avx2"):
+        for f in ("eager_via_ops", "save_y_hat", "cpu_avx2"):
             if not isinstance(getattr(self, f), bool):
                 raise TypeError(f"{f} must be a bool, got {getattr(self, f)!r}")
         m = self.cuda_bwd_min_blocks

@@ -1,21 +1,22 @@
 // SPDX-License-Identifier: Apache-2.0
 // cifd_C::cifd_loss_fused: the stage-2 CIFD loss (docs/METHOD.md section 4) from the
-// student's outputs to (loss, terms), with its autograd in C++ (CPU).
+// student's outputs to (loss, terms), with its autograd in C++.
 //
 //   cifd_loss_fused(logits, targets, labels, emb, target_embs, lam, ibm_rate, tau, p_drop,
 //                   seed, offset, lam_ce, lam_kl, w_emb, lam_I, dist, ignore_index,
-//                   group_w=None) -> (loss, ce, kl, emb_terms, keep, rate)
+//                   group_w=None, seed_tensor=None) -> (loss, ce, kl, emb_terms, keep, rate)
 //
-// One call does what the eager Python path of cifd_kernels.ops.cifd_loss.cifd_loss does
-// after its argument checks: the KD-dropout keep flags (cifd_C::philox_keep_mask_out,
+// The loss op of the C++ backends (cpu, cuda), eagerly and under torch.compile alike.
+// After cifd_kernels.ops.cifd_loss's argument checks, one call runs: the KD-dropout keep flags (cifd_C::philox_keep_mask_out,
 // word 1 of counters offset .. offset + M - 1; all kept when p_drop = 0), the count of
 // non-ignored labels, the fused kernel (cifd_C::cifd_loss_fwd, which also writes the
 // gradients), the batch means (cifd_C::cifd_loss_reduce), and the IBM rate term
 // loss += lam_I * mean(ibm_rate). The backward node scales the saved gradients by the
-// loss's gradient and hands the rate its share. Same ops in the same order, so the
-// same bits; what goes is the Python around them (an autograd.Function, ~10 tensor
-// conversions and the rate term's three autograd nodes), which at the stage-2 step's
-// size (B = 128, K = 10, D = 128, M = 4) cost more host time than the kernel.
+// loss's gradient and hands the rate its share. Its autograd is C++ because, at the
+// stage-2 step's size (B = 128, K = 10, D = 128, M = 4), a Python autograd.Function
+// around the same kernel cost more host time than the kernel (benchmarks/NOTES.md).
+// seed_tensor: a 0-dim int64 CPU tensor standing for seed (a seed drawn in a traced
+// graph), read by the keep-flag op when it runs.
 //
 // logits [B, K] float32/float16/bfloat16; targets [M, B, K]; labels [B] integer, each a
 // class in [0, K) or ignore_index (cifd_C::cifd_loss_fwd refuses others: IndexError on
@@ -62,7 +63,7 @@ using FwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Te
 using ReduceSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, double, double, double);
-using KeepSig = void(at::Tensor&, int64_t, int64_t, double);
+using KeepSig = void(at::Tensor&, int64_t, int64_t, double, const std::optional<at::Tensor>&);
 
 // The ops this one is made of, looked up once.
 struct Ops {
@@ -90,7 +91,8 @@ Outputs run(const at::Tensor& logits, const at::Tensor& targets, const at::Tenso
             const at::Tensor& lam, const std::optional<at::Tensor>& ibm_rate, double tau,
             double p_drop, int64_t seed, int64_t offset, double lam_ce, double lam_kl,
             double w_emb, double lam_I, int64_t dist, int64_t ignore_index,
-            const std::optional<at::Tensor>& group_w) {
+            const std::optional<at::Tensor>& group_w,
+            const std::optional<at::Tensor>& seed_tensor) {
   TORCH_CHECK(logits.dim() == 2 || (logits.dim() == 3 && given(group_w)),
               "student_logits must be [B, K] (or [G, B, K] with group_w), got ", logits.sizes());
   TORCH_CHECK(targets.dim() == 3, "target_logits must be [M, B, K], got ", targets.sizes());
@@ -103,7 +105,7 @@ Outputs run(const at::Tensor& logits, const at::Tensor& targets, const at::Tenso
     o.keep = at::ones({M}, logits.options().dtype(at::kBool));
   } else {
     o.keep = at::empty({M}, logits.options().dtype(at::kBool));
-    ops().keep.call(o.keep, seed, offset, p_drop);
+    ops().keep.call(o.keep, seed, offset, p_drop, seed_tensor);
   }
   const at::Tensor lab = cifd_bind::as_dtype(labels, at::kLong).contiguous();
   at::Tensor nvalid;  // #labels != ignore_index, at least 1, as a 0-dim float32
@@ -154,9 +156,10 @@ Result fused_plain(const at::Tensor& logits, const at::Tensor& targets, const at
                    const std::optional<at::Tensor>& ibm_rate, double tau, double p_drop,
                    int64_t seed, int64_t offset, double lam_ce, double lam_kl, double w_emb,
                    double lam_I, int64_t dist, int64_t ignore_index,
-                   const std::optional<at::Tensor>& group_w) {
+                   const std::optional<at::Tensor>& group_w,
+                   const std::optional<at::Tensor>& seed_tensor) {
   Outputs o = run(logits, targets, labels, emb, target_embs, lam, ibm_rate, tau, p_drop, seed,
-                  offset, lam_ce, lam_kl, w_emb, lam_I, dist, ignore_index, group_w);
+                  offset, lam_ce, lam_kl, w_emb, lam_I, dist, ignore_index, group_w, seed_tensor);
   return {o.loss, o.ce, o.kl, o.emb, o.keep, o.rate};
 }
 
@@ -169,10 +172,12 @@ struct Fused : public torch::autograd::Function<Fused> {
                                double tau, double p_drop, int64_t seed, int64_t offset,
                                double lam_ce, double lam_kl, double w_emb, double lam_I,
                                int64_t dist, int64_t ignore_index,
-                               const std::optional<at::Tensor>& group_w) {
+                               const std::optional<at::Tensor>& group_w,
+                               const std::optional<at::Tensor>& seed_tensor) {
     at::AutoDispatchBelowADInplaceOrView guard;
     Outputs o = run(logits, targets, labels, emb, target_embs, lam, ibm_rate, tau, p_drop, seed,
-                    offset, lam_ce, lam_kl, w_emb, lam_I, dist, ignore_index, group_w);
+                    offset, lam_ce, lam_kl, w_emb, lam_I, dist, ignore_index, group_w,
+                    seed_tensor);
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({o.grad_logits, o.grad_emb});
     ctx->saved_data["lam_I"] = lam_I;
@@ -196,7 +201,7 @@ struct Fused : public torch::autograd::Function<Fused> {
     const at::Tensor& gu = saved[1];
     const at::Tensor& g = grads[0];
     const at::Tensor& g_rate = grads[5];
-    variable_list out(18);
+    variable_list out(19);
     if (g.defined()) {
       // g: 0-dim, or [G] with groups (group g's rows scale by g[g])
       std::vector<int64_t> shape(g.sizes().begin(), g.sizes().end());
@@ -224,10 +229,11 @@ Result fused_autograd(const at::Tensor& logits, const at::Tensor& targets,
                       const std::optional<at::Tensor>& ibm_rate, double tau, double p_drop,
                       int64_t seed, int64_t offset, double lam_ce, double lam_kl, double w_emb,
                       double lam_I, int64_t dist, int64_t ignore_index,
-                      const std::optional<at::Tensor>& group_w) {
+                      const std::optional<at::Tensor>& group_w,
+                      const std::optional<at::Tensor>& seed_tensor) {
   variable_list o = Fused::apply(logits, targets, labels, emb, target_embs, lam, ibm_rate, tau,
                                  p_drop, seed, offset, lam_ce, lam_kl, w_emb, lam_I, dist,
-                                 ignore_index, group_w);
+                                 ignore_index, group_w, seed_tensor);
   return {o[0], o[1], o[2], o[3], o[4], o[5]};
 }
 
@@ -238,7 +244,8 @@ TORCH_LIBRARY_FRAGMENT(cifd_C, m) {
       "cifd_loss_fused(Tensor logits, Tensor targets, Tensor labels, Tensor? emb, "
       "Tensor? target_embs, Tensor lam, Tensor? ibm_rate, float tau, float p_drop, int seed, "
       "int offset, float lam_ce, float lam_kl, float w_emb, float lam_I, int dist, "
-      "int ignore_index, Tensor? group_w=None) -> (Tensor loss, Tensor ce, Tensor kl, "
+      "int ignore_index, Tensor? group_w=None, Tensor? seed_tensor=None) -> (Tensor loss, "
+      "Tensor ce, Tensor kl, "
       "Tensor emb_terms, Tensor keep, Tensor rate)");
 }
 
@@ -246,8 +253,7 @@ TORCH_LIBRARY_IMPL(cifd_C, CPU, m) { m.impl("cifd_loss_fused", &fused_plain); }
 
 TORCH_LIBRARY_IMPL(cifd_C, AutogradCPU, m) { m.impl("cifd_loss_fused", &fused_autograd); }
 
-// CUDA: the same op over the CUDA loss kernel. Not yet run on a GPU: cifd_kernels takes
-// it only with CIFD_FUSED_CUDA=1 (ops/cifd_loss.py).
+// CUDA: the same op over the CUDA loss kernel. tools/gpu_check.sh runs it on a GPU.
 #ifdef CIFD_WITH_CUDA
 TORCH_LIBRARY_IMPL(cifd_C, CUDA, m) { m.impl("cifd_loss_fused", &fused_plain); }
 

@@ -3,10 +3,14 @@
 // CPU or CUDA kernels (csrc/cpu/entropy_bottleneck.cpp, csrc/cuda/entropy_bottleneck.cu).
 //
 //   entropy_bottleneck_fwd(y, packed, medians, mode, seed, offset, rho, s, bound,
-//                          need_likelihood, groups=0) -> (y_hat, rate, likelihood)
+//                          need_likelihood, groups=0, seed_tensor=None)
+//                          -> (y_hat, rate, likelihood)
 //   entropy_bottleneck_bwd(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood,
-//                          mode, seed, offset, rho, s, bound, deterministic, groups=0)
-//                          -> (grad_y, grad_packed)
+//                          mode, seed, offset, rho, s, bound, deterministic, groups=0,
+//                          seed_tensor=None) -> (grad_y, grad_packed)
+//
+// seed_tensor, when given, is the seed instead of ``seed``: a 0-dim int64 CPU tensor (a
+// seed drawn inside a torch.compile graph), read on the host at run time.
 //
 // groups = 0, one problem: y [N, C, *spatial] contiguous float32/float16/bfloat16, or float64 on the CPU;
 // packed [58, C] (cifd_kernels/ops/density_pack.py) in the compute dtype
@@ -431,8 +435,9 @@ template <auto one, auto grouped>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(
     const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians, int64_t mode,
     int64_t seed, int64_t offset, double rho, double s, double bound, bool need_likelihood,
-    int64_t groups) {
+    int64_t groups, const std::optional<at::Tensor>& seed_tensor) {
   TORCH_CHECK(groups >= 0, "groups must be >= 0 (0: one problem), got ", groups);
+  seed = cifd_bind::seed_of(seed, seed_tensor);
   if (groups == 0) {
     return one(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood);
   }
@@ -444,8 +449,9 @@ std::tuple<at::Tensor, at::Tensor> bwd(
     const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
     const at::Tensor& grad_y_hat, const at::Tensor& grad_rate, const at::Tensor& grad_likelihood,
     int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound,
-    bool deterministic, int64_t groups) {
+    bool deterministic, int64_t groups, const std::optional<at::Tensor>& seed_tensor) {
   TORCH_CHECK(groups >= 0, "groups must be >= 0 (0: one problem), got ", groups);
+  seed = cifd_bind::seed_of(seed, seed_tensor);
   if (groups == 0) {
     return one(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset,
                rho, s, bound, deterministic);
@@ -460,12 +466,13 @@ TORCH_LIBRARY_FRAGMENT(cifd_C, m) {
   m.def("set_kernel_options(bool cpu_avx2, int cuda_bwd_min_blocks) -> ()", &set_kernel_options);
   m.def(
       "entropy_bottleneck_fwd(Tensor y, Tensor packed, Tensor medians, int mode, int seed, "
-      "int offset, float rho, float s, float bound, bool need_likelihood, int groups=0) "
-      "-> (Tensor y_hat, Tensor rate, Tensor likelihood)");
+      "int offset, float rho, float s, float bound, bool need_likelihood, int groups=0, "
+      "Tensor? seed_tensor=None) -> (Tensor y_hat, Tensor rate, Tensor likelihood)");
   m.def(
       "entropy_bottleneck_bwd(Tensor y, Tensor packed, Tensor medians, Tensor grad_y_hat, "
       "Tensor grad_rate, Tensor grad_likelihood, int mode, int seed, int offset, float rho, "
-      "float s, float bound, bool deterministic, int groups=0) -> (Tensor grad_y, "
+      "float s, float bound, bool deterministic, int groups=0, Tensor? seed_tensor=None) "
+      "-> (Tensor grad_y, "
       "Tensor grad_packed)");
 }
 

@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // cifd_C::philox_uniform_out / philox_keep_mask_out: checks, then the raw
-// CPU or CUDA kernel (dispatched on the output's device).
+// CPU or CUDA kernel (dispatched on the output's device). philox_keep_mask_out's
+// seed_tensor (a 0-dim int64 CPU tensor) stands for seed when given: a seed drawn in a
+// traced graph, read on the host at run time (cifd_C::cifd_loss_fused's KD-dropout).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -37,7 +39,9 @@ void philox_uniform_cpu(at::Tensor& out, int64_t seed, int64_t offset) {
                             at::get_num_threads());
 }
 
-void philox_keep_mask_cpu(at::Tensor& out, int64_t seed, int64_t offset, double rho) {
+void philox_keep_mask_cpu(at::Tensor& out, int64_t seed, int64_t offset, double rho,
+                          const std::optional<at::Tensor>& seed_tensor) {
+  seed = cifd_bind::seed_of(seed, seed_tensor);
   check_args(out, at::kBool, seed, offset);
   check_rho(rho);
   cifd::cpu::philox_keep_mask(reinterpret_cast<uint8_t*>(out.data_ptr<bool>()), out.numel(), seed,
@@ -54,7 +58,9 @@ void philox_uniform_cuda(at::Tensor& out, int64_t seed, int64_t offset) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void philox_keep_mask_cuda(at::Tensor& out, int64_t seed, int64_t offset, double rho) {
+void philox_keep_mask_cuda(at::Tensor& out, int64_t seed, int64_t offset, double rho,
+                           const std::optional<at::Tensor>& seed_tensor) {
+  seed = cifd_bind::seed_of(seed, seed_tensor);
   check_args(out, at::kBool, seed, offset);
   check_rho(rho);
   const c10::cuda::CUDAGuard guard(out.device());
@@ -70,7 +76,9 @@ void philox_keep_mask_cuda(at::Tensor& out, int64_t seed, int64_t offset, double
 
 TORCH_LIBRARY_FRAGMENT(cifd_C, m) {
   m.def("philox_uniform_out(Tensor(a!) out, int seed, int offset) -> ()");
-  m.def("philox_keep_mask_out(Tensor(a!) out, int seed, int offset, float rho) -> ()");
+  m.def(
+      "philox_keep_mask_out(Tensor(a!) out, int seed, int offset, float rho, "
+      "Tensor? seed_tensor=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(cifd_C, CPU, m) {

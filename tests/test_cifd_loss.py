@@ -166,9 +166,10 @@ def _check_half(be, dtype, device, M, B, K, D):
         assert err(a, c) <= 2 * err(b, c) + 1e-6
 
 
-@pytest.mark.parametrize("be", KERNELS)
-def test_opcheck(be, device):
-    _skip_unless(be, device)
+def test_opcheck(device):
+    """cifd::cifd_loss, the Triton kernel's op (the C++ backends' fused op: test_traced_route
+    and its opcheck below)."""
+    _skip_unless("triton", device)
     inp, lam = _inputs(2, 5, 12, 7, device)
     lam_t = torch.tensor(lam, device=device)
     keep = torch.tensor([True, False], device=device)
@@ -177,7 +178,7 @@ def test_opcheck(be, device):
         x = inp["target_embs"] if emb else None
         torch.library.opcheck(torch.ops.cifd.cifd_loss.default,
                               (inp["student_logits"], inp["target_logits"], inp["labels"], u, x,
-                               lam_t, keep, None, 2.0, 1.0, 1.0, 100.0, dist, IGNORE, be))
+                               lam_t, keep, None, 2.0, 1.0, 1.0, 100.0, dist, IGNORE))
 
 
 @pytest.mark.parametrize("be", KERNELS)
@@ -409,15 +410,14 @@ def test_grouped_loss_matches_per_group_reference(be, M, K, dist, device):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("be", KERNELS)
-def test_grouped_opcheck(be, device):
-    _skip_unless(be, device)
+def test_grouped_opcheck(device):
+    _skip_unless("triton", device)
     z, t, y, u, x, gw = _grouped_inputs(2, 2, 4, 9, 5, device)
     lam_t = torch.tensor([1.0, 0.4], device=device)
     keep = torch.tensor([True, False], device=device)
     for w in (gw, None):
         torch.library.opcheck(torch.ops.cifd.cifd_loss.default,
-                              (z, t, y, u, x, lam_t, keep, w, 2.0, 1.0, 1.0, 3.0, "mse", IGNORE, be))
+                              (z, t, y, u, x, lam_t, keep, w, 2.0, 1.0, 1.0, 3.0, "mse", IGNORE))
 
 
 def test_grouped_raw_op_argument_errors():
@@ -536,30 +536,58 @@ def _fused_or_skip():
         pytest.skip("_C built without cifd_loss_fused")
 
 
-def _fused_backend(device, monkeypatch) -> str:
-    """The backend whose eager calls take the fused op on ``device`` (cuda: switched on
-    with the fused_cuda kernel option)."""
+def _fused_backend(device) -> str:
+    """The backend of ``device`` whose calls take the fused op."""
     if device == "cuda":
         _skip_unless("cuda", device)
-        set_kernel_options(fused_cuda=True)
         return "cuda"
     return "cpu"
 
 
-def _fused_then_python(run, monkeypatch):
-    """``run()`` through the fused op (asserting that it was taken, once), then through the
-    Python path: ``(fused, python)``."""
+def _counted(monkeypatch):
+    """Count the fused op's calls: the list it appends to."""
     L = _loss_module()
     calls = []
     real = L._fused_op()
     monkeypatch.setattr(L, "_fused_op", lambda: (lambda *a: calls.append(1) or real(*a)))
-    got = run()
-    assert calls == [1]
-    set_kernel_options(fused_cpu=False)
-    set_kernel_options(fused_cuda=False)
-    want = run()
-    assert calls == [1]
-    return got, want
+    return calls
+
+
+def _composed(logits, targets, labels, emb, target_embs, lam, ibm_rate, tau, p_drop, seed, offset, lam_ce,
+              lam_kl, w_emb, lam_I, dist, g_loss, g_rate, group_w=None):
+    """The fused op's outputs and gradients by its sub-ops called one by one (keep flags,
+    the label count, the kernel, the reduction, the rate term), with ``g_loss`` and
+    ``g_rate`` the gradients reaching loss and rate (None: none): ``(loss, terms,
+    grad_logits, grad_emb, grad_rate)``."""
+    C = torch.ops.cifd_C
+    M, f32 = targets.shape[0], dict(dtype=torch.float32, device=logits.device)
+    keep = torch.ones(M, dtype=torch.bool, device=logits.device)
+    if p_drop != 0.0:
+        C.philox_keep_mask_out(keep, seed, offset, p_drop)
+    nvalid = (labels != IGNORE).sum().clamp_min(1).to(torch.float32)
+    none = torch.empty(0, **f32)
+    gw = group_w.float() if group_w is not None else none
+    e = emb.detach() if emb is not None else none
+    te = target_embs.to(emb.dtype) if emb is not None else none
+    ce_b, kl_mb, emb_mb, gz, gu = C.cifd_loss_fwd(
+        logits.detach(), targets.to(logits.dtype), labels.long(), e, te, lam.float(), keep.to(torch.uint8),
+        nvalid, gw, tau, lam_ce, lam_kl, w_emb, dist, IGNORE)
+    loss, ce, kl, emb_t = C.cifd_loss_reduce(ce_b, kl_mb, emb_mb, lam, nvalid, gw, lam_ce, lam_kl, w_emb)
+    rate = ibm_rate.detach().float().mean() if ibm_rate is not None else torch.zeros((), **f32)
+    if ibm_rate is not None:
+        loss = loss + rate * lam_I
+    g_logits = g_emb = g_r = None
+    if g_loss is not None:
+        gs = g_loss.reshape(g_loss.shape + (1, 1))
+        g_logits = gz * gs.to(gz.dtype)
+        g_emb = gu * gs.to(gu.dtype) if emb is not None else None
+    if ibm_rate is not None and (g_loss is not None or g_rate is not None):
+        gr = g_loss * lam_I if g_loss is not None else None
+        gr = g_rate if gr is None else (gr + g_rate if g_rate is not None else gr)
+        B = ibm_rate.shape[0]
+        g_r = (gr.expand(B) / B).to(ibm_rate.dtype)
+    return loss, {"ce": ce, "kl": kl, "emb": emb_t, "keep": keep, "rate": rate, "loss": loss}, \
+        g_logits, g_emb, g_r
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -567,35 +595,39 @@ def _fused_then_python(run, monkeypatch):
 @pytest.mark.parametrize("rate", [None, torch.float32, torch.float64])
 @pytest.mark.parametrize("p_drop,dist", [(0.0, "mse"), (0.5, "smooth_l1")])
 @pytest.mark.parametrize("use", ["loss", "loss+rate", "rate"])
-def test_fused_op_equals_python_path(dtype, emb, rate, p_drop, dist, use, device, monkeypatch):
+def test_fused_op_equals_its_sub_ops(dtype, emb, rate, p_drop, dist, use, device, monkeypatch):
     """Loss, every term and every gradient (logits, embedding, IBM rate) bit for bit
-    against the Python path, with the gradient through the loss, the rate term, or both.
-    On a GPU: the op's CUDA registration, switched on by the fused_cuda kernel option."""
+    against the fused op's sub-ops called by hand, with the gradient through the loss,
+    the rate term, or both."""
     _fused_or_skip()
     if use != "loss" and rate is None:
         pytest.skip("no rate to differentiate")
-    be = _fused_backend(device, monkeypatch)
+    be = _fused_backend(device)
     inp, lam = _inputs(4, 9, 7, 5, device, dtype=dtype, seed=3, emb=emb)
     g = torch.Generator().manual_seed(4)
     ibm_rate = None if rate is None else (5 * torch.rand(9, generator=g)).to(device, rate).requires_grad_()
     wrt = [inp["student_logits"]] + ([inp["student_emb"]] if emb else []) + \
         ([ibm_rate] if rate is not None else [])
-
-    def run():
-        loss, terms = cifd_loss(**inp, lam=lam, tau=1.5, p_drop=p_drop, seed=77, offset=3, dist=dist,
-                                ibm_rate=ibm_rate, lam_I=0.37, w_emb=2.5, backend=be)
-        out = {"loss": 1.7 * loss} if use == "loss" else {"rate": 0.6 * terms["rate"]}
-        if use == "loss+rate":
-            out["loss"] = 1.7 * loss
-        grads = torch.autograd.grad(sum(out.values()), wrt, allow_unused=True)
-        return loss, terms, grads
-    got, want = _fused_then_python(run, monkeypatch)
-    assert torch.equal(got[0], want[0]) and got[0].dtype == want[0].dtype
-    assert set(got[1]) == set(want[1])
-    for k in want[1]:
-        assert torch.equal(got[1][k], want[1][k]), k
-        assert got[1][k].requires_grad == want[1][k].requires_grad, k
-    for a, b in zip(got[2], want[2]):
+    calls = _counted(monkeypatch)
+    loss, terms = cifd_loss(**inp, lam=lam, tau=1.5, p_drop=p_drop, seed=77, offset=3, dist=dist,
+                            ibm_rate=ibm_rate, lam_I=0.37, w_emb=2.5, backend=be)
+    assert calls == [1]
+    out = {"loss": 1.7 * loss} if use == "loss" else {"rate": 0.6 * terms["rate"]}
+    if use == "loss+rate":
+        out["loss"] = 1.7 * loss
+    grads = torch.autograd.grad(sum(out.values()), wrt, allow_unused=True)
+    one = torch.ones((), device=device)
+    w_loss, w_rate, w_gz, w_gu, w_gr = _composed(
+        inp["student_logits"], inp["target_logits"], inp["labels"], inp["student_emb"], inp["target_embs"],
+        torch.tensor(lam, device=device), ibm_rate, 1.5, p_drop, 77, 3, 1.0, 1.0, 2.5, 0.37,
+        ref.DISTORTIONS.index(dist), 1.7 * one if "loss" in out else None, 0.6 * one if "rate" in out else None)
+    assert torch.equal(loss, w_loss) and loss.dtype == w_loss.dtype
+    assert set(terms) == set(w_rate)
+    for k in terms:
+        assert torch.equal(terms[k], w_rate[k]), k
+        assert terms[k].requires_grad == (k == "loss" or (k == "rate" and rate is not None)), k
+    want = [w_gz] + ([w_gu] if emb else []) + ([w_gr] if rate is not None else [])
+    for a, b in zip(grads, want):
         assert (a is None) == (b is None)
         if a is not None:
             assert a.dtype == b.dtype and torch.equal(a, b)
@@ -603,25 +635,21 @@ def test_fused_op_equals_python_path(dtype, emb, rate, p_drop, dist, use, device
 
 def test_fused_op_ignored_labels_inference_and_module():
     """All labels ignored, inference mode (no autograd key) and the CIFDLoss module in
-    train mode (KD-dropout drawn per call): the Python path's values."""
+    train mode (KD-dropout drawn per call): the values of the same calls with autograd
+    and of the module's call through the functional with its seed."""
     _fused_or_skip()
     inp, lam = _inputs(3, 6, 7, 4, "cpu", seed=5)
     inp["labels"] = torch.full((6,), IGNORE)
+    a = cifd_loss(**inp, lam=lam, seed=2, backend="cpu")
+    with torch.inference_mode():
+        b = cifd_loss(**inp, lam=lam, seed=2, backend="cpu")
+    assert all(torch.equal(x, y) for x, y in zip([a[0], *a[1].values()], [b[0], *b[1].values()]))
+    assert a[1]["ce"].item() == 0.0  # ce over no labels
     module = CIFDLoss(lam=lam, p_drop=0.3, w_emb=0.5).train()
-
-    def run():
-        a = cifd_loss(**inp, lam=lam, seed=2, backend="cpu")
-        with torch.inference_mode():
-            b = cifd_loss(**inp, lam=lam, seed=2, backend="cpu")
-        c = module(inp["student_logits"], inp["target_logits"], inp["labels"], inp["student_emb"],
-                   inp["target_embs"], seed=11)
-        return [a[0], *a[1].values(), b[0], *b[1].values(), c[0], *c[1].values()]
-    got = run()
-    with kernel_options(fused_cpu=False):
-        want = run()
-    assert len(got) == len(want)
-    assert all(torch.equal(x, y) for x, y in zip(got, want))
-    assert got[1].item() == 0.0  # ce over no labels
+    c = module(inp["student_logits"], inp["target_logits"], inp["labels"], inp["student_emb"],
+               inp["target_embs"], seed=11)
+    d = cifd_loss(**inp, lam=lam, p_drop=0.3, w_emb=0.5 / 4, seed=11, backend="cpu")  # the module's w_emb / D
+    assert all(torch.equal(x, y) for x, y in zip([c[0], *c[1].values()], [d[0], *d[1].values()]))
 
 
 def test_fused_op_argument_errors():
@@ -640,23 +668,24 @@ def test_fused_op_argument_errors():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dist", ref.DISTORTIONS)
-def test_fused_op_grouped_equals_python_path(dtype, dist, device, monkeypatch):
+def test_fused_op_grouped_equals_its_sub_ops(dtype, dist, device, monkeypatch):
     """grouped_loss (the RDM bank's stage 1) through the fused op with group_w: loss,
-    terms and gradients bit for bit against the Python path."""
+    terms and gradients bit for bit against the sub-ops called by hand."""
     _fused_or_skip()
     from cifd_kernels.ops.cifd_loss import grouped_loss
-    be = _fused_backend(device, monkeypatch)
+    be = _fused_backend(device)
     z, t, y, u, x, gw = _grouped_inputs(3, 4, 6, 7, 5, device, seed=2)
     z, u = (v.detach().to(dtype).requires_grad_() for v in (z, u))
     t, x = t.to(dtype), x.to(dtype)
     g_out = torch.randn(3, generator=torch.Generator().manual_seed(4)).to(device)
-    kw = dict(tau=1.5, lam_ce=0.7, lam_kl=1.3, dist=dist, ignore_index=IGNORE, backend=be)
-
-    def run():
-        loss, ce, kl, emb = grouped_loss(z, t, y, u, x, gw, **kw)
-        return [loss, ce, kl, emb] + list(torch.autograd.grad((loss * g_out).sum(), [z, u]))
-    got, want = _fused_then_python(run, monkeypatch)
-    for a, b in zip(got, want):
+    calls = _counted(monkeypatch)
+    loss, ce, kl, emb = grouped_loss(z, t, y, u, x, gw, tau=1.5, lam_ce=0.7, lam_kl=1.3, dist=dist,
+                                     ignore_index=IGNORE, backend=be)
+    assert calls == [1]
+    got = [loss, ce, kl, emb] + list(torch.autograd.grad((loss * g_out).sum(), [z, u]))
+    w_loss, w, w_gz, w_gu, _ = _composed(z, t, y, u, x, torch.ones(4, device=device), None, 1.5, 0.0, 0, 0,
+                                         0.7, 1.3, 1.0, 0.0, ref.DISTORTIONS.index(dist), g_out, None, gw)
+    for a, b in zip(got, [w_loss, w["ce"], w["kl"], w["emb"], w_gz, w_gu]):
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
     assert not any(v.requires_grad for v in got[1:4])  # the terms come detached
 
@@ -685,17 +714,12 @@ def _with_label(inp, row, value):
 
 @pytest.mark.parametrize("be", ["reference"] + KERNELS)
 @pytest.mark.parametrize("bad", BAD_LABELS)
-@pytest.mark.parametrize("fused", [True, False])
-def test_out_of_range_labels_raise(be, bad, fused, monkeypatch):
-    """cifd_loss and the CIFDLoss module (train and eval), through the fused C++ op and
-    the Python path on "cpu", and grouped_loss: IndexError naming labels, with ignored
-    rows in the batch."""
+def test_out_of_range_labels_raise(be, bad, monkeypatch):
+    """cifd_loss and the CIFDLoss module (train and eval), and grouped_loss: IndexError
+    naming labels, with ignored rows in the batch."""
     from cifd_kernels.ops.cifd_loss import grouped_loss
     if be != "reference":
         _skip_unless(be, "cpu")
-    if not fused and be != "cpu":
-        pytest.skip("the fused op is the cpu backend's")
-    set_kernel_options(fused_cpu=fused)
     K = 7
     inp, lam = _inputs(3, 5, K, 4, "cpu")
     assert inp["labels"][1] == IGNORE
@@ -789,7 +813,7 @@ def test_fused_op_is_the_traced_route_and_passes_opcheck():
     kernels for it and the C++ ops it calls; its forward counts the valid labels with
     ATen ops for a fake tensor): the traced forward holds the C++ loss kernel and batch
     means, no Python custom op. opcheck passes with and without KD-dropout, embeddings
-    and the IBM rate, and for groups."""
+    and the IBM rate, with a seed tensor, and for groups."""
     L = _loss_module()
     if L._fused_op() is None:  # registers the fakes
         pytest.skip("_C built without cifd_loss_fused")
@@ -800,6 +824,9 @@ def test_fused_op_is_the_traced_route_and_passes_opcheck():
     lam_t = torch.tensor(lam)
     rate = torch.rand(5, requires_grad=True)
     torch.library.opcheck(op, (*args, lam_t, rate, 2.0, 0.5, 3, 1, 1.0, 0.5, 10.0, 0.01, 0, IGNORE))
+    # a seed tensor (drawn in a traced graph) in place of the seed
+    torch.library.opcheck(op, (*args, lam_t, rate, 2.0, 0.5, 0, 1, 1.0, 0.5, 10.0, 0.01, 0, IGNORE, None,
+                               torch.tensor(3)))
     torch.library.opcheck(op, (args[0], args[1], args[2], None, None, lam_t, None, 2.0, 0.0, 0, 0, 1.0, 0.5,
                                10.0, 0.0, 1, IGNORE))
     zg = args[0].detach().expand(2, 5, 7).contiguous().requires_grad_()

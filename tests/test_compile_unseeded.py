@@ -206,3 +206,55 @@ def test_philox_ops_take_a_seed_tensor(be):
                                backend="aot_eager")
         assert torch.equal(traced(torch.tensor(s)), want)
     assert torch.equal(ref_philox.philox_uniform(6, torch.tensor(s), 3), ref_philox.philox_uniform(6, s, 3))
+
+
+def _traced_cifd_ops(step):
+    """The ``cifd``/``cifd_C`` ops in the forward and backward graphs ``torch.compile``
+    (fullgraph, AOTAutograd, no Inductor) traces from ``step``; runs it once, with a
+    backward through the sum of its outputs."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    seen = []
+
+    def record(gm, _):
+        for n in gm.graph.nodes:
+            # a mutating op (philox_keep_mask_out) is traced functionalized, as the first argument
+            # of auto_functionalized
+            target = n.args[0] if "auto_functionalized" in str(n.target) else n.target
+            if n.op == "call_function" and "cifd" in str(target):
+                seen.append(str(target))
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    outs = torch.compile(step, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record))()
+    sum(o.float().sum() for o in outs if o.requires_grad).backward()
+    return seen
+
+
+def test_drawn_seed_takes_the_cpp_ops_on_cpu():
+    """On the "cpu" backend a seed drawn in the graph takes the op an int seed takes: the
+    fused C++ ops' sub-ops, traced through their C++ autograd with the seed tensor as an
+    argument (the entropy kernels forward and backward, the loss kernel and the keep
+    flags); no Python custom op (``cifd::``) in either graph."""
+    _skip_unless("cpu")
+    if "cpu" not in _backend.implemented("cifd_loss"):
+        pytest.skip("cpu cifd_loss kernels not registered in this build")
+    torch.manual_seed(0)
+    ibm = IBM(6, rho=0.25, s=0.5, backend="cpu")
+    loss_fn = CIFDLoss(lam=[1.0, 0.5], p_drop=0.5, backend="cpu")
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(5, 6, generator=g, requires_grad=True)
+    z = torch.randn(5, 4, generator=g, requires_grad=True)
+    tl = torch.randn(2, 5, 4, generator=g)
+    labels = torch.randint(0, 4, (5,), generator=g)
+    x = torch.randn(2, 5, 6, generator=g)
+
+    def step():
+        w_hat, rate = ibm(y)
+        return loss_fn(z, tl, labels, w_hat, x, ibm_rate=rate)[:1]
+
+    seen = _traced_cifd_ops(step)
+    for op in ("cifd_C.entropy_bottleneck_fwd.default", "cifd_C.entropy_bottleneck_bwd.default",
+               "cifd_C.cifd_loss_fwd.default", "cifd_C.philox_keep_mask_out.default"):
+        assert op in seen, (op, seen)
+    assert not [s for s in seen if s.startswith("cifd.")], seen

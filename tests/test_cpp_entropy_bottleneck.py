@@ -477,10 +477,10 @@ def test_cuda_deterministic_and_half():
 
 
 # ----------------------------------------------------------------------------- the fused op
-# cifd_C::entropy_bottleneck_fused (python/entropy_bottleneck_fused.cpp): what eager "cpu" calls of the
-# public op take; its autograd is C++. It must give the bits of the two Python
-# autograd.Functions it replaces (pack_density + the entropy op), which the tests
-# above check against the reference.
+# cifd_C::entropy_bottleneck_fused (python/entropy_bottleneck_fused.cpp): the op of the
+# "cpu" and "cuda" backends, eager and traced; its autograd is C++. Its bits must be
+# those of its sub-ops composed by hand (pack, forward kernel, backward kernel, unpack of
+# the packed gradient), whose kernels the tests above check against the reference.
 def _eb_module():
     import importlib
     return importlib.import_module("cifd_kernels.ops.entropy_bottleneck")
@@ -492,12 +492,10 @@ def _fused_or_skip():
         pytest.skip("_C built without entropy_bottleneck_fused")
 
 
-def _fused_on(device, monkeypatch):
-    """The backend whose eager calls take the fused op on ``device`` (cuda: switched on
-    with the fused_cuda kernel option)."""
+def _fused_on(device):
+    """The backend of ``device`` whose calls take the fused op."""
     if device == "cuda":
         backend_or_skip("cuda", "cuda")
-        set_kernel_options(fused_cuda=True)
         return "cuda"
     return "cpu"
 
@@ -516,17 +514,46 @@ def _public(y, mats, biases, factors, medians, mode, rho, s, need_lik, out_grads
     return [t for t in out if t is not None] + list(grads)
 
 
+def _composed(y, mats, biases, factors, medians, mode, rho, s, need_lik, out_grads):
+    """What :func:`_public` computes, by the fused op's sub-ops called one by one: the
+    outputs, then the gradients of ``sum(out.double() * g)`` (each g reaches its output
+    cast to that output's dtype), in :func:`_public`'s order."""
+    ops = _ops()
+    params = [t.detach() for k in range(5) for t in ([mats[k], biases[k]] + ([factors[k]] if k < 4 else []))]
+    yd = y.detach()
+    cdt = torch.float64 if y.dtype == torch.float64 else torch.float32
+    packed = ops.density_pack(params, cdt == torch.float64)
+    med = medians.detach().to(cdt).contiguous() if mode == "dequantize" else torch.empty(0, dtype=cdt)
+    y_hat, rate, lik = ops.entropy_bottleneck_fwd(yd, packed, med, MODES[mode], 21, 5, rho, s, 1e-9, need_lik)
+    # backward reads the density at the saved y_hat where that gives the same bits
+    saved, bmode = ((y_hat, "none") if _eb_module()._saves_y_hat(mode, rho, s, y.dtype) else (yd, mode))
+    g_yhat, g_rate, g_lik = (g.to(t.dtype) if g is not None else torch.empty(0, dtype=t.dtype)
+                             for g, t in zip(out_grads, (y_hat, rate, lik if need_lik else rate)))
+    if not need_lik:
+        g_lik = torch.empty(0, dtype=cdt)
+    grad_y, grad_packed = ops.entropy_bottleneck_bwd(saved, packed, med, g_yhat, g_rate, g_lik, MODES[bmode],
+                                                     21, 5, rho, s, 1e-9, False)
+    gp = ops.density_unpack_grad(grad_packed, params)  # H0 b0 a0 ... H4 b4
+    g_mats = [gp[3 * k] for k in range(5)]
+    g_biases = [gp[3 * k + 1] for k in range(5)]
+    g_factors = [gp[3 * k + 2] for k in range(4)]
+    outs = [y_hat, rate] + ([lik] if need_lik else [])
+    return outs + [grad_y] + g_mats + g_biases + g_factors + ([grad_packed[NUM_PACKED]] if mode == "dequantize"
+                                                              else [])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("mode,rho,s", [("noise", 0.0, 1.0), ("noise", 0.25, 0.5), ("dequantize", 0.0, 1.0),
                                         ("none", 0.0, 1.0)])
 @pytest.mark.parametrize("need_lik", [False, True])
 @pytest.mark.parametrize("which", ["all", "rate", "y_hat"])
-def test_fused_op_equals_python_functions(dtype, mode, rho, s, need_lik, which, device, monkeypatch):
-    """Every output and gradient bit for bit against the pack + entropy Functions, with
-    gradients on all outputs or on one (the others reach backward as None)."""
+def test_fused_op_equals_its_sub_ops(dtype, mode, rho, s, need_lik, which, device, monkeypatch):
+    """Every output and gradient of the public functional (through the fused op) bit for bit
+    against the sub-ops called by hand, with gradients on all outputs or on one (the
+    others reach backward as None)."""
     _fused_or_skip()
     eb = _eb_module()
-    be = _fused_on(device, monkeypatch)
+    be = _fused_on(device)
     if device == "cuda" and dtype == torch.float64:
         pytest.skip("float64 runs on the C++ CPU kernel only")
     mats, biases, factors, medians = _params(7, seed=4, device=device)
@@ -546,21 +573,17 @@ def test_fused_op_equals_python_functions(dtype, mode, rho, s, need_lik, which, 
     monkeypatch.setattr(eb, "_fused_op", lambda: (lambda *a: calls.append(1) or real(*a)))
     fused = _public(y, mats, biases, factors, med, mode, rho, s, need_lik, out_grads, be)
     assert calls == [1]  # the fused op was taken
-    set_kernel_options(fused_cpu=False)
-    set_kernel_options(fused_cuda=False)
-    python = _public(y, mats, biases, factors, med, mode, rho, s, need_lik, out_grads, be)
-    assert calls == [1]
-    assert len(fused) == len(python)
-    for a, b in zip(fused, python):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert a.dtype == b.dtype and a.shape == b.shape
-            assert torch.equal(a, b)
+    by_hand = _composed(y, mats, biases, factors, med, mode, rho, s, need_lik, out_grads)
+    assert len(fused) == len(by_hand)
+    for a, b in zip(fused, by_hand):
+        assert a is not None
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b)
 
 
 def test_fused_op_without_autograd_and_odd_inputs():
-    """Inference mode (no autograd key), no_grad, a non-contiguous y and an empty batch
-    through the fused op: the values of the Python path."""
+    """Inference mode (no autograd key) and no_grad through the fused op: the values of a
+    call with autograd; a non-contiguous y and an empty batch."""
     _fused_or_skip()
     from cifd_kernels.ops import entropy_bottleneck
     mats, biases, factors, _ = _params(5, seed=1)
@@ -569,9 +592,8 @@ def test_fused_op_without_autograd_and_odd_inputs():
     def run(yy):
         out = entropy_bottleneck(yy, mats, biases, factors, seed=3, need_likelihood=True, backend="cpu")
         return out.y_hat, out.rate, out.likelihood
-    with kernel_options(fused_cpu=False):
-        want = run(y.t())
-        want_empty = run(torch.zeros(0, 5))
+    want = tuple(t.detach() for t in run(y.t()))
+    want_empty = run(torch.zeros(0, 5))
     with torch.inference_mode():
         got = run(y.t())
     assert all(torch.equal(a, b) for a, b in zip(got, want))
@@ -635,7 +657,7 @@ def test_fused_op_is_the_traced_route_and_passes_opcheck():
     have fake kernels, so AOTAutograd traces through its C++ autograd, and the traced
     forward and backward are the eager step's C++ ops (pack, fwd; bwd, unpack), with
     no Python custom op. opcheck (fake kernels, autograd registration, AOT dispatch)
-    passes for one problem, groups and the dequantize mode."""
+    passes for one problem, a seed tensor, groups and the dequantize mode."""
     _fused_or_skip()
     from functorch.compile import make_boxed_func
     from cifd_kernels.nn import EntropyBottleneck
@@ -648,6 +670,9 @@ def test_fused_op_is_the_traced_route_and_passes_opcheck():
     params = _flat(list(m.matrices), list(m.biases), list(m.factors))
     op = torch.ops.cifd_C.entropy_bottleneck_fused.default
     torch.library.opcheck(op, (y, params, None, 0, 3, 0, 0.25, 0.5, 1e-9, True, False, False, 0))
+    # a seed tensor (drawn in a traced graph) in place of the seed
+    torch.library.opcheck(op, (y, params, None, 0, 0, 0, 0.25, 0.5, 1e-9, True, False, False, 0,
+                               torch.tensor(3)))
     torch.library.opcheck(op, (y.detach().view(1, 5, 6).expand(2, 5, 6).contiguous().requires_grad_(),
                                _flat(*[[torch.cat([t, t]) for t in ts] for ts in
                                        (list(m.matrices), list(m.biases), list(m.factors))]),
@@ -674,3 +699,38 @@ def test_fused_op_is_the_traced_route_and_passes_opcheck():
     rate.sum().backward()
     assert traced["fwd"] == ["cifd_C.density_pack.default", "cifd_C.entropy_bottleneck_fwd.default"]
     assert traced["bwd"] == ["cifd_C.entropy_bottleneck_bwd.default", "cifd_C.density_unpack_grad.default"]
+
+
+def test_seed_tensor_argument_of_the_raw_ops():
+    """The kernels' ops take the seed as a 0-dim int64 CPU tensor in place of the int (what
+    a graph that drew its seed hands them): the int's bits, its range check, and a
+    message naming seed_tensor for any other tensor."""
+    _fused_or_skip()
+    ops = _ops()
+    mats, biases, factors, _ = _params(4, seed=2)
+    params = [t.detach() for k in range(5) for t in ([mats[k], biases[k]] + ([factors[k]] if k < 4 else []))]
+    y = torch.randn(6, 4, generator=torch.Generator().manual_seed(3))
+    packed, none = ops.density_pack(params, False), torch.empty(0)
+    s = 2**62 + 5
+    want = ops.entropy_bottleneck_fwd(y, packed, none, 0, s, 3, 0.25, 0.5, 1e-9, True)
+    got = ops.entropy_bottleneck_fwd(y, packed, none, 0, 0, 3, 0.25, 0.5, 1e-9, True, 0, torch.tensor(s))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    g = torch.randn(6, 4, generator=torch.Generator().manual_seed(4))
+    want = ops.entropy_bottleneck_bwd(y, packed, none, g, none, none, 0, s, 3, 0.25, 0.5, 1e-9, False)
+    got = ops.entropy_bottleneck_bwd(y, packed, none, g, none, none, 0, 7, 3, 0.25, 0.5, 1e-9, False, 0,
+                                     torch.tensor(s))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    keep_want, keep_got = torch.empty(9, dtype=torch.bool), torch.empty(9, dtype=torch.bool)
+    ops.philox_keep_mask_out(keep_want, s, 2, 0.4)
+    ops.philox_keep_mask_out(keep_got, 0, 2, 0.4, torch.tensor(s))
+    assert torch.equal(keep_got, keep_want)
+    for bad in (torch.tensor([3]), torch.tensor(3, dtype=torch.int32), torch.tensor(3.0)):
+        with pytest.raises(RuntimeError, match="seed_tensor must be a 0-dim int64 CPU tensor"):
+            ops.entropy_bottleneck_fwd(y, packed, none, 0, 0, 3, 0.0, 1.0, 1e-9, False, 0, bad)
+        with pytest.raises(RuntimeError, match="seed_tensor must be a 0-dim int64 CPU tensor"):
+            ops.philox_keep_mask_out(keep_got, 0, 2, 0.4, bad)
+    with pytest.raises(RuntimeError, match=r"seed must be in \[0, 2\*\*63\), got -1"):
+        ops.entropy_bottleneck_fwd(y, packed, none, 0, 0, 3, 0.0, 1.0, 1e-9, False, 0, torch.tensor(-1))
+    with pytest.raises(RuntimeError, match=r"seed must be in \[0, 2\*\*63\), got -1"):
+        ops.entropy_bottleneck_bwd(y, packed, none, g, none, none, 0, 0, 3, 0.0, 1.0, 1e-9, False, 0,
+                                   torch.tensor(-1))

@@ -208,25 +208,25 @@ def test_bad_arguments():
         entropy_bottleneck(torch.randn(2, 3), mats, bias, facs, seed=-1, backend="triton")
 
 
-@pytest.mark.parametrize("be", KERNELS)
-def test_opcheck(be, device):
-    _skip_unless(be, device)
+def test_opcheck(device):
+    """cifd::entropy_bottleneck, the Triton kernels' op for a seed tensor (the C++ backends'
+    fused op has its own opcheck: test_cpp_entropy_bottleneck)."""
+    _skip_unless("triton", device)
     from cifd_kernels.ops.density_pack import pack_density
     mats, bias, facs, med = _params(3, device)
     packed = pack_density(mats, bias, facs).detach().requires_grad_()
     y = torch.randn(5, 3, device=device, requires_grad=True)
     for mode, m in (("noise", None), ("dequantize", med.detach().float())):
         torch.library.opcheck(torch.ops.cifd.entropy_bottleneck.default,
-                              (y, packed, m, mode, 7, 3, 0.25, 0.5, 1e-9, True, False, be, 0, None))
+                              (y, packed, m, mode, 7, 3, 0.25, 0.5, 1e-9, True, 0, None))
         # the seed as a tensor (what a module draws under torch.compile)
         torch.library.opcheck(torch.ops.cifd.entropy_bottleneck.default,
-                              (y, packed, m, mode, 0, 3, 0.25, 0.5, 1e-9, True, False, be, 0,
-                               torch.tensor(7)))
+                              (y, packed, m, mode, 0, 3, 0.25, 0.5, 1e-9, True, 0, torch.tensor(7)))
     # groups: y [G, N, C/G] against the packed density of C channels
     yg = torch.randn(3, 4, 1, device=device, requires_grad=True)
     for mode, m in (("noise", None), ("dequantize", med.detach().float())):
         torch.library.opcheck(torch.ops.cifd.entropy_bottleneck.default,
-                              (yg, packed, m, mode, 7, 3, 0.25, 0.5, 1e-9, True, False, be, 3, None))
+                              (yg, packed, m, mode, 7, 3, 0.25, 0.5, 1e-9, True, 3, None))
 
 
 GROUP_CASES = [("noise", 0.0, 1.0), ("noise", 0.25, 0.5), ("dequantize", 0.0, 1.0), ("none", 0.0, 1.0)]

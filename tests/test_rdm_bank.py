@@ -181,44 +181,34 @@ def _assert_eager_equals_ops(be, prob, mode, calls, want_eager, want_ops):
 
 
 def _count_channel_calls(monkeypatch, calls):
-    """Record each entropy-op call the bank makes outside the registered Python op:
-    ``("fused", groups)`` for the C++-autograd op, ``("function", backend, groups)`` for
-    the eager autograd.Function."""
+    """Record each entropy-op call the bank makes outside the registered Python ops:
+    ``("fused", groups)`` for the C++-autograd op, ``("function", groups)`` for the
+    eager autograd.Function of the Triton kernels."""
     eb_ops = importlib.import_module("cifd_kernels.ops.entropy_bottleneck")
     real = eb_ops._fused_op()
     apply = eb_ops._EagerFunction.apply
-    # apply's arguments end with (..., deterministic, backend, groups, seed_tensor)
+    # apply's arguments end with (..., need_likelihood, groups)
     monkeypatch.setattr(eb_ops._EagerFunction, "apply",
-                        lambda *a: calls.append(("function", a[-3], a[-2])) or apply(*a))
-    if real is not None:
+                        lambda *a: calls.append(("function", a[-1])) or apply(*a))
+    if real is not None:  # its arguments end with (..., groups, seed_tensor)
         monkeypatch.setattr(eb_ops, "_fused_op",
-                            lambda: (lambda *a: calls.append(("fused", a[-1])) or real(*a)))
+                            lambda: (lambda *a: calls.append(("fused", a[-2])) or real(*a)))
     return real
 
 
 @pytest.mark.parametrize("be", ["cpu", "cuda"])
 @pytest.mark.parametrize("mode", ["noise", "dequantize", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fused", [True, False])
-def test_bank_channel_is_one_grouped_entropy_call(be, mode, dtype, fused, device, monkeypatch):
-    """The bank's channel is one call of the entropy op with groups = N: the fused op with
-    C++ autograd (cifd_C::entropy_bottleneck_fused; on by default on the CPU, with the
-    fused_cuda kernel option on a GPU), eagerly and on the traced route alike; without it,
-    eagerly the op's autograd.Function and traced the registered cifd::entropy_bottleneck.
-    Either way every output and gradient has the same bits. That the grouped op is the
-    per-RDM calls is test_entropy_bottleneck's test_groups_are_the_per_group_calls."""
+def test_bank_channel_is_one_grouped_entropy_call(be, mode, dtype, device, monkeypatch):
+    """The bank's channel is one call of the entropy op with groups = N: on the C++
+    backends the op with C++ autograd (cifd_C::entropy_bottleneck_fused), eagerly and on
+    the traced route alike, with the same bits. That the grouped op is the per-RDM calls
+    is test_entropy_bottleneck's test_groups_are_the_per_group_calls."""
     _skip_unless(be, device)
     calls = []
-    real = _count_channel_calls(monkeypatch, calls)
-    if fused and real is None:
-        pytest.skip("_C built without entropy_bottleneck_fused")
-    # cpu: on by default; cuda: the fused_cuda kernel option
-    set_kernel_options(**{"fused_cpu" if be == "cpu" else "fused_cuda": fused})
+    _count_channel_calls(monkeypatch, calls)
     prob = _problem(3, 7, 10, 12, 5, 6, device, seed=21, dtype=dtype)
-    if fused:
-        _assert_eager_equals_ops(be, prob, mode, calls, [("fused", 3)], [("fused", 3)])
-    else:
-        _assert_eager_equals_ops(be, prob, mode, calls, [("function", be, 3)], [])
+    _assert_eager_equals_ops(be, prob, mode, calls, [("fused", 3)], [("fused", 3)])
 
 
 @pytest.mark.parametrize("mode", ["noise", "dequantize", "none"])
@@ -230,7 +220,7 @@ def test_triton_bank_channel_is_one_grouped_entropy_call(mode, dtype, device, mo
     prob = _problem(3, 7, 10, 12, 5, 6, device, seed=22, dtype=dtype)
     calls = []
     _count_channel_calls(monkeypatch, calls)
-    _assert_eager_equals_ops("triton", prob, mode, calls, [("function", "triton", 3)], [])
+    _assert_eager_equals_ops("triton", prob, mode, calls, [("function", 3)], [])
 
 
 def test_triton_grouped_entropy_launcher(device):

@@ -54,7 +54,7 @@ python3 -m cifd_kernels info | tee -a "$OUTDIR/device.txt"
 #   experiments  register caps (GPU_MAXNREG, default "168 128") and the CUDA
 #                backward at two blocks an SM (GPU_MINBLOCKS=1)      ~30 s each
 #   rest         every other benchmark row                           GPU_BENCH_TIMEOUT (180 s)
-#   ratio        the KD/CIFD step ratio, with and without fused_cuda (GPU_STEP_ROUNDS)
+#   ratio        the KD/CIFD step ratio (GPU_STEP_ROUNDS)
 # e.g. a second call: GPU_STAGES="experiments ratio rest" tools/gpu_check.sh OUT2
 STAGES=" ${GPU_STAGES:-tests targets} "
 TARGETS_K="full and (65536x320 or 3x1024x512x512x512x1000 or 3x256x256x256x256x100 or 4x1024x1000x512)"
@@ -106,11 +106,6 @@ if [[ $STAGES == *" ratio "* ]]; then
   python3 -m benchmarks.step_ratio --device cuda --rounds ${GPU_STEP_ROUNDS:-40} --out "$OUTDIR" 2>&1 \
     | tee "$OUTDIR/step_ratio.log" | tail -5
   rc_ratio=${PIPESTATUS[0]}
-  # the fused C++ ops (C++ autograd) on the CUDA backend, off by default until measured here
-  stamp "stage-2 step ratio with the fused_cuda kernel option"
-  python3 -m benchmarks.step_ratio --device cuda --rounds ${GPU_STEP_ROUNDS:-40} \
-    --kernel-option fused_cuda=true --out "$OUTDIR" 2>&1 | tee "$OUTDIR/step_ratio_fused_cuda.log" | tail -5
-  [ "${PIPESTATUS[0]}" = "0" ] || rc_ratio=1
 fi
 for j in "$OUTDIR"/*.json "$OUTDIR"/*/*.json; do
   [ -e "$j" ] || continue

@@ -74,17 +74,3 @@ def eager_seed(seed, t: Optional[torch.Tensor] = None):
     if isinstance(seed, torch.Tensor) and not via_ops(t):
         return seed_value(seed)
     return seed
-
-
-def takes_fused(be: str, seed, has_op: Callable[[], bool]) -> bool:
-    """Whether a call on the resolved backend ``be`` takes the op's fused C++-autograd op
-    (``cifd_C::*_fused``), eagerly and under tracing alike (its sub-ops have fake kernels,
-    so tracing runs through its C++ autograd: the traced step is the eager step): the
-    backend's kernel option (``fused_cpu`` / ``fused_cuda``) is on, ``seed`` is not a
-    tensor (a seed drawn in a traced graph takes the Python custom op, whose kernels read
-    it at run time), and ``has_op()`` (a ``torch.compiler.assume_constant_result``: the
-    lookup, which registers the fakes, runs once, outside the graph)."""
-    o = _backend.get_kernel_options()
-    return (((be == "cpu" and o.fused_cpu) or (be == "cuda" and o.fused_cuda))
-            and not isinstance(seed, torch.Tensor) and has_op())
-

@@ -50,25 +50,25 @@ def _triton():
     return m
 
 
-def _has_cpu_kernel() -> bool:
-    return _backend.has_ext_op("cifd_loss_fwd")
-
-
 def _has_cuda_kernel() -> bool:
     # A _C built with CUDA but before csrc/cuda/cifd_loss.cu has the op without a CUDA kernel.
-    return (_has_cpu_kernel() and getattr(_backend.ext(), "WITH_CUDA", False)
+    return (_backend.has_ext_op("cifd_loss_fused") and getattr(_backend.ext(), "WITH_CUDA", False)
             and torch._C._dispatch_has_kernel_for_dispatch_key("cifd_C::cifd_loss_fwd", "CUDA"))
 
 
 _CUDA_MAX_TARGETS = 1024  # cifd::cuda::kCifdLossMaxTargets (csrc/include/cifd/kernels.h)
 
 
-# ----------------------------------------------------------------------------- custom op
+# ----------------------------------------------------------------------------- Triton
+# The C++ backends (cpu, cuda) have one op, cifd_C::cifd_loss_fused, with its autograd in
+# C++ (see below the public functional). The Triton kernel is the cifd::cifd_loss custom
+# op; eagerly, one autograd.Function runs the same implementation and backward without
+# custom-op dispatch (ops/_eager.py).
 def _fwd_impl(student_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
-            student_emb: Optional[torch.Tensor], target_embs: Optional[torch.Tensor],
-            lam: torch.Tensor, keep: torch.Tensor, group_w: Optional[torch.Tensor], tau: float,
-            lam_ce: float, lam_kl: float, w_emb: float, dist: str, ignore_index: int, backend: str
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              student_emb: Optional[torch.Tensor], target_embs: Optional[torch.Tensor],
+              lam: torch.Tensor, keep: torch.Tensor, group_w: Optional[torch.Tensor], tau: float,
+              lam_ce: float, lam_kl: float, w_emb: float, dist: str, ignore_index: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (loss (lam_I term excluded), ce, kl [M], emb [M], grad_logits, grad_emb).
 
     Groups (the RDM bank's stage-1 losses, :func:`grouped_loss`): ``student_logits``
@@ -77,22 +77,12 @@ def _fwd_impl(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
     ``loss`` and ``ce`` are [G], ``kl`` and ``emb`` [M, G]."""
     B = student_logits.shape[-2]
     nvalid = (labels != ignore_index).sum().clamp_min(1).to(torch.float32)
-    none = student_logits.new_empty((0,), dtype=torch.float32)
-    gw = group_w.float().contiguous() if group_w is not None else none
-    if backend == "triton":
-        ce_b, kl_mb, emb_mb, gz, gu = _triton().cifd_loss_fwd(
-            student_logits, target_logits, labels, student_emb, target_embs, lam, keep, nvalid,
-            tau, lam_ce, lam_kl, w_emb, dist, ignore_index, group_w=gw)
-    else:  # "cpu" or "cuda": cifd_C::cifd_loss_fwd dispatches on the tensors' device
-        # The raw kernel takes the targets in the student's dtypes (a no-op in training).
-        ce_b, kl_mb, emb_mb, gz, gu = torch.ops.cifd_C.cifd_loss_fwd(
-            student_logits.contiguous(), target_logits.to(student_logits.dtype).contiguous(),
-            labels.long().contiguous(),
-            student_emb.contiguous() if student_emb is not None else none,
-            target_embs.to(student_emb.dtype).contiguous() if target_embs is not None else none,
-            lam.float().contiguous(), keep.to(torch.uint8).contiguous(), nvalid, gw,
-            tau, lam_ce, lam_kl, w_emb, _DIST_CODES[dist], ignore_index)
-    if _backend.has_ext_op("cifd_loss_reduce"):  # the same ATen ops in one call from C++
+    gw = (group_w.float().contiguous() if group_w is not None
+          else student_logits.new_empty((0,), dtype=torch.float32))
+    ce_b, kl_mb, emb_mb, gz, gu = _triton().cifd_loss_fwd(
+        student_logits, target_logits, labels, student_emb, target_embs, lam, keep, nvalid,
+        tau, lam_ce, lam_kl, w_emb, dist, ignore_index, group_w=gw)
+    if _backend.has_ext_op("cifd_loss_reduce"):  # the C++ op's reduction: the same ATen ops
         loss, ce, kl, emb = torch.ops.cifd_C.cifd_loss_reduce(ce_b, kl_mb, emb_mb, lam, nvalid, gw,
                                                               lam_ce, lam_kl, w_emb)
     else:
@@ -112,7 +102,7 @@ _fwd_op = torch.library.custom_op("cifd::cifd_loss", mutates_args=())(_fwd_impl)
 
 @_fwd_op.register_fake
 def _(student_logits, target_logits, labels, student_emb, target_embs, lam, keep, group_w, tau, lam_ce,
-      lam_kl, w_emb, dist, ignore_index, backend):
+      lam_kl, w_emb, dist, ignore_index):
     M = target_logits.shape[0]
     groups = tuple(student_logits.shape[:-2])  # () or (G,)
     f32 = dict(dtype=torch.float32, device=student_logits.device)
@@ -131,11 +121,11 @@ def _backward(ctx, g_loss, g_ce, g_kl, g_emb, g_gz, g_gu):
     # groups g_loss is [G]: group g's rows scale by g_loss[g].
     gz, gu = ctx.saved_tensors
     if g_loss is None:  # the eager path does not materialize unused gradients
-        return (None,) * 15
+        return (None,) * 14
     g = g_loss.reshape(g_loss.shape + (1, 1))
     grad_z = gz * g.to(gz.dtype)
     grad_u = gu * g.to(gu.dtype) if ctx.has_emb else None
-    return (grad_z, None, None, grad_u) + (None,) * 11
+    return (grad_z, None, None, grad_u) + (None,) * 10
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -245,17 +235,16 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
 
     lam_t = _ref._check_lam(lam, m, ref.device, torch.float32).detach()
     t_embs = target_embs.detach() if target_embs is not None else None
-    if use_fused(be, seed):
-        op = torch.ops.cifd_C.cifd_loss_fused if torch.compiler.is_compiling() else _fused_op()
-        loss, ce, kl, emb, keep, rate = op(
+    if be != "triton":  # cpu, cuda: the C++ op; the terms come detached
+        loss, ce, kl, emb, keep, rate = _cpp(
             student_logits, target_logits.detach(), labels, student_emb, t_embs, lam_t, ibm_rate,
-            float(tau), float(p_drop), int(seed), int(offset), float(lam_ce), float(lam_kl), float(w_emb),
+            float(tau), float(p_drop), seed, int(offset), float(lam_ce), float(lam_kl), float(w_emb),
             float(lam_I), _DIST_CODES[dist], int(ignore_index))
         return loss, {"ce": ce, "kl": kl, "emb": emb, "keep": keep, "rate": rate, "loss": loss}
     keep = _keep_flags(m, seed, offset, p_drop, ref.device)
     loss, ce, kl, emb, _, _ = _eager.call(
         _fwd_op, _EagerFunction, student_logits, target_logits.detach(), labels, student_emb, t_embs,
-        lam_t, keep, None, float(tau), float(lam_ce), float(lam_kl), float(w_emb), dist, int(ignore_index), be)
+        lam_t, keep, None, float(tau), float(lam_ce), float(lam_kl), float(w_emb), dist, int(ignore_index))
     if ibm_rate is not None:
         rate = ibm_rate.float().mean()
         loss = loss + lam_I * rate
@@ -266,11 +255,23 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
     return loss, terms
 
 
-# Calls on the "cpu" backend take cifd_C::cifd_loss_fused (python/cifd_loss_fused.cpp):
-# keep flags, kernel, batch means and the IBM rate term in one op whose autograd is C++,
-# the same ops and bits as the Python path below it, without its host time; eagerly and
-# under tracing alike (the fakes below: torch.compile traces through its C++ autograd). On
-# "cuda" only with the fused_cuda kernel option (backend.KernelOptions).
+# The "cpu" and "cuda" backends: cifd_C::cifd_loss_fused (python/cifd_loss_fused.cpp),
+# keep flags, kernel, batch means and the IBM rate term in one op whose autograd is C++
+# (chosen by measurement, as the entropy op's: benchmarks/NOTES.md), eagerly and under
+# tracing alike (its sub-ops' fakes below: torch.compile traces through its C++ autograd).
+def _cpp(logits, targets, labels, emb, target_embs, lam, ibm_rate, tau, p_drop, seed, offset, lam_ce,
+         lam_kl, w_emb, lam_I, dist, ignore_index, group_w=None):
+    """``cifd_C::cifd_loss_fused`` on these arguments; ``seed`` an int or (drawn in a traced
+    graph) a seed tensor, which the op reads when it runs. The first eager lookup
+    registers the fakes (while compiling, :func:`_has_cpp_op` has run outside the graph)."""
+    seed, seed_tensor = (0, seed) if isinstance(seed, torch.Tensor) else (int(seed), None)
+    if torch.compiler.is_compiling():
+        _has_cpp_op()
+        op = torch.ops.cifd_C.cifd_loss_fused
+    else:
+        op = _fused_op()
+    return op(logits, targets, labels, emb, target_embs, lam, ibm_rate, tau, p_drop, seed, offset, lam_ce,
+              lam_kl, w_emb, lam_I, dist, ignore_index, group_w, seed_tensor)
 
 
 @functools.lru_cache(maxsize=None)
@@ -286,13 +287,8 @@ def _fused_op():
 
 
 @torch.compiler.assume_constant_result
-def _has_fused_op() -> bool:
+def _has_cpp_op() -> bool:
     return _fused_op() is not None
-
-
-def use_fused(be: str, seed) -> bool:
-    """Whether a call on backend ``be`` with ``seed`` takes the fused C++ op."""
-    return _eager.takes_fused(be, seed, _has_fused_op)
 
 
 def _fake_cpp_fwd(logits, targets, labels, emb, target_embs, lam, keep, nvalid, group_w, tau, lam_ce,
@@ -309,12 +305,12 @@ def _fake_cpp_reduce(ce, kl, emb_terms, lam, nvalid, group_w, lam_ce, lam_kl, w_
             emb_terms.new_empty(emb_terms.shape[:-1]))
 
 
-def _fake_keep_out(out, seed, offset, rho):
+def _fake_keep_out(out, seed, offset, rho, seed_tensor=None):
     return None
 
 
 def _fake_cpp_fused(logits, targets, labels, emb, target_embs, lam, ibm_rate, tau, p_drop, seed, offset,
-                    lam_ce, lam_kl, w_emb, lam_I, dist, ignore_index, group_w=None):
+                    lam_ce, lam_kl, w_emb, lam_I, dist, ignore_index, group_w=None, seed_tensor=None):
     f32 = dict(dtype=torch.float32, device=logits.device)
     groups, m = tuple(logits.shape[:-2]), targets.shape[0]
     return (torch.empty(groups, **f32), torch.empty(groups, **f32), torch.empty((m,) + groups, **f32),
@@ -345,9 +341,8 @@ def grouped_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labe
             "grouped_loss runs on the loss kernels only (cpu, cuda or triton); none fits here")
     m = target_logits.shape[0]
     lam_t = torch.ones(m, dtype=torch.float32, device=student_logits.device)
-    if use_fused(be, 0):  # one op with C++ autograd; the terms come detached
-        op = torch.ops.cifd_C.cifd_loss_fused if torch.compiler.is_compiling() else _fused_op()
-        loss, ce, kl, emb, _, _ = op(
+    if be != "triton":  # cpu, cuda: the C++ op; the terms come detached
+        loss, ce, kl, emb, _, _ = _cpp(
             student_logits, target_logits.detach(), labels, student_emb, target_embs.detach(), lam_t,
             None, float(tau), 0.0, 0, 0, float(lam_ce), float(lam_kl), 1.0, 0.0, _DIST_CODES[dist],
             int(ignore_index), group_w)
@@ -356,7 +351,7 @@ def grouped_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labe
     loss, ce, kl, emb, _, _ = _eager.call(
         _fwd_op, _EagerFunction, student_logits, target_logits.detach(), labels, student_emb,
         target_embs.detach(), lam_t, keep, group_w, float(tau), float(lam_ce), float(lam_kl), 1.0, dist,
-        int(ignore_index), be)
+        int(ignore_index))
     return loss, ce.detach(), kl.detach(), emb.detach()
 
 
@@ -412,13 +407,18 @@ def cifd_embedding_loss(student_emb: torch.Tensor, target_embs: torch.Tensor,
     seed = _eager.eager_seed(seed, student_emb)
 
     lam_t = _ref._check_lam(lam, m, ref.device, torch.float32).detach()
-    keep = _keep_flags(m, seed, offset, p_drop, ref.device)
     ignore = -100
     z = ref.new_zeros((batch, 1))
     labels = torch.full((batch,), ignore, dtype=torch.long, device=ref.device)
-    loss, _, _, emb, _, _ = _eager.call(
-        _fwd_op, _EagerFunction, z, ref.new_zeros((m, batch, 1)), labels, student_emb,
-        target_embs.detach(), lam_t, keep, None, 1.0, 0.0, 0.0, float(w_emb), dist, ignore, be)
+    if be != "triton":
+        loss, _, _, emb, keep, _ = _cpp(z, ref.new_zeros((m, batch, 1)), labels, student_emb,
+                                        target_embs.detach(), lam_t, None, 1.0, float(p_drop), seed,
+                                        int(offset), 0.0, 0.0, float(w_emb), 0.0, _DIST_CODES[dist], ignore)
+    else:
+        keep = _keep_flags(m, seed, offset, p_drop, ref.device)
+        loss, _, _, emb, _, _ = _eager.call(
+            _fwd_op, _EagerFunction, z, ref.new_zeros((m, batch, 1)), labels, student_emb,
+            target_embs.detach(), lam_t, keep, None, 1.0, 0.0, 0.0, float(w_emb), dist, ignore)
     rate = ibm_rate.float().mean() if ibm_rate is not None else torch.zeros((), device=ref.device)
     if lam_cl != 0:
         nce = _ref.info_nce(student_emb, contrast_emb, temperature).float().mean()
@@ -430,7 +430,7 @@ def cifd_embedding_loss(student_emb: torch.Tensor, target_embs: torch.Tensor,
 
 
 _backend.register(OP, "triton")
-if _has_cpu_kernel():
+if _backend.has_ext_op("cifd_loss_fused"):
     _backend.register(OP, "cpu")
 if _has_cuda_kernel():
     _backend.register(OP, "cuda")

@@ -15,10 +15,12 @@ scalar float64 path, for gradcheck); ``auto`` sends anything else (other
 filters, float64 on a GPU, float64 parameters with a lower-precision ``y``) to
 the reference, an explicit kernel backend raises.
 
-The density parameters enter the custom op packed ([58, C], see
-:mod:`.density_pack`) by the differentiable ``cifd::density_pack`` op, so
-autograd chains the kernel's packed gradient back to the CompressAI parameters
-by itself.
+Routes: the reference, or the resolved kernel backend. ``cpu`` and ``cuda`` take
+one op with C++ autograd, eagerly and under ``torch.compile`` alike
+(``cifd_C::entropy_bottleneck_fused``: it packs the density parameters into
+[58, C], see :mod:`.density_pack`, and unpacks the packed gradient). ``triton``
+packs through the differentiable ``cifd::density_pack`` op and runs its kernels
+through one autograd.Function eagerly, the registered ops under tracing.
 """
 from __future__ import annotations
 
@@ -50,19 +52,44 @@ def _triton():
     return m
 
 
-# ----------------------------------------------------------------------------- custom ops
+# ----------------------------------------------------------------------------- Triton
+# The C++ backends (cpu, cuda) have one op, cifd_C::entropy_bottleneck_fused, with its
+# autograd in C++ (see the end of this file). The Triton kernels are registered here,
+# twice, over the same launchers and the same backward formula:
+# * cifd::entropy_bottleneck_triton (torch.library.triton_op): what torch.compile traces
+#   for an int seed; it traces into the launcher and sees the kernels (wrap_triton).
+# * cifd::entropy_bottleneck (custom op): for a seed tensor (a module's seed drawn in the
+#   graph), which the op reads where it runs. (The kernels take the seed as an int; a
+#   seed pointer would let the triton_op take both, once a GPU can validate it.)
+# Eagerly, one autograd.Function runs the same implementation and backward without
+# custom-op dispatch (ops/_eager.py). (Under TRITON_INTERPRET=1 all of them run on the
+# CPU; inside torch.compile the triton_op needs a GPU: fake tensors have no data.)
 def _fwd_impl(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor], mode: str,
-            seed: int, offset: int, rho: float, s: float, bound: float, need_likelihood: bool,
-            deterministic: bool, backend: str, groups: int, seed_tensor: Optional[torch.Tensor]
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              seed: int, offset: int, rho: float, s: float, bound: float, need_likelihood: bool,
+              groups: int, seed_tensor: Optional[torch.Tensor] = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Triton always reduces through per-program partials: deterministic, and on an
+    # H100 faster than its atomics path (one measurement: 146 vs 174 us bwd at [4096, 512]).
     seed = _seed(seed, seed_tensor, offset, y.numel())
-    if backend == "triton":
-        # Triton always reduces through per-program partials: deterministic, and on an
-        # H100 faster than its atomics path (one measurement: 146 vs 174 us bwd at [4096, 512]).
-        return _triton_fwd(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, groups)
-    return torch.ops.cifd_C.entropy_bottleneck_fwd(
-        *raw_fwd_tensors(y, packed, medians), _pack.MODES[mode], seed, offset, rho, s, bound,
-        need_likelihood, groups)
+    y_hat, rate, lik = _triton().entropy_bottleneck_fwd(
+        y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, True,
+        groups=groups or None)
+    if lik is None:
+        lik = y.new_empty((0,), dtype=torch.float32)
+    return y_hat, rate, lik
+
+
+def _bwd_impl(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor],
+              grad_y_hat: Optional[torch.Tensor], grad_rate: Optional[torch.Tensor],
+              grad_likelihood: Optional[torch.Tensor], mode: str, seed: int, offset: int, rho: float,
+              s: float, bound: float, groups: int, seed_tensor: Optional[torch.Tensor] = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    seed = _seed(seed, seed_tensor, offset, y.numel())
+    grad_y, gp, gmed = _triton().entropy_bottleneck_bwd(
+        y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset, rho, s, bound,
+        True, groups=groups or None)
+    row = gmed if gmed is not None else gp.new_zeros(gp.shape[1])
+    return grad_y, torch.cat([gp, row[None]], 0)
 
 
 def _seed(seed: int, seed_tensor: Optional[torch.Tensor], offset: int, numel: int) -> int:
@@ -75,79 +102,43 @@ def _seed(seed: int, seed_tensor: Optional[torch.Tensor], offset: int, numel: in
     return seed
 
 
-def _triton_fwd(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, groups):
-    y_hat, rate, lik = _triton().entropy_bottleneck_fwd(
-        y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, True,
-        groups=groups or None)
-    if lik is None:
-        lik = y.new_empty((0,), dtype=torch.float32)
-    return y_hat, rate, lik
+def _fake_fwd(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, groups=0,
+              seed_tensor=None):
+    # cifd::entropy_bottleneck's and cifd_C::entropy_bottleneck_fwd's
+    return _fake_outputs(y, need_likelihood, groups)
 
 
-def _triton_bwd(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset, rho,
-                s, bound, groups):
-    grad_y, gp, gmed = _triton().entropy_bottleneck_bwd(
-        y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset, rho, s, bound,
-        True, groups=groups or None)
-    row = gmed if gmed is not None else gp.new_zeros(gp.shape[1])
-    return grad_y, torch.cat([gp, row[None]], 0)
-
-
-def raw_fwd_tensors(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor]):
-    """(y, packed, medians) as the ``cifd_C`` entropy kernels take them: contiguous, an
-    empty tensor for no medians."""
-    return (y.contiguous(), packed.contiguous(),
-            medians.contiguous() if medians is not None else packed.new_empty((0,)))
-
-
-def raw_bwd_tensors(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor],
-                    grad_y_hat: Optional[torch.Tensor], grad_rate: Optional[torch.Tensor],
-                    grad_likelihood: Optional[torch.Tensor]):
-    """:func:`raw_fwd_tensors` plus the output gradients for the backward kernels: in
-    y's dtype (y_hat) or the compute dtype (rate, likelihood), contiguous (autograd
-    may hand over expanded gradients); an empty tensor stands for "no gradient"."""
-    none = packed.new_empty((0,))
-    return raw_fwd_tensors(y, packed, medians) + (
-        grad_y_hat.to(y.dtype).contiguous() if grad_y_hat is not None else y.new_empty((0,)),
-        grad_rate.to(packed.dtype).contiguous() if grad_rate is not None else none,
-        grad_likelihood.to(packed.dtype).contiguous() if grad_likelihood is not None else none)
-
-
-_fwd_op = torch.library.custom_op("cifd::entropy_bottleneck", mutates_args=())(_fwd_impl)
-
-
-def _fake_fwd(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, deterministic, backend,
-              groups, seed_tensor):
+def _fake_outputs(y, need_likelihood, groups):
+    cdt = torch.float64 if y.dtype == torch.float64 else torch.float32  # the compute dtype
     lik_shape = y.shape if need_likelihood else (0,)
-    return (torch.empty_like(y), y.new_empty(tuple(y.shape[:2 if groups else 1]), dtype=packed.dtype),
-            y.new_empty(lik_shape, dtype=packed.dtype))
-
-
-_fwd_op.register_fake(_fake_fwd)
-
-
-def _bwd_impl(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor],
-            grad_y_hat: Optional[torch.Tensor], grad_rate: Optional[torch.Tensor],
-            grad_likelihood: Optional[torch.Tensor], mode: str, seed: int, offset: int, rho: float,
-            s: float, bound: float, deterministic: bool, backend: str, groups: int,
-            seed_tensor: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    seed = _seed(seed, seed_tensor, offset, y.numel())
-    if backend == "triton":
-        return _triton_bwd(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset,
-                           rho, s, bound, groups)
-    return torch.ops.cifd_C.entropy_bottleneck_bwd(
-        *raw_bwd_tensors(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood),
-        _pack.MODES[mode], seed, offset, rho, s, bound, deterministic, groups)
-
-
-_bwd_op = torch.library.custom_op("cifd::entropy_bottleneck_bwd", mutates_args=())(_bwd_impl)
+    return (torch.empty_like(y), y.new_empty(tuple(y.shape[:2 if groups else 1]), dtype=cdt),
+            y.new_empty(lik_shape, dtype=cdt))
 
 
 def _fake_bwd(y, packed, *rest):
     return torch.empty_like(y), packed.new_empty((_pack.NUM_GRAD, packed.shape[1]))
 
 
+_fwd_op = torch.library.custom_op("cifd::entropy_bottleneck", mutates_args=())(_fwd_impl)
+_fwd_op.register_fake(_fake_fwd)
+_bwd_op = torch.library.custom_op("cifd::entropy_bottleneck_bwd", mutates_args=())(_bwd_impl)
 _bwd_op.register_fake(_fake_bwd)
+
+
+@torch.library.triton_op("cifd::entropy_bottleneck_triton", mutates_args=())
+def _fwd_triton(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor], mode: str,
+                seed: int, offset: int, rho: float, s: float, bound: float, need_likelihood: bool,
+                groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fwd_impl(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, groups)
+
+
+@torch.library.triton_op("cifd::entropy_bottleneck_triton_bwd", mutates_args=())
+def _bwd_triton(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor],
+                grad_y_hat: Optional[torch.Tensor], grad_rate: Optional[torch.Tensor],
+                grad_likelihood: Optional[torch.Tensor], mode: str, seed: int, offset: int, rho: float,
+                s: float, bound: float, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _bwd_impl(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset,
+                     rho, s, bound, groups)
 
 
 def _saves_y_hat(mode: str, rho: float, s: float, dtype: torch.dtype) -> bool:
@@ -162,29 +153,19 @@ def _saves_y_hat(mode: str, rho: float, s: float, dtype: torch.dtype) -> bool:
             and dtype in (torch.float32, torch.float64))
 
 
-def _saved_input(y: torch.Tensor, y_hat: torch.Tensor, mode: str, rho: float, s: float
-                 ) -> tuple[torch.Tensor, str]:
-    """What backward re-evaluates the density at, and in which mode (:func:`_saves_y_hat`)."""
-    if _saves_y_hat(mode, rho, s, y.dtype):
-        return y_hat, "none"
-    return y, mode
-
-
 def _setup_context(ctx, inputs, output):
-    # inputs: (y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood) then
-    # (deterministic, backend, groups, seed_tensor) for cifd::entropy_bottleneck, (groups,) for
-    # the triton_op
+    # inputs: (y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, groups)
+    # and, for cifd::entropy_bottleneck, seed_tensor
     y, packed, medians, mode, seed, offset, rho, s, bound, need_lik = inputs[:10]
-    saved, bwd_mode = _saved_input(y, output[0], mode, rho, s)
+    saved, bwd_mode = (output[0], "none") if _saves_y_hat(mode, rho, s, y.dtype) else (y, mode)
     ctx.save_for_backward(saved, packed, medians)
     ctx.args = (bwd_mode, seed, offset, rho, s, bound) + tuple(inputs[10:])
     ctx.need_lik = need_lik
 
 
 def _backward_via(bwd):
-    """The backward formula over ``bwd``: the backward op (registered autograd,
-    seen by tracing), its implementation (the eager Function) or the Triton
-    backward op (the triton_op)."""
+    """The backward formula over ``bwd``: the backward op (registered autograd, seen by
+    tracing) or its implementation (the eager Function)."""
     def backward(ctx, g_y_hat, g_rate, g_lik):
         y, packed, medians = ctx.saved_tensors
         grad_y, gp = bwd(y, packed, medians, g_y_hat, g_rate, g_lik if ctx.need_lik else None, *ctx.args)
@@ -194,50 +175,22 @@ def _backward_via(bwd):
 
 
 _fwd_op.register_autograd(_backward_via(_bwd_op), setup_context=_setup_context)
+_fwd_triton.register_autograd(_backward_via(_bwd_triton), setup_context=_setup_context)
 _EagerFunction = _eager.autograd_function("EntropyBottleneckFunction", _fwd_impl, _setup_context,
                                          _backward_via(_bwd_impl))
 
 
-# ----------------------------------------------------------------------------- Triton, visible to torch.compile
-# The same kernels as the "triton" branch of cifd::entropy_bottleneck, registered
-# through torch.library.triton_op: torch.compile traces into the launcher and sees
-# the kernels (wrap_triton) instead of an opaque call. The public functional and the
-# modules use these for backend="triton". (Under TRITON_INTERPRET=1 they run eagerly;
-# inside torch.compile they need a GPU: fake tensors have no data to interpret.)
-@torch.library.triton_op("cifd::entropy_bottleneck_triton", mutates_args=())
-def _fwd_triton(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor], mode: str,
-                seed: int, offset: int, rho: float, s: float, bound: float, need_likelihood: bool,
-                groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _triton_fwd(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, groups)
-
-
-@torch.library.triton_op("cifd::entropy_bottleneck_triton_bwd", mutates_args=())
-def _bwd_triton(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor],
-                grad_y_hat: Optional[torch.Tensor], grad_rate: Optional[torch.Tensor],
-                grad_likelihood: Optional[torch.Tensor], mode: str, seed: int, offset: int, rho: float,
-                s: float, bound: float, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _triton_bwd(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset,
-                       rho, s, bound, groups)
-
-
-_fwd_triton.register_autograd(_backward_via(_bwd_triton), setup_context=_setup_context)
-
-
-def _run_fused(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor], mode: str, seed,
-               offset: int, rho: float, s: float, bound: float, need_likelihood: bool, deterministic: bool,
-               backend: str, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fused op on a resolved kernel backend: ``(y_hat, rate, likelihood or empty)``.
-    Checked arguments only; ``seed`` an int, or under tracing a seed tensor."""
+def _run_triton(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor], mode: str, seed,
+                offset: int, rho: float, s: float, bound: float, need_likelihood: bool, groups: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton kernels: ``(y_hat, rate, likelihood or empty)``. Checked arguments only;
+    ``seed`` an int, or under tracing a seed tensor."""
     if not _eager.via_ops(y):  # eager: the same impl and backward, without custom-op dispatch
         return _EagerFunction.apply(y, packed, medians, mode, seed, offset, rho, s, bound,
-                                    need_likelihood, deterministic, backend, groups, None)
+                                    need_likelihood, groups)
     if isinstance(seed, torch.Tensor):  # drawn in the graph: the op reads it where it runs
-        return _fwd_op(y, packed, medians, mode, 0, offset, rho, s, bound, need_likelihood, deterministic,
-                       backend, groups, seed)
-    if backend == "triton":
-        return _fwd_triton(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, groups)
-    return _fwd_op(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, deterministic,
-                   backend, groups, None)
+        return _fwd_op(y, packed, medians, mode, 0, offset, rho, s, bound, need_likelihood, groups, seed)
+    return _fwd_triton(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, groups)
 
 
 # ----------------------------------------------------------------------------- public functional
@@ -354,38 +307,38 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
     else:
         med = None
     check_seed_offset(seed, offset, y.numel())
-    if use_fused(be, seed):
-        op = torch.ops.cifd_C.entropy_bottleneck_fused if torch.compiler.is_compiling() else _fused_op()
-        y_hat, rate, lik = op(
+    if be == "triton":
+        packed = _pack.pack_density(matrices, biases, factors, dtype=cdt)
+        y_hat, rate, lik = _run_triton(y.contiguous(), packed, med, mode, seed, offset, float(rho),
+                                       float(s), float(bound), bool(need_likelihood), int(groups or 0))
+    else:  # cpu, cuda: the C++ op, its seed an int or (drawn in a traced graph) a tensor
+        seed, seed_tensor = (0, seed) if isinstance(seed, torch.Tensor) else (seed, None)
+        y_hat, rate, lik = _cpp_op()(
             y.contiguous(), _pack._flat(matrices, biases, factors), med, _pack.MODES[mode], seed, offset,
             float(rho), float(s), float(bound), bool(need_likelihood), bool(deterministic),
-            _saves_y_hat(mode, rho, s, y.dtype), int(groups or 0))
-        return EntropyBottleneckOutput(y_hat, rate, lik if need_likelihood else None)
-    packed = _pack.pack_density(matrices, biases, factors, dtype=cdt)
-    y_hat, rate, lik = _run_fused(y.contiguous(), packed, med, mode, seed, offset, float(rho), float(s),
-                                  float(bound), bool(need_likelihood), bool(deterministic), be,
-                                  int(groups or 0))
+            _saves_y_hat(mode, rho, s, y.dtype), int(groups or 0), seed_tensor)
     return EntropyBottleneckOutput(y_hat, rate, lik if need_likelihood else None)
 
 
-# Calls on the "cpu" backend take cifd_C::entropy_bottleneck_fused
-# (python/entropy_bottleneck_fused.cpp): density packing, the kernels and both backward steps in one
-# op whose autograd is C++, the same ops and bits as the two Python autograd.Functions
-# (pack_density + _run_fused), without their host time. Eagerly and under tracing alike: its
-# sub-ops have fake kernels (below), so torch.compile and make_fx trace through its C++ autograd,
-# and the traced step runs the eager step's route and backward. On "cuda" only with the
-# fused_cuda kernel option (backend.KernelOptions). A seed tensor (a module's seed drawn under
-# torch.compile) takes cifd::entropy_bottleneck, whose kernels read it at run time.
-
-
-def use_fused(be: str, seed) -> bool:
-    """Whether a call on the resolved backend ``be`` with ``seed`` takes the fused C++ op."""
-    return _eager.takes_fused(be, seed, _has_fused_op)
+# The "cpu" and "cuda" backends: cifd_C::entropy_bottleneck_fused
+# (python/entropy_bottleneck_fused.cpp), density packing, the kernels and both backward
+# steps in one op whose autograd is C++: chosen by measurement over a Python
+# autograd.Function around the same kernels and over the registered custom ops
+# (benchmarks/NOTES.md, session 12: 0.59-0.67 ms against 0.78-0.81 and 1.08-1.33 ms for
+# the IBM's fwd+bwd at [128, 32]). Eagerly and under tracing alike: its sub-ops have fake
+# kernels (registered by the first lookup), so torch.compile and make_fx trace through
+# its C++ autograd, and the traced step runs the eager step's ops and backward.
+def _cpp_op():
+    """``torch.ops.cifd_C.entropy_bottleneck_fused``; the first eager lookup registers the
+    fakes (while compiling, :func:`_has_cpp_op` has run outside the graph)."""
+    if torch.compiler.is_compiling():
+        _has_cpp_op()
+        return torch.ops.cifd_C.entropy_bottleneck_fused
+    return _fused_op()
 
 
 @torch.compiler.assume_constant_result
-def _has_fused_op() -> bool:
-    # torch.compile bakes the answer into the graph (and the lookup registers the fakes)
+def _has_cpp_op() -> bool:
     return _fused_op() is not None
 
 
@@ -396,23 +349,12 @@ def _fused_op():
     if not _backend.has_ext_op("entropy_bottleneck_fused"):
         return None
     _pack.register_cpp_fakes()
-    torch.library.register_fake("cifd_C::entropy_bottleneck_fwd")(_fake_cpp_fwd)
+    torch.library.register_fake("cifd_C::entropy_bottleneck_fwd")(_fake_fwd)
     torch.library.register_fake("cifd_C::entropy_bottleneck_bwd")(_fake_bwd)
-    torch.library.register_fake("cifd_C::entropy_bottleneck_fused")(_fake_cpp_fused)
+    torch.library.register_fake("cifd_C::entropy_bottleneck_fused")(
+        lambda y, params, medians, mode, seed, offset, rho, s, bound, need_likelihood, deterministic,
+        save_y_hat, groups=0, seed_tensor=None: _fake_outputs(y, need_likelihood, groups))
     return torch.ops.cifd_C.entropy_bottleneck_fused
-
-
-def _fake_cpp_fwd(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, groups=0):
-    return _fake_fwd(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, False, "cpu",
-                     groups, None)
-
-
-def _fake_cpp_fused(y, params, medians, mode, seed, offset, rho, s, bound, need_likelihood, deterministic,
-                    save_y_hat, groups=0):
-    cdt = torch.float64 if y.dtype == torch.float64 else torch.float32
-    lik_shape = y.shape if need_likelihood else (0,)
-    return (torch.empty_like(y), y.new_empty(tuple(y.shape[:2 if groups else 1]), dtype=cdt),
-            y.new_empty(lik_shape, dtype=cdt))
 
 
 def _check_groups(y, groups, C: int, device) -> None:
@@ -453,4 +395,6 @@ def _reference(y, matrices, biases, factors, medians, mode, seed, offset, rho, s
     return EntropyBottleneckOutput(y_hat, _ref.rate_nats(lik), lik if need_lik else None)
 
 
-_backend.register(OP, "triton", "cpu", "cuda")
+_backend.register(OP, "triton")
+if _backend.has_ext_op("entropy_bottleneck_fused"):
+    _backend.register(OP, "cpu", "cuda")
