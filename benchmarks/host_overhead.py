@@ -9,7 +9,9 @@ Three measurements, each side in the same run, interleaved call by call:
   through the module, on the eager path (provider ``eager_function``: on the
   CPU since session 5 the one C++ op ``cifd_C::entropy_bottleneck_fused`` with
   C++ autograd, before that one Python autograd.Function per op) against the
-  registered custom ops (``custom_ops``, i.e. the ``eager_via_ops`` kernel option);
+  ``eager_via_ops`` kernel option (``custom_ops``). Since session 13 the C++
+  backends have that one op on both (the two providers time the same route: a
+  check of the noise); on Triton the second is the registered ops;
 * ``bank_targets``: the frozen bank's stage-2 targets at the Fashion-MNIST recipe
   size (N = 3, B = 128, D = H = L = 128, K = 10): the eval forward
   (``eval_forward``: x_hat, logits, rates and losses) against

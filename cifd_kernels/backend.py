@@ -102,11 +102,12 @@ class KernelOptions:
     Every choice below is a speed or host-time trade-off with a test holding its
     results to the default's (bit for bit, unless the field says otherwise):
 
-    * ``eager_via_ops``: eager Triton calls take the route ``torch.compile`` traces (the
-      registered ``cifd::`` ops) instead of one ``torch.autograd.Function`` an op (same
-      kernels, same bits, less host time; ``ops/_eager.py``). The C++ backends have one
-      route either way: the C++-autograd ops (``cifd_C::entropy_bottleneck_fused``,
-      ``cifd_C::cifd_loss_fused``), which tracing runs through.
+    * ``eager_via_ops``: eager calls of the ops registered in Python (the Triton entropy
+      op and loss, philox, density pack, ``rdm_linear``) take the route ``torch.compile``
+      traces (the registered ``cifd::`` ops) instead of one ``torch.autograd.Function``
+      an op (same kernels, same bits, less host time; ``ops/_eager.py``). The entropy op
+      and the loss on ``cpu``/``cuda`` have one route either way: the C++-autograd ops
+      (``cifd_C::entropy_bottleneck_fused``, ``cifd_C::cifd_loss_fused``).
     * ``save_y_hat``: the entropy op's backward re-reads the density at the saved
       y_hat where that is the same as regenerating the noise (noise mode, rho = 0,
       s = 1, float32/float64); off regenerates it.

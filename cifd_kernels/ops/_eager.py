@@ -1,17 +1,21 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The eager fast path shared by the ``cifd::`` ops.
+"""The eager fast path of the ops registered in Python.
 
-Every op is a ``torch.library`` custom op (what ``torch.compile``, ``opcheck``
-and ``torch.export`` see). Called eagerly, though, a Python custom op with
-registered autograd costs about 0.1-0.3 ms of dispatch on the host per call
-(schema handling, pytree flattening, a generated autograd.Function around a
-redispatch), more than the fused kernels themselves at CIFD's small sizes: one
-IBM fwd+bwd at [128, 32] took 1.9 ms through the ops against 0.35 ms for its
-two kernels. Outside compilation the ops layer therefore calls the *same*
-implementation and backward functions through one plain
-``torch.autograd.Function``: same kernels, same bits, a fraction of the
-overhead. ``backend.set_kernel_options(eager_via_ops=True)`` routes eager calls
-through the registered ops instead (the tests compare both).
+Those are the Triton kernels of the entropy op and the loss, and the philox,
+density-pack and ``rdm_linear`` ops on every backend: ``torch.library`` custom ops
+(and ``triton_op``s), which is what ``torch.compile``, ``opcheck`` and
+``torch.export`` see. Called eagerly, though, a
+Python custom op with registered autograd costs about 0.1-0.3 ms of dispatch on the
+host per call (schema handling, pytree flattening, a generated autograd.Function
+around a redispatch), more than the fused kernels themselves at CIFD's small sizes:
+one IBM fwd+bwd at [128, 32] took 1.9 ms through the ops against 0.35 ms for its two
+kernels. Outside compilation the ops layer therefore calls the *same*
+implementation and backward functions through one plain ``torch.autograd.Function``:
+same kernels, same bits, a fraction of the overhead.
+``backend.set_kernel_options(eager_via_ops=True)`` routes eager calls through the
+registered ops instead (the tests compare both). (The entropy op and the loss on
+the C++ backends need none of this: their autograd is C++, one route eager and
+traced.)
 """
 from __future__ import annotations
 
