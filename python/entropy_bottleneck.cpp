@@ -27,18 +27,19 @@
 // groups = G >= 1, G problems in one call (the RDM bank's N latents): y [G, N, C, *spatial], group g
 // the problem y[g] on channels g C .. g C + C - 1 of packed [58, G C] (medians
 // [G C]), every element at Philox counter offset + its flat index in y. rate and
-// grad_rate are [G, N]; grad_packed [59, G C]; the rest as above. On the CPU the
-// kernels run once per group, writing into the outputs in place; on CUDA one launch
-// each way covers all groups (EbProblem::G). Either way the bits of G calls.
+// grad_rate are [G, N]; grad_packed [59, G C]; the rest as above. The kernels take
+// the groups in one call (EbProblem::G): on CUDA one launch each way, on the CPU one
+// group after another. Either way the bits of G calls.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <atomic>
 #include <cmath>
+#include <optional>
 #include <tuple>
+#include <vector>
 
 #include "checks.h"
 #include "cifd/kernels.h"
@@ -104,7 +105,7 @@ void set_kernel_options(bool cpu_avx2, int64_t cuda_bwd_min_blocks) {
 }
 
 // groups > 0: y is [G, N, C, *spatial] (G = groups) and packed / medians cover G C
-// channels: the problem of the CUDA kernels' one-launch groups (EbProblem::G).
+// channels: the kernels' groups (EbProblem::G).
 Prepared prepare(const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
                  int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound,
                  int64_t groups = 0) {
@@ -182,13 +183,18 @@ const void* medians_ptr(const at::Tensor& medians, int64_t mode) {
   return mode == 1 ? medians.data_ptr() : nullptr;
 }
 
-// Outputs of one problem: y_hat like y, rate [N], likelihood like y or empty.
+// rate's shape: [N], or [G, N] with groups.
+std::vector<int64_t> rate_shape(const at::Tensor& y, int64_t groups) {
+  return groups > 0 ? std::vector<int64_t>{groups, y.size(1)} : std::vector<int64_t>{y.size(0)};
+}
+
+// Outputs: y_hat like y, rate, likelihood like y or empty.
 struct FwdOut {
   at::Tensor y_hat, rate, lik;
 };
 
-FwdOut alloc_fwd(const at::Tensor& y, at::ScalarType cdt, bool need_likelihood) {
-  return {at::empty(y.sizes(), y.options()), at::empty({y.size(0)}, y.options().dtype(cdt)),
+FwdOut alloc_fwd(const at::Tensor& y, at::ScalarType cdt, bool need_likelihood, int64_t groups) {
+  return {at::empty(y.sizes(), y.options()), at::empty(rate_shape(y, groups), y.options().dtype(cdt)),
           at::empty(need_likelihood ? y.sizes() : at::IntArrayRef({0}), y.options().dtype(cdt))};
 }
 
@@ -200,10 +206,10 @@ struct BwdIn {
 };
 
 BwdIn check_bwd_inputs(const Prepared& p, const at::Tensor& y, const at::Tensor& grad_y_hat,
-                       const at::Tensor& grad_rate, const at::Tensor& grad_likelihood) {
-  const int64_t n = y.size(0);
+                       const at::Tensor& grad_rate, const at::Tensor& grad_likelihood,
+                       int64_t groups) {
   return {opt_grad(grad_y_hat, "grad_y_hat", y, y.sizes(), y.scalar_type()),
-          opt_grad(grad_rate, "grad_rate", y, at::IntArrayRef(&n, 1), p.cdt),
+          opt_grad(grad_rate, "grad_rate", y, rate_shape(y, groups), p.cdt),
           opt_grad(grad_likelihood, "grad_likelihood", y, y.sizes(), p.cdt)};
 }
 
@@ -212,7 +218,7 @@ const T* cptr(const void* p) {
   return static_cast<const T*>(p);
 }
 
-// One problem's kernels into given outputs (grad_packed: [59, C] contiguous).
+// The kernels into given outputs (grad_packed: [59, G C] contiguous).
 void fwd_kernel_cpu(const Prepared& p, const at::Tensor& y, const at::Tensor& packed,
                     const at::Tensor& medians, double s, double bound, FwdOut& o) {
   const void* med = medians_ptr(medians, p.pr.mode);
@@ -286,165 +292,26 @@ void bwd_kernel_cuda(const Prepared& p, const at::Tensor& y, const at::Tensor& p
 }
 #endif
 
-// ------------------------------------------------------------------ one problem
-// Registered directly, one instance per device: kernel is fwd_kernel_cpu or _cuda.
+// ------------------------------------------------------------------ the registered entries
+// groups = 0: one problem, y [N, C, *spatial]; G >= 1: y [G, N, C, *spatial], group g the
+// problem y[g] on columns g C .. g C + C - 1 of packed [58, G C] (medians [G C]), every
+// element at Philox counter offset + its flat index in y; rate [G, N]. The kernels take
+// the groups in one call (EbProblem::G): on CUDA one launch each way, on the CPU one
+// group after another; either way the bits of G calls.
 template <auto kernel>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_one(
-    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians, int64_t mode,
-    int64_t seed, int64_t offset, double rho, double s, double bound, bool need_likelihood) {
-  const Prepared p = prepare(y, packed, medians, mode, seed, offset, rho, s, bound);
-  FwdOut o = alloc_fwd(y, p.cdt, need_likelihood);
-  kernel(p, y, packed, medians, s, bound, o);
-  return {o.y_hat, o.rate, o.lik};
-}
-
-template <auto kernel>
-std::tuple<at::Tensor, at::Tensor> bwd_one(
-    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
-    const at::Tensor& grad_y_hat, const at::Tensor& grad_rate, const at::Tensor& grad_likelihood,
-    int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound,
-    bool deterministic) {
-  const Prepared p = prepare(y, packed, medians, mode, seed, offset, rho, s, bound);
-  const BwdIn g = check_bwd_inputs(p, y, grad_y_hat, grad_rate, grad_likelihood);
-  at::Tensor grad_y = at::empty(y.sizes(), y.options());
-  at::Tensor grad_packed = at::empty({kNumGrad, y.size(1)}, y.options().dtype(p.cdt));
-  kernel(p, y, packed, medians, g, s, bound, deterministic, grad_y, grad_packed);
-  return {grad_y, grad_packed};
-}
-
-// ------------------------------------------------------------------ groups
-// y [G, N, C, *spatial]: group g is the problem y[g] on channels g C .. g C + C - 1 of
-// packed [58, G C] (medians [G C]), its Philox counters from offset + g y[g].numel()
-// (so every element keeps counter offset + its flat index in y). The kernels run
-// once per group on contiguous views; outputs are written in place.
-struct Groups {
-  int64_t G, C, per;
-  at::Tensor packed;   // [G, 58, C] contiguous
-  at::Tensor medians;  // [G, C] in dequantize mode, else the (ignored) input
-};
-
-Groups split_groups(const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
-                    int64_t mode, int64_t offset, int64_t groups) {
-  TORCH_CHECK(groups >= 1, "groups must be >= 1, got ", groups);
-  TORCH_CHECK(y.dim() >= 3 && y.size(0) == groups,
-              "y must be [G=", groups, ", N, C, *spatial] for groups, got ", y.sizes());
-  TORCH_CHECK(y.is_contiguous(), "y must be contiguous");
-  const int64_t C = y.size(2);
-  TORCH_CHECK(packed.dim() == 2 && packed.size(0) == kNumPacked && packed.size(1) == groups * C,
-              "packed must be [", kNumPacked, ", G*C=", groups * C, "] for groups, got ",
-              packed.sizes());
-  Groups gr{groups, C, groups > 0 ? y.numel() / groups : 0,
-            packed.reshape({kNumPacked, groups, C}).permute({1, 0, 2}).contiguous(), medians};
-  if (mode == 1) {
-    TORCH_CHECK(medians.dim() == 1 && medians.size(0) == groups * C,
-                "medians must be [G*C=", groups * C, "] for groups, got ", medians.sizes());
-    gr.medians = medians.reshape({groups, C});
-  }
-  check_u63(offset, "offset");
-  check_offset_range(offset, y.numel());
-  return gr;
-}
-
-template <auto kernel>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_groups(
-    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians, int64_t mode,
-    int64_t seed, int64_t offset, double rho, double s, double bound, bool need_likelihood,
-    int64_t groups) {
-  const Groups gr = split_groups(y, packed, medians, mode, offset, groups);
-  const at::ScalarType cdt = compute_dtype(y);
-  at::Tensor y_hat = at::empty(y.sizes(), y.options());
-  at::Tensor rate = at::empty({gr.G, y.size(1)}, y.options().dtype(cdt));
-  at::Tensor lik = at::empty(need_likelihood ? y.sizes() : at::IntArrayRef({0}),
-                             y.options().dtype(cdt));
-  for (int64_t g = 0; g < gr.G; ++g) {
-    const at::Tensor yg = y.select(0, g), pg = gr.packed.select(0, g);
-    const at::Tensor mg = mode == 1 ? gr.medians.select(0, g) : medians;
-    const Prepared p = prepare(yg, pg, mg, mode, seed, offset + g * gr.per, rho, s, bound);
-    FwdOut o{y_hat.select(0, g), rate.select(0, g), need_likelihood ? lik.select(0, g) : lik};
-    kernel(p, yg, pg, mg, s, bound, o);
-  }
-  return {y_hat, rate, lik};
-}
-
-template <auto kernel>
-std::tuple<at::Tensor, at::Tensor> bwd_groups(
-    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
-    const at::Tensor& grad_y_hat, const at::Tensor& grad_rate, const at::Tensor& grad_likelihood,
-    int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound,
-    bool deterministic, int64_t groups) {
-  const Groups gr = split_groups(y, packed, medians, mode, offset, groups);
-  const at::ScalarType cdt = compute_dtype(y);
-  const int64_t n = y.size(1);
-  const int64_t rate_shape[2] = {gr.G, n};
-  // whole-tensor checks; each group's slice is then of the one-problem shape
-  opt_grad(grad_y_hat, "grad_y_hat", y, y.sizes(), y.scalar_type());
-  opt_grad(grad_rate, "grad_rate", y, at::IntArrayRef(rate_shape, 2), cdt);
-  opt_grad(grad_likelihood, "grad_likelihood", y, y.sizes(), cdt);
-  at::Tensor grad_y = at::empty(y.sizes(), y.options());
-  at::Tensor grad_packed = at::empty({gr.G, kNumGrad, gr.C}, y.options().dtype(cdt));
-  auto part = [](const at::Tensor& t, int64_t g) { return t.numel() > 0 ? t.select(0, g) : t; };
-  for (int64_t g = 0; g < gr.G; ++g) {
-    const at::Tensor yg = y.select(0, g), pg = gr.packed.select(0, g);
-    const at::Tensor mg = mode == 1 ? gr.medians.select(0, g) : medians;
-    const Prepared p = prepare(yg, pg, mg, mode, seed, offset + g * gr.per, rho, s, bound);
-    const BwdIn gi = check_bwd_inputs(p, yg, part(grad_y_hat, g), part(grad_rate, g),
-                                      part(grad_likelihood, g));
-    kernel(p, yg, pg, mg, gi, s, bound, deterministic, grad_y.select(0, g), grad_packed.select(0, g));
-  }
-  return {grad_y, grad_packed.permute({1, 0, 2}).reshape({kNumGrad, gr.G * gr.C})};
-}
-
-#ifdef CIFD_WITH_CUDA
-// On CUDA all groups run in one launch each way (EbProblem::G, grid z) on the whole
-// tensors and the unsplit packed [58, G C]: the per-group launches' bits
-// (csrc/tests/test_cuda_emu_entropy.cpp), without G launches and the packed transpose.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_groups_cuda(
-    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians, int64_t mode,
-    int64_t seed, int64_t offset, double rho, double s, double bound, bool need_likelihood,
-    int64_t groups) {
-  TORCH_CHECK(groups >= 1, "groups must be >= 1, got ", groups);
-  const Prepared p = prepare(y, packed, medians, mode, seed, offset, rho, s, bound, groups);
-  FwdOut o{at::empty(y.sizes(), y.options()),
-           at::empty({groups, y.size(1)}, y.options().dtype(p.cdt)),
-           at::empty(need_likelihood ? y.sizes() : at::IntArrayRef({0}), y.options().dtype(p.cdt))};
-  fwd_kernel_cuda(p, y, packed, medians, s, bound, o);
-  return {o.y_hat, o.rate, o.lik};
-}
-
-std::tuple<at::Tensor, at::Tensor> bwd_groups_cuda(
-    const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
-    const at::Tensor& grad_y_hat, const at::Tensor& grad_rate, const at::Tensor& grad_likelihood,
-    int64_t mode, int64_t seed, int64_t offset, double rho, double s, double bound,
-    bool deterministic, int64_t groups) {
-  TORCH_CHECK(groups >= 1, "groups must be >= 1, got ", groups);
-  const Prepared p = prepare(y, packed, medians, mode, seed, offset, rho, s, bound, groups);
-  const int64_t rate_shape[2] = {groups, y.size(1)};
-  const BwdIn gi{opt_grad(grad_y_hat, "grad_y_hat", y, y.sizes(), y.scalar_type()),
-                 opt_grad(grad_rate, "grad_rate", y, at::IntArrayRef(rate_shape, 2), p.cdt),
-                 opt_grad(grad_likelihood, "grad_likelihood", y, y.sizes(), p.cdt)};
-  at::Tensor grad_y = at::empty(y.sizes(), y.options());
-  at::Tensor grad_packed = at::empty({kNumGrad, groups * y.size(2)}, y.options().dtype(p.cdt));
-  bwd_kernel_cuda(p, y, packed, medians, gi, s, bound, deterministic, grad_y, grad_packed);
-  return {grad_y, grad_packed};
-}
-#endif
-
-// ------------------------------------------------------------------ the registered entry
-// groups = 0: one problem (fwd_one / bwd_one); G >= 1: the grouped functions above.
-template <auto one, auto grouped>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(
     const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians, int64_t mode,
     int64_t seed, int64_t offset, double rho, double s, double bound, bool need_likelihood,
     int64_t groups, const std::optional<at::Tensor>& seed_tensor) {
   TORCH_CHECK(groups >= 0, "groups must be >= 0 (0: one problem), got ", groups);
   seed = cifd_bind::seed_of(seed, seed_tensor);
-  if (groups == 0) {
-    return one(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood);
-  }
-  return grouped(y, packed, medians, mode, seed, offset, rho, s, bound, need_likelihood, groups);
+  const Prepared p = prepare(y, packed, medians, mode, seed, offset, rho, s, bound, groups);
+  FwdOut o = alloc_fwd(y, p.cdt, need_likelihood, groups);
+  kernel(p, y, packed, medians, s, bound, o);
+  return {o.y_hat, o.rate, o.lik};
 }
 
-template <auto one, auto grouped>
+template <auto kernel>
 std::tuple<at::Tensor, at::Tensor> bwd(
     const at::Tensor& y, const at::Tensor& packed, const at::Tensor& medians,
     const at::Tensor& grad_y_hat, const at::Tensor& grad_rate, const at::Tensor& grad_likelihood,
@@ -452,12 +319,12 @@ std::tuple<at::Tensor, at::Tensor> bwd(
     bool deterministic, int64_t groups, const std::optional<at::Tensor>& seed_tensor) {
   TORCH_CHECK(groups >= 0, "groups must be >= 0 (0: one problem), got ", groups);
   seed = cifd_bind::seed_of(seed, seed_tensor);
-  if (groups == 0) {
-    return one(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset,
-               rho, s, bound, deterministic);
-  }
-  return grouped(y, packed, medians, grad_y_hat, grad_rate, grad_likelihood, mode, seed, offset,
-                 rho, s, bound, deterministic, groups);
+  const Prepared p = prepare(y, packed, medians, mode, seed, offset, rho, s, bound, groups);
+  const BwdIn g = check_bwd_inputs(p, y, grad_y_hat, grad_rate, grad_likelihood, groups);
+  at::Tensor grad_y = at::empty(y.sizes(), y.options());
+  at::Tensor grad_packed = at::empty({kNumGrad, packed.size(1)}, y.options().dtype(p.cdt));
+  kernel(p, y, packed, medians, g, s, bound, deterministic, grad_y, grad_packed);
+  return {grad_y, grad_packed};
 }
 
 }  // namespace
@@ -477,13 +344,13 @@ TORCH_LIBRARY_FRAGMENT(cifd_C, m) {
 }
 
 TORCH_LIBRARY_IMPL(cifd_C, CPU, m) {
-  m.impl("entropy_bottleneck_fwd", &fwd<&fwd_one<&fwd_kernel_cpu>, &fwd_groups<&fwd_kernel_cpu>>);
-  m.impl("entropy_bottleneck_bwd", &bwd<&bwd_one<&bwd_kernel_cpu>, &bwd_groups<&bwd_kernel_cpu>>);
+  m.impl("entropy_bottleneck_fwd", &fwd<&fwd_kernel_cpu>);
+  m.impl("entropy_bottleneck_bwd", &bwd<&bwd_kernel_cpu>);
 }
 
 #ifdef CIFD_WITH_CUDA
 TORCH_LIBRARY_IMPL(cifd_C, CUDA, m) {
-  m.impl("entropy_bottleneck_fwd", &fwd<&fwd_one<&fwd_kernel_cuda>, &fwd_groups_cuda>);
-  m.impl("entropy_bottleneck_bwd", &bwd<&bwd_one<&bwd_kernel_cuda>, &bwd_groups_cuda>);
+  m.impl("entropy_bottleneck_fwd", &fwd<&fwd_kernel_cuda>);
+  m.impl("entropy_bottleneck_bwd", &bwd<&bwd_kernel_cuda>);
 }
 #endif

@@ -228,6 +228,7 @@ struct Ctx {
   T s, bound;  // noise scale and likelihood bound in T
   const void* y;
   const T* packed;
+  int64_t ldp;  // packed's row stride: C, or G C for one group's columns of G
   const T* med;
   void* yhat;
   T* rate;
@@ -294,7 +295,7 @@ struct Zeros {
 template <class T>
 void gather_params(const Ctx<T>& cx, int64_t c0, int64_t w, T* pt, T* mt) {
   for (int r = 0; r < kNumPacked; ++r) {
-    const T* src = cx.packed + r * cx.pr.C + c0;
+    const T* src = cx.packed + r * cx.ldp + c0;
     for (int64_t l = 0; l < w; ++l) pt[r * kTile + l] = src[l];
     for (int64_t l = w; l < kTile; ++l) pt[r * kTile + l] = T(0);
   }
@@ -306,7 +307,7 @@ void gather_params(const Ctx<T>& cx, int64_t c0, int64_t w, T* pt, T* mt) {
 template <class T>
 void broadcast_params(const Ctx<T>& cx, int64_t c, T* pt, T* mt) {
   for (int r = 0; r < kNumPacked; ++r) {
-    const T v = cx.packed[r * cx.pr.C + c];
+    const T v = cx.packed[r * cx.ldp + c];
     for (int64_t l = 0; l < kTile; ++l) pt[r * kTile + l] = v;
   }
   const T m = cx.pr.mode == kDequantize ? cx.med[c] : T(0);
@@ -445,8 +446,9 @@ void run_fwd(Ctx<T>& cx, void (*fn)(const Ctx<T>&, int64_t, int64_t), int num_th
   }
 }
 
+// grad_packed: [59, C] at row stride ldg.
 template <class T, class G>
-void run_bwd(Ctx<T>& cx, void (*fn)(const Ctx<T>&, int64_t, int64_t), G* grad_packed,
+void run_bwd(Ctx<T>& cx, void (*fn)(const Ctx<T>&, int64_t, int64_t), G* grad_packed, int64_t ldg,
              int num_threads) {
   const EbProblem& pr = cx.pr;
   const int64_t C = pr.C;
@@ -470,34 +472,67 @@ void run_bwd(Ctx<T>& cx, void (*fn)(const Ctx<T>&, int64_t, int64_t), G* grad_pa
     for (int64_t i = 0; i < kNumGrad * C; ++i) {
       double s = 0.0;
       for (int64_t k = 0; k < splits; ++k) s += part[static_cast<size_t>(k * kNumGrad * C + i)];
-      grad_packed[i] = static_cast<G>(s);
+      grad_packed[(i / C) * ldg + i % C] = static_cast<G>(s);
     }
   }
 }
 
 // The entry points below, for the compute type T (float32 kernels over any
-// storage dtype, or float64): empty problems, the context, then the driver.
+// storage dtype, or float64): per group (EbProblem::G), its problem (its block of
+// the tensors, its columns of packed and medians, its counters), then empty
+// problems, the context and the driver. One group after another, each as one
+// call on its block would run: the bits of G calls.
+template <class T>
+size_t storage_bytes(const EbProblem& pr) {
+  if constexpr (std::is_same<T, double>::value) return sizeof(double);
+  return pr.dtype == EbDtype::kFloat32 ? 4 : 2;
+}
+
+template <class P>
+P* block(P* p, int64_t elems, size_t bytes) {
+  using Byte = std::conditional_t<std::is_const<P>::value, const char, char>;
+  return p == nullptr ? p : reinterpret_cast<P*>(reinterpret_cast<Byte*>(p) + elems * bytes);
+}
+
+// Group g's context: its problem (G = 1, its counters), y's block, its columns of
+// packed (row stride G C) and medians.
+template <class T>
+Ctx<T> group_ctx(const EbProblem& pr, int64_t g, T s, T bound, const void* y, const T* packed,
+                 const T* medians, Spans<T> sp) {
+  const int64_t per = pr.N * pr.C * pr.S;
+  Ctx<T> cx{};
+  cx.pr = pr;
+  cx.pr.G = 1;
+  cx.pr.offset = pr.offset + static_cast<uint64_t>(g * per);
+  cx.s = s;
+  cx.bound = bound;
+  cx.y = block(y, g * per, storage_bytes<T>(pr));
+  cx.packed = packed + g * pr.C;
+  cx.ldp = pr.G * pr.C;
+  cx.med = medians != nullptr ? medians + g * pr.C : packed;  // read in dequantize mode only
+  cx.sp = sp;
+  return cx;
+}
+
 template <class T>
 void fwd_entry(const EbProblem& pr, T s, T bound, const void* y, const T* packed, const T* medians,
                void* y_hat, T* rate, T* likelihood, Spans<T> sp,
                void (*fn)(const Ctx<T>&, int64_t, int64_t), int num_threads) {
-  if (pr.N <= 0) return;
-  if (pr.C <= 0 || pr.S <= 0) {
-    std::fill(rate, rate + pr.N, T(0));
-    return;
+  const int64_t per = pr.N * pr.C * pr.S;
+  const size_t b = storage_bytes<T>(pr);
+  for (int64_t g = 0; g < pr.G; ++g) {
+    T* rate_g = rate + g * pr.N;
+    if (pr.N <= 0) continue;
+    if (pr.C <= 0 || pr.S <= 0) {
+      std::fill(rate_g, rate_g + pr.N, T(0));
+      continue;
+    }
+    Ctx<T> cx = group_ctx(pr, g, s, bound, y, packed, medians, sp);
+    cx.yhat = block(y_hat, g * per, b);
+    cx.rate = rate_g;
+    cx.lik = block(likelihood, g * per, sizeof(T));
+    run_fwd(cx, fn, num_threads);
   }
-  Ctx<T> cx{};
-  cx.pr = pr;
-  cx.s = s;
-  cx.bound = bound;
-  cx.y = y;
-  cx.packed = packed;
-  cx.med = medians != nullptr ? medians : packed;  // read in dequantize mode only
-  cx.yhat = y_hat;
-  cx.rate = rate;
-  cx.lik = likelihood;
-  cx.sp = sp;
-  run_fwd(cx, fn, num_threads);
 }
 
 template <class T>
@@ -505,25 +540,22 @@ void bwd_entry(const EbProblem& pr, T s, T bound, const void* y, const T* packed
                const void* grad_y_hat, const T* grad_rate, const T* grad_likelihood, void* grad_y,
                T* grad_packed, Spans<T> sp, void (*fn)(const Ctx<T>&, int64_t, int64_t),
                int num_threads) {
-  const int64_t C = pr.C;
+  const int64_t C = pr.C, ldp = pr.G * C, per = pr.N * C * pr.S;
   if (C <= 0) return;
-  if (pr.N <= 0 || pr.S <= 0) {
-    std::fill(grad_packed, grad_packed + kNumGrad * C, T(0));
-    return;
+  const size_t b = storage_bytes<T>(pr);
+  for (int64_t g = 0; g < pr.G; ++g) {
+    T* gp = grad_packed + g * C;  // [59, C] at row stride G C
+    if (pr.N <= 0 || pr.S <= 0) {
+      for (int64_t r = 0; r < kNumGrad; ++r) std::fill(gp + r * ldp, gp + r * ldp + C, T(0));
+      continue;
+    }
+    Ctx<T> cx = group_ctx(pr, g, s, bound, y, packed, medians, sp);
+    cx.gyh = block(grad_y_hat, g * per, b);
+    cx.grate = block(grad_rate, g * pr.N, sizeof(T));
+    cx.glik = block(grad_likelihood, g * per, sizeof(T));
+    cx.gy = block(grad_y, g * per, b);
+    run_bwd(cx, fn, gp, ldp, num_threads);
   }
-  Ctx<T> cx{};
-  cx.pr = pr;
-  cx.s = s;
-  cx.bound = bound;
-  cx.y = y;
-  cx.packed = packed;
-  cx.med = medians != nullptr ? medians : packed;
-  cx.gyh = grad_y_hat;
-  cx.grate = grad_rate;
-  cx.glik = grad_likelihood;
-  cx.gy = grad_y;
-  cx.sp = sp;
-  run_bwd(cx, fn, grad_packed, num_threads);
 }
 
 }  // namespace

@@ -43,8 +43,8 @@ struct EbProblem {
   float rho = 0.0f;    // drop probability (noise mode)
   float s = 1.0f;      // noise scale (noise mode)
   float bound = 1e-9f; // likelihood lower bound
-  // Independent problems in one launch (CUDA kernels only; the CPU kernels take
-  // G = 1): y, y_hat, likelihood, grad_y are [G, N, C, S], rate and grad_rate
+  // Independent problems in one call (CUDA: one launch; CPU: one group after
+  // another): y, y_hat, likelihood, grad_y are [G, N, C, S], rate and grad_rate
   // [G, N], packed [58, G C] and grad_packed [59, G C] (group g's channel c is
   // column g C + c), medians [G C]; element i of the whole tensor has counter
   // offset + i, so the bits are those of G calls on the groups' blocks.
@@ -62,8 +62,9 @@ namespace cpu {
 
 // Forward. packed [58, C] (density_pack.py), medians [C] (read in mode 1 only);
 // writes y_hat [N*C*S] (dtype), rate [N] (float32 nats over kept elements) and,
-// if likelihood is not null, likelihood [N*C*S] float32. Deterministic: the
-// same bits whatever num_threads.
+// if likelihood is not null, likelihood [N*C*S] float32 (with pr.G groups: the
+// [G, ...] shapes of EbProblem::G). Deterministic: the same bits whatever
+// num_threads.
 void entropy_bottleneck_fwd(const EbProblem& pr, const void* y, const float* packed,
                             const float* medians, void* y_hat, float* rate, float* likelihood,
                             int num_threads);
