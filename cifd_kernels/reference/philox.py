@@ -82,11 +82,8 @@ def seed_value(seed) -> int:
     """``seed`` as a Python int, checked (a tensor seed is read on the host: a CPU tensor,
     so no device sync). Kernel launchers call this; the reference computes with a tensor
     seed as is (traceable)."""
-    if isinstance(seed, torch.Tensor):
-        check_seed_offset(seed, 0)  # metadata (and the value, when readable)
-        seed = int(seed)
-    check_seed_offset(seed, 0)
-    return seed
+    check_seed_offset(seed, 0)  # a tensor's metadata and, read here on the host, its value
+    return int(seed) if isinstance(seed, torch.Tensor) else seed
 
 
 def philox_words(numel: int, seed, offset: int, device=None) -> tuple[torch.Tensor, ...]:
