@@ -8,7 +8,7 @@ odd D), to M past its register group of 8 targets, and to run-twice bit equality
 import pytest
 import torch
 
-from cifd_kernels.backend import kernel_options, set_kernel_options
+from cifd_kernels.backend import set_kernel_options
 from cifd_kernels import BackendUnavailableError
 from cifd_kernels import backend as _backend
 from cifd_kernels.nn.cifd_loss import CIFDLoss
@@ -396,7 +396,7 @@ def test_grouped_loss_matches_per_group_reference(be, M, K, dist, device):
     assert loss.shape == ce.shape == (G,) and kl.shape == emb.shape == (M, G)
     got = torch.autograd.grad((loss * g_out).sum(), [z, u])
     zr, ur = z.detach().clone().requires_grad_(), u.detach().clone().requires_grad_()
-    want_loss, want_grads = [], []
+    want_loss = []
     for i in range(G):
         li, ti = ref.cifd_loss(zr[i], t, y, ur[i], x, [1.0] * M, p_drop=0.0, w_emb=float(gw[i]), **kw)
         want_loss.append(li)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import backend_or_skip
-from cifd_kernels.backend import kernel_options, set_kernel_options
+from cifd_kernels.backend import kernel_options
 from cifd_kernels.ops.density_pack import MODES, NUM_GRAD, NUM_PACKED, pack_density, unpack_density_grad
 from cifd_kernels.reference import entropy_bottleneck as R
 from cifd_kernels.reference.ibm import ibm

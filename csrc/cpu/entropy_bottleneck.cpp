@@ -446,9 +446,9 @@ void run_fwd(Ctx<T>& cx, void (*fn)(const Ctx<T>&, int64_t, int64_t), int num_th
   }
 }
 
-// grad_packed: [59, C] at row stride ldg.
+// grad_packed: [59, C] at packed's row stride (cx.ldp).
 template <class T, class G>
-void run_bwd(Ctx<T>& cx, void (*fn)(const Ctx<T>&, int64_t, int64_t), G* grad_packed, int64_t ldg,
+void run_bwd(Ctx<T>& cx, void (*fn)(const Ctx<T>&, int64_t, int64_t), G* grad_packed,
              int num_threads) {
   const EbProblem& pr = cx.pr;
   const int64_t C = pr.C;
@@ -472,7 +472,7 @@ void run_bwd(Ctx<T>& cx, void (*fn)(const Ctx<T>&, int64_t, int64_t), G* grad_pa
     for (int64_t i = 0; i < kNumGrad * C; ++i) {
       double s = 0.0;
       for (int64_t k = 0; k < splits; ++k) s += part[static_cast<size_t>(k * kNumGrad * C + i)];
-      grad_packed[(i / C) * ldg + i % C] = static_cast<G>(s);
+      grad_packed[(i / C) * cx.ldp + i % C] = static_cast<G>(s);
     }
   }
 }
@@ -518,11 +518,11 @@ template <class T>
 void fwd_entry(const EbProblem& pr, T s, T bound, const void* y, const T* packed, const T* medians,
                void* y_hat, T* rate, T* likelihood, Spans<T> sp,
                void (*fn)(const Ctx<T>&, int64_t, int64_t), int num_threads) {
+  if (pr.N <= 0) return;
   const int64_t per = pr.N * pr.C * pr.S;
   const size_t b = storage_bytes<T>(pr);
   for (int64_t g = 0; g < pr.G; ++g) {
     T* rate_g = rate + g * pr.N;
-    if (pr.N <= 0) continue;
     if (pr.C <= 0 || pr.S <= 0) {
       std::fill(rate_g, rate_g + pr.N, T(0));
       continue;
@@ -554,7 +554,7 @@ void bwd_entry(const EbProblem& pr, T s, T bound, const void* y, const T* packed
     cx.grate = block(grad_rate, g * pr.N, sizeof(T));
     cx.glik = block(grad_likelihood, g * per, sizeof(T));
     cx.gy = block(grad_y, g * per, b);
-    run_bwd(cx, fn, gp, ldp, num_threads);
+    run_bwd(cx, fn, gp, num_threads);
   }
 }
 
