@@ -1,9 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
-"""cifd::density_pack / cifd::density_unpack_grad (the packed density rows every
-fused entropy kernel reads) and the eager fast path of the cifd:: ops: the C++
-pack against the torch formulas, gradients in the parameters' dtypes and strides,
-opcheck, and eager calls (one autograd.Function) bit-identical to the same calls
-through the registered custom ops."""
+"""Density packing (cifd_C::density_pack / density_unpack_grad, the packed rows every
+fused entropy kernel reads, and :func:`pack_density`, one autograd node over them)
+and the eager fast path of the cifd:: ops: the C++ pair and its torch-formula
+stand-in against autograd-tracked torch ops, gradients in the parameters' dtypes
+and strides, opcheck, and eager calls (one autograd.Function) bit-identical to the
+same calls through the registered custom ops."""
 import pytest
 import torch
 
@@ -41,24 +42,28 @@ def _torch_pack(mats, bias, facs):
 
 
 @pytest.mark.parametrize("C", [1, 3, 193])
-@pytest.mark.parametrize("via_ops", [False, True])
-def test_pack_and_gradients_match_torch(C, via_ops, monkeypatch):
-    set_kernel_options(eager_via_ops=via_ops)
+@pytest.mark.parametrize("cpp", [True, False])
+def test_pack_and_gradients_match_torch(C, cpp):
+    """The C++ pair (cpp) and the torch formulas that stand in for it where ``_C`` lacks
+    the device, as pack_density's one autograd node."""
+    if cpp:
+        backend_or_skip("cpu", "cpu")
+        assert P._use_cpp(torch.zeros(1))  # what pack_density takes on the CPU
     mats, bias, facs = _params(C)
-    packed = P.pack_density(mats, bias, facs)
+    packed = P._Pack.apply(False, cpp, *P._flat(mats, bias, facs))
     want = _torch_pack(mats, bias, facs)
     assert packed.shape == (58, C) and packed.dtype == torch.float32 and packed.is_contiguous()
     torch.testing.assert_close(packed, want, rtol=1e-6, atol=1e-6)
     g = torch.randn(58, C, generator=torch.Generator().manual_seed(5))
-    wrt = mats + bias + facs
+    wrt = P._flat(mats, bias, facs)
     got = torch.autograd.grad((packed * g).sum(), wrt)
     exp = torch.autograd.grad((want * g).sum(), wrt)
     for a, b in zip(got, exp):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # the by-hand chain gives the same gradients (59 rows: the medians' row is ignored)
-    gm, gb, gf = P.unpack_density_grad(torch.cat([g, torch.ones(1, C)]), mats, bias, facs)
-    for a, b in zip(gm + gb + gf, got):
-        assert torch.equal(a, b)
+    gp = torch.cat([g, torch.ones(1, C)])
+    by_hand = P._unpack(gp, [t.detach() for t in wrt], cpp)
+    assert all(torch.equal(a, b) for a, b in zip(by_hand, got))
 
 
 def test_float64_pack_is_float64_and_gradchecks():
@@ -105,13 +110,17 @@ def test_cpp_binding_checks_name_arguments():
         torch.ops.cifd_C.density_unpack_grad(torch.zeros(57, 3), flat)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("float64", [False, True])
+def test_opcheck(float64):
+    """The pair's fake kernels and schemas (no autograd of their own: pack_density and
+    the fused entropy op differentiate them)."""
+    backend_or_skip("cpu", "cpu")
+    P.cpp_devices()  # registers the fakes
     mats, bias, facs = _params(5)
-    flat = P._flat(mats, bias, facs)
-    torch.library.opcheck(torch.ops.cifd.density_pack.default, (flat, False))
-    g = torch.randn(59, 5)
-    torch.library.opcheck(torch.ops.cifd.density_unpack_grad.default,
-                          (g, [t.detach() for t in flat]))
+    flat = [t.detach() for t in P._flat(mats, bias, facs)]
+    torch.library.opcheck(torch.ops.cifd_C.density_pack.default, (flat, float64))
+    g = torch.randn(59, 5, dtype=torch.float64 if float64 else torch.float32)
+    torch.library.opcheck(torch.ops.cifd_C.density_unpack_grad.default, (g, flat))
 
 
 # ----------------------------------------------------------------------------- eager fast path
@@ -175,35 +184,17 @@ def test_eager_path_taken_only_outside_tracing():
         assert _eager.via_ops(mode.from_tensor(t))
 
 
-# ----------------------------------------------------------------------------- Triton kernels
-def test_triton_kernels_match_the_op(device):
-    """The Triton pack/unpack (GPU tensors; the interpreter on the CPU) against the op's
-    CPU result: packed rows and parameter gradients to fp32 tolerance (the kernels' own
-    tanh/softplus/log1p), gradients in each parameter's shape and dtype."""
-    backend_or_skip("triton", device)
-    from cifd_kernels._triton import density_pack as T
-    for C in (1, 3, 193):
-        mats, bias, facs = _params(C, seed=C)
-        flat = [t.detach() for t in P._flat(mats, bias, facs)]
-        want = P.pack_density(mats, bias, facs)  # on the CPU
-        g = torch.randn(59, C, generator=torch.Generator().manual_seed(7))
-        want_g = torch.autograd.grad((want * g[:58]).sum(), P._flat(mats, bias, facs))
-        got = T.density_pack([t.to(device) for t in flat])
-        torch.testing.assert_close(got.cpu(), want.detach(), rtol=2e-6, atol=2e-6)
-        got_g = T.density_unpack_grad(g.to(device), [t.to(device) for t in flat])
-        for a, b, p in zip(got_g, want_g, flat):
-            assert a.shape == p.shape and a.dtype == p.dtype
-            torch.testing.assert_close(a.cpu(), b, rtol=2e-5, atol=2e-6)
-
-
+# ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-def test_gpu_pack_op_uses_triton_and_matches_cpu():
-    backend_or_skip("triton", "cuda")
+def test_gpu_pack_matches_cpu():
+    """pack_density on CUDA tensors (the C++ pair's ATen versions, or the torch formulas
+    for a _C without CUDA) against the CPU kernel, gradients included."""
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
     mats, bias, facs = _params(64, seed=3)
     gm = [t.detach().cuda().requires_grad_() for t in mats]
     gb = [t.detach().cuda().requires_grad_() for t in bias]
     gf = [t.detach().cuda().requires_grad_() for t in facs]
-    assert P._use_triton(gm[0])
     packed = P.pack_density(gm, gb, gf)
     want = P.pack_density(mats, bias, facs)
     torch.testing.assert_close(packed.cpu(), want.detach(), rtol=2e-6, atol=2e-6)

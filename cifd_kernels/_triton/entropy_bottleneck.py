@@ -12,8 +12,8 @@ whether a parameter set takes it, other filters fall back to the reference.
 
 Density parameters travel packed per channel as one [58, C] float32 tensor
 (``ops.density_pack.pack_density``): ``softplus(H_k)``, ``b_k`` and ``tanh(a_k)``, computed
-by the ``cifd::density_pack`` op (one small Triton kernel on GPUs), whose
-backward chains the packed gradient back to ``H_k`` and ``a_k``.
+by ``cifd_C::density_pack`` in one autograd node whose backward chains the packed
+gradient back to ``H_k`` and ``a_k``.
 
 Bit-exactness: ``y_hat`` equals the reference bit for bit. Triton contracts
 ``a*b + c`` into an FMA by default, which would round ``float(i)*scale - 1/2``

@@ -19,8 +19,9 @@ Routes: the reference, or the resolved kernel backend. ``cpu`` and ``cuda`` take
 one op with C++ autograd, eagerly and under ``torch.compile`` alike
 (``cifd_C::entropy_bottleneck_fused``: it packs the density parameters into
 [58, C], see :mod:`.density_pack`, and unpacks the packed gradient). ``triton``
-packs through the differentiable ``cifd::density_pack`` op and runs its kernels
-through one autograd.Function eagerly, the registered ops under tracing.
+packs through :func:`.density_pack.pack_density` (the same C++ pair in one
+autograd node) and runs its kernels through one autograd.Function eagerly, the
+registered ops under tracing.
 """
 from __future__ import annotations
 
@@ -348,7 +349,7 @@ def _fused_op():
     first lookup registers the fake kernels of it and of the ops it calls."""
     if not _backend.has_ext_op("entropy_bottleneck_fused"):
         return None
-    _pack.register_cpp_fakes()
+    _pack.cpp_devices()  # registers density_pack's fakes
     torch.library.register_fake("cifd_C::entropy_bottleneck_fwd")(_fake_fwd)
     torch.library.register_fake("cifd_C::entropy_bottleneck_bwd")(_fake_bwd)
     torch.library.register_fake("cifd_C::entropy_bottleneck_fused")(
