@@ -225,7 +225,7 @@ def test_triton_bank_channel_is_one_grouped_entropy_call(mode, dtype, device, mo
 
 def test_triton_grouped_entropy_launcher(device):
     """The Triton launchers' groups argument: G problems in one launch give the bits of G
-    calls on the blocks (every mode, both reductions), and bad shapes name the argument."""
+    calls on the blocks (every mode), and bad shapes name the argument."""
     backend_or_skip("triton", device)
     from cifd_kernels._triton import entropy_bottleneck as tk
     from cifd_kernels.ops.density_pack import pack_density
@@ -242,22 +242,19 @@ def test_triton_grouped_entropy_launcher(device):
     for mode in ("noise", "dequantize", "none"):
         m = med if mode == "dequantize" else None
         rho = 0.25 if mode == "noise" else 0.0
-        for det in (True, False):
-            yh, r, lik = tk.entropy_bottleneck_fwd(y, packed, m, mode, 5, 11, rho, 1.0, 1e-9, True, det,
-                                                   groups=G)
-            gy, gp, gm = tk.entropy_bottleneck_bwd(y, packed, m, gyh, gr, gl, mode, 5, 11, rho, 1.0, 1e-9,
-                                                   det, groups=G)
-            assert r.shape == (G, N) and gp.shape == (58, G * C)
-            for k in range(G):
-                cols = slice(k * C, (k + 1) * C)
-                pk, mk = packed[:, cols].contiguous(), (m[cols] if m is not None else None)
-                a, b, c = tk.entropy_bottleneck_fwd(y[k], pk, mk, mode, 5, 11 + k * N * C, rho, 1.0, 1e-9,
-                                                    True, det)
-                assert torch.equal(a, yh[k]) and torch.equal(b, r[k]) and torch.equal(c, lik[k])
-                d, e_, f = tk.entropy_bottleneck_bwd(y[k], pk, mk, gyh[k], gr[k], gl[k], mode, 5,
-                                                     11 + k * N * C, rho, 1.0, 1e-9, det)
-                assert torch.equal(d, gy[k]) and torch.equal(e_, gp[:, cols])
-                assert (f is None) == (gm is None) and (f is None or torch.equal(f, gm[cols]))
+        yh, r, lik = tk.entropy_bottleneck_fwd(y, packed, m, mode, 5, 11, rho, 1.0, 1e-9, True, groups=G)
+        gy, gp, gm = tk.entropy_bottleneck_bwd(y, packed, m, gyh, gr, gl, mode, 5, 11, rho, 1.0, 1e-9,
+                                               groups=G)
+        assert r.shape == (G, N) and gp.shape == (58, G * C)
+        for k in range(G):
+            cols = slice(k * C, (k + 1) * C)
+            pk, mk = packed[:, cols].contiguous(), (m[cols] if m is not None else None)
+            a, b, c = tk.entropy_bottleneck_fwd(y[k], pk, mk, mode, 5, 11 + k * N * C, rho, 1.0, 1e-9, True)
+            assert torch.equal(a, yh[k]) and torch.equal(b, r[k]) and torch.equal(c, lik[k])
+            d, e_, f = tk.entropy_bottleneck_bwd(y[k], pk, mk, gyh[k], gr[k], gl[k], mode, 5,
+                                                 11 + k * N * C, rho, 1.0, 1e-9)
+            assert torch.equal(d, gy[k]) and torch.equal(e_, gp[:, cols])
+            assert (f is None) == (gm is None) and (f is None or torch.equal(f, gm[cols]))
     with pytest.raises(ValueError, match=r"y must be \[groups, N, C\] = \[2, N, C\]"):
         tk.entropy_bottleneck_fwd(y, packed, None, "noise", groups=2)
     with pytest.raises(ValueError, match=r"y must be \[groups, N, C\] = \[3, N, C\]"):

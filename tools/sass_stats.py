@@ -149,12 +149,12 @@ def triton_kernels(keep: str) -> None:
                 **ints, **floats)
     fba, fbb = f_tile // f_maxc, f_maxc
     fwd = compile_(eb._entropy_bottleneck_fwd_kernel, fsig,
-                   dict(MODE=0, SPATIAL=False, STORE_LIK=False, DETERMINISTIC=True, INTERPRET=False,
+                   dict(MODE=0, SPATIAL=False, STORE_LIK=False, INTERPRET=False,
                         BF16_RNE=False, SCALED=False, BA=fba, BB=fbb), f_warps, "triton_fwd")
     bsig = dict({k: "*fp32" for k in ("y_ptr", "gyh_ptr", "grate_ptr", "glik_ptr", "gy_ptr", "gp_ptr", "pp",
                                       "med_ptr")}, **ints, **floats, ROWS_PER_PROG="i64", ITERS="i64")
     bwd = compile_(eb._entropy_bottleneck_bwd_kernel, bsig,
-                   dict(MODE=0, SPATIAL=False, HAS_GRATE=True, HAS_GLIK=False, DETERMINISTIC=True,
+                   dict(MODE=0, SPATIAL=False, HAS_GRATE=True, HAS_GLIK=False,
                         INTERPRET=False, BF16_RNE=False, SCALED=False, BA=b_tile // b_maxc, BB=b_maxc), b_warps,
                    "triton_bwd")
     per_fwd = (fba * fbb) // (32 * f_warps)

@@ -24,9 +24,9 @@ op the compiler never contracts), and a plain multiply under
 FMAs. Likelihoods, rates and gradients match the reference to float32 accuracy
 (exp2 / reciprocal / log2 are the GPU's .approx.ftz instructions).
 
-Parameter gradients: ``deterministic=True`` writes per-program partial sums that
-torch sums in a fixed order; the default adds them with float atomics. On an
-H100 the partial sums were the faster of the two ([4096, 512]: 146 vs 174 us;
+Rates and parameter gradients: per-program partial sums that torch sums in a
+fixed order (bit-reproducible). On an H100 they were faster than float atomics
+into one buffer, the other design measured ([4096, 512]: 146 vs 174 us;
 [16, 192, 32, 32]: 184 vs 386 us), because ~30 programs share each channel.
 """
 from __future__ import annotations
@@ -296,18 +296,14 @@ def _bin_mass(f):
 
 
 @triton.jit
-def _flush(out, base: tl.constexpr, C, A, K: tl.constexpr, SPATIAL: tl.constexpr, cmv,
-           DETERMINISTIC: tl.constexpr):
+def _flush(out, base: tl.constexpr, C, A, K: tl.constexpr, SPATIAL: tl.constexpr, cmv):
     """Reduce accumulators A[0..K) over the tile's rows into rows base.. of out."""
     for k in tl.static_range(K):
         if SPATIAL:
             v = tl.sum(A[k], axis=1)
         else:
             v = tl.sum(A[k], axis=0)
-        if DETERMINISTIC:
-            tl.store(out + (base + k) * C, v, mask=cmv)
-        else:
-            tl.atomic_add(out + (base + k) * C, v, mask=cmv)
+        tl.store(out + (base + k) * C, v, mask=cmv)
 
 
 # ----------------------------------------------------------------------------- tiles
@@ -352,8 +348,7 @@ def _tile(pid0, pid1, pid2, it, N, C, S, BA: tl.constexpr, BB: tl.constexpr, SPA
 def _entropy_bottleneck_fwd_kernel(
         y_ptr, yhat_ptr, lik_ptr, rate_ptr, pp, med_ptr,
         N, C, S, CP, seed, offset, rho, s_noise, bound,
-        MODE: tl.constexpr, SPATIAL: tl.constexpr, STORE_LIK: tl.constexpr,
-        DETERMINISTIC: tl.constexpr, INTERPRET: tl.constexpr, BF16_RNE: tl.constexpr,
+        MODE: tl.constexpr, SPATIAL: tl.constexpr, STORE_LIK: tl.constexpr, INTERPRET: tl.constexpr, BF16_RNE: tl.constexpr,
         SCALED: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr):
     pid0 = tl.program_id(0).to(tl.int64)
     pid1 = tl.program_id(1).to(tl.int64)
@@ -382,18 +377,12 @@ def _entropy_bottleneck_fwd_kernel(
     nll = tl.where(m & keep, _lg2(pb) * -0.6931471805599453, 0.0)
     if SPATIAL:
         part = tl.sum(tl.sum(nll, axis=1), axis=0)
-        if DETERMINISTIC:
-            tl.store(rate_ptr + (n * tl.num_programs(1) + pid1) * tl.num_programs(2) + pid2, part)
-        else:
-            tl.atomic_add(rate_ptr + n, part)
+        tl.store(rate_ptr + (n * tl.num_programs(1) + pid1) * tl.num_programs(2) + pid2, part)
     else:
         part = tl.sum(nll, axis=1)
         rows = pid0 * BA + tl.arange(0, BA)
         out_rows = pid2 * N + rows  # group g's rows
-        if DETERMINISTIC:
-            tl.store(rate_ptr + pid1 * (tl.num_programs(2) * N) + out_rows, part, mask=rows < N)
-        else:
-            tl.atomic_add(rate_ptr + out_rows, part, mask=rows < N)
+        tl.store(rate_ptr + pid1 * (tl.num_programs(2) * N) + out_rows, part, mask=rows < N)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -402,14 +391,14 @@ def _entropy_bottleneck_fwd_kernel(
 # difference); then back through the MLP (h' = q + tanh(a) tanh(q), q = W h + b) for both logits.
 # dy = keep * (g_yhat + dL/dy_hat) (noise), 0 (dequantize; the medians get the sum), or the sum (none);
 # SCALED: dL/dy_hat = dL/dx / s.
-# Parameter grads are reduced over the program's rows in registers, then atomically added or
-# written as per-program partials (DETERMINISTIC) that the launcher sums in a fixed order.
+# Parameter grads are reduced over the program's rows in registers, then written as
+# per-program partials that the launcher sums in a fixed order.
 @triton.jit
 def _entropy_bottleneck_bwd_kernel(
         y_ptr, gyh_ptr, grate_ptr, glik_ptr, gy_ptr, gp_ptr, pp, med_ptr,
         N, C, S, CP, seed, offset, rho, s_noise, bound, ROWS_PER_PROG, ITERS,
         MODE: tl.constexpr, SPATIAL: tl.constexpr, HAS_GRATE: tl.constexpr, HAS_GLIK: tl.constexpr,
-        DETERMINISTIC: tl.constexpr, INTERPRET: tl.constexpr, BF16_RNE: tl.constexpr,
+        INTERPRET: tl.constexpr, BF16_RNE: tl.constexpr,
         SCALED: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr):
     pid0 = tl.program_id(0).to(tl.int64)
     pid1 = tl.program_id(1).to(tl.int64)
@@ -485,17 +474,14 @@ def _entropy_bottleneck_bwd_kernel(
         col = pid2 * C + cvec  # group g's parameter columns
         prog = pid0
     cmv = cvec < C
-    if DETERMINISTIC:
-        out = gp_ptr + prog * (_NUM_GRAD_C * CP) + col
-    else:
-        out = gp_ptr + col
-    _flush(out, 0, CP, A0, 9, SPATIAL, cmv, DETERMINISTIC)
-    _flush(out, 9, CP, A1, 15, SPATIAL, cmv, DETERMINISTIC)
-    _flush(out, 24, CP, A2, 15, SPATIAL, cmv, DETERMINISTIC)
-    _flush(out, 39, CP, A3, 15, SPATIAL, cmv, DETERMINISTIC)
-    _flush(out, 54, CP, A4, 4, SPATIAL, cmv, DETERMINISTIC)
+    out = gp_ptr + prog * (_NUM_GRAD_C * CP) + col
+    _flush(out, 0, CP, A0, 9, SPATIAL, cmv)
+    _flush(out, 9, CP, A1, 15, SPATIAL, cmv)
+    _flush(out, 24, CP, A2, 15, SPATIAL, cmv)
+    _flush(out, 39, CP, A3, 15, SPATIAL, cmv)
+    _flush(out, 54, CP, A4, 4, SPATIAL, cmv)
     if MODE == 1:
-        _flush(out, _MEDIAN_ROW_C, CP, (Am,), 1, SPATIAL, cmv, DETERMINISTIC)
+        _flush(out, _MEDIAN_ROW_C, CP, (Am,), 1, SPATIAL, cmv)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -579,7 +565,7 @@ def _common(y, packed, medians, mode, seed, offset, groups=None):
 def entropy_bottleneck_fwd(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor] = None,
                            mode: str = "noise", seed: int = 0, offset: int = 0, rho: float = 0.0,
                            s: float = 1.0, bound: float = 1e-9, need_likelihood: bool = False,
-                           deterministic: bool = False, groups: Optional[int] = None):
+                           groups: Optional[int] = None):
     """Fused forward.
 
     Args:
@@ -592,7 +578,6 @@ def entropy_bottleneck_fwd(y: torch.Tensor, packed: torch.Tensor, medians: Optio
             keep = U(word 1) >= rho). s: noise scale (noise mode only; the density is read
             at y_hat / s, docs/METHOD.md section 3). bound: likelihood floor.
         need_likelihood: also return the per-element likelihoods.
-        deterministic: per-program partial rates summed by torch instead of float atomics.
         groups: G runs G independent [N, C] problems in one launch (the RDM bank's
             channel): y is [G, N, C], packed [58, G*C] (group g's channel c is column
             g*C + c), medians [G*C], counters ``offset`` + the flat index of y (so the
@@ -616,21 +601,15 @@ def entropy_bottleneck_fwd(y: torch.Tensor, packed: torch.Tensor, medians: Optio
     BA, BB = _tiles(C, S, tile, max_c)
     grid = (N, triton.cdiv(C, BA), triton.cdiv(S, BB)) if spatial else \
         (triton.cdiv(N, BA), triton.cdiv(C, BB), groups)
-    if deterministic:
-        rate_buf = torch.empty((grid[1], groups * N) if not spatial else (N, grid[1] * grid[2]),
-                               dtype=torch.float32, device=y.device)
-    else:
-        rate_buf = torch.zeros(groups * N, dtype=torch.float32, device=y.device)
+    rate_buf = torch.empty((grid[1], groups * N) if not spatial else (N, grid[1] * grid[2]),
+                           dtype=torch.float32, device=y.device)
     wrap_triton(_entropy_bottleneck_fwd_kernel)[grid](
         y3, y_hat, lik if lik is not None else y_hat, rate_buf, packed, med,
         N, C, S, groups * C, seed, offset, float(rho), float(s), float(bound),
-        MODE=_MODES[mode], SPATIAL=spatial, STORE_LIK=need_likelihood, DETERMINISTIC=deterministic,
+        MODE=_MODES[mode], SPATIAL=spatial, STORE_LIK=need_likelihood,
         INTERPRET=_interpret(), BF16_RNE=_interpret() and y.dtype == torch.bfloat16,
         SCALED=mode == "noise" and float(s) != 1.0, BA=BA, BB=BB, num_warps=warps)
-    if deterministic:
-        rate = rate_buf.sum(0) if not spatial else rate_buf.sum(1)
-    else:
-        rate = rate_buf
+    rate = rate_buf.sum(0) if not spatial else rate_buf.sum(1)  # fixed-order sum of the partials
     return y_hat, rate.view(rate_shape), lik
 
 
@@ -638,16 +617,14 @@ def entropy_bottleneck_bwd(y: torch.Tensor, packed: torch.Tensor, medians: Optio
                            grad_y_hat: Optional[torch.Tensor], grad_rate: Optional[torch.Tensor],
                            grad_likelihood: Optional[torch.Tensor] = None, mode: str = "noise",
                            seed: int = 0, offset: int = 0, rho: float = 0.0, s: float = 1.0,
-                           bound: float = 1e-9, deterministic: bool = False,
-                           row_programs: Optional[int] = None, groups: Optional[int] = None):
+                           bound: float = 1e-9, row_programs: Optional[int] = None,
+                           groups: Optional[int] = None):
     """Fused backward of :func:`entropy_bottleneck_fwd` (same arguments), recomputing noise,
     masks and the density MLP.
 
     Args:
         grad_y_hat: y's shape, any float dtype, or None (zero). grad_rate: [N] or None.
         grad_likelihood: y's shape or None.
-        deterministic: per-program partial parameter gradients, summed by torch in a fixed
-            order (bit-reproducible) instead of float atomics.
         row_programs: how many programs share each channel block (default: enough to fill
             the GPU, 1 under the interpreter); results agree to rounding whatever it is.
         groups: as :func:`entropy_bottleneck_fwd` (grad_rate [G, N]); each group gets
@@ -700,17 +677,14 @@ def entropy_bottleneck_bwd(y: torch.Tensor, packed: torch.Tensor, medians: Optio
         rpp = iters * BA
         grid = (triton.cdiv(N, rpp), ncb, groups)
         nparts = grid[0]
-    if deterministic:
-        gbuf = torch.empty((nparts, NUM_GRAD, groups * C), dtype=torch.float32, device=dev)
-    else:
-        gbuf = torch.zeros((NUM_GRAD, groups * C), dtype=torch.float32, device=dev)
+    gbuf = torch.empty((nparts, NUM_GRAD, groups * C), dtype=torch.float32, device=dev)
     wrap_triton(_entropy_bottleneck_bwd_kernel)[grid](
         y3, gyh, grate, glik, grad_y, gbuf, packed, med,
         N, C, S, groups * C, seed, offset, float(rho), float(s), float(bound), rpp, iters,
         MODE=_MODES[mode], SPATIAL=spatial, HAS_GRATE=grad_rate is not None,
-        HAS_GLIK=grad_likelihood is not None, DETERMINISTIC=deterministic,
+        HAS_GLIK=grad_likelihood is not None,
         INTERPRET=_interpret(), BF16_RNE=_interpret() and y.dtype == torch.bfloat16,
         SCALED=mode == "noise" and float(s) != 1.0, BA=BA, BB=BB, num_warps=warps,
         **_bwd_launch_options())
-    gp = gbuf.sum(0) if deterministic else gbuf  # fixed-order sum of the partials
+    gp = gbuf.sum(0)  # fixed-order sum of the partials
     return grad_y, gp[:NUM_PACKED], (gp[_MEDIAN_ROW] if mode == "dequantize" else None)
