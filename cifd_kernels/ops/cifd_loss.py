@@ -235,24 +235,33 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
 
     lam_t = _ref._check_lam(lam, m, ref.device, torch.float32).detach()
     t_embs = target_embs.detach() if target_embs is not None else None
-    if be != "triton":  # cpu, cuda: the C++ op; the terms come detached
-        loss, ce, kl, emb, keep, rate = _cpp(
-            student_logits, target_logits.detach(), labels, student_emb, t_embs, lam_t, ibm_rate,
-            float(tau), float(p_drop), seed, int(offset), float(lam_ce), float(lam_kl), float(w_emb),
-            float(lam_I), _DIST_CODES[dist], int(ignore_index))
-        return loss, {"ce": ce, "kl": kl, "emb": emb, "keep": keep, "rate": rate, "loss": loss}
-    keep = _keep_flags(m, seed, offset, p_drop, ref.device)
-    loss, ce, kl, emb, _, _ = _eager.call(
-        _fwd_op, _EagerFunction, student_logits, target_logits.detach(), labels, student_emb, t_embs,
-        lam_t, keep, None, float(tau), float(lam_ce), float(lam_kl), float(w_emb), dist, int(ignore_index))
+    loss, ce, kl, emb, keep, rate = _run(
+        be, student_logits, target_logits.detach(), labels, student_emb, t_embs, lam_t, ibm_rate, tau,
+        p_drop, seed, offset, lam_ce, lam_kl, w_emb, lam_I, dist, ignore_index)
+    return loss, {"ce": ce, "kl": kl, "emb": emb, "keep": keep, "rate": rate, "loss": loss}
+
+
+def _run(be, logits, targets, labels, emb, target_embs, lam, ibm_rate, tau, p_drop, seed, offset, lam_ce,
+         lam_kl, w_emb, lam_I, dist, ignore_index, group_w=None):
+    """The kernel backend ``be`` on checked arguments (targets and lam detached): ``(loss,
+    ce, kl, emb_terms, keep, rate)``, the terms detached, ``loss`` differentiable with
+    respect to ``logits``, ``emb`` and ``ibm_rate``; rate = mean(ibm_rate) (0 without),
+    in the loss at weight ``lam_I``. One route per backend: ``cpu``, ``cuda`` the C++ op
+    (keep flags, kernel, means and rate term in one call), ``triton`` the same steps here."""
+    tau, lam_ce, lam_kl, w_emb = float(tau), float(lam_ce), float(lam_kl), float(w_emb)
+    if be != "triton":
+        return _cpp(logits, targets, labels, emb, target_embs, lam, ibm_rate, tau, float(p_drop), seed,
+                    int(offset), lam_ce, lam_kl, w_emb, float(lam_I), _DIST_CODES[dist], int(ignore_index),
+                    group_w)
+    keep = _keep_flags(targets.shape[0], seed, offset, p_drop, logits.device)
+    loss, ce, kl, emb_t, _, _ = _eager.call(_fwd_op, _EagerFunction, logits, targets, labels, emb,
+                                            target_embs, lam, keep, group_w, tau, lam_ce, lam_kl, w_emb, dist,
+                                            int(ignore_index))
+    rate = torch.zeros((), dtype=torch.float32, device=logits.device)
     if ibm_rate is not None:
         rate = ibm_rate.float().mean()
         loss = loss + lam_I * rate
-    else:
-        rate = torch.zeros((), dtype=torch.float32, device=ref.device)
-    terms = {"ce": ce.detach(), "kl": kl.detach(), "emb": emb.detach(), "keep": keep, "rate": rate,
-             "loss": loss}
-    return loss, terms
+    return loss, ce.detach(), kl.detach(), emb_t.detach(), keep, rate
 
 
 # The "cpu" and "cuda" backends: cifd_C::cifd_loss_fused (python/cifd_loss_fused.cpp),
@@ -339,20 +348,9 @@ def grouped_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labe
     if be == "reference":
         raise _backend.BackendUnavailableError(
             "grouped_loss runs on the loss kernels only (cpu, cuda or triton); none fits here")
-    m = target_logits.shape[0]
-    lam_t = torch.ones(m, dtype=torch.float32, device=student_logits.device)
-    if be != "triton":  # cpu, cuda: the C++ op; the terms come detached
-        loss, ce, kl, emb, _, _ = _cpp(
-            student_logits, target_logits.detach(), labels, student_emb, target_embs.detach(), lam_t,
-            None, float(tau), 0.0, 0, 0, float(lam_ce), float(lam_kl), 1.0, 0.0, _DIST_CODES[dist],
-            int(ignore_index), group_w)
-        return loss, ce, kl, emb
-    keep = torch.ones(m, dtype=torch.bool, device=student_logits.device)
-    loss, ce, kl, emb, _, _ = _eager.call(
-        _fwd_op, _EagerFunction, student_logits, target_logits.detach(), labels, student_emb,
-        target_embs.detach(), lam_t, keep, group_w, float(tau), float(lam_ce), float(lam_kl), 1.0, dist,
-        int(ignore_index))
-    return loss, ce.detach(), kl.detach(), emb.detach()
+    lam_t = torch.ones(target_logits.shape[0], dtype=torch.float32, device=student_logits.device)
+    return _run(be, student_logits, target_logits.detach(), labels, student_emb, target_embs.detach(), lam_t,
+                None, tau, 0.0, 0, 0, lam_ce, lam_kl, 1.0, 0.0, dist, ignore_index, group_w)[:4]
 
 
 def _keep_flags(m: int, seed: int, offset: int, p_drop: float, device) -> torch.Tensor:
@@ -407,25 +405,17 @@ def cifd_embedding_loss(student_emb: torch.Tensor, target_embs: torch.Tensor,
     seed = _eager.eager_seed(seed, student_emb)
 
     lam_t = _ref._check_lam(lam, m, ref.device, torch.float32).detach()
-    ignore = -100
-    z = ref.new_zeros((batch, 1))
-    labels = torch.full((batch,), ignore, dtype=torch.long, device=ref.device)
-    if be != "triton":
-        loss, _, _, emb, keep, _ = _cpp(z, ref.new_zeros((m, batch, 1)), labels, student_emb,
-                                        target_embs.detach(), lam_t, None, 1.0, float(p_drop), seed,
-                                        int(offset), 0.0, 0.0, float(w_emb), 0.0, _DIST_CODES[dist], ignore)
-    else:
-        keep = _keep_flags(m, seed, offset, p_drop, ref.device)
-        loss, _, _, emb, _, _ = _eager.call(
-            _fwd_op, _EagerFunction, z, ref.new_zeros((m, batch, 1)), labels, student_emb,
-            target_embs.detach(), lam_t, keep, None, 1.0, 0.0, 0.0, float(w_emb), dist, ignore)
+    labels = torch.full((batch,), -100, dtype=torch.long, device=ref.device)
+    loss, _, _, emb, keep, _ = _run(be, ref.new_zeros((batch, 1)), ref.new_zeros((m, batch, 1)), labels,
+                                    student_emb, target_embs.detach(), lam_t, None, 1.0, p_drop, seed, offset,
+                                    0.0, 0.0, w_emb, 0.0, dist, -100)
     rate = ibm_rate.float().mean() if ibm_rate is not None else torch.zeros((), device=ref.device)
     if lam_cl != 0:
         nce = _ref.info_nce(student_emb, contrast_emb, temperature).float().mean()
     else:
         nce = torch.zeros((), device=ref.device)
     loss = loss + lam_I * rate + lam_cl * nce
-    terms = {"emb": emb.detach(), "keep": keep, "rate": rate, "nce": nce, "loss": loss}
+    terms = {"emb": emb, "keep": keep, "rate": rate, "nce": nce, "loss": loss}
     return loss, terms
 
 
