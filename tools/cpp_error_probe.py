@@ -1,0 +1,46 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Which C++ argument errors raise and which crash the process: each case in its own
+Python process, one line each (rc -11: a segfault where a RuntimeError was due).
+
+    python3 tools/cpp_error_probe.py
+
+On the H200 (2026-12-04, torch 2.11, _C built by gcc 13.3) every error thrown by the
+density-pack ops (python/density_pack.cpp) crashed, on CPU tensors too, while
+cifd_C::cifd_loss_fwd's errors raised. The controls tell apart torch's own errors, a
+TensorList op of torch's and ours."""
+import subprocess
+import sys
+
+SETUP = """
+import torch, cifd_kernels._C
+from cifd_kernels.reference import entropy_bottleneck as ref
+from cifd_kernels.ops import density_pack as P
+p = ref.init_params(37, generator=torch.Generator().manual_seed(0))
+cpu = [t.detach() for t in P._flat(p['matrices'], p['biases'], p['factors'])]
+dev = [t.cuda() for t in cpu] if torch.cuda.is_available() else cpu
+try:
+    {stmt}
+    print('no error')
+except Exception as e:
+    print('raised', type(e).__name__ + ':', str(e).splitlines()[0][:100])
+"""
+CASES = {
+    "torch, one tensor (control)": "torch.zeros(3).view(2, 2)",
+    "torch, a tensor list (control)": "torch.cat([torch.zeros(2), torch.zeros(2, 2)])",
+    "cifd_C::cifd_loss_fwd, bad labels": (
+        "z = torch.zeros(2, 5, device=dev[0].device); e = z.new_empty((0,)); "
+        "torch.ops.cifd_C.cifd_loss_fwd(z, z[None], torch.zeros(2), e, e, z.new_ones(1), "
+        "torch.ones(2, dtype=torch.uint8, device=z.device), z.new_ones(()), e, 2.0, 1.0, 1.0, "
+        "1.0, 0, -100)"),
+    "density_pack_generic, 5 params, cpu": "torch.ops.cifd_C.density_pack_generic(cpu[:5], False)",
+    "density_pack_generic, 5 params, device": "torch.ops.cifd_C.density_pack_generic(dev[:5], False)",
+    "density_pack, 5 params, cpu": "torch.ops.cifd_C.density_pack(cpu[:5], False)",
+    "density_unpack_grad_generic, bad grad, device": (
+        "torch.ops.cifd_C.density_unpack_grad_generic(dev[0].new_zeros(3, 37), dev)"),
+}
+
+for name, stmt in CASES.items():
+    r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", SETUP.format(stmt=stmt)],
+                       capture_output=True, text=True, timeout=120)
+    out = r.stdout.strip() or r.stderr.strip().splitlines()[-1:]
+    print(f"{name}: rc={r.returncode} {out}", flush=True)
