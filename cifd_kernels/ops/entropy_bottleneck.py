@@ -193,24 +193,6 @@ def _run_triton(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.T
 
 
 # ----------------------------------------------------------------------------- public functional
-# backend="auto" on a GPU: Triton from this many elements up, the CUDA kernels below it.
-# Measured (H200, (65536, 320) fwd+bwd, results/nvidia-h200-20261127T130159Z.json): Triton
-# 2.81 ms, CUDA 3.96 ms. Below, the CUDA kernels' C++ launcher costs the host less per call
-# than Triton's Python launcher (the GPU timings of the smaller benchmark shapes are pending:
-# tools/gpu_check.sh records them). Decided from the shape alone: no host sync.
-AUTO_TRITON_MIN_NUMEL = 1 << 20
-
-
-@torch.compiler.assume_constant_result
-def _auto_may_use_triton(backend: Optional[str]) -> bool:
-    # torch.compile bakes the answer into the graph (as backend.resolve's).
-    return _backend.check_backend_name(backend) == "auto" and _backend.status("triton", "cuda")[0]
-
-
-def _auto_prefers_triton(numel: int, backend: Optional[str]) -> bool:
-    return numel >= AUTO_TRITON_MIN_NUMEL and _auto_may_use_triton(backend)
-
-
 def _kernel_ok(y, matrices, backend: str) -> bool:
     """Whether the ``backend`` kernel takes these inputs: the fast-path filters, and
     float32/float16/bfloat16 everywhere (with no float64 parameter, which would make
@@ -291,8 +273,6 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
                 f"{tuple(int(m.shape[1]) for m in matrices[:-1])}")
 
     be = _backend.resolve_kernel(OP, backend, y.device, why_not)
-    if be == "cuda" and _auto_prefers_triton(y.numel(), backend) and why_not("triton") is None:
-        be = "triton"
     if be == "reference":
         if groups is not None:
             return _reference_groups(y, matrices, biases, factors, medians, mode, seed, offset, rho, s,
