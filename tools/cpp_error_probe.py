@@ -8,6 +8,7 @@ On the H200 (2026-12-04, torch 2.11, _C built by gcc 13.3) every error thrown by
 density-pack ops (python/density_pack.cpp) crashed, on CPU tensors too, while
 cifd_C::cifd_loss_fwd's errors raised. The controls tell apart torch's own errors, a
 TensorList op of torch's and ours."""
+import os
 import subprocess
 import sys
 
@@ -39,6 +40,7 @@ CASES = {
         "torch.ops.cifd_C.density_unpack_grad_generic(dev[0].new_zeros(3, 37), dev)"),
 }
 
+print("env:", {k: v for k, v in os.environ.items() if k.startswith(("TORCH_", "LD_"))})
 for name, stmt in CASES.items():
     r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", SETUP.format(stmt=stmt)],
                        capture_output=True, text=True, timeout=120)
