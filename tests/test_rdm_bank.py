@@ -556,6 +556,35 @@ def test_kernel_path_errors():
                          backend="cpu")
 
 
+@pytest.mark.parametrize("be", KERNELS)
+def test_loss_argument_errors_are_the_references(be, device):
+    """rdm_bank_loss on a kernel backend raises the reference's error, type and message,
+    for each bad argument (the checks are the reference's own functions)."""
+    _skip_unless(be, device)
+    n, b, d, k = 2, 4, 3, 5
+    g = _g(21)
+    x = torch.randn(b, d, generator=g).to(device)
+    xh = torch.randn(n, b, d, generator=g).to(device).requires_grad_()
+    lg = torch.randn(n, b, k, generator=g).to(device).requires_grad_()
+    r = torch.rand(n, b, generator=g).to(device)
+    y = torch.randint(0, k, (b,), generator=g).to(device)
+    t = torch.randn(b, k, generator=g).to(device)
+    bad = [dict(R=[1.0]), dict(R=[1.0, -1.0]), dict(dist="l3"), dict(tau=0.0), dict(ignore_index=1.5),
+           dict(lam_ce=-1.0), dict(lam_kl=float("nan")), dict(x=x[:, :2]), dict(x=x[:3]),
+           dict(rate=r[:, :3]), dict(labels=y[:3]), dict(teacher_logits=t[:, :4]),
+           dict(labels=y.float())]
+    for case in bad:
+        args = dict(x=x, R=[1.0, 0.5], labels=y, teacher_logits=t, rate=r) | case
+        kw = {a: args.pop(a) for a in ("dist", "tau", "ignore_index", "lam_ce", "lam_kl") if a in args}
+        errors = []
+        for backend in ("reference", be):
+            with pytest.raises((ValueError, TypeError)) as e:
+                ob.rdm_bank_loss(args["x"], xh, lg, args["rate"], args["R"], args["labels"],
+                                 args["teacher_logits"], backend=backend, **kw)
+            errors.append((e.type, str(e.value)))
+        assert errors[0] == errors[1], case
+
+
 # --------------------------------------------------------------------------- labels
 @pytest.mark.parametrize("be", ["reference", "auto"] + KERNELS)
 @pytest.mark.parametrize("bad", ["K", 10**6, -1])

@@ -63,7 +63,6 @@ import torch.nn.functional as F
 
 from .. import backend as _backend
 from ..reference import _checks
-from ..reference import cifd_loss as _ref_loss
 from ..reference import entropy_bottleneck as _ref_eb
 from ..reference import rdm as _ref
 from ..reference.philox import check_seed_offset
@@ -319,38 +318,11 @@ def rdm_bank_loss(x: torch.Tensor, x_hat: torch.Tensor, logits: torch.Tensor, ra
     if be == "reference":
         return _ref.rdm_bank_loss(x, x_hat, logits, rate, R, labels, teacher_logits, **kw)
 
-    # The reference's checks, on metadata only.
-    _ref_loss.check_dist(dist)
-    _ref_loss.check_tau(tau)
-    _ref_loss.check_weights("rdm_bank_loss", lam_ce=lam_ce, lam_kl=lam_kl)
-    if not isinstance(R, torch.Tensor):
-        from ..reference.rdm import check_R
-        check_R(R, where="rdm_bank_loss")
-    _checks.check_tensor("x", x, ndim=2)
-    _checks.check_tensor("rate", rate, ndim=2)
-    n, batch, d = x_hat.shape
-    k = logits.shape[2]
-    _checks.check_same_device("x", x, x_hat=x_hat, logits=logits, rate=rate, labels=labels,
-                                teacher_logits=teacher_logits)
-    _checks.check_dim("x", x.shape[0], batch, "the batch size B")
-    _checks.check_dim("x", x.shape[1], d, "the embedding dim D")
-    _checks.check_dim("logits", logits.shape[0], n, "the RDM count N")
-    _checks.check_dim("logits", logits.shape[1], batch, "the batch size B")
-    _checks.check_dim("rate", rate.shape[0], n, "the RDM count N")
-    _checks.check_dim("rate", rate.shape[1], batch, "the batch size B")
-    if labels is not None:
-        _checks.check_tensor("labels", labels, ndim=1, integer=True)
-        _checks.check_dim("labels", labels.shape[0], batch, "the batch size B")
-    if teacher_logits is not None:
-        _checks.check_tensor("teacher_logits", teacher_logits, ndim=2)
-        _checks.check_dim("teacher_logits", teacher_logits.shape[0], batch, "the batch size B")
-        _checks.check_dim("teacher_logits", teacher_logits.shape[1], k, "the class count K")
-    _checks.check_nonempty("x", batch)
-    if isinstance(R, (int, float)) and not isinstance(R, bool):
-        R = [R]
-    R = [float(r) for r in R]
-    if len(R) != n:
-        raise ValueError(f"len(R) = {len(R)} but the bank has N = {n} RDMs")
+    # The reference's checks, in its order, on metadata only.
+    _ref.check_rdm_loss_hparams("rdm_bank_loss", dist=dist, tau=tau, ignore_index=ignore_index,
+                                lam_ce=lam_ce, lam_kl=lam_kl)
+    n, batch, _, _ = _ref.check_bank_loss_inputs(x, x_hat, logits, rate, labels, teacher_logits)
+    R = _ref.check_R(R, n, "rdm_bank_loss")
 
     loss_be = be if be in _backend.implemented("cifd_loss") else None  # None: auto
     # Left-out terms: CE with every label ignored is 0, KL with lam_kl = 0 is 0 (the KL

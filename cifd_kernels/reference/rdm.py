@@ -330,6 +330,35 @@ def check_headless(k: int, labels: Optional[torch.Tensor], teacher_logits: Optio
                              f"R * dist + rate)")
 
 
+def check_bank_loss_inputs(x, x_hat, logits, rate, labels, teacher_logits) -> tuple[int, int, int, int]:
+    """The tensor arguments of :func:`rdm_bank_loss`, checked alike on every backend (the
+    ops call this too); returns ``(N, B, D, K)``."""
+    check_tensor("x", x, ndim=2)
+    check_tensor("x_hat", x_hat, ndim=3)
+    check_tensor("logits", logits, ndim=3)
+    check_headless(logits.shape[2], labels, teacher_logits, "rdm_bank_loss: the bank")
+    check_tensor("rate", rate, ndim=2)
+    n, batch, d = x_hat.shape
+    k = logits.shape[2]
+    check_same_device("x", x, x_hat=x_hat, logits=logits, rate=rate, labels=labels,
+                      teacher_logits=teacher_logits)
+    check_dim("x", x.shape[0], batch, "the batch size B")
+    check_dim("x", x.shape[1], d, "the embedding dim D")
+    check_dim("logits", logits.shape[0], n, "the RDM count N")
+    check_dim("logits", logits.shape[1], batch, "the batch size B")
+    check_dim("rate", rate.shape[0], n, "the RDM count N")
+    check_dim("rate", rate.shape[1], batch, "the batch size B")
+    if labels is not None:
+        check_tensor("labels", labels, ndim=1, integer=True)
+        check_dim("labels", labels.shape[0], batch, "the batch size B")
+    if teacher_logits is not None:
+        check_tensor("teacher_logits", teacher_logits, ndim=2)
+        check_dim("teacher_logits", teacher_logits.shape[0], batch, "the batch size B")
+        check_dim("teacher_logits", teacher_logits.shape[1], k, "the class count K")
+    check_nonempty("x", batch)
+    return n, batch, d, k
+
+
 def rdm_bank_loss(x: torch.Tensor, x_hat: torch.Tensor, logits: torch.Tensor, rate: torch.Tensor,
                   R: Union[Sequence[float], torch.Tensor], labels: Optional[torch.Tensor] = None,
                   teacher_logits: Optional[torch.Tensor] = None, *, dist: str = "mse",
@@ -362,29 +391,7 @@ def rdm_bank_loss(x: torch.Tensor, x_hat: torch.Tensor, logits: torch.Tensor, ra
     """
     check_rdm_loss_hparams("rdm_bank_loss", dist=dist, tau=tau, ignore_index=ignore_index,
                            lam_ce=lam_ce, lam_kl=lam_kl)
-    check_tensor("x", x, ndim=2)
-    check_tensor("x_hat", x_hat, ndim=3)
-    check_tensor("logits", logits, ndim=3)
-    check_headless(logits.shape[2], labels, teacher_logits, "rdm_bank_loss: the bank")
-    check_tensor("rate", rate, ndim=2)
-    n, batch, d = x_hat.shape
-    k = logits.shape[2]
-    check_same_device("x", x, x_hat=x_hat, logits=logits, rate=rate, labels=labels,
-                      teacher_logits=teacher_logits)
-    check_dim("x", x.shape[0], batch, "the batch size B")
-    check_dim("x", x.shape[1], d, "the embedding dim D")
-    check_dim("logits", logits.shape[0], n, "the RDM count N")
-    check_dim("logits", logits.shape[1], batch, "the batch size B")
-    check_dim("rate", rate.shape[0], n, "the RDM count N")
-    check_dim("rate", rate.shape[1], batch, "the batch size B")
-    if labels is not None:
-        check_tensor("labels", labels, ndim=1, integer=True)
-        check_dim("labels", labels.shape[0], batch, "the batch size B")
-    if teacher_logits is not None:
-        check_tensor("teacher_logits", teacher_logits, ndim=2)
-        check_dim("teacher_logits", teacher_logits.shape[0], batch, "the batch size B")
-        check_dim("teacher_logits", teacher_logits.shape[1], k, "the class count K")
-    check_nonempty("x", batch)
+    n, batch, d, k = check_bank_loss_inputs(x, x_hat, logits, rate, labels, teacher_logits)
     dt = compute_dtype(x, x_hat, logits, rate, teacher_logits)
     Rt = _check_R(R, n, x.device, dt, "rdm_bank_loss")
     dist_n = _up(distortion(x.unsqueeze(0), x_hat, dist).mean(-1), dt)
