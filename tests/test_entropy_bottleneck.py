@@ -207,6 +207,23 @@ def test_bad_arguments():
         entropy_bottleneck(torch.randn(2, 3), mats, bias, facs, seed=-1, backend="triton")
 
 
+@pytest.mark.parametrize("be", ["reference"] + KERNELS)
+def test_bound_must_be_finite_on_every_backend(be, device):
+    """A NaN or infinite likelihood bound is the reference's ValueError naming ``bound`` on
+    every backend (the C++ kernels' own NaN check is not what a user sees); a bound <= 0
+    disables it, as CompressAI's."""
+    if be != "reference":
+        _skip_unless(be, device)
+    mats, bias, facs, _ = _params(3, device)
+    y = torch.randn(4, 3, device=device)
+    for bound in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match=r"^bound must be finite, got"):
+            entropy_bottleneck(y, mats, bias, facs, seed=1, bound=bound, backend=be)
+    off = entropy_bottleneck(y, mats, bias, facs, seed=1, bound=-1.0, backend=be)
+    want = entropy_bottleneck(y, mats, bias, facs, seed=1, bound=0.0, backend=be)
+    assert torch.equal(off.rate, want.rate)
+
+
 def test_opcheck(device):
     """cifd::entropy_bottleneck, the Triton kernels' op for a seed tensor (the C++ backends'
     fused op has its own opcheck: test_cpp_entropy_bottleneck)."""

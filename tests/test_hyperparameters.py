@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from cifd_kernels.nn import IBM, EntropyBottleneck
 from cifd_kernels.nn.cifd_loss import CIFDEmbeddingLoss, CIFDLoss
 from cifd_kernels.nn.rdm import RDM, RDMBank
 from cifd_kernels.reference import _checks
@@ -69,6 +70,8 @@ CALLERS = {
     "kl_tau": lambda tau: ref.kl_tau(seeded_randn(B, K), seeded_randn(B, K, seed=1), tau),
     "info_nce": lambda temperature: ref.info_nce(seeded_randn(B, D), seeded_randn(B, D, seed=1), temperature),
     "kd_keep_flags": lambda p_drop: ref.kd_keep_flags(M, 0, 0, p_drop),
+    "EntropyBottleneck": lambda **kw: EntropyBottleneck(D, **kw),
+    "IBM": lambda **kw: IBM(D, **kw),
 }
 
 # ----------------------------------------------------------------------------- scalar arguments
@@ -92,6 +95,9 @@ BAD = {
     "count": [(-1, ValueError, r"be an int >= 0, got -1"), (2.0, TypeError, r"be an int, got float"),
               (True, TypeError, r"be an int, got bool"), ("3", TypeError, r"be an int, got str")],
     "int": [(1.5, TypeError, r"be an int, got float"), (True, TypeError, r"be an int, got bool")],
+    # a likelihood bound <= 0 switches the bound off (CompressAI's rule)
+    "finite": [(NAN, ValueError, r"be finite, got nan"), (-INF, ValueError, r"be finite, got -inf"),
+               (True, *_NUM), ("1", *_NUM)],
     "choice": [("nope", ValueError, r"be one of \(.*\), got 'nope'"),
                (3, TypeError, r"be one of .*, got int")],
 }
@@ -116,6 +122,8 @@ ARGS = {
     "kl_tau": dict(tau="positive"),
     "info_nce": dict(temperature="positive"),
     "kd_keep_flags": dict(p_drop="p_closed"),
+    "EntropyBottleneck": dict(likelihood_bound="finite"),
+    "IBM": dict(likelihood_bound="finite"),
 }
 SCALAR_CASES = [pytest.param(where, name, v, exc, msg, id=f"{where}-{name}-{v!r}")
                 for where, args in ARGS.items() for name, kind in args.items()

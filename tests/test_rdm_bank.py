@@ -557,6 +557,31 @@ def test_kernel_path_errors():
 
 
 @pytest.mark.parametrize("be", KERNELS)
+def test_forward_argument_errors_are_the_references(be, device):
+    """rdm_bank_forward on a kernel backend raises the reference's error, type and message."""
+    _skip_unless(be, device)
+    torch.manual_seed(0)
+    bank = RDMBank.from_rdms([RDM(8, 9, 4, 7, R=r) for r in (1.0, 0.5)]).to(device)
+    p = {k: v for k, v in bank.named_parameters() if not k.startswith("entropy_bottleneck.")}
+    eb = bank.entropy_bottleneck
+    mats, biases, facs = list(eb.matrices), list(eb.biases), list(eb.factors)
+    x = torch.randn(5, 8, generator=_g(22)).to(device)
+    bad = [dict(act="tanh"), dict(mode="round"), dict(likelihood_bound=-1.0),
+           dict(likelihood_bound=float("nan")), dict(x=x[0]), dict(x=x[:, :3]), dict(x=x.long()),
+           dict(matrices=[]), dict(matrices=[m[:2] for m in mats]), dict(mode="dequantize"),
+           dict(mode="dequantize", medians=torch.zeros(3, device=device)), dict(seed=-1)]
+    for case in bad:
+        kw = dict(case)
+        xx, m = kw.pop("x", x), kw.pop("matrices", mats)
+        errors = []
+        for backend in ("reference", be):
+            with pytest.raises((ValueError, TypeError)) as e:
+                ob.rdm_bank_forward(xx, p, m, biases, facs, backend=backend, **kw)
+            errors.append((e.type, str(e.value)))
+        assert errors[0] == errors[1], case
+
+
+@pytest.mark.parametrize("be", KERNELS)
 def test_loss_argument_errors_are_the_references(be, device):
     """rdm_bank_loss on a kernel backend raises the reference's error, type and message,
     for each bad argument (the checks are the reference's own functions)."""

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import backend as _backend
+from ..reference import _checks
 from ..reference import entropy_bottleneck as _ref
 from ..ops.entropy_bottleneck import entropy_bottleneck as _eb_op
 from ..reference.philox import draw_seed
@@ -72,7 +73,8 @@ class FactorizedDensity(nn.Module):
         self.register_buffer("target", p["target"])
         for name in _CODER_BUFFERS:
             self.register_buffer(name, torch.zeros(0, dtype=torch.int32))
-        if likelihood_bound > 0:  # as CompressAI: no bound module when the bound is off
+        if _checks.check_finite("likelihood_bound", likelihood_bound, type(self).__name__) > 0:
+            # as CompressAI: no bound module when the bound is off
             self.likelihood_lower_bound = _LikelihoodBound(likelihood_bound)
 
     # -- helpers --------------------------------------------------------------------------------

@@ -258,6 +258,7 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
     else:
         _check_groups(y, groups, C, matrices[0].device)
     _checks.check_rho_s(rho, s)
+    _checks.check_finite("bound", bound)
     if mode != "noise":  # seed and offset are unused there, as in the reference
         seed, offset = 0, 0
     else:

@@ -219,6 +219,7 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
         raise ValueError(f"act must be one of {_ref.ACTIVATIONS}, got {act!r}")
     if mode not in _ref.MODES:
         raise ValueError(f"mode must be one of {_ref.MODES}, got {mode!r}")
+    _checks.check_finite_nonneg("likelihood_bound", likelihood_bound, "rdm_bank_forward")
     _checks.check_tensor("x", x, ndim=2)
     n, d, h, l, k = _ref.bank_sizes(params)
     _ref_eb.check_params(matrices, biases, factors)

@@ -34,6 +34,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import _checks
 from .philox import draw_seed, philox_noise  # noqa: F401  (draw_seed re-exported for modules)
 
 LN2 = math.log(2.0)
@@ -186,8 +187,9 @@ class _LowerBound(torch.autograd.Function):
 def lower_bound(x: torch.Tensor, bound: float) -> torch.Tensor:
     """``max(x, bound)`` with CompressAI's LowerBound gradient: ``grad_x = grad`` where
     ``x >= bound`` or ``grad < 0`` (descent would raise x), else 0. ``bound`` is a
-    Python float; ``bound <= 0`` returns ``x`` unchanged (CompressAI skips the bound)."""
-    if bound <= 0:
+    Python float, finite (ValueError naming ``bound``, as on every backend); ``bound <= 0``
+    returns ``x`` unchanged (CompressAI skips the bound)."""
+    if _checks.check_finite("bound", bound) <= 0:
         return x
     return _LowerBound.apply(x, float(bound))
 
