@@ -690,10 +690,52 @@ def test_fused_op_grouped_equals_its_sub_ops(dtype, dist, device, monkeypatch):
     assert not any(v.requires_grad for v in got[1:4])  # the terms come detached
 
 
+# ----------------------------------------------------------------------------- argument errors
+def _same_error_as_reference(fn, be, **kw):
+    errors = []
+    for backend in ("reference", be):
+        with pytest.raises((ValueError, TypeError, IndexError)) as e:
+            fn(**kw, backend=backend)
+        errors.append((e.type, str(e.value)))
+    assert errors[0] == errors[1], kw
+
+
+@pytest.mark.parametrize("be", KERNELS)
+def test_argument_errors_are_the_references(be, device):
+    """cifd_loss and cifd_embedding_loss on a kernel backend raise the reference's error,
+    type and message, for each bad argument (the checks are the reference's functions)."""
+    from cifd_kernels.ops.cifd_loss import cifd_embedding_loss
+    _skip_unless(be, device)
+    inp, lam = _inputs(3, 4, 5, 6, device)
+    z, t, y, u, x = (inp[k] for k in ("student_logits", "target_logits", "labels", "student_emb",
+                                      "target_embs"))
+    rate = torch.rand(4, device=device)
+    bad = [dict(student_logits=z[0]), dict(target_logits=t[:, :3]), dict(target_logits=t[..., :4]),
+           dict(labels=y.float()), dict(labels=y[:3]), dict(target_embs=None), dict(target_embs=x[:2]),
+           dict(target_embs=x[..., :5]), dict(lam=[1.0, 1.0]), dict(lam=[1.0, -1.0, 1.0]),
+           dict(lam=torch.ones(2, device=device)), dict(tau=0.0), dict(p_drop=1.5), dict(dist="l1"),
+           dict(seed=-1), dict(lam_ce=-1.0), dict(w_emb=float("nan")), dict(lam_I=-1.0),
+           dict(ignore_index=1.5), dict(ibm_rate=rate[:3]),
+           dict(student_logits=z[:0], target_logits=t[:, :0], labels=y[:0], student_emb=u[:0],
+                target_embs=x[:, :0])]
+    if device == "cpu":
+        bad.append(dict(labels=torch.tensor([0, IGNORE, 5, 1])))
+    for case in bad:
+        _same_error_as_reference(cifd_loss, be, **({**inp, "lam": lam} | case))
+    c = torch.randn(4, 6, device=device)
+    emb = dict(student_emb=u, target_embs=x, contrast_emb=c, lam=lam)
+    bad = [dict(target_embs=x[0]), dict(target_embs=x[:0]), dict(target_embs=x[:, :3]),
+           dict(contrast_emb=None), dict(contrast_emb=c[:, :5]), dict(lam=[1.0]), dict(p_drop=1.5),
+           dict(dist="l1"), dict(temperature=0.0), dict(lam_cl=float("nan")), dict(ibm_rate=rate[:3]),
+           dict(seed=-1), dict(student_emb=u[:0], target_embs=x[:, :0], contrast_emb=c[:0])]
+    for case in bad:
+        _same_error_as_reference(cifd_embedding_loss, be, **(emb | case))
+
+
 # ----------------------------------------------------------------------------- labels
 # F.cross_entropy's rule on every backend: each label a class in [0, K) or ignore_index.
-# On CPU tensors another raises IndexError before a kernel reads it (the kernels'
-# message names labels; the reference's is F.cross_entropy's); on a GPU the kernels
+# On CPU tensors another raises IndexError naming labels before a kernel reads it (one
+# message on every backend, the reference's check_labels); on a GPU the kernels
 # assert on the device, which ends the process's CUDA context, so no test here can
 # trigger it (csrc/tests/test_cuda_emu_loss.cpp runs the CUDA kernel's check on the
 # CPU; test_triton_label_device_assert below the Triton kernel's, in the interpreter).
@@ -701,8 +743,6 @@ BAD_LABELS = ["K", 10**6, -1]
 
 
 def _label_match(be, bad, K):
-    if be == "reference":
-        return "out of bounds"
     return rf"labels\[2\] = {K if bad == 'K' else bad} is out of bounds for K = {K} classes"
 
 
@@ -793,12 +833,12 @@ def test_triton_label_device_assert(monkeypatch):
     interp = pytest.importorskip("triton.runtime.interpreter")
     if not hasattr(interp, "interpreter_builder") or "debug" not in interp.InterpreterOptions.__dataclass_fields__:
         pytest.skip("this Triton's interpreter has no debug switch to turn on")
-    from cifd_kernels._triton import cifd_loss as tl_loss
+    from cifd_kernels.ops import cifd_loss as ops_loss
     opts = dict(debug=True)
     if "sanitize_overflow" in interp.InterpreterOptions.__dataclass_fields__:
         opts["sanitize_overflow"] = False
     monkeypatch.setattr(interp.interpreter_builder, "options", interp.InterpreterOptions(**opts))
-    monkeypatch.setattr(tl_loss, "check_labels_on_host", lambda *a: None)
+    monkeypatch.setattr(ops_loss._ref, "check_labels", lambda *a: None)
     inp, lam = _inputs(2, 4, 7, 3, "cpu")
     cifd_loss(**inp, lam=lam, backend="triton")  # valid labels (one ignored): no assert
     from triton.runtime import errors

@@ -76,6 +76,8 @@ def _fwd_impl(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
     ``group_w`` [G] (or None: ones) weighting each group's embedding term; then
     ``loss`` and ``ce`` are [G], ``kl`` and ``emb`` [M, G]."""
     B = student_logits.shape[-2]
+    if labels.device.type == "cpu":  # the Triton interpreter; on a GPU the kernel asserts
+        _ref.check_labels(labels, student_logits.shape[-1], ignore_index)
     nvalid = (labels != ignore_index).sum().clamp_min(1).to(torch.float32)
     gw = (group_w.float().contiguous() if group_w is not None
           else student_logits.new_empty((0,), dtype=torch.float32))
@@ -177,8 +179,8 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
         target_logits: ``[M, B, K]`` teacher first, then the RDMs. Frozen: no gradient.
         labels: ``[B]`` integer; ``ignore_index`` rows leave CE (mean over the others).
             Every other label must be a class in ``[0, K)``, as for F.cross_entropy: on
-            CPU tensors another raises IndexError (F.cross_entropy's on the reference;
-            one naming ``labels``, before a kernel reads it, on the kernels); on a GPU
+            CPU tensors another raises IndexError naming ``labels`` before anything reads
+            it, the same on every backend; on a GPU
             the kernels check on the device (no host sync): a bad label triggers a
             device-side assert, reported at the next synchronisation, as with torch's
             own CUDA losses.
@@ -209,31 +211,14 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
                               **kwargs)
 
     # The reference's checks, on metadata only.
-    _checks.check_tensor("target_logits", target_logits, ndim=3)
-    _checks.check_tensor("labels", labels, ndim=1, integer=True)
-    _ref.check_tau(tau)
-    _ref.check_prob(p_drop)
-    _ref.check_dist(dist)
-    _ref.check_weights("cifd_loss", lam_ce=lam_ce, lam_kl=lam_kl, w_emb=w_emb, lam_I=lam_I)
-    ref = student_logits
-    _checks.check_same_device("student_logits", ref, target_logits=target_logits, labels=labels)
-    batch, k = student_logits.shape
-    m = target_logits.shape[0]
-    _checks.check_dim("target_logits", target_logits.shape[1], batch, "the batch size B")
-    _checks.check_dim("target_logits", target_logits.shape[2], k, "the class count K")
-    _checks.check_dim("labels", labels.shape[0], batch, "the batch size B")
-    if m == 0:
-        raise ValueError("target_logits has M = 0 targets; the teacher comes first")
-    if (student_emb is None) != (target_embs is None):
-        raise ValueError("student_emb and target_embs go together: pass both or neither")
-    if student_emb is not None:
-        _ref._check_embeddings(student_emb, target_embs, m, batch, "student_logits", ref)
-    _ref._check_rate(ibm_rate, batch, "student_logits", ref)
-    _checks.check_nonempty("student_logits", batch)
+    batch, k, m = _ref.check_loss_args(student_logits, target_logits, labels, student_emb, target_embs,
+                                       ibm_rate, tau=tau, p_drop=p_drop, dist=dist,
+                                       ignore_index=ignore_index, lam_ce=lam_ce, lam_kl=lam_kl,
+                                       w_emb=w_emb, lam_I=lam_I)
     check_seed_offset(seed, offset, m)
     seed = _eager.eager_seed(seed, student_logits)
 
-    lam_t = _ref._check_lam(lam, m, ref.device, torch.float32).detach()
+    lam_t = _ref._check_lam(lam, m, student_logits.device, torch.float32, "cifd_loss").detach()
     t_embs = target_embs.detach() if target_embs is not None else None
     loss, ce, kl, emb, keep, rate = _run(
         be, student_logits, target_logits.detach(), labels, student_emb, t_embs, lam_t, ibm_rate, tau,
@@ -387,24 +372,15 @@ def cifd_embedding_loss(student_emb: torch.Tensor, target_embs: torch.Tensor,
               lam_I=lam_I, lam_cl=lam_cl, temperature=temperature)
     if be == "reference":
         return _ref.cifd_embedding_loss(student_emb, target_embs, contrast_emb, lam, **kw)
-    # The reference's checks, on metadata only (InfoNCE's below, in the reference function).
-    _checks.check_tensor("target_embs", target_embs, ndim=3)
-    _ref.check_prob(p_drop)
-    _ref.check_dist(dist)
-    batch, m = student_emb.shape[0], target_embs.shape[0]
-    if m == 0:
-        raise ValueError("target_embs has M = 0 targets; the teacher comes first")
+    # The reference's checks, on metadata only.
+    batch, m = _ref.check_embedding_loss_args(student_emb, target_embs, contrast_emb, ibm_rate,
+                                              p_drop=p_drop, dist=dist, temperature=temperature,
+                                              w_emb=w_emb, lam_I=lam_I, lam_cl=lam_cl)
     ref = student_emb
-    _ref._check_rate(ibm_rate, batch, "student_emb", ref)
-    if lam_cl != 0 and contrast_emb is None:
-        raise ValueError("contrast_emb is required when lam_cl != 0 (the embeddings "
-                         "InfoNCE pairs student_emb with)")
-    _ref._check_embeddings(student_emb, target_embs, m, batch, "student_emb", ref)
-    _checks.check_nonempty("student_emb", batch)
     check_seed_offset(seed, offset, m)
     seed = _eager.eager_seed(seed, student_emb)
 
-    lam_t = _ref._check_lam(lam, m, ref.device, torch.float32).detach()
+    lam_t = _ref._check_lam(lam, m, ref.device, torch.float32, "cifd_embedding_loss").detach()
     labels = torch.full((batch,), -100, dtype=torch.long, device=ref.device)
     loss, _, _, emb, keep, _ = _run(be, ref.new_zeros((batch, 1)), ref.new_zeros((m, batch, 1)), labels,
                                     student_emb, target_embs.detach(), lam_t, None, 1.0, p_drop, seed, offset,

@@ -166,19 +166,34 @@ def kl_tau(teacher_logits: torch.Tensor, student_logits: torch.Tensor, tau: floa
     return (tau * tau) * (log_pt.exp() * (log_pt - log_ps)).sum(-1)
 
 
+def check_labels(labels: torch.Tensor, k: int, ignore_index: int) -> None:
+    """IndexError naming ``labels`` unless each is a class in ``[0, k)`` or ``ignore_index``
+    (the message of every backend, the C++ kernels' included). Reads the labels: for CPU
+    tensors only (on a GPU the kernels and F.cross_entropy assert on the device)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= k))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise IndexError(f"labels[{i}] = {int(labels[i])} is out of bounds for K = {k} classes "
+                         f"(expected 0 <= label < {k}, or ignore_index = {ignore_index})")
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Per-sample cross-entropy in nats. logits ``[B, K]`` floating, labels ``[B]``
-    integer. Returns ``[B]``, 0 where ``labels == ignore_index``."""
+    integer, each in ``[0, K)`` or ``ignore_index`` (:func:`check_labels` on CPU tensors).
+    Returns ``[B]``, 0 where ``labels == ignore_index``."""
     check_tensor("logits", logits, ndim=2)
     check_tensor("labels", labels, ndim=1, integer=True)
     check_same_device("logits", logits, labels=labels)
     check_dim("labels", labels.shape[0], logits.shape[0], "the batch size B")
+    # On a GPU F.cross_entropy's device assert (no host sync); while tracing, the graph's.
+    if labels.device.type == "cpu" and type(labels) is torch.Tensor and not torch.compiler.is_compiling():
+        check_labels(labels, logits.shape[1], ignore_index)
     dt = compute_dtype(logits)
     return F.cross_entropy(_up(logits, dt), labels.long(), ignore_index=ignore_index, reduction="none")
 
 
 def _ce_mean(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Mean CE over non-ignored samples (0 if all are ignored), without a host sync."""
+    """Mean CE over non-ignored samples (0 if all are ignored), without a device sync."""
     ce = cross_entropy(logits, labels, ignore_index)
     n = (labels != ignore_index).sum().clamp_min(1).to(ce.dtype)
     return ce.sum() / n
@@ -284,6 +299,32 @@ def _kept(keep: torch.Tensor, per_target: torch.Tensor, zero_m: torch.Tensor) ->
     return torch.where(keep, _up(per_target, zero_m.dtype), zero_m)
 
 
+def check_loss_args(student_logits, target_logits, labels, student_emb, target_embs, ibm_rate,
+                    **hparams) -> tuple[int, int, int]:
+    """The arguments of :func:`cifd_loss` but ``lam``, seed and offset, checked alike on
+    every backend (the ops call this too); returns ``(B, K, M)``."""
+    check_tensor("student_logits", student_logits, ndim=2)
+    check_tensor("target_logits", target_logits, ndim=3)
+    check_tensor("labels", labels, ndim=1, integer=True)
+    check_loss_hparams("cifd_loss", **hparams)
+    ref = student_logits
+    check_same_device("student_logits", ref, target_logits=target_logits, labels=labels)
+    batch, k = student_logits.shape
+    m = target_logits.shape[0]
+    check_dim("target_logits", target_logits.shape[1], batch, "the batch size B")
+    check_dim("target_logits", target_logits.shape[2], k, "the class count K")
+    check_dim("labels", labels.shape[0], batch, "the batch size B")
+    if m == 0:
+        raise ValueError("target_logits has M = 0 targets; the teacher comes first")
+    if (student_emb is None) != (target_embs is None):
+        raise ValueError("student_emb and target_embs go together: pass both or neither")
+    if student_emb is not None:
+        _check_embeddings(student_emb, target_embs, m, batch, "student_logits", ref)
+    _check_rate(ibm_rate, batch, "student_logits", ref)
+    check_nonempty("student_logits", batch)
+    return batch, k, m
+
+
 def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
               student_emb: Optional[torch.Tensor] = None, target_embs: Optional[torch.Tensor] = None,
               lam: Union[Sequence[float], torch.Tensor, None] = None, *, tau: float = 2.0,
@@ -336,26 +377,10 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
 
     An empty batch (B = 0) raises ValueError.
     """
-    check_tensor("student_logits", student_logits, ndim=2)
-    check_tensor("target_logits", target_logits, ndim=3)
-    check_tensor("labels", labels, ndim=1, integer=True)
-    check_loss_hparams("cifd_loss", tau=tau, p_drop=p_drop, dist=dist, ignore_index=ignore_index,
-                       lam_ce=lam_ce, lam_kl=lam_kl, w_emb=w_emb, lam_I=lam_I)
+    batch, k, m = check_loss_args(student_logits, target_logits, labels, student_emb, target_embs,
+                                  ibm_rate, tau=tau, p_drop=p_drop, dist=dist, ignore_index=ignore_index,
+                                  lam_ce=lam_ce, lam_kl=lam_kl, w_emb=w_emb, lam_I=lam_I)
     ref = student_logits
-    check_same_device("student_logits", ref, target_logits=target_logits, labels=labels)
-    batch, k = student_logits.shape
-    m = target_logits.shape[0]
-    check_dim("target_logits", target_logits.shape[1], batch, "the batch size B")
-    check_dim("target_logits", target_logits.shape[2], k, "the class count K")
-    check_dim("labels", labels.shape[0], batch, "the batch size B")
-    if m == 0:
-        raise ValueError("target_logits has M = 0 targets; the teacher comes first")
-    if (student_emb is None) != (target_embs is None):
-        raise ValueError("student_emb and target_embs go together: pass both or neither")
-    if student_emb is not None:
-        _check_embeddings(student_emb, target_embs, m, batch, "student_logits", ref)
-    _check_rate(ibm_rate, batch, "student_logits", ref)
-    check_nonempty("student_logits", batch)
 
     dt = compute_dtype(student_logits, target_logits, student_emb, target_embs, ibm_rate)
     lam_t = _check_lam(lam, m, ref.device, dt, "cifd_loss")
@@ -376,6 +401,32 @@ def cifd_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels:
     loss = lam_ce * _up(ce, dt) + lam_kl * kl_term + w_emb * emb_term + lam_I * rate
     terms = {"ce": ce, "kl": kl, "emb": emb, "keep": keep, "rate": rate, "loss": loss}
     return loss, terms
+
+
+def check_embedding_loss_args(student_emb, target_embs, contrast_emb, ibm_rate,
+                              **hparams) -> tuple[int, int]:
+    """The arguments of :func:`cifd_embedding_loss` but ``lam``, seed and offset, checked
+    alike on every backend (the ops call this too); returns ``(B, M)``."""
+    check_tensor("student_emb", student_emb, ndim=2)
+    check_tensor("target_embs", target_embs, ndim=3)
+    check_embedding_loss_hparams("cifd_embedding_loss", **hparams)
+    batch = student_emb.shape[0]
+    m = target_embs.shape[0]
+    if m == 0:
+        raise ValueError("target_embs has M = 0 targets; the teacher comes first")
+    ref = student_emb
+    _check_rate(ibm_rate, batch, "student_emb", ref)
+    if hparams["lam_cl"] != 0:
+        if contrast_emb is None:
+            raise ValueError("contrast_emb is required when lam_cl != 0 (the embeddings "
+                             "InfoNCE pairs student_emb with)")
+        check_tensor("contrast_emb", contrast_emb, ndim=2)
+        check_same_device("student_emb", ref, contrast_emb=contrast_emb)
+        check_dim("contrast_emb", contrast_emb.shape[0], batch, "the batch size B")
+        check_dim("contrast_emb", contrast_emb.shape[1], student_emb.shape[1], "the embedding dim D")
+    _check_embeddings(student_emb, target_embs, m, batch, "student_emb", ref)
+    check_nonempty("student_emb", batch)
+    return batch, m
 
 
 def cifd_embedding_loss(student_emb: torch.Tensor, target_embs: torch.Tensor,
@@ -411,26 +462,10 @@ def cifd_embedding_loss(student_emb: torch.Tensor, target_embs: torch.Tensor,
     ``nce`` (batch-mean InfoNCE, 0 when ``lam_cl == 0``), ``loss``.
     An empty batch (B = 0) raises ValueError.
     """
-    check_tensor("student_emb", student_emb, ndim=2)
-    check_tensor("target_embs", target_embs, ndim=3)
-    check_embedding_loss_hparams("cifd_embedding_loss", p_drop=p_drop, dist=dist, temperature=temperature,
-                                 w_emb=w_emb, lam_I=lam_I, lam_cl=lam_cl)
-    batch = student_emb.shape[0]
-    m = target_embs.shape[0]
-    if m == 0:
-        raise ValueError("target_embs has M = 0 targets; the teacher comes first")
+    batch, m = check_embedding_loss_args(student_emb, target_embs, contrast_emb, ibm_rate, p_drop=p_drop,
+                                         dist=dist, temperature=temperature, w_emb=w_emb, lam_I=lam_I,
+                                         lam_cl=lam_cl)
     ref = student_emb
-    _check_rate(ibm_rate, batch, "student_emb", ref)
-    if lam_cl != 0:
-        if contrast_emb is None:
-            raise ValueError("contrast_emb is required when lam_cl != 0 (the embeddings "
-                             "InfoNCE pairs student_emb with)")
-        check_tensor("contrast_emb", contrast_emb, ndim=2)
-        check_same_device("student_emb", ref, contrast_emb=contrast_emb)
-        check_dim("contrast_emb", contrast_emb.shape[0], batch, "the batch size B")
-        check_dim("contrast_emb", contrast_emb.shape[1], student_emb.shape[1], "the embedding dim D")
-    _check_embeddings(student_emb, target_embs, m, batch, "student_emb", ref)
-    check_nonempty("student_emb", batch)
 
     dt = compute_dtype(student_emb, target_embs, contrast_emb, ibm_rate)
     lam_t = _check_lam(lam, m, ref.device, dt, "cifd_embedding_loss")
