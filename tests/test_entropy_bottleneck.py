@@ -224,6 +224,29 @@ def test_bound_must_be_finite_on_every_backend(be, device):
     assert torch.equal(off.rate, want.rate)
 
 
+@pytest.mark.parametrize("be", KERNELS)
+def test_argument_errors_are_the_references(be, device):
+    """A kernel backend raises the reference's error, type and message, for each bad
+    argument (the ops run the reference's checks before choosing a backend)."""
+    _skip_unless(be, device)
+    mats, bias, facs, med = _params(4, device)
+    y = torch.randn(3, 4, device=device)
+    bad = [dict(y=y.long()), dict(y=y[0]), dict(y=y[:, :3]), dict(mode="round"), dict(rho=1.5),
+           dict(rho=float("nan")), dict(s=0.0), dict(seed=-1), dict(seed=1.5), dict(offset=-3),
+           dict(offset=2**63 - 2), dict(mode="dequantize"), dict(mode="dequantize", medians=med[:3]),
+           dict(mode="dequantize", medians=med.long()), dict(bound=float("nan")),
+           dict(matrices=mats[:3]), dict(matrices=[t[:3] for t in mats]), dict(groups=0),
+           dict(groups=2), dict(groups=True)]
+    for case in bad:
+        kw = dict(y=y, matrices=mats, biases=bias, factors=facs) | case
+        errors = []
+        for backend in ("reference", be):
+            with pytest.raises((ValueError, TypeError)) as e:
+                entropy_bottleneck(**kw, backend=backend)
+            errors.append((e.type, str(e.value)))
+        assert errors[0] == errors[1], case
+
+
 def test_opcheck(device):
     """cifd::entropy_bottleneck, the Triton kernels' op for a seed tensor (the C++ backends'
     fused op has its own opcheck: test_cpp_entropy_bottleneck)."""
@@ -265,13 +288,13 @@ def test_groups_are_the_per_group_calls(be, mode, rho, s, via_ops, spatial, devi
     mats, bias, facs, med = _params(G * cg, device, seed=4)
     gen = torch.Generator().manual_seed(6)
     y = (4 * torch.randn(G, N, cg, *spatial, generator=gen)).to(device).requires_grad_()
+    medians = med if mode == "dequantize" else None
     if be == "triton" and spatial:  # the Triton launchers take groups of [N, C] only
         with pytest.raises(BackendUnavailableError, match="no spatial dims"):
-            entropy_bottleneck(y, mats, bias, facs, mode=mode, backend=be, groups=G)
+            entropy_bottleneck(y, mats, bias, facs, medians, mode=mode, backend=be, groups=G)
         return
     g_yhat, g_lik = (torch.randn(y.shape, generator=gen).to(device) for _ in range(2))
     g_rate = torch.randn(G, N, generator=gen).to(device)
-    medians = med if mode == "dequantize" else None
     wrt = [y] + mats + bias + facs + ([med] if medians is not None else [])
 
     def loss_of(out, g):
@@ -313,7 +336,7 @@ def test_groups_bad_arguments():
     for be in ("reference", "cpu"):
         if be == "cpu" and "cpu" not in __import__("cifd_kernels").backend.implemented("entropy_bottleneck"):
             continue
-        with pytest.raises(ValueError, match=r'needs medians of shape \[6\]'):
+        with pytest.raises(ValueError, match=r"medians must be \[6\], got shape \(2,\)"):
             entropy_bottleneck(y, mats, bias, facs, med[:2], mode="dequantize", groups=3, backend=be)
 
 

@@ -259,6 +259,8 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
         _check_groups(y, groups, C, matrices[0].device)
     _checks.check_rho_s(rho, s)
     _checks.check_finite("bound", bound)
+    if mode == "dequantize":
+        _ref.check_medians(medians, C, y.device)
     if mode != "noise":  # seed and offset are unused there, as in the reference
         seed, offset = 0, 0
     else:
@@ -281,12 +283,7 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
         return _reference(y, matrices, biases, factors, medians, mode, seed, offset, rho, s, bound,
                           need_likelihood)
     cdt = torch.float64 if y.dtype == torch.float64 else torch.float32  # the kernels' compute dtype
-    if mode == "dequantize":
-        if medians is None or tuple(medians.shape) != (C,):
-            raise ValueError(f'mode="dequantize" needs medians of shape [{C}]')
-        med = medians.to(cdt).contiguous()
-    else:
-        med = None
+    med = medians.to(cdt).contiguous() if mode == "dequantize" else None
     check_seed_offset(seed, offset, y.numel())
     if be == "triton":
         packed = _pack.pack_density(matrices, biases, factors, dtype=cdt)
@@ -351,9 +348,7 @@ def _check_groups(y, groups, C: int, device) -> None:
 def _reference_groups(y, matrices, biases, factors, medians, mode, seed, offset, rho, s, bound, need_lik,
                       groups):
     """The reference on each group: its channel slice of the density, its counters."""
-    C, cg, per = y.shape[2] * groups, y.shape[2], y[0].numel()
-    if mode == "dequantize" and (medians is None or tuple(medians.shape) != (C,)):
-        raise ValueError(f'mode="dequantize" needs medians of shape [{C}]')  # as the kernels' check
+    cg, per = y.shape[2], y[0].numel()
     outs = []
     for g in range(groups):
         ch = slice(g * cg, (g + 1) * cg)

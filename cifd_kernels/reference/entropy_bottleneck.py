@@ -255,6 +255,18 @@ def medians(quantiles: torch.Tensor) -> torch.Tensor:
     return quantiles[:, 0, 1]
 
 
+def check_medians(medians: Optional[torch.Tensor], C: int, device) -> None:
+    """``mode="dequantize"``'s medians: a floating ``[C]`` tensor on y's ``device`` (the
+    check of every backend)."""
+    if medians is None:
+        raise ValueError(f'mode="dequantize" needs medians [{C}]')
+    _check_floating("medians", medians)
+    if tuple(medians.shape) != (C,):
+        raise ValueError(f"medians must be [{C}], got shape {tuple(medians.shape)}")
+    if medians.device != device:
+        raise ValueError(f"medians is on {medians.device} but y is on {device}")
+
+
 def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
                        factors: Sequence[torch.Tensor], medians: Optional[torch.Tensor] = None,
                        mode: str = "noise", seed: int = 0, offset: int = 0,
@@ -289,13 +301,7 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
         u = philox_noise(y.shape, seed, offset, device=y.device)  # float32, logical row-major
         yh = yc + u.to(cdt)
     elif mode == "dequantize":
-        if medians is None:
-            raise ValueError('mode="dequantize" needs medians [C]')
-        _check_floating("medians", medians)
-        if tuple(medians.shape) != (C,):
-            raise ValueError(f"medians must be [{C}], got shape {tuple(medians.shape)}")
-        if medians.device != y.device:
-            raise ValueError(f"medians is on {medians.device} but y is on {y.device}")
+        check_medians(medians, C, y.device)
         m = medians.to(cdt).reshape((1, C) + (1,) * (y.dim() - 2))
         yh = torch.round(yc - m) + m  # round has zero gradient: y gets none, medians get 1
     else:
