@@ -426,6 +426,8 @@ def test_ibm_op_is_the_module_and_the_reference(be, device):
     assert torch.equal(got[0], mod[0]) and torch.equal(got[1], mod[1])
     assert torch.equal(got[0], want[0])
     torch.testing.assert_close(got[1], want[1].detach(), rtol=2e-4, atol=2e-5 * (1 + float(want[1].abs().max())))
+    with pytest.raises(ValueError, match=r"^w has 5 channels \(dim 1\) but the parameters have 6$"):
+        ibm_op(w[:, :5], *m._params(), rho=0.25, s=0.5, seed=3, backend=be)  # named w, as the reference
     w_hat, rate = ibm_op(w, *m._params(), rho=0.25, s=0.5, training=False, backend=be)
     assert torch.equal(w_hat, w) and torch.equal(rate, torch.zeros(9, device=device))
     with pytest.raises(ValueError, match=r"s \(noise scale\) must be finite and > 0"):

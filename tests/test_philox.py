@@ -144,6 +144,12 @@ def test_bad_arguments():
         philox_uniform(4, 1, 2**63 - 2)  # offset + numel overflows the counter
     with pytest.raises(ValueError, match="shape"):
         philox_uniform((-1, 3), 1, 0)
+    for bad in ((2.5,), 2.0, "ab", (True,), [1, None]):  # not truncated, not int()'d
+        for fn, rest in ((philox_uniform, ()), (philox_keep_mask, (0.5,))):
+            with pytest.raises(TypeError, match=r"^shape must be an int or a sequence of ints, got "):
+                fn(bad, 1, 0, *rest)
+    import numpy as np
+    assert philox_uniform((np.int64(2), 3), 1).shape == (2, 3) == philox_uniform(torch.Size([2, 3]), 1).shape
     with pytest.raises(ValueError, match="rho"):
         philox_keep_mask(4, 1, 0, 1.5)
     with pytest.raises(TypeError, match="dtype"):

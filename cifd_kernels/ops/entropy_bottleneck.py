@@ -209,7 +209,7 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
                        mode: str = "noise", seed: int = 0, offset: int = 0, rho: float = 0.0,
                        s: float = 1.0, bound: float = 1e-9, need_likelihood: bool = False,
                        deterministic: bool = False, backend: Optional[str] = None,
-                       groups: Optional[int] = None) -> EntropyBottleneckOutput:
+                       groups: Optional[int] = None, _name: str = "y") -> EntropyBottleneckOutput:
     """Fused factorized entropy bottleneck.
 
     Args:
@@ -246,15 +246,15 @@ def entropy_bottleneck(y: torch.Tensor, matrices: Sequence[torch.Tensor], biases
         shape; rate [N] ([G, N] with groups) float32 in nats (-sum of ln p over kept
         elements; bits = / ln 2); likelihood float32 in y's shape, or None.
     """
-    if not isinstance(y, torch.Tensor):
-        raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+    if not isinstance(y, torch.Tensor):  # _name: y's name in messages (the IBM's w)
+        raise TypeError(f"{_name} must be a torch.Tensor, got {type(y).__name__}")
     if mode not in _pack.MODES:
         raise ValueError(f"mode must be one of {tuple(_pack.MODES)}, got {mode!r}")
     # The reference's argument checks first, so that every backend rejects what it rejects
     # with the same exception (a wrong dtype or device is not a missing backend).
     C = _ref.check_params(matrices, biases, factors)
     if groups is None:
-        _ref.check_activation("y", y, C, matrices[0].device)
+        _ref.check_activation(_name, y, C, matrices[0].device)
     else:
         _check_groups(y, groups, C, matrices[0].device)
     _checks.check_rho_s(rho, s)

@@ -35,5 +35,5 @@ def ibm(w: torch.Tensor, matrices: Sequence[torch.Tensor], biases: Sequence[torc
                                       bound=bound)
         return w_hat, rate
     out = entropy_bottleneck(w, matrices, biases, factors, None, "noise", seed, offset, rho=rho, s=s,
-                             bound=bound, deterministic=deterministic, backend=backend)
+                             bound=bound, deterministic=deterministic, backend=backend, _name="w")
     return out.y_hat, out.rate

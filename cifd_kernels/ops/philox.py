@@ -8,6 +8,7 @@ backend runs it, and the choice costs no host sync.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -20,13 +21,6 @@ _OP_UNIFORM = "philox_uniform"
 _OP_MASK = "philox_keep_mask"
 _backend.register(_OP_UNIFORM, "cuda", "triton", "cpu")
 _backend.register(_OP_MASK, "cuda", "triton", "cpu")
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _triton_mod():
@@ -77,7 +71,7 @@ def _(shape, seed, offset, rho, device, backend):
 
 def _prep(shape, seed, offset, device, op, backend):
     shape = list(_ref._shape(shape))
-    _ref.check_seed_offset(seed, offset, _numel(shape))
+    _ref.check_seed_offset(seed, offset, math.prod(shape))
     device = torch.device(device) if device is not None else torch.device("cpu")
     be = _backend.resolve(op, backend, device)  # choosing cpu/cuda loaded _C (cifd_C:: ops)
     return shape, device, be

@@ -15,6 +15,7 @@ overflows int64.
 """
 from __future__ import annotations
 
+import operator
 from typing import Sequence
 
 import torch
@@ -105,9 +106,12 @@ def uint_to_uniform(word: torch.Tensor) -> torch.Tensor:
 
 
 def _shape(shape) -> tuple[int, ...]:
-    if isinstance(shape, int):
-        shape = (shape,)
-    shape = tuple(int(s) for s in shape)
+    """``shape``, an int or a sequence of ints (numpy's too; no bools, no floats), as a tuple
+    of ints >= 0; TypeError or ValueError naming ``shape`` else."""
+    seq = shape if isinstance(shape, (list, tuple, torch.Size)) else (shape,)
+    if any(isinstance(s, bool) or not hasattr(s, "__index__") for s in seq):
+        raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}")
+    shape = tuple(operator.index(s) for s in seq)
     if any(s < 0 for s in shape):
         raise ValueError(f"shape must be non-negative, got {shape}")
     return shape
