@@ -215,11 +215,7 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
     (``auto|cuda|triton|cpu|reference``). Kernel paths return outputs in the
     parameters' dtype (``rate`` and ``likelihoods`` float32). ``params`` without
     ``head.*`` is a head-less bank (K = 0): no head GEMM, ``logits`` ``[N, B, 0]``."""
-    if act not in _ref.ACTIVATIONS:
-        raise ValueError(f"act must be one of {_ref.ACTIVATIONS}, got {act!r}")
-    if mode not in _ref.MODES:
-        raise ValueError(f"mode must be one of {_ref.MODES}, got {mode!r}")
-    _checks.check_finite_nonneg("likelihood_bound", likelihood_bound, "rdm_bank_forward")
+    _ref.check_bank_forward_hparams(act, mode, likelihood_bound)
     _checks.check_tensor("x", x, ndim=2)
     n, d, h, l, k = _ref.bank_sizes(params)
     _ref_eb.check_params(matrices, biases, factors)

@@ -239,6 +239,13 @@ def latent_likelihood(z_hat: torch.Tensor, matrices, biases, factors, bound: flo
     return lik.reshape(batch, n, l).permute(1, 0, 2)
 
 
+def check_bank_forward_hparams(act: str, mode: str, likelihood_bound: float) -> None:
+    """The scalar arguments of :func:`rdm_bank_forward` (the ops check them alike)."""
+    _checks.check_choice("act", act, ACTIVATIONS, "rdm_bank_forward")
+    _checks.check_choice("mode", mode, MODES, "rdm_bank_forward")
+    _checks.check_finite_nonneg("likelihood_bound", likelihood_bound, "rdm_bank_forward")
+
+
 def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matrices, biases, factors,
                      medians: Optional[torch.Tensor] = None, *, act: str = "relu", mode: str = "noise",
                      seed: int = 0, offset: int = 0, likelihood_bound: float = 1e-9) -> RDMBankOutput:
@@ -260,8 +267,7 @@ def rdm_bank_forward(x: torch.Tensor, params: Mapping[str, torch.Tensor], matric
     Returns :class:`RDMBankOutput`. B = 0 gives empty outputs; K = 0 (no head) gives
     ``logits`` an empty ``[N, B, 0]`` tensor (no graph).
     """
-    _checks.check_choice("act", act, ACTIVATIONS, "rdm_bank_forward")
-    _checks.check_finite_nonneg("likelihood_bound", likelihood_bound, "rdm_bank_forward")
+    check_bank_forward_hparams(act, mode, likelihood_bound)
     n, d, h, l, k = bank_sizes(params)
     check_tensor("x", x, ndim=2)
     check_same_device("x", x, **{"params['enc1.weight']": params["enc1.weight"]})
