@@ -4,6 +4,8 @@ import importlib.util
 import json
 import pathlib
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("gpu_tests", ROOT / "tools" / "gpu_tests.py")
 gpu_tests = importlib.util.module_from_spec(spec)
@@ -22,10 +24,12 @@ def test_g(): pass
 '''
 
 
-def test_crashes_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_crashes_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch, jobs):
     (tmp_path / "test_cases.py").write_text(CASES)
     monkeypatch.chdir(tmp_path)
-    rc = gpu_tests.main(["out", "--marker", "", "--first", "test_d", "test_cases.py"])
+    rc = gpu_tests.main(["out", "--marker", "", "--first", "test_d", "--jobs", str(jobs),
+                         "test_cases.py"])
     s = json.loads((tmp_path / "out" / "gpu_tests.json").read_text())
     assert rc == 1
     assert s["collected"] == 8
@@ -35,8 +39,14 @@ def test_crashes_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     assert s["crashed_ids"] == ["test_cases.py::test_b", "test_cases.py::test_f"]
     assert s["not_run_ids"] == []
     log = (tmp_path / "out" / "pytest_gpu.log").read_text()
-    assert log.index("test_d[2] PASSED") < log.index("test_b")
-    assert "going on with the 4 tests after it" in log
+    if jobs == 1:
+        assert log.index("test_d[2] PASSED") < log.index("test_b")
+        assert "going on with the 4 tests after it" in log
+    else:  # every other test of d[1] d[2] a b c e f g: j0 d[1] a c f(crash), j1 d[2] b(crash) e g
+        assert "[j0] test_cases.py::test_d[1] PASSED" in log
+        assert "[j1] test_cases.py::test_d[2] PASSED" in log
+        assert "[j0] === gpu_tests: the process ended with status -6 in test_cases.py::test_f" in log
+        assert "[j1] === gpu_tests: the process ended with status -11 in test_cases.py::test_b" in log
 
 
 def test_the_deadline_stops_the_run_and_lists_what_did_not_run(tmp_path, monkeypatch):

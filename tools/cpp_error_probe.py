@@ -7,8 +7,11 @@ Python process, one line each (rc -11: a segfault where a RuntimeError was due).
 On the H200 (2026-12-04, torch 2.11, _C built by gcc 13.3) every error thrown by the
 density-pack ops (python/density_pack.cpp) crashed, on CPU tensors too, while
 cifd_C::cifd_loss_fwd's errors raised. The controls tell apart torch's own errors, a
-TensorList op of torch's and ours."""
+TensorList op of torch's and ours. The first case that crashes is then run once more
+under gdb (or cuda-gdb, which the lent machine has and which debugs host code too) for
+the native backtrace."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -33,6 +36,12 @@ CASES = {
         "torch.ops.cifd_C.cifd_loss_fwd(z, z[None], torch.zeros(2), e, e, z.new_ones(1), "
         "torch.ones(2, dtype=torch.uint8, device=z.device), z.new_ones(()), e, 2.0, 1.0, 1.0, "
         "1.0, 0, -100)"),
+    "philox_uniform_out, seed -1, cpu (ours, no list)": (
+        "torch.ops.cifd_C.philox_uniform_out(torch.empty(4), -1, 0)"),
+    "entropy_bottleneck_fused, mode 9, cpu (ours, a list, another file)": (
+        "torch.ops.cifd_C.entropy_bottleneck_fused(torch.zeros(4, 37), cpu, None, 9, 0, 0, 0.0, "
+        "1.0, 1e-9, True, True, False)"),
+    "density_pack, 14 params, cpu (no error due)": "print(torch.ops.cifd_C.density_pack(cpu, False).shape)",
     "density_pack_generic, 5 params, cpu": "torch.ops.cifd_C.density_pack_generic(cpu[:5], False)",
     "density_pack_generic, 5 params, device": "torch.ops.cifd_C.density_pack_generic(dev[:5], False)",
     "density_pack, 5 params, cpu": "torch.ops.cifd_C.density_pack(cpu[:5], False)",
@@ -41,8 +50,23 @@ CASES = {
 }
 
 print("env:", {k: v for k, v in os.environ.items() if k.startswith(("TORCH_", "LD_"))})
+crashed = []
 for name, stmt in CASES.items():
     r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", SETUP.format(stmt=stmt)],
                        capture_output=True, text=True, timeout=120)
     out = r.stdout.strip() or r.stderr.strip().splitlines()[-1:]
     print(f"{name}: rc={r.returncode} {out}", flush=True)
+    if r.returncode < 0:
+        crashed.append(stmt)
+debugger = shutil.which("gdb") or shutil.which("cuda-gdb")
+if crashed and debugger:
+    print(f"\n{debugger}, the first crash:", flush=True)
+    cmd = [debugger, "-batch", "-nx", "-ex", "set pagination off", "-ex", "run", "-ex", "bt 40",
+           "-ex", "info sharedlibrary cifd", "--args", sys.executable, "-c",
+           SETUP.format(stmt=crashed[0])]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+        lines = (r.stdout + r.stderr).splitlines()
+        print("\n".join(line for line in lines if not line.startswith("[New Thread"))[-12000:])
+    except subprocess.TimeoutExpired:
+        print("the debugger ran past 240 s")

@@ -10,7 +10,8 @@
 # Optional: wheels in .whl/ (e.g. compressai for the CompressAI provider) are
 # installed to /tmp/site first, without dependencies.
 # Knobs (each section prints its start time): GPU_STAGES and the time limits below;
-#   GPU_TESTS, GPU_TESTS_K    narrow the tests, GPU_TESTS_FIRST orders them; GPU_BENCH, GPU_BENCH_K narrow "rest"
+#   GPU_TESTS, GPU_TESTS_K    narrow the tests, GPU_TESTS_FIRST orders them, GPU_TESTS_JOBS
+#   GPU_BENCH, GPU_BENCH_K    narrow "rest"
 #   GPU_MAXNREG, GPU_MINBLOCKS the experiments; GPU_STEP_ROUNDS the ratio's rounds
 #   GPU_SKIP_BUILD=1          reuse a build already in place (a second call on a warm machine)
 set -uo pipefail
@@ -48,7 +49,8 @@ python3 -m cifd_kernels info | tee -a "$OUTDIR/device.txt"
 # Stages, in priority order; GPU_STAGES picks them (default "tests targets": what fits
 # one 10-minute device call with the build). Each stage is interrupted (SIGINT, so
 # pytest still writes its results JSON) at its time limit.
-#   probe        which C++ argument errors crash (tools/cpp_error_probe.py)   ~40 s
+#   probe        which C++ argument errors crash (tools/cpp_error_probe.py)   ~60 s,
+#                and a debugger's backtrace of the first crash                   (<= 240 s)
 #   tests        GPU tests, CIFD_REQUIRE_GPU=1                       GPU_TESTS_TIMEOUT (240 s)
 #   targets      the issues' rows: fwd+bwd at (65536, 320), the two banks, the loss,
 #                every provider                                      GPU_TARGETS_TIMEOUT (300 s)
@@ -84,7 +86,10 @@ if [[ $STAGES == *" tests "* ]]; then
            test_triton_entropy_bottleneck test_entropy_bottleneck test_philox test_reference}; do
     first+=(--first "$f")
   done
-  python3 tools/gpu_tests.py "$OUTDIR" --timeout ${GPU_TESTS_TIMEOUT:-240} "${first[@]}" \
+  # GPU_TESTS_JOBS pytest processes side by side (default 6, 2 CPU threads each): most of a
+  # test's time on a fresh machine is Triton compiling on one core.
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} python3 tools/gpu_tests.py "$OUTDIR" \
+    --timeout ${GPU_TESTS_TIMEOUT:-240} --jobs ${GPU_TESTS_JOBS:-6} "${first[@]}" \
     ${GPU_TESTS:-tests} ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} 2>&1 | tail -15
   rc_gpu=${PIPESTATUS[0]}
 fi

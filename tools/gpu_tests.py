@@ -1,14 +1,18 @@
 # SPDX-License-Identifier: Apache-2.0
 """The GPU tests, run so that one crash does not hide the rest:
 
-    python3 tools/gpu_tests.py OUTDIR [--timeout S] [--first NAME]... [--marker M] [PYTEST-ARGS...]
+    python3 tools/gpu_tests.py OUTDIR [--timeout S] [--first NAME]... [--marker M] [--jobs J]
+                               [PYTEST-ARGS...]
 
 Collects the tests (``-m gpu`` unless --marker says otherwise), puts those whose node id
 contains one of the --first names ahead (in the order given, collection order within),
 and runs them in a pytest process with ``-v``. Where that process dies (a segfault, an
 abort), the test it was in is recorded as crashed and a new process runs the tests after
 it. The whole run stops at --timeout seconds (SIGINT, so pytest still prints its
-failures); what did not run is listed.
+failures); what did not run is listed. --jobs J runs J such processes side by side, each
+over every J-th test of the ordered list (so the --first tests still start first), their
+log lines prefixed [jN]: a fresh GPU machine spends most of a test's time compiling
+Triton kernels on one CPU core.
 
 Writes OUTDIR/pytest_gpu.log (every process's output, one after the other) and
 OUTDIR/gpu_tests.json: counts, the failed, crashed and not-run node ids, and the 20
@@ -29,6 +33,7 @@ import time
 
 OUTCOMES = ("PASSED", "FAILED", "SKIPPED", "ERROR", "XFAIL", "XPASS")
 # -v prints "nodeid OUTCOME [ 12%]"; an ERROR at setup or teardown repeats the node id
+LOG_LOCK = threading.Lock()
 RESULT = re.compile(r"^(\S+::\S+) (" + "|".join(OUTCOMES) + r")\b")
 
 
@@ -46,7 +51,8 @@ def order(ids: list[str], first: list[str]) -> list[str]:
     return ahead + [i for i in ids if i not in seen]
 
 
-def run_once(ids: list[str], log, deadline: float, results: dict, times: dict) -> int | None:
+def run_once(ids: list[str], log, deadline: float, results: dict, times: dict,
+             tag: str = "") -> int | None:
     """One pytest process over ids; fills results (node id -> outcome). Returns its exit
     status, or None when it was stopped at the deadline."""
     cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rfE", "--tb=short",
@@ -71,8 +77,9 @@ def run_once(ids: list[str], log, deadline: float, results: dict, times: dict) -
             continue
         if line is None:
             break
-        log.write(line)
-        log.flush()
+        with LOG_LOCK:  # --jobs: lines from several processes, whole
+            log.write(tag + line)
+            log.flush()
         m = RESULT.match(line)
         if m and m.group(1) in wanted:
             nid, outcome = m.groups()
@@ -85,6 +92,25 @@ def run_once(ids: list[str], log, deadline: float, results: dict, times: dict) -
     return None if stopped else rc
 
 
+def run_shard(todo: list[str], log, deadline: float, results: dict, times: dict,
+              crashed: list, tag: str) -> None:
+    """pytest processes over todo, one after another: where one dies, its test is recorded
+    as crashed and the next process starts after it."""
+    while todo and time.monotonic() < deadline:
+        rc = run_once(todo, log, deadline, results, times, tag)
+        if rc is None or rc in (0, 1, 5):  # stopped, or pytest ended by itself
+            return
+        rest = [i for i in todo if i not in results]
+        if not rest:
+            return
+        crashed.append(rest[0])  # the process died in the first test without a result
+        results[rest[0]] = "CRASHED"
+        with LOG_LOCK:
+            log.write(f"\n{tag}=== gpu_tests: the process ended with status {rc} in {rest[0]}; "
+                      f"going on with the {len(rest) - 1} tests after it\n")
+        todo = rest[1:]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("outdir")
@@ -92,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--first", action="append", default=[],
                     help="a node-id substring whose tests run first (repeatable)")
     ap.add_argument("--marker", default="gpu", help='pytest -m expression ("" for none)')
+    ap.add_argument("--jobs", type=int, default=1, help="pytest processes side by side")
     args, pytest_args = ap.parse_known_args(argv)
     os.makedirs(args.outdir, exist_ok=True)
     deadline = time.monotonic() + args.timeout
@@ -102,20 +129,18 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, str] = {}
     times: dict[str, float] = {}
     crashed: list[str] = []
-    todo = ids
+    jobs = max(1, min(args.jobs, len(ids)))
     with open(os.path.join(args.outdir, "pytest_gpu.log"), "w") as log:
-        while todo and time.monotonic() < deadline:
-            rc = run_once(todo, log, deadline, results, times)
-            if rc is None or rc in (0, 1, 5):  # stopped, or pytest ended by itself
-                break
-            rest = [i for i in todo if i not in results]
-            if not rest:
-                break
-            crashed.append(rest[0])  # the process died in the first test without a result
-            results[rest[0]] = "CRASHED"
-            log.write(f"\n=== gpu_tests: the process ended with status {rc} in {rest[0]}; "
-                      f"going on with the {len(rest) - 1} tests after it\n")
-            todo = rest[1:]
+        shards = [ids[j::jobs] for j in range(jobs)]
+        tags = [f"[j{j}] " if jobs > 1 else "" for j in range(jobs)]
+        threads = [threading.Thread(target=run_shard, args=(shard, log, deadline, results, times,
+                                                            crashed, tag))
+                   for shard, tag in zip(shards, tags)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    crashed.sort(key=ids.index)
     count = {o: sum(v == o for v in results.values()) for o in OUTCOMES + ("CRASHED",)}
     summary = {
         "collected": len(ids), **{k.lower(): v for k, v in count.items()},
