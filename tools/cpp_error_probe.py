@@ -2,7 +2,7 @@
 """Which C++ argument errors raise and which crash the process: each case in its own
 Python process, one line each (rc -11: a segfault where a RuntimeError was due).
 
-    python3 tools/cpp_error_probe.py
+    python3 tools/cpp_error_probe.py [DEBUGGER_TIMEOUT_S (default 150)]
 
 On the H200 (2026-12-04, torch 2.11, _C built by gcc 13.3) every error thrown by the
 density-pack ops (python/density_pack.cpp) crashed, on CPU tensors too, while
@@ -58,6 +58,7 @@ for name, stmt in CASES.items():
     print(f"{name}: rc={r.returncode} {out}", flush=True)
     if r.returncode < 0:
         crashed.append(stmt)
+limit = float(sys.argv[1]) if len(sys.argv) > 1 else 150.0
 debugger = shutil.which("gdb") or shutil.which("cuda-gdb")
 if crashed and debugger:
     print(f"\n{debugger}, the first crash:", flush=True)
@@ -65,8 +66,8 @@ if crashed and debugger:
            "-ex", "info sharedlibrary cifd", "--args", sys.executable, "-c",
            SETUP.format(stmt=crashed[0])]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
         lines = (r.stdout + r.stderr).splitlines()
         print("\n".join(line for line in lines if not line.startswith("[New Thread"))[-12000:])
     except subprocess.TimeoutExpired:
-        print("the debugger ran past 240 s")
+        print(f"the debugger ran past {limit} s")
