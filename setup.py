@@ -93,8 +93,13 @@ def _extensions():
         _say(f"building cifd_kernels._C with C++ CPU and CUDA kernels ({why}; archs {archs})")
     else:
         _say(f"building cifd_kernels._C with C++ CPU kernels only (no CUDA: {why})")
+    # --exclude-libs: where a toolchain links a static libstdc++ (the lent H200's /opt/gcc
+    # g++ did: _C needed no libstdc++.so), its symbols stay private to _C. Exported, they
+    # mixed with the libstdc++ torch loaded: formatting an integer into any C++ error
+    # message segfaulted there (2026-12-04). A shared libstdc++ is untouched by it.
+    link = ["-fopenmp"] + (["-Wl,--exclude-libs,ALL"] if sys.platform.startswith("linux") else [])
     ext = ext_cls("cifd_kernels._C", sources, include_dirs=include_dirs, define_macros=macros,
-                  extra_compile_args=extra, extra_link_args=["-fopenmp"],
+                  extra_compile_args=extra, extra_link_args=link,
                   py_limited_api=False)
     cmd = {"build_ext": cx.BuildExtension.with_options(use_ninja=True)}
     return [ext], cmd
