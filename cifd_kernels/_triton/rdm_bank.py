@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .. import backend as _backend
 
-_SQRT1_2 = 0.7071067811865476
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # a global a kernel reads: constexpr
 
 
 # y[n, b, o] = act(sum_i x[n, b, i] W[n, o, i] + c[n, o]); x's n-stride is 0 when the
