@@ -3,6 +3,8 @@
 backend against the reference: y_hat exact (same Philox bits), rates, likelihoods
 and all gradients within fp32 tolerance; opcheck; torch.compile; errors."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -432,3 +434,30 @@ def test_ibm_op_is_the_module_and_the_reference(be, device):
     assert torch.equal(w_hat, w) and torch.equal(rate, torch.zeros(9, device=device))
     with pytest.raises(ValueError, match=r"s \(noise scale\) must be finite and > 0"):
         ibm_op(w, *m._params(), s=0.0, backend=be)
+
+
+@pytest.mark.parametrize("use", [("y_hat", "rate"), ("rate",), ("y_hat", "rate", "likelihood")])
+def test_triton_routes_launch_the_same_backward(use, device, monkeypatch):
+    """The eager Function and the registered ops hand the Triton backward launcher the
+    same arguments (present or absent, shape, dtype) whichever outputs get a gradient:
+    the registered ops' autograd gives an unused output a zero gradient, the eager
+    Function None. On a GPU a different kernel specialization gave different bits (the
+    H200, 2026-12-04: unused likelihoods); under the interpreter the bits cannot show it."""
+    _skip_unless("triton", device)
+    eb_ops = importlib.import_module("cifd_kernels.ops.entropy_bottleneck")
+    launcher = eb_ops._triton()
+    real, seen = launcher.entropy_bottleneck_bwd, []
+
+    def spy(*args, **kw):
+        seen.append([None if a is None else (tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor)
+                     else a for a in args] + sorted(kw.items()))
+        return real(*args, **kw)
+    monkeypatch.setattr(launcher, "entropy_bottleneck_bwd", spy)
+    mats, bias, facs, med = _params(4, device)
+    y = torch.randn(6, 4, generator=torch.Generator().manual_seed(1)).to(device).requires_grad_()
+    for via_ops in (False, True):
+        set_kernel_options(eager_via_ops=via_ops)
+        out = entropy_bottleneck(y, mats, bias, facs, med, mode="dequantize", seed=2, need_likelihood=True,
+                                 backend="triton")
+        sum(getattr(out, name).float().sum() for name in use).backward()
+    assert len(seen) == 2 and seen[0] == seen[1], seen

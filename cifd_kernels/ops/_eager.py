@@ -41,19 +41,20 @@ def via_ops(t: Optional[torch.Tensor] = None) -> bool:
             or _current_dispatch_mode() is not None)
 
 
-def autograd_function(name: str, impl: Callable, setup_context: Callable,
-                      backward: Callable) -> type[torch.autograd.Function]:
+def autograd_function(name: str, impl: Callable, setup_context: Callable, backward: Callable,
+                      materialize_grads: bool = False) -> type[torch.autograd.Function]:
     """A ``torch.autograd.Function`` running ``impl(*args)`` forward, the op's
     ``setup_context(ctx, inputs, output)``, and ``backward(ctx, *grads)``: the
     op's backward formula over the backward *implementation* (the registered
     one calls the backward op): the op's autograd, without custom-op dispatch.
 
-    Gradients are not materialized: an output that got no gradient reaches
-    ``backward`` as None, not as a zero-filled tensor of its size (the loss op's
-    saved-gradient outputs are [G, B, K]; the entropy op's likelihoods [B, C], which
-    the kernels then skip). The backward formulas take None for any output."""
+    Unless ``materialize_grads``, an output that got no gradient reaches ``backward``
+    as None, not as a zero-filled tensor of its size (the loss op's saved-gradient
+    outputs are [G, B, K]), which the loss's backward formula takes for any output.
+    With it, zeros, as the registered op's autograd hands them: the entropy op's
+    Triton backward then launches the same kernel specialization on both routes."""
     def forward(ctx, *args):
-        ctx.set_materialize_grads(False)
+        ctx.set_materialize_grads(materialize_grads)
         out = impl(*args)
         setup_context(ctx, args, out)
         return out

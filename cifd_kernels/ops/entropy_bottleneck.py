@@ -175,8 +175,11 @@ def _backward_via(bwd):
 
 _fwd_op.register_autograd(_backward_via(_bwd_op), setup_context=_setup_context)
 _fwd_triton.register_autograd(_backward_via(_bwd_triton), setup_context=_setup_context)
+# Unused outputs get zero gradients on both routes (materialize_grads), as the registered
+# ops' autograd gives them: the same Triton backward specialization either way (with None
+# on one route and zeros on the other, the H200 gave different bits, 2026-12-04).
 _EagerFunction = _eager.autograd_function("EntropyBottleneckFunction", _fwd_impl, _setup_context,
-                                         _backward_via(_bwd_impl))
+                                         _backward_via(_bwd_impl), materialize_grads=True)
 
 
 def _run_triton(y: torch.Tensor, packed: torch.Tensor, medians: Optional[torch.Tensor], mode: str, seed,
