@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Every Triton kernel compiles for sm_90 on this machine, GPU or not (tools/triton_aot.py).
+"""Every Triton kernel compiles for sm_80 and sm_90 on this machine, GPU or not
+(tools/triton_aot.py).
 
 The CPU tests run the kernels under TRITON_INTERPRET=1, which never compiles them: on
 2026-12-04 the H200 rejected rdm_linear's GELU branch (a plain global float read in a
@@ -18,9 +19,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None
                     or importlib.util.find_spec("triton.backends.nvidia") is None,
                     reason="needs Triton with its NVIDIA backend")
-def test_every_kernel_compiles_for_sm90(tmp_path):
+@pytest.mark.parametrize("arch", [80, 90])  # A100, H100/H200
+def test_every_kernel_compiles(arch, tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}  # no cached result
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "triton_aot.py"), "--arch", "90",
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "triton_aot.py"), "--arch", str(arch),
                         "--jobs", str(min(4, os.cpu_count() or 1))],
                        capture_output=True, text=True, env=env, timeout=1200)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
