@@ -37,10 +37,19 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton  # launches visible to torch.compile inside triton_op
+from torch.library import wrap_triton as _torch_wrap_triton
+from triton.runtime.jit import JITFunction as _JITFunction
 
 from .. import backend as _backend
 from .._layout import MEDIAN_ROW as _MEDIAN_ROW, MODES as _MODES, NUM_GRAD, NUM_PACKED
+
+
+def wrap_triton(kernel):
+    """``torch.library.wrap_triton`` (launches visible to torch.compile inside a triton_op),
+    passing Triton's interpreter kernels (TRITON_INTERPRET=1) through unchanged, as torch
+    2.14 does: torch 2.11 raised on them, failing every Triton CPU test (142)."""
+    return _torch_wrap_triton(kernel) if isinstance(kernel, _JITFunction) else kernel
+
 
 _MEDIAN_ROW_C = tl.constexpr(_MEDIAN_ROW)  # for the kernels
 _NUM_GRAD_C = tl.constexpr(NUM_GRAD)
