@@ -51,6 +51,11 @@ def wrap_triton(kernel):
     return _torch_wrap_triton(kernel) if isinstance(kernel, _JITFunction) else kernel
 
 
+# Triton compiles a variant per integer argument equal to 1 or divisible by 16; for the
+# Philox seed and counter offset those hints buy nothing, and every new pair of values would
+# compile the kernels again (a training run's advancing offset; the tests' many seeds).
+_NO_SPEC = ("seed", "offset")
+
 _MEDIAN_ROW_C = tl.constexpr(_MEDIAN_ROW)  # for the kernels
 _NUM_GRAD_C = tl.constexpr(NUM_GRAD)
 
@@ -353,7 +358,7 @@ def _tile(pid0, pid1, pid2, it, N, C, S, BA: tl.constexpr, BB: tl.constexpr, SPA
 #         y_hat / s in noise mode with s != 1 (SCALED: the unit channel's rate of y / s);
 # p = max(|sigmoid(g f_c(x + 1/2)) - sigmoid(g f_c(x - 1/2))|, bound), g = -sign(sum of logits);
 # rate[n] = -sum_{c,s kept} ln p.  Gradient: _entropy_bottleneck_bwd_kernel.
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _entropy_bottleneck_fwd_kernel(
         y_ptr, yhat_ptr, lik_ptr, rate_ptr, pp, med_ptr,
         N, C, S, CP, seed, offset, rho, s_noise, bound,
@@ -402,7 +407,7 @@ def _entropy_bottleneck_fwd_kernel(
 # SCALED: dL/dy_hat = dL/dx / s.
 # Parameter grads are reduced over the program's rows in registers, then written as
 # per-program partials that the launcher sums in a fixed order.
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _entropy_bottleneck_bwd_kernel(
         y_ptr, gyh_ptr, grate_ptr, glik_ptr, gy_ptr, gp_ptr, pp, med_ptr,
         N, C, S, CP, seed, offset, rho, s_noise, bound, ROWS_PER_PROG, ITERS,

@@ -9,14 +9,14 @@ import triton.language as tl
 # out[i] = uniform(word0(seed, offset + i)); keep[i] = uniform(word1(...)) >= rho.
 # uniform(w) = (int32(w) < 0 ? ~int32(w) : int32(w)) * 4.6566127342e-10f.
 # No gradient: these are random draws.
-@triton.jit
+@triton.jit(do_not_specialize=("seed", "offset"))  # one variant for every seed and offset
 def _philox_uniform_fwd_kernel(out_ptr, n, seed, offset, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
     tl.store(out_ptr + i, tl.rand(seed, offset + i), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("seed", "offset"))
 def _philox_keep_mask_fwd_kernel(out_ptr, n, seed, offset, rho, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
