@@ -8,6 +8,7 @@ kernel), which every CPU test had passed. Triton's compiler needs no GPU."""
 import importlib.util
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -16,9 +17,17 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None
-                    or importlib.util.find_spec("triton.backends.nvidia") is None,
-                    reason="needs Triton with its NVIDIA backend")
+def _ptxas() -> bool:
+    """Triton's NVIDIA backend and a ptxas for it (its wheel's own, $TRITON_PTXAS_PATH or
+    one on PATH)."""
+    spec = importlib.util.find_spec("triton")
+    if spec is None or importlib.util.find_spec("triton.backends.nvidia") is None:
+        return False
+    bundled = pathlib.Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return bundled.exists() or bool(os.environ.get("TRITON_PTXAS_PATH")) or bool(shutil.which("ptxas"))
+
+
+@pytest.mark.skipif(not _ptxas(), reason="needs Triton's NVIDIA backend and ptxas")
 @pytest.mark.parametrize("arch", [80, 90])  # A100, H100/H200
 def test_every_kernel_compiles(arch, tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}  # no cached result
