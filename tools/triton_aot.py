@@ -109,12 +109,14 @@ def _launch_all() -> None:
     # entropy bottleneck: every mode on the flat, spatial and grouped layouts (float32),
     # each half dtype once per layout, the scaled noise channel, with and without the
     # likelihoods and each backward gradient present or absent
-    layouts = {"flat": ((8, C), None), "spatial": ((2, C, 3), None), "groups": ((G, 8, C), G)}
+    layouts = {"flat": ((8, C), None), "spatial": ((2, C, 3), None), "groups": ((G, 8, C), G),
+               # the tiles of realistic sizes: (65536, 320) and a [N, 192, 16, 16] latent
+               "flat_wide": ((64, 320), None), "spatial_big": ((2, 8, 256), None)}
     runs = [(lay, mode, torch.float32) for lay in layouts for mode in ("noise", "dequantize", "none")]
     runs += [(lay, "noise", dt) for lay in layouts for dt in (torch.float16, torch.bfloat16)]
     for i, (lay, mode, dt) in enumerate(runs):
         shape, groups = layouts[lay]
-        cp = C * (groups or 1)
+        cp = (shape[1] if lay.startswith("spatial") else shape[-1]) * (groups or 1)
         y = torch.randn(shape, generator=g).to(dt)
         packed = torch.zeros(_eb.NUM_PACKED, cp)
         med = torch.zeros(cp)
