@@ -28,7 +28,7 @@ def test_g(): pass
 def test_crashes_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch, jobs):
     (tmp_path / "test_cases.py").write_text(CASES)
     monkeypatch.chdir(tmp_path)
-    rc = gpu_tests.main(["out", "--marker", "", "--first", "test_d", "--jobs", str(jobs),
+    rc = gpu_tests.main(["out", "--marker", "", "--first", "test_d", "--jobs", str(jobs), "--block", "1",
                          "test_cases.py"])
     s = json.loads((tmp_path / "out" / "gpu_tests.json").read_text())
     assert rc == 1
@@ -62,3 +62,10 @@ def test_the_deadline_stops_the_run_and_lists_what_did_not_run(tmp_path, monkeyp
 def test_order_puts_the_first_names_ahead_once():
     ids = ["a::x", "b::y", "a::z", "c::w"]
     assert gpu_tests.order(ids, ["c::", "a::", "a::z"]) == ["c::w", "a::x", "a::z", "b::y"]
+
+
+def test_deal_gives_blocks_of_neighbours_round_robin():
+    ids = [f"t{i}" for i in range(7)]
+    assert gpu_tests.deal(ids, 2, 3) == [["t0", "t1", "t2", "t6"], ["t3", "t4", "t5"]]
+    assert gpu_tests.deal(ids, 3, 1) == [["t0", "t3", "t6"], ["t1", "t4"], ["t2", "t5"]]
+    assert gpu_tests.deal(ids, 1, 8) == [ids]

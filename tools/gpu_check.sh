@@ -88,7 +88,8 @@ if [[ $STAGES == *" tests "* ]]; then
            test_entropy_bottleneck test_triton_entropy_bottleneck test_reference}; do
     first+=(--first "$f")
   done
-  # GPU_TESTS_JOBS pytest processes side by side (default 8, 2 CPU threads each): most of a
+  # GPU_TESTS_JOBS pytest processes side by side (default 8, 2 CPU threads each, dealt blocks
+  # of 8 neighbouring tests so that one process compiles their shared kernels): most of a
   # test's time on a fresh machine is Triton compiling on one core.
   OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} python3 tools/gpu_tests.py "$OUTDIR" \
     --timeout ${GPU_TESTS_TIMEOUT:-240} --jobs ${GPU_TESTS_JOBS:-8} "${first[@]}" \

@@ -2,17 +2,19 @@
 """The GPU tests, run so that one crash does not hide the rest:
 
     python3 tools/gpu_tests.py OUTDIR [--timeout S] [--first NAME]... [--marker M] [--jobs J]
-                               [PYTEST-ARGS...]
+                               [--block K] [PYTEST-ARGS...]
 
 Collects the tests (``-m gpu`` unless --marker says otherwise), puts those whose node id
 contains one of the --first names ahead (in the order given, collection order within),
 and runs them in a pytest process with ``-v``. Where that process dies (a segfault, an
 abort), the test it was in is recorded as crashed and a new process runs the tests after
 it. The whole run stops at --timeout seconds (SIGINT, so pytest still prints its
-failures); what did not run is listed. --jobs J runs J such processes side by side, each
-over every J-th test of the ordered list (so the --first tests still start first), their
+failures); what did not run is listed. --jobs J runs J such processes side by side, their
 log lines prefixed [jN]: a fresh GPU machine spends most of a test's time compiling
-Triton kernels on one CPU core.
+Triton kernels on one CPU core. The ordered list is dealt to them in blocks of --block
+consecutive tests (default 8; the --first tests still start first): neighbouring tests,
+often one test's parametrizations, mostly need the same kernels, which a process then
+compiles once instead of several processes compiling them at the same time.
 
 Writes OUTDIR/pytest_gpu.log (every process's output, one after the other) and
 OUTDIR/gpu_tests.json: counts, the failed, crashed and not-run node ids, and the 20
@@ -49,6 +51,14 @@ def order(ids: list[str], first: list[str]) -> list[str]:
     seen = set()
     ahead = [i for i in ahead if not (i in seen or seen.add(i))]
     return ahead + [i for i in ids if i not in seen]
+
+
+def deal(ids: list[str], jobs: int, block: int) -> list[list[str]]:
+    """ids in blocks of ``block`` consecutive ids, dealt round-robin to ``jobs`` lists."""
+    shards: list[list[str]] = [[] for _ in range(jobs)]
+    for b, start in enumerate(range(0, len(ids), block)):
+        shards[b % jobs].extend(ids[start:start + block])
+    return shards
 
 
 def run_once(ids: list[str], log, deadline: float, results: dict, times: dict,
@@ -119,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="a node-id substring whose tests run first (repeatable)")
     ap.add_argument("--marker", default="gpu", help='pytest -m expression ("" for none)')
     ap.add_argument("--jobs", type=int, default=1, help="pytest processes side by side")
+    ap.add_argument("--block", type=int, default=8, help="consecutive tests dealt to one process")
     args, pytest_args = ap.parse_known_args(argv)
     os.makedirs(args.outdir, exist_ok=True)
     deadline = time.monotonic() + args.timeout
@@ -131,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     crashed: list[str] = []
     jobs = max(1, min(args.jobs, len(ids)))
     with open(os.path.join(args.outdir, "pytest_gpu.log"), "w") as log:
-        shards = [ids[j::jobs] for j in range(jobs)]
+        shards = deal(ids, jobs, max(1, args.block))
         tags = [f"[j{j}] " if jobs > 1 else "" for j in range(jobs)]
         threads = [threading.Thread(target=run_shard, args=(shard, log, deadline, results, times,
                                                             crashed, tag))
