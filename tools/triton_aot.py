@@ -42,18 +42,18 @@ _PTR = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", to
 class _Recorder:
     """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the launch."""
 
-    def __init__(self, module, name, launches):
-        self.module, self.name, self.launches = module, name, launches
+    def __init__(self, fn, module, name, launches):
+        self.fn, self.module, self.name, self.launches = fn, module, name, launches
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.launches.append(_spec(self.module, self.name, args, kwargs))
+            self.launches.append(_spec(self.fn, self.module, self.name, args, kwargs))
         return launch
 
 
-def _spec(module, name, args, kwargs) -> tuple:
-    """(module name, kernel name, signature, constexprs, options): picklable, hashable."""
-    fn = getattr(module, name)._aot_fn
+def _spec(fn, module, name, args, kwargs) -> tuple:
+    """(module name, kernel name, signature, constexprs, options) of a launch of ``fn``:
+    picklable, hashable."""
     bound = dict(zip(fn.arg_names, args))
     bound.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
     options = tuple(sorted((k, v) for k, v in kwargs.items() if k not in fn.arg_names))
@@ -88,10 +88,8 @@ def record() -> list[tuple]:
     for m in MODULES:
         for name in _kernels(m):
             fn = getattr(m, name)
-            rec = _Recorder(m, name, launches)
-            rec._aot_fn = fn
             saved.append((m, name, fn))
-            setattr(m, name, rec)
+            setattr(m, name, _Recorder(fn, m, name, launches))
         if hasattr(m, "wrap_triton"):
             saved.append((m, "wrap_triton", m.wrap_triton))
             m.wrap_triton = lambda k: k
